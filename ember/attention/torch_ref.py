@@ -1,0 +1,90 @@
+"""Plain-PyTorch paged attention: runs on the CPU and is the reference for the Triton kernels."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ember.attention.backend import AttentionBackend
+from ember.engine.forward_batch import ForwardBatch
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """kv_cache: [2, blocks, block_size, kv_heads, d]; k, v: [T, kv_heads, d]; slot_mapping: [T]."""
+    flat = kv_cache.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])
+    flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+
+
+def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """block_table: [S, nb] -> K, V each [S, nb * block_size, kv_heads, d]."""
+    s, nb = block_table.shape
+    blocks = kv_cache[:, block_table]  # [2, S, nb, block_size, kv_heads, d]
+    kv = blocks.reshape(2, s, nb * kv_cache.shape[2], kv_cache.shape[3], kv_cache.shape[4])
+    return kv[0], kv[1]
+
+
+@dataclass
+class TorchAttentionMetadata:
+    decode_block_table: torch.Tensor | None  # [num_decodes, max_blocks_of_decodes]
+    decode_mask: torch.Tensor | None         # [num_decodes, 1, 1, kv_len] True = attend
+
+
+class TorchAttentionBackend(AttentionBackend):
+    """Decodes are batched into one masked SDPA; prefill chunks go one sequence at a time."""
+
+    name = "torch"
+
+    def prepare(self, fb: ForwardBatch) -> None:
+        nd = fb.num_decodes
+        if nd == 0:
+            fb.attn_metadata = TorchAttentionMetadata(None, None)
+            return
+        max_len = max(fb.seq_lens_list[:nd])
+        nb = -(-max_len // fb.block_size)
+        table = fb.block_tables[:nd, :nb]
+        kv_len = nb * fb.block_size
+        mask = torch.arange(kv_len, device=table.device)[None, :] < fb.seq_lens[:nd, None]
+        fb.attn_metadata = TorchAttentionMetadata(table, mask[:, None, None, :])
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor, fb: ForwardBatch, scale: float) -> torch.Tensor:
+        write_kv(kv_cache, k, v, fb.slot_mapping)
+        out = torch.empty_like(q)
+        meta: TorchAttentionMetadata = fb.attn_metadata
+        nd = fb.num_decodes
+        if nd:
+            kc, vc = gather_kv(kv_cache, meta.decode_block_table)
+            o = F.scaled_dot_product_attention(
+                q[:nd].unsqueeze(2),                     # [nd, heads, 1, d]
+                kc.transpose(1, 2).to(q.dtype), vc.transpose(1, 2).to(q.dtype),
+                attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
+            out[:nd] = o.squeeze(2)
+        for i in range(nd, fb.num_seqs):
+            start, end = fb.query_start_loc[i], fb.query_start_loc[i + 1]
+            out[start:end] = self._prefill_one(q[start:end], k[start:end], v[start:end],
+                                               kv_cache, fb, i, scale)
+        return out
+
+    @staticmethod
+    def _prefill_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                     fb: ForwardBatch, i: int, scale: float) -> torch.Tensor:
+        """One chunk: q [n, heads, d] at positions [ctx, ctx + n), ctx = tokens already cached."""
+        n = q.shape[0]
+        seq_len = fb.seq_lens_list[i]
+        ctx = seq_len - n
+        if ctx == 0:
+            keys, values, mask = k, v, None  # nothing cached: the chunk's own K/V suffice
+        else:
+            nb = -(-seq_len // fb.block_size)
+            keys, values = gather_kv(kv_cache, fb.block_tables[i:i + 1, :nb])
+            keys, values = keys[0, :seq_len].to(q.dtype), values[0, :seq_len].to(q.dtype)
+            q_pos = torch.arange(ctx, seq_len, device=q.device)
+            mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # [n, seq_len]
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0),
+            values.transpose(0, 1).unsqueeze(0), attn_mask=mask, is_causal=mask is None,
+            scale=scale, enable_gqa=True)  # [1, heads, n, d]
+        return o[0].transpose(0, 1)

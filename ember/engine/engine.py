@@ -1,0 +1,113 @@
+"""The engine: requests in, tokens out, one `step()` at a time."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ember.cache.block_pool import BlockPool
+from ember.config import EngineConfig, resolve_device, resolve_dtype
+from ember.engine.model_runner import ModelRunner
+from ember.engine.output_processor import OutputProcessor
+from ember.engine.request import Request
+from ember.engine.scheduler import Scheduler
+from ember.models.loader import resolve_model
+from ember.outputs import RequestOutput
+from ember.sampling_params import SamplingParams
+
+logger = logging.getLogger("ember")
+
+
+class PromptTooLongError(ValueError):
+    """The prompt cannot fit in the context (or the KV pool) with room for one new token."""
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig) -> None:
+        self.cfg = cfg
+        source = resolve_model(cfg.model, cfg.load_format, cfg.tokenizer)
+        self.model_config = source.config
+        self.tokenizer = source.tokenizer
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device)
+        max_model_len = self._max_model_len(cfg)
+        budget = cfg.max_num_batched_tokens or (8192 if device.type == "cuda" else 2048)
+        self.runner = ModelRunner(cfg, source, device, dtype, max_model_len, budget)
+        capacity = self.runner.num_blocks * cfg.block_size
+        if capacity < max_model_len:
+            if cfg.max_model_len is not None:
+                raise ValueError(f"max_model_len {max_model_len} needs more KV cache than the "
+                                 f"{capacity} tokens that fit; raise the KV memory or lower it")
+            logger.warning("KV pool holds %d tokens; capping max_model_len from %d", capacity,
+                           max_model_len)
+            max_model_len = capacity
+        self.max_model_len = max_model_len
+        self.block_pool = BlockPool(self.runner.num_blocks)
+        self.scheduler = Scheduler(self.block_pool, cfg.block_size, cfg.max_num_seqs,
+                                   budget, max_model_len)
+        self.output_processor = OutputProcessor(self.tokenizer, self.scheduler)
+        self.eos_token_ids = frozenset(
+            self.tokenizer.eos_token_ids if self.tokenizer is not None else source.config.eos_token_ids)
+        logger.info("ember ready: %s on %s (%s), max_model_len %d, %d KV tokens",
+                    source.config.architecture, device, dtype, max_model_len, capacity)
+
+    def _max_model_len(self, cfg: EngineConfig) -> int:
+        mc = self.model_config
+        limit = mc.max_position_embeddings
+        sliding = mc.hf_config.get("sliding_window")
+        if sliding and sliding < limit:
+            limit = sliding  # no sliding-window attention: stay within the window
+        if cfg.max_model_len is None:
+            return limit
+        if cfg.max_model_len > limit:
+            raise ValueError(f"max_model_len {cfg.max_model_len} exceeds the model's limit {limit}")
+        return cfg.max_model_len
+
+    # ---- requests -------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams | None = None, prompt: str | None = None) -> None:
+        """Queue a request. Raises PromptTooLongError / ValueError for input it cannot serve."""
+        params = params or SamplingParams()
+        if request_id in self.output_processor.groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        n_prompt = len(prompt_token_ids)
+        if n_prompt == 0:
+            raise ValueError("the prompt is empty")
+        if n_prompt >= self.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt has {n_prompt} tokens; this model's context is {self.max_model_len} "
+                f"tokens, which must also hold at least one generated token")
+        vocab = self.model_config.vocab_size
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        room = self.max_model_len - n_prompt
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        children = []
+        for i in range(params.n):
+            gen = None
+            if params.seed is not None:
+                # Each of the n completions draws from its own seeded stream.
+                gen = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
+            rid = request_id if params.n == 1 else f"{request_id}#{i}"
+            children.append(Request(rid, list(prompt_token_ids), params, max_tokens,
+                                    self.eos_token_ids, generator=gen))
+        self.output_processor.add(request_id, prompt, children)
+        for r in children:
+            self.scheduler.add(r)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its KV blocks; returns its final output if it existed."""
+        return self.output_processor.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the loop -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one forward, sample, and report what changed."""
+        batch = self.scheduler.schedule()
+        if batch.empty:
+            return []
+        result = self.runner.execute(batch)
+        touched = self.scheduler.update(batch, result.sampled)
+        return self.output_processor.process(touched, result)

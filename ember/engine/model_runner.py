@@ -1,0 +1,172 @@
+"""Turns a scheduled step into one forward pass and a sampler call."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ember.attention.backend import get_attention_backend
+from ember.config import EngineConfig, ModelConfig
+from ember.engine.forward_batch import ForwardBatch
+from ember.engine.scheduler import SchedulerOutput, ScheduledRequest
+from ember.layers.sampler import (RowLogprobs, Sampler, SamplingBatch, SamplingRow,
+                                  compute_token_logprobs)
+from ember.models.loader import ModelSource, build_model
+
+logger = logging.getLogger("ember")
+GiB = 1 << 30
+
+
+@dataclass
+class StepResult:
+    """Per request id: the sampled token, its logprobs, and new prompt logprobs (if asked)."""
+
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, RowLogprobs] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[RowLogprobs]] = field(default_factory=dict)
+
+
+class ModelRunner:
+    """Owns the model, the KV pool and the sampler on one device."""
+
+    def __init__(self, cfg: EngineConfig, source: ModelSource, device: torch.device,
+                 dtype: torch.dtype, max_model_len: int, max_num_batched_tokens: int) -> None:
+        self.cfg = cfg
+        self.model_config: ModelConfig = source.config
+        self.device = device
+        self.dtype = dtype
+        self.block_size = cfg.block_size
+        self.max_model_len = max_model_len
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.backend = get_attention_backend(cfg.attention_backend)
+        self.model = build_model(source, self.backend, device, dtype, cfg.seed)
+        self.sampler = Sampler()
+        self.num_blocks = self._choose_num_blocks()
+        mc = self.model_config
+        shape = (2, self.num_blocks, self.block_size, mc.num_key_value_heads, mc.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device)
+                          for _ in range(mc.num_hidden_layers)]
+        for layer, cache in zip(self.model.attention_layers(), self.kv_caches):
+            layer.kv_cache = cache
+        logger.info("KV pool: %d blocks of %d tokens = %d tokens (%.2f GiB)", self.num_blocks,
+                    self.block_size, self.num_blocks * self.block_size,
+                    self.num_blocks * self._block_bytes() / GiB)
+
+    # ---- sizing -------------------------------------------------------------------------
+    def _block_bytes(self) -> int:
+        return self.block_size * self.model_config.kv_bytes_per_token(self.dtype)
+
+    def _choose_num_blocks(self) -> int:
+        if self.cfg.num_kv_blocks is not None:
+            return self.cfg.num_kv_blocks
+        if self.device.type == "cuda":
+            budget = self._cuda_kv_budget()
+        else:
+            budget = (self.cfg.kv_cache_memory if self.cfg.kv_cache_memory is not None else 1.0) * GiB
+        # No point holding more than every sequence at full length.
+        useful = self.cfg.max_num_seqs * -(-self.max_model_len // self.block_size)
+        return max(1, min(int(budget // self._block_bytes()), useful))
+
+    def _cuda_kv_budget(self) -> float:
+        """Memory the card can give the pool: its share of the card, less the weights and
+        the peak activations of a forward at the full token budget (measured, not guessed)."""
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        mc = self.model_config
+        scratch = torch.zeros((2, 1, self.block_size, mc.num_key_value_heads, mc.head_dim),
+                              dtype=self.dtype, device=self.device)
+        for layer in self.model.attention_layers():
+            layer.kv_cache = scratch
+        n = self.max_num_batched_tokens
+        fb = ForwardBatch(
+            input_ids=torch.zeros(n, dtype=torch.long, device=self.device),
+            positions=torch.arange(n, device=self.device) % self.max_model_len,
+            slot_mapping=torch.zeros(n, dtype=torch.long, device=self.device),
+            query_start_loc=[0, n], seq_lens=torch.tensor([n], device=self.device),
+            seq_lens_list=[n], block_tables=torch.zeros((1, 1), dtype=torch.int32, device=self.device),
+            num_decodes=0, logits_indices=torch.arange(min(n, self.cfg.max_num_seqs), device=self.device),
+            block_size=self.block_size)
+        with torch.inference_mode():
+            self.backend.prepare(fb)
+            hidden = self.model(fb.input_ids, fb.positions, fb)
+            self.model.compute_logits(hidden[fb.logits_indices])
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        del scratch, hidden
+        free, total = torch.cuda.mem_get_info()
+        used_by_others = total - free - torch.cuda.memory_reserved()
+        return total * self.cfg.gpu_memory_utilization - peak - max(used_by_others, 0)
+
+    # ---- one step -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        # Single-query sequences first: the attention backend batches them.
+        scheduled = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)
+        fb = self._prepare(scheduled)
+        self.backend.prepare(fb)
+        hidden = self.model(fb.input_ids, fb.positions, fb)
+        result = StepResult()
+        sampling = [i for i, s in enumerate(scheduled) if s.samples]
+        if sampling:
+            logits = self.model.compute_logits(hidden[fb.logits_indices[sampling]])
+            reqs = [scheduled[i].request for i in sampling]
+            rows = [SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator,
+                                r.eos_token_ids) for r in reqs]
+            batch = SamplingBatch.build(rows, logits.shape[-1], self.device)
+            sampler_out = self.sampler(logits, batch)
+            tokens = sampler_out.sampled_token_ids.tolist()
+            for r, tok, lp in zip(reqs, tokens, sampler_out.row_logprobs()):
+                result.sampled[r.request_id] = tok
+                if lp is not None:
+                    result.logprobs[r.request_id] = lp
+        self._prompt_logprobs(scheduled, fb, hidden, result)
+        return result
+
+    def _prepare(self, scheduled: list[ScheduledRequest]) -> ForwardBatch:
+        """Host-side step inputs with numpy, one device copy per tensor."""
+        bs = self.block_size
+        ids, pos, slots, qsl, seq_lens, last = [], [], [], [0], [], []
+        max_blocks = max(len(s.request.block_ids) for s in scheduled)
+        tables = np.zeros((len(scheduled), max_blocks), dtype=np.int32)
+        for i, s in enumerate(scheduled):
+            r = s.request
+            start, end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
+            p = np.arange(start, end)
+            blocks = np.asarray(r.block_ids, dtype=np.int64)
+            ids.append(np.asarray(r.token_ids[start:end], dtype=np.int64))
+            pos.append(p)
+            slots.append(blocks[p // bs] * bs + p % bs)
+            tables[i, :len(r.block_ids)] = r.block_ids
+            qsl.append(qsl[-1] + s.num_new_tokens)
+            seq_lens.append(end)
+            last.append(qsl[-1] - 1)
+        dev = self.device
+        to = lambda a: torch.from_numpy(np.concatenate(a)).to(dev, non_blocking=True)  # noqa: E731
+        return ForwardBatch(
+            input_ids=to(ids), positions=to(pos), slot_mapping=to(slots), query_start_loc=qsl,
+            seq_lens=torch.tensor(seq_lens, device=dev), seq_lens_list=seq_lens,
+            block_tables=torch.from_numpy(tables).to(dev, non_blocking=True),
+            num_decodes=sum(1 for s in scheduled if s.num_new_tokens == 1),
+            logits_indices=torch.tensor(last, device=dev), block_size=bs)
+
+    def _prompt_logprobs(self, scheduled: list[ScheduledRequest], fb: ForwardBatch,
+                         hidden: torch.Tensor, result: StepResult) -> None:
+        """Score each prompt token of this chunk given the tokens before it."""
+        for i, s in enumerate(scheduled):
+            r = s.request
+            if r.prompt_logprobs is None:
+                continue
+            start = r.num_computed_tokens
+            # Positions p in the chunk score prompt token p + 1; skip those scored before
+            # (a request recomputed after preemption).
+            first = max(start, len(r.prompt_logprobs) - 1)
+            stop = min(start + s.num_new_tokens, r.num_prompt_tokens - 1)
+            if first >= stop:
+                continue
+            rows = torch.arange(first - start, stop - start, device=self.device) + fb.query_start_loc[i]
+            logits = self.model.compute_logits(hidden[rows])
+            targets = torch.tensor(r.prompt_token_ids[first + 1:stop + 1], device=self.device)
+            lp = compute_token_logprobs(logits, targets, r.params.prompt_logprobs)
+            result.prompt_logprobs[r.request_id] = lp.to_rows()

@@ -1,0 +1,75 @@
+"""Linear layers whose weight format is a pluggable method.
+
+Quantization is a method of the linear layer (create weights, load, apply); `none`
+(plain dense weights) is the null method. Merged projections (q/k/v, gate/up) are one
+layer with several named shards so a single GEMM serves them all.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LinearMethod:
+    """How a linear layer stores and applies its weight."""
+
+    def create_weights(self, layer: "Linear") -> None:
+        raise NotImplementedError
+
+    def load_shard(self, layer: "Linear", shard_offset: int, weight: torch.Tensor) -> None:
+        """Copy one checkpoint tensor [shard_out, in] into rows [offset, offset + shard_out)."""
+        raise NotImplementedError
+
+    def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class UnquantizedLinearMethod(LinearMethod):
+    """The null method: a dense weight in the run dtype."""
+
+    def create_weights(self, layer: "Linear") -> None:
+        layer.weight = nn.Parameter(torch.empty(layer.out_features, layer.in_features),
+                                    requires_grad=False)
+
+    def load_shard(self, layer: "Linear", shard_offset: int, weight: torch.Tensor) -> None:
+        rows = weight.shape[0]
+        layer.weight.data[shard_offset:shard_offset + rows].copy_(weight)
+
+    def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, layer.weight, layer.bias)
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b), with W possibly made of shards loaded from separate checkpoint tensors.
+
+    `shard_sizes` maps a shard name (e.g. "q", "k", "v") to its number of output rows;
+    a plain layer has the single shard None.
+    """
+
+    def __init__(self, in_features: int, shard_sizes: dict[str | None, int] | int,
+                 bias: bool = False, method: LinearMethod | None = None) -> None:
+        super().__init__()
+        if isinstance(shard_sizes, int):
+            shard_sizes = {None: shard_sizes}
+        self.in_features = in_features
+        self.shard_offsets: dict[str | None, int] = {}
+        offset = 0
+        for name, size in shard_sizes.items():
+            self.shard_offsets[name] = offset
+            offset += size
+        self.out_features = offset
+        self.method = method or UnquantizedLinearMethod()
+        self.method.create_weights(self)
+        self.bias = nn.Parameter(torch.zeros(offset), requires_grad=False) if bias else None
+
+    def load(self, weight: torch.Tensor, shard: str | None = None) -> None:
+        self.method.load_shard(self, self.shard_offsets[shard], weight)
+
+    def load_bias(self, bias: torch.Tensor, shard: str | None = None) -> None:
+        offset = self.shard_offsets[shard]
+        self.bias.data[offset:offset + bias.shape[0]].copy_(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., in_features] -> [..., out_features]."""
+        return self.method.apply(self, x)
