@@ -50,11 +50,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T]; q: [T, heads, head_dim]; k: [T, kv_heads, head_dim]."""
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, head_dim / 2]
-        sin = self.sin[positions].unsqueeze(1)
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [T] -> (cos, sin), each [T, 1, head_dim / 2]; done once per step."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    @staticmethod
+    def apply(rope: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, heads, head_dim]; k: [T, kv_heads, head_dim]; rope from lookup()."""
+        cos, sin = rope
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 

@@ -19,6 +19,8 @@ from ember.layers.linear import Linear
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import RotaryEmbedding
 
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) of this step's positions
+
 # checkpoint projection name -> (merged module name, shard name)
 MERGED_PROJECTIONS = {
     "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
@@ -27,8 +29,7 @@ MERGED_PROJECTIONS = {
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend,
-                 qk_norm: bool) -> None:
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, qk_norm: bool) -> None:
         super().__init__()
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, d
@@ -38,11 +39,10 @@ class LlamaAttention(nn.Module):
         # Qwen3 normalizes each head's q and k before RoPE.
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if qk_norm else None
-        self.rotary = rotary
         self.attn = Attention(h, kvh, d, d ** -0.5, backend)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        """x: [T, hidden] -> [T, hidden]."""
+    def forward(self, rope: Rope, x: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        """x: [T, hidden] -> [T, hidden]; rope: this step's (cos, sin)."""
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split(
             [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
@@ -52,7 +52,7 @@ class LlamaAttention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        q, k = RotaryEmbedding.apply(rope, q, k)
         o = self.attn(q, k, v, fb)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
@@ -69,22 +69,21 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend,
-                 qk_norm: bool) -> None:
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, qk_norm: bool) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, rotary, backend, qk_norm)
+        self.self_attn = LlamaAttention(cfg, backend, qk_norm)
         self.mlp = LlamaMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None,
+    def forward(self, rope: Rope, h: torch.Tensor, residual: torch.Tensor | None,
                 fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """h: [T, hidden]; residual carries the un-normalized stream between layers."""
         if residual is None:
             residual, h = h, self.input_layernorm(h)
         else:
             h, residual = self.input_layernorm(h, residual)
-        h = self.self_attn(positions, h, fb)
+        h = self.self_attn(rope, h, fb)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -93,18 +92,19 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend, qk_norm: bool) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        # One rotary table shared by all layers.
-        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
-                                 cfg.rope_scaling)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, backend, qk_norm)
+        # One rotary table for all layers, looked up once per step.
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
+                                      cfg.rope_scaling)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, backend, qk_norm)
                                     for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 fb: ForwardBatch) -> torch.Tensor:
         h, residual = self.embed_tokens(input_ids), None
+        rope = self.rotary.lookup(positions)
         for layer in self.layers:
-            h, residual = layer(positions, h, residual, fb)
+            h, residual = layer(rope, h, residual, fb)
         h, _ = self.norm(h, residual)
         return h
 

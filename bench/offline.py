@@ -1,0 +1,153 @@
+"""Offline benchmarks with a peer in the same run: ember vs Hugging Face transformers.
+
+  decode:      batch-1 greedy decode of --output-len tokens after a --prompt-len prompt
+  throughput:  the nano-vllm protocol: --num-requests requests, input and output lengths
+               uniform in [--min-len, --max-len], random token ids, seed 0, EOS ignored.
+               The HF peer runs the same requests with `generate` at --hf-batch-size
+               (1 = its batch-1 throughput; padding makes larger batches do extra work,
+               which we do not count as output).
+
+Examples (CPU):
+  python bench/offline.py --mode decode --model smollm2-135m --prompt-len 128 --output-len 128
+  python bench/offline.py --mode throughput --model smollm2-135m --num-requests 32 --min-len 64 --max-len 256
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import time
+
+import torch
+
+from ember import LLM, SamplingParams
+from ember.config import resolve_device, resolve_dtype
+
+
+def requests(args: argparse.Namespace, vocab: int) -> list[tuple[list[int], int]]:
+    rng = random.Random(args.seed)
+    out = []
+    for _ in range(args.num_requests):
+        n_in = rng.randint(args.min_len, args.max_len)
+        n_out = rng.randint(args.min_len, args.max_len) if args.output_len is None else args.output_len
+        out.append(([rng.randrange(vocab) for _ in range(n_in)], n_out))
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_ember(llm: LLM, reqs: list[tuple[list[int], int]], device: torch.device) -> float:
+    prompts = [{"prompt_token_ids": ids} for ids, _ in reqs]
+    params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=n) for _, n in reqs]
+    sync(device)
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    sync(device)
+    elapsed = time.perf_counter() - t
+    got = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert got == sum(n for _, n in reqs), "ember produced a different number of tokens"
+    return elapsed
+
+
+def load_hf(model: str, dtype: torch.dtype, device: torch.device, load_format: str):
+    import os
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from ember.models.loader import SHORT_NAMES
+    if model.lower() in SHORT_NAMES:
+        from ember.models.smollm2 import find_smollm2_gguf
+        model = find_smollm2_gguf()
+    if model.endswith(".gguf"):
+        m = AutoModelForCausalLM.from_pretrained(os.path.dirname(model), gguf_file=os.path.basename(model),
+                                                 dtype=dtype)
+    elif load_format == "dummy":
+        cfg = AutoConfig.from_pretrained(model if os.path.isdir(model) else os.path.dirname(model))
+        m = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    else:
+        m = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+    return m.to(device).eval()
+
+
+@torch.inference_mode()
+def run_hf(model, reqs: list[tuple[list[int], int]], batch_size: int, device: torch.device,
+           pad_id: int) -> float:
+    """Static batches, left-padded; each batch runs to its longest requested output."""
+    sync(device)
+    t = time.perf_counter()
+    for i in range(0, len(reqs), batch_size):
+        chunk = reqs[i:i + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, (p, _) in enumerate(chunk):
+            ids[j, width - len(p):] = torch.tensor(p)
+            mask[j, width - len(p):] = 1
+        n = max(o for _, o in chunk)
+        model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=n,
+                       min_new_tokens=n, do_sample=False, pad_token_id=pad_id)
+    sync(device)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", choices=["decode", "throughput"], default="throughput")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--num-requests", type=int, default=256)
+    ap.add_argument("--min-len", type=int, default=100)
+    ap.add_argument("--max-len", type=int, default=1024)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=None)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None)
+    ap.add_argument("--kv-cache-memory", type=float, default=None)
+    ap.add_argument("--attention-backend", default="torch")
+    ap.add_argument("--hf-batch-size", type=int, default=1)
+    ap.add_argument("--hf-num-requests", type=int, default=None,
+                    help="run HF on only the first N requests (it is slow); its rate is per token")
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.mode == "decode":
+        args.num_requests, args.min_len, args.max_len = 1, args.prompt_len, args.prompt_len
+        args.output_len = args.output_len or 128
+
+    device = resolve_device(None)
+    dtype = resolve_dtype(args.dtype, device)
+    llm = LLM(args.model, dtype=args.dtype, load_format=args.load_format,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              kv_cache_memory=args.kv_cache_memory, attention_backend=args.attention_backend)
+    vocab = llm.engine.model_config.vocab_size
+    reqs = requests(args, vocab)
+    n_out = sum(n for _, n in reqs)
+    print(f"# {args.mode}: {len(reqs)} requests, {sum(len(i) for i, _ in reqs)} prompt tokens, "
+          f"{n_out} output tokens; device {device}, dtype {dtype}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}")
+    run_ember(llm, [(reqs[0][0][:16], 8)], device)  # warm-up
+    t_ember = run_ember(llm, reqs, device)
+    result = {"mode": args.mode, "ember_s": t_ember, "ember_tok_s": n_out / t_ember}
+    print(f"ember: {n_out} tokens in {t_ember:.2f} s = {n_out / t_ember:.1f} output tok/s")
+    if not args.no_hf:
+        hf = load_hf(args.model, dtype, device, llm.engine.cfg.load_format)
+        hf_reqs = reqs[: args.hf_num_requests] if args.hf_num_requests else reqs
+        hf_out = sum(n for _, n in hf_reqs)
+        pad = llm.engine.model_config.eos_token_ids[0] if llm.engine.model_config.eos_token_ids else 0
+        run_hf(hf, [(reqs[0][0][:16], 8)], 1, device, pad)  # warm-up
+        t_hf = run_hf(hf, hf_reqs, args.hf_batch_size, device, pad)
+        hf_rate = hf_out / t_hf
+        result.update(hf_s=t_hf, hf_tok_s=hf_rate, hf_batch_size=args.hf_batch_size,
+                      ratio=result["ember_tok_s"] / hf_rate)
+        print(f"HF transformers generate (batch {args.hf_batch_size}): {hf_out} tokens in {t_hf:.2f} s "
+              f"= {hf_rate:.1f} output tok/s")
+        print(f"ratio ember / HF: {result['ratio']:.2f}x")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
