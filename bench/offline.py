@@ -93,6 +93,39 @@ def run_hf(model, reqs: list[tuple[list[int], int]], batch_size: int, device: to
     return time.perf_counter() - t
 
 
+def weight_bytes(llm: LLM) -> int:
+    return sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
+
+
+def decode_step_breakdown(llm: LLM, prompt: list[int], steps: int = 64) -> dict[str, float]:
+    """Wall time of a batch-1 decode step vs the GPU time of its captured forward alone;
+    the difference is what the host adds (scheduling, input prep, logits, sampling, output)."""
+    eng = llm.engine
+    eng.add_request("breakdown", prompt, SamplingParams(temperature=0, ignore_eos=True, max_tokens=steps + 8))
+    for _ in range(4):
+        eng.step()  # prefill + warm decode
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / steps
+    eng.abort_request("breakdown")
+    gr = eng.runner.graph_runner
+    out = {"step_ms": wall * 1e3}
+    if gr is not None:
+        g = gr.graphs[gr.sizes[0]]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        fwd = start.elapsed_time(end) / steps / 1e3
+        out.update(forward_ms=fwd * 1e3, host_share=max(0.0, 1 - fwd / wall))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=["decode", "throughput"], default="throughput")
@@ -107,11 +140,14 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--kv-cache-memory", type=float, default=None)
-    ap.add_argument("--attention-backend", default="torch")
+    ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--hf-batch-size", type=int, default=1)
     ap.add_argument("--hf-num-requests", type=int, default=None,
                     help="run HF on only the first N requests (it is slow); its rate is per token")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--roofline-tbs", type=float, default=4.8, help="HBM bandwidth for the %% of roofline")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.mode == "decode":
@@ -122,7 +158,8 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype, device)
     llm = LLM(args.model, dtype=args.dtype, load_format=args.load_format,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              kv_cache_memory=args.kv_cache_memory, attention_backend=args.attention_backend)
+              kv_cache_memory=args.kv_cache_memory, attention_backend=args.attention_backend,
+              enforce_eager=args.enforce_eager, max_model_len=args.max_model_len)
     vocab = llm.engine.model_config.vocab_size
     reqs = requests(args, vocab)
     n_out = sum(n for _, n in reqs)
@@ -133,6 +170,18 @@ def main() -> None:
     t_ember = run_ember(llm, reqs, device)
     result = {"mode": args.mode, "ember_s": t_ember, "ember_tok_s": n_out / t_ember}
     print(f"ember: {n_out} tokens in {t_ember:.2f} s = {n_out / t_ember:.1f} output tok/s")
+    if args.mode == "decode":
+        # Each decode step reads every weight once (the KV read is small at these lengths).
+        gbs = weight_bytes(llm) * n_out / t_ember / 1e9
+        result.update(weight_gb=weight_bytes(llm) / 1e9, achieved_gbs=gbs,
+                      roofline_pct=100 * gbs / (args.roofline_tbs * 1e3))
+        print(f"weights {result['weight_gb']:.2f} GB -> {gbs:.0f} GB/s = "
+              f"{result['roofline_pct']:.1f}% of {args.roofline_tbs} TB/s")
+        if device.type == "cuda":
+            result.update(decode_step_breakdown(llm, reqs[0][0]))
+            print(f"decode step {result['step_ms']:.2f} ms; captured forward "
+                  f"{result.get('forward_ms', float('nan')):.2f} ms; host share "
+                  f"{100 * result.get('host_share', float('nan')):.1f}%")
     if not args.no_hf:
         hf = load_hf(args.model, dtype, device, llm.engine.cfg.load_format)
         hf_reqs = reqs[: args.hf_num_requests] if args.hf_num_requests else reqs

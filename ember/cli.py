@@ -24,7 +24,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-memory", type=float, default=None, help="GiB for the KV pool on the CPU")
-    p.add_argument("--attention-backend", default="torch")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument("--prefix-cache", default="radix", choices=["radix", "none"],
+                   help="reuse the KV cache of shared prompt prefixes (RadixAttention) or not")
+    p.add_argument("--scheduling-policy", default="lpm", choices=["lpm", "fcfs"],
+                   help="lpm: admit the longest cached prefix first (bounded, never starves); fcfs")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -34,6 +39,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
                 kv_cache_memory=args.kv_cache_memory, attention_backend=args.attention_backend,
+                enforce_eager=args.enforce_eager,
+                prefix_cache=args.prefix_cache, scheduling_policy=args.scheduling_policy,
                 seed=args.seed)
 
 
@@ -111,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(c)
     c.add_argument("--system", default=None, help="a system message")
     c.set_defaults(func=cmd_chat)
+
+    # Their optional dependencies (fastapi, uvicorn, httpx) load only when they run.
+    from ember.bench.cli import add_bench_parser
+    from ember.server.cli import add_serve_parser
+    add_serve_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

@@ -118,9 +118,11 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9   # CUDA: fraction of the card ember may use
     kv_cache_memory: float | None = None  # CPU: GiB for the KV pool (default 1 GiB)
     num_kv_blocks: int | None = None      # exact pool size (tests, benchmarks); overrides budgets
-    attention_backend: str = "torch"
+    attention_backend: str = "auto"       # auto (triton on CUDA, torch elsewhere) | torch | triton
+    prefix_cache: str = "radix"           # radix | none
+    scheduling_policy: str = "lpm"        # lpm (longest cached prefix first) | fcfs
     seed: int = 0
-    enforce_eager: bool = True
+    enforce_eager: bool = False           # True: no CUDA graphs for decode
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -131,4 +133,8 @@ class EngineConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
             raise ValueError(f"unknown load_format {self.load_format!r}")
+        if self.prefix_cache not in ("radix", "none"):
+            raise ValueError(f"unknown prefix_cache {self.prefix_cache!r}; choose radix or none")
+        if self.scheduling_policy not in ("lpm", "fcfs"):
+            raise ValueError(f"unknown scheduling_policy {self.scheduling_policy!r}; choose lpm or fcfs")
 

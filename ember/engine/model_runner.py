@@ -9,6 +9,7 @@ import torch
 
 from ember.attention.backend import get_attention_backend
 from ember.config import EngineConfig, ModelConfig
+from ember.engine.cuda_graph import CudaGraphRunner
 from ember.engine.forward_batch import ForwardBatch
 from ember.engine.scheduler import SchedulerOutput, ScheduledRequest
 from ember.layers.sampler import (RowLogprobs, Sampler, SamplingBatch, SamplingRow,
@@ -40,7 +41,7 @@ class ModelRunner:
         self.block_size = cfg.block_size
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.backend = get_attention_backend(cfg.attention_backend)
+        self.backend = get_attention_backend(cfg.attention_backend, device)
         self.model = build_model(source, self.backend, device, dtype, cfg.seed)
         self.sampler = Sampler()
         self.num_blocks = self._choose_num_blocks()
@@ -50,6 +51,12 @@ class ModelRunner:
                           for _ in range(mc.num_hidden_layers)]
         for layer, cache in zip(self.model.attention_layers(), self.kv_caches):
             layer.kv_cache = cache
+        self.graph_runner: CudaGraphRunner | None = None
+        if device.type == "cuda" and not cfg.enforce_eager and self.backend.supports_cuda_graphs:
+            self.graph_runner = CudaGraphRunner(self.model, self.backend, cfg.max_num_seqs,
+                                                max_model_len, self.block_size, mc.hidden_size,
+                                                dtype, device)
+            self.graph_runner.capture()
         logger.info("KV pool: %d blocks of %d tokens = %d tokens (%.2f GiB)", self.num_blocks,
                     self.block_size, self.num_blocks * self.block_size,
                     self.num_blocks * self._block_bytes() / GiB)
@@ -85,7 +92,8 @@ class ModelRunner:
             positions=torch.arange(n, device=self.device) % self.max_model_len,
             slot_mapping=torch.zeros(n, dtype=torch.long, device=self.device),
             query_start_loc=[0, n], seq_lens=torch.tensor([n], device=self.device),
-            seq_lens_list=[n], block_tables=torch.zeros((1, 1), dtype=torch.int32, device=self.device),
+            seq_lens_list=[n],
+            block_tables=torch.zeros((1, -(-n // self.block_size)), dtype=torch.int32, device=self.device),
             num_decodes=0, logits_indices=torch.arange(min(n, self.cfg.max_num_seqs), device=self.device),
             block_size=self.block_size)
         with torch.inference_mode():
@@ -105,8 +113,11 @@ class ModelRunner:
         # Single-query sequences first: the attention backend batches them.
         scheduled = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)
         fb = self._prepare(scheduled)
-        self.backend.prepare(fb)
-        hidden = self.model(fb.input_ids, fb.positions, fb)
+        if self.graph_runner is not None and self.graph_runner.can_run(fb):
+            hidden = self.graph_runner.run(fb)
+        else:
+            self.backend.prepare(fb)
+            hidden = self.model(fb.input_ids, fb.positions, fb)
         result = StepResult()
         sampling = [i for i, s in enumerate(scheduled) if s.samples]
         if sampling:
