@@ -133,8 +133,8 @@ class AsyncEngine:
     """An Engine behind a command queue, driven by a dedicated thread."""
 
     def __init__(self, engine: Engine, metrics_name: str, max_waiting: int | None = None) -> None:
-        if max_waiting is not None and max_waiting < 0:
-            raise ValueError("max_waiting must be >= 0")
+        if max_waiting is not None and max_waiting < 1:
+            raise ValueError("max_waiting must be >= 1")
         self.engine = engine
         self.max_waiting = max_waiting
         self.snapshot = EngineSnapshot()
@@ -273,10 +273,14 @@ class AsyncEngine:
     def _try_add(self, cmd: _Add, timings: dict[str, RequestTiming]) -> BaseException | None:
         if cmd.future.cancelled():
             return None  # the client left before its request reached the engine
-        waiting = len(self.engine.scheduler.waiting)
-        if self.max_waiting is not None and waiting >= self.max_waiting:
-            return QueueFullError(f"the server is overloaded: {waiting} sequences are waiting "
-                                  f"(--max-waiting {self.max_waiting}); retry later")
+        if self.max_waiting is not None:
+            sched = self.engine.scheduler
+            # Waiting sequences that the next step cannot admit for lack of a running slot
+            # (so a burst that arrives between two steps is not refused while slots are free).
+            queued = len(sched.waiting) - max(0, sched.max_num_seqs - len(sched.running))
+            if queued >= self.max_waiting:
+                return QueueFullError(f"the server is overloaded: {queued} sequences are queued "
+                                      f"(--max-waiting {self.max_waiting}); retry later")
         try:
             self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, prompt=cmd.prompt)
         except ValueError as e:  # PromptTooLongError is a ValueError

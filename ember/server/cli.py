@@ -29,7 +29,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="model name(s) clients must send (default: the --model argument)")
     p.add_argument("--max-waiting", type=int, default=None,
-                   help="refuse new requests with 503 while this many sequences wait (default: no limit)")
+                   help="refuse new requests with 503 while this many sequences wait for a free "
+                        "running slot (--max-num-seqs) (default: no limit)")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help="largest request body accepted; larger ones get 413")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
@@ -53,8 +54,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from ember.config import EngineConfig
     from ember.engine.engine import Engine
 
-    if args.max_waiting is not None and args.max_waiting < 0:
-        raise ValueError("--max-waiting must be >= 0")
+    if args.max_waiting is not None and args.max_waiting < 1:
+        raise ValueError("--max-waiting must be >= 1")
     prometheus_client.disable_created_metrics()  # no `_created` series beside every counter
 
     names = args.served_model_name or [args.model]
