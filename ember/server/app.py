@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ember.engine.engine import PromptTooLongError
 from ember.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from ember.sampling_params import SamplingParams
 from ember.server import protocol as P
 from ember.server.async_engine import (
     AsyncEngine,
@@ -221,7 +222,7 @@ class _Server:
         """Tokenizing and template rendering run in a worker thread, off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(None, fn)
 
-    async def _submit(self, prefix: str, prompts: list[_Prompt], params, arrival: float,
+    async def _submit(self, prefix: str, prompts: list[_Prompt], params: SamplingParams, arrival: float,
                       param: str) -> OutputStream:
         """Queue one engine request per prompt; on any refusal, abort those already queued."""
         stream = self.engine.open_stream()
