@@ -14,6 +14,7 @@ Examples (CPU):
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import random
@@ -183,10 +184,16 @@ def main() -> None:
                   f"{result.get('forward_ms', float('nan')):.2f} ms; host share "
                   f"{100 * result.get('host_share', float('nan')):.1f}%")
     if not args.no_hf:
-        hf = load_hf(args.model, dtype, device, llm.engine.cfg.load_format)
+        load_format = llm.engine.cfg.load_format
+        eos = llm.engine.model_config.eos_token_ids
+        del llm  # give the peer the memory ember's KV pool held
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        hf = load_hf(args.model, dtype, device, load_format)
         hf_reqs = reqs[: args.hf_num_requests] if args.hf_num_requests else reqs
         hf_out = sum(n for _, n in hf_reqs)
-        pad = llm.engine.model_config.eos_token_ids[0] if llm.engine.model_config.eos_token_ids else 0
+        pad = eos[0] if eos else 0
         run_hf(hf, [(reqs[0][0][:16], 8)], 1, device, pad)  # warm-up
         t_hf = run_hf(hf, hf_reqs, args.hf_batch_size, device, pad)
         hf_rate = hf_out / t_hf
