@@ -10,6 +10,9 @@ class AttentionBackend:
     """Paged attention over a KV cache laid out as [2, num_blocks, block_size, kv_heads, head_dim]."""
 
     name: str = "base"
+    # True when a pure-decode forward launches only kernels (no host syncs, no shapes that
+    # depend on sequence lengths), so it can be captured in a CUDA graph.
+    supports_cuda_graphs: bool = False
 
     def prepare(self, fb: ForwardBatch) -> None:
         """Build whatever per-step metadata the kernels need, once per step (not per layer)."""
@@ -24,8 +27,14 @@ class AttentionBackend:
         raise NotImplementedError
 
 
-def get_attention_backend(name: str) -> AttentionBackend:
+def get_attention_backend(name: str, device: torch.device | None = None) -> AttentionBackend:
+    """`auto` is triton on CUDA and torch elsewhere."""
+    if name == "auto":
+        name = "triton" if device is not None and device.type == "cuda" else "torch"
     if name == "torch":
         from ember.attention.torch_ref import TorchAttentionBackend
         return TorchAttentionBackend()
-    raise ValueError(f"unknown attention backend {name!r}; available: torch")
+    if name == "triton":
+        from ember.attention.triton_backend import TritonAttentionBackend
+        return TritonAttentionBackend()
+    raise ValueError(f"unknown attention backend {name!r}; available: auto, torch, triton")

@@ -26,6 +26,33 @@ def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor) -> tuple[torch.
     return kv[0], kv[1]
 
 
+def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                        seq_lens: list[int], query_start_loc: list[int], scale: float,
+                        q_chunk: int = 1024) -> torch.Tensor:
+    """Plain fp32 paged attention, one sequence at a time: the reference for the Triton kernels.
+
+    q: [T, heads, d]; sequence i's queries are rows [query_start_loc[i], query_start_loc[i + 1])
+    at the last positions of its seq_lens[i] keys, all of which (new ones too) are in the cache.
+    Returns fp32 [T, heads, d]. Queries go q_chunk rows at a time to bound the score matrix.
+    """
+    heads, kv_heads = q.shape[1], kv_cache.shape[3]
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    for i, seq_len in enumerate(seq_lens):
+        start, end = query_start_loc[i], query_start_loc[i + 1]
+        nb = -(-seq_len // kv_cache.shape[2])
+        keys, values = gather_kv(kv_cache, block_tables[i:i + 1, :nb].long())
+        keys = keys[0, :seq_len].float().repeat_interleave(heads // kv_heads, dim=1)  # [L, heads, d]
+        values = values[0, :seq_len].float().repeat_interleave(heads // kv_heads, dim=1)
+        for a in range(start, end, q_chunk):
+            b = min(a + q_chunk, end)
+            pos = seq_len - (end - a) + torch.arange(b - a, device=q.device)  # absolute positions
+            scores = torch.einsum("qhd,khd->hqk", q[a:b].float(), keys) * scale
+            visible = torch.arange(seq_len, device=q.device)[None, :] <= pos[:, None]
+            probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+            out[a:b] = torch.einsum("hqk,khd->qhd", probs, values)
+    return out
+
+
 @dataclass
 class TorchAttentionMetadata:
     decode_block_table: torch.Tensor | None  # [num_decodes, max_blocks_of_decodes]
