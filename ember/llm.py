@@ -38,7 +38,15 @@ class LLM:
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         params = self._per_prompt(sampling_params, len(prompts))
-        ids = [self._add(p, sp) for p, sp in zip(prompts, params)]
+        ids: list[str] = []
+        try:
+            for p, sp in zip(prompts, params):
+                ids.append(self._add(p, sp))
+        except Exception:
+            # One bad prompt rejects the whole call: don't leave the others running.
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
         return self._run(ids, use_tqdm)
 
     def chat(self, messages: list[Message] | list[list[Message]],
