@@ -6,6 +6,7 @@ import logging
 import torch
 
 from ember.cache.block_pool import BlockPool
+from ember.cache.prefix import create_prefix_cache
 from ember.config import EngineConfig, resolve_device, resolve_dtype
 from ember.engine.model_runner import ModelRunner
 from ember.engine.output_processor import OutputProcessor
@@ -43,8 +44,10 @@ class Engine:
             max_model_len = capacity
         self.max_model_len = max_model_len
         self.block_pool = BlockPool(self.runner.num_blocks)
+        # prefix_cache.stats(): hit rate, evictions, cached tokens.
+        self.prefix_cache = create_prefix_cache(cfg.prefix_cache, self.block_pool, cfg.block_size)
         self.scheduler = Scheduler(self.block_pool, cfg.block_size, cfg.max_num_seqs,
-                                   budget, max_model_len)
+                                   budget, max_model_len, self.prefix_cache, cfg.scheduling_policy)
         self.output_processor = OutputProcessor(self.tokenizer, self.scheduler)
         self.eos_token_ids = frozenset(
             self.tokenizer.eos_token_ids if self.tokenizer is not None else source.config.eos_token_ids)

@@ -133,6 +133,7 @@ class OutputProcessor:
         finished = group.finished
         out = RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outputs,
                             finished, first.prompt_logprobs,
+                            num_cached_tokens=first.num_cached_tokens or 0,
                             metrics=self._metrics(group))
         if finished:
             del self.groups[group.request_id]

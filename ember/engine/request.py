@@ -41,6 +41,9 @@ class Request:
     prompt_logprobs: list[dict[int, Any] | None] | None = None
     cumulative_logprob: float = 0.0
     num_preemptions: int = 0
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at first admission
+    prefix_handle: Any = None             # the prefix-cache path this request holds locked
+    num_overtaken: int = 0                # later arrivals admitted before it (cache-aware scheduling)
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
 

@@ -1,15 +1,21 @@
 """Continuous batching under a per-step token budget, with chunked prefill and preemption."""
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from ember.cache.block_pool import BlockPool
+from ember.cache.prefix import InBatchPrefixes, NoPrefixCache, PrefixCache
 from ember.engine.request import Request, RequestStatus
 
 logger = logging.getLogger("ember")
+
+SCHEDULING_POLICIES = ("lpm", "fcfs")
+LPM_MAX_WAITING = 128   # deeper queues are admitted FCFS: matching them all costs more than it buys
+LPM_MAX_OVERTAKES = 32  # a request passed over this often by later arrivals is admitted in FCFS order
 
 
 @dataclass
@@ -39,15 +45,30 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    """FCFS. Each step: running requests first (a decode token, or their next prefill chunk),
+    """FCFS (or cache-aware, below). Each step: running requests first (a decode token, or their next prefill chunk),
     then waiting ones while the token budget, the sequence cap and free blocks allow.
-    When blocks run out, the most recently admitted request is preempted: its blocks are
-    freed and it goes back to the front of the queue to be recomputed later.
+    When blocks run out, unused prefix-cache blocks are evicted first; failing that, the most
+    recently admitted request is preempted: its blocks are freed and it goes back to the
+    front of the queue to be recomputed later.
+
+    With a prefix cache, an admitted request starts from the longest cached prefix of its
+    tokens, and its computed blocks are cached after each prefill chunk and when it ends.
+    Policy `lpm` admits waiting requests with the longest cached prefix first (SGLang's
+    longest-prefix-match), and holds back for a step a request whose next uncached blocks
+    another request is computing now (it will find them cached). Preempted requests, and
+    requests overtaken LPM_MAX_OVERTAKES times, go first in queue order and are never held
+    back; a queue deeper than LPM_MAX_WAITING is FCFS.
     """
 
     def __init__(self, block_pool: BlockPool, block_size: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int) -> None:
+                 max_num_batched_tokens: int, max_model_len: int,
+                 prefix_cache: PrefixCache | None = None, policy: str = "fcfs") -> None:
+        if policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"unknown scheduling policy {policy!r}; choose one of "
+                             f"{', '.join(SCHEDULING_POLICIES)}")
         self.block_pool = block_pool
+        self.prefix_cache = prefix_cache or NoPrefixCache(block_pool, block_size)
+        self.policy = policy
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -78,17 +99,30 @@ class Scheduler:
             self._preempt(victim)
             out.preempted.append(victim)
         # Admitting new work while evicting running work would only thrash.
-        while (self.waiting and budget > 0 and not out.preempted
-               and len(self.running) < self.max_num_seqs):
-            req = self.waiting[0]
+        order, inflight = self._admission_order(out)
+        for req in order:
+            if budget <= 0 or out.preempted or len(self.running) >= self.max_num_seqs:
+                break
+            if inflight is not None and not self._has_priority(req):
+                tokens = self._cacheable(req)
+                if inflight.covers(tokens, self.prefix_cache.match_length(tokens)):
+                    continue
+            self._match(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self._grow(req, req.num_computed_tokens + n):
+                self._give_back(req)
+                req.num_computed_tokens = 0
                 break
-            self.waiting.popleft()
+            self._dequeue(req)
+            if req.num_cached_tokens is None:  # first admission
+                req.num_cached_tokens = req.num_computed_tokens
+                self.prefix_cache.record_admission(req.num_prompt_tokens, req.num_computed_tokens)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.scheduled.append(ScheduledRequest(req, n))
             budget -= n
+            if inflight is not None:
+                inflight.add(req.token_ids, req.num_computed_tokens)
         return out
 
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
@@ -99,6 +133,8 @@ class Scheduler:
             req = s.request
             sample = s.samples
             req.num_computed_tokens += s.num_new_tokens
+            if s.num_new_tokens > 1:  # a prefill chunk: later requests may share it now
+                self._cache_running(req)
             if not sample:
                 continue
             token = sampled[req.request_id]
@@ -123,22 +159,100 @@ class Scheduler:
     def _release(self, req: Request) -> None:
         if req in self.running:
             self.running.remove(req)
+        self._give_back(req)
+
+    # ---- prefix cache -----------------------------------------------------------------------
+    def _cacheable(self, req: Request) -> list[int]:
+        """The tokens whose K/V req may take from the cache: all but the last (it must be
+        computed to sample), and no prompt token still to be scored for prompt logprobs."""
+        limit = req.num_tokens - 1
+        if req.prompt_logprobs is not None:
+            limit = min(limit, len(req.prompt_logprobs) - 1)
+        return req.token_ids[:limit]
+
+    def _match(self, req: Request) -> None:
+        """Start req (holding no blocks) from the longest cached prefix of its tokens."""
+        m = self.prefix_cache.match(self._cacheable(req))
+        self.block_pool.share(m.block_ids)
+        req.block_ids = list(m.block_ids)
+        req.num_computed_tokens = m.num_tokens
+        req.prefix_handle = m.handle
+
+    def _cache_running(self, req: Request) -> None:
+        """Cache req's computed full blocks and move its lock to the end of them. Where the
+        cache already held those tokens in other blocks, req switches to the cache's
+        (same K/V) and frees its duplicates."""
+        n = req.num_computed_tokens
+        m = self.prefix_cache.insert(req.token_ids[:n], req.block_ids[:n // self.block_size])
+        self.prefix_cache.lock(m.handle)
+        self.prefix_cache.unlock(req.prefix_handle)
+        req.prefix_handle = m.handle
+        for i, b in enumerate(m.block_ids):
+            if req.block_ids[i] != b:
+                self.block_pool.share([b])
+                self.block_pool.free([req.block_ids[i]])
+                req.block_ids[i] = b
+
+    def _give_back(self, req: Request) -> None:
+        """req lets go of its blocks; the cache keeps (unlocked) those with computed K/V."""
+        n = req.num_computed_tokens
+        self.prefix_cache.insert(req.token_ids[:n], req.block_ids[:n // self.block_size])
+        self.prefix_cache.unlock(req.prefix_handle)
+        req.prefix_handle = None
         self.block_pool.free(req.block_ids)
         req.block_ids = []
 
+    def _has_priority(self, req: Request) -> bool:
+        return req.num_preemptions > 0 or req.num_overtaken >= LPM_MAX_OVERTAKES
+
+    def _admission_order(self, out: SchedulerOutput) -> tuple[list[Request], InBatchPrefixes | None]:
+        """The order to try waiting requests in and, under lpm, the blocks being computed
+        this step (to hold back requests that would compute them again)."""
+        waiting = list(self.waiting)
+        if (self.policy != "lpm" or len(waiting) > LPM_MAX_WAITING
+                or isinstance(self.prefix_cache, NoPrefixCache)):
+            return waiting, None
+        inflight = InBatchPrefixes(self.block_size)
+        for s in out.scheduled:
+            if s.request.num_computed_tokens < s.request.num_tokens - 1:   # still prefilling
+                inflight.add(s.request.token_ids, s.request.num_computed_tokens)
+        if len(waiting) < 2 or self.prefix_cache.num_cached_blocks == 0:
+            return waiting, inflight
+
+        def key(r: Request) -> tuple[int, int]:
+            if self._has_priority(r):
+                return (0, 0)   # queue order, ahead of everyone
+            return (1, -self.prefix_cache.match_length(self._cacheable(r)))
+        return sorted(waiting, key=key), inflight   # stable: FCFS among equal matches
+
+    def _dequeue(self, req: Request) -> None:
+        """Take req out of the queue; the earlier arrivals it overtook count it."""
+        if self.waiting[0] is req:
+            self.waiting.popleft()
+            return
+        i = next(i for i, w in enumerate(self.waiting) if w is req)
+        for w in itertools.islice(self.waiting, i):
+            w.num_overtaken += 1
+        del self.waiting[i]
+
     def _grow(self, req: Request, num_tokens: int) -> bool:
-        """Make sure req has blocks for num_tokens tokens; False if the pool is too small now."""
+        """Make sure req has blocks for num_tokens tokens, evicting unused cached prefixes
+        if it must; False if the pool is too small now."""
         need = -(-num_tokens // self.block_size) - len(req.block_ids)
         if need <= 0:
             return True
-        if need > self.block_pool.num_free:
-            return False
+        short = need - self.block_pool.num_free
+        if short > 0:
+            if short > self.prefix_cache.num_evictable_blocks:
+                return False
+            self.prefix_cache.evict(short)
+            if need > self.block_pool.num_free:
+                return False
         req.block_ids.extend(self.block_pool.allocate(need))
         return True
 
     def _preempt(self, req: Request) -> None:
-        self.block_pool.free(req.block_ids)
-        req.block_ids = []
+        self._give_back(req)
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
