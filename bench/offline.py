@@ -171,18 +171,17 @@ def main() -> None:
     t_ember = run_ember(llm, reqs, device)
     result = {"mode": args.mode, "ember_s": t_ember, "ember_tok_s": n_out / t_ember}
     print(f"ember: {n_out} tokens in {t_ember:.2f} s = {n_out / t_ember:.1f} output tok/s")
-    if args.mode == "decode":
+    if args.mode == "decode" and device.type == "cuda":
         # Each decode step reads every weight once (the KV read is small at these lengths).
         gbs = weight_bytes(llm) * n_out / t_ember / 1e9
         result.update(weight_gb=weight_bytes(llm) / 1e9, achieved_gbs=gbs,
                       roofline_pct=100 * gbs / (args.roofline_tbs * 1e3))
         print(f"weights {result['weight_gb']:.2f} GB -> {gbs:.0f} GB/s = "
               f"{result['roofline_pct']:.1f}% of {args.roofline_tbs} TB/s")
-        if device.type == "cuda":
-            result.update(decode_step_breakdown(llm, reqs[0][0]))
-            print(f"decode step {result['step_ms']:.2f} ms; captured forward "
-                  f"{result.get('forward_ms', float('nan')):.2f} ms; host share "
-                  f"{100 * result.get('host_share', float('nan')):.1f}%")
+        result.update(decode_step_breakdown(llm, reqs[0][0]))
+        print(f"decode step {result['step_ms']:.2f} ms; captured forward "
+              f"{result.get('forward_ms', float('nan')):.2f} ms; host share "
+              f"{100 * result.get('host_share', float('nan')):.1f}%")
     if not args.no_hf:
         load_format = llm.engine.cfg.load_format
         eos = llm.engine.model_config.eos_token_ids
