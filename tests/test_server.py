@@ -6,6 +6,7 @@ with a small sequence cap and waiting queue so overload can be provoked cheaply:
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import signal
 import socket
@@ -79,28 +80,10 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(smollm2_gguf_path, tmp_path_factory):
-    port = _free_port()
     log_path = str(tmp_path_factory.mktemp("server") / "server.log")
-    cmd = [sys.executable, "-m", "ember.cli", "serve", "--model", "smollm2-135m", "--max-model-len", "512",
-           "--port", str(port), "--api-key", KEY, "--served-model-name", MODEL,
-           "--max-num-seqs", "4", "--max-waiting", "2", "--max-request-bytes", str(MAX_BODY), "--shutdown-timeout", "6",
-           "--uvicorn-log-level", "warning"]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    srv = Server(proc, port, log_path)
-    deadline = time.monotonic() + 180
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"the server exited with {proc.returncode}:\n{srv.log()}")
-        try:
-            if httpx.get(srv.url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the server did not start:\n{srv.log()}")
-        time.sleep(0.5)
+    srv = _start_server(["--max-num-seqs", "4", "--max-waiting", "2", "--max-request-bytes", str(MAX_BODY),
+                         "--shutdown-timeout", "6"], log_path)
+    proc = srv.proc
     yield srv
     if proc.poll() is None:
         proc.kill()
@@ -279,6 +262,79 @@ def test_bad_requests_get_openai_errors(server):
     ok = c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
     assert ok.usage.completion_tokens == 2
     assert _idle(server.metrics())
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": -3}),
+    ("/v1/completions", {"model": MODEL, "prompt": PROMPT, "top_p": 1.5}),
+    ("/v1/completions", {"model": MODEL, "prompt": PROMPT, "n": 100000}),
+    ("/v1/completions", {"model": MODEL, "prompt": 42}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user"}]}),
+    ("/v1/completions", b'{"model": "smol", "prompt": "\xff\xfe bad utf-8", "max_tokens": 2}'),
+    ("/v1/completions", b'[1, 2, 3]'),
+])
+def test_bad_input_matrix(server, path, body):
+    r = server.post(path, body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    ok = server.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=1)
+    assert ok.usage.completion_tokens == 1
+
+
+def _start_server(extra: list[str], log_path: str) -> Server:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "ember.cli", "serve", "--model", "smollm2-135m", "--max-model-len", "512",
+           "--port", str(port), "--api-key", KEY, "--served-model-name", MODEL,
+           "--uvicorn-log-level", "warning", *extra]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    srv = Server(proc, port, log_path)
+    deadline = time.monotonic() + 180
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited with {proc.returncode}:\n{srv.log()}")
+        try:
+            if httpx.get(srv.url + "/health", timeout=2).status_code == 200:
+                return srv
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the server did not start:\n{srv.log()}")
+        time.sleep(0.5)
+
+
+def test_32_concurrent_streaming_clients(smollm2_gguf_path, tmp_path):
+    """32 clients stream at once; each gets the complete answer, equal to the greedy answer
+    the same prompt gets alone."""
+    srv = _start_server(["--max-num-seqs", "32", "--max-waiting", "64"], str(tmp_path / "wide.log"))
+    try:
+        prompts = [f"Write one sentence about the number {i}." for i in range(8)]
+        c = srv.client()
+        alone = {p: c.completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=0).choices[0].text
+                 for p in prompts}
+
+        def stream(i: int) -> tuple[str, str, str | None]:
+            p = prompts[i % len(prompts)]
+            text, finish = "", None
+            for chunk in srv.client().completions.create(model=MODEL, prompt=p, max_tokens=12,
+                                                         temperature=0, stream=True):
+                text += chunk.choices[0].text
+                finish = chunk.choices[0].finish_reason or finish
+            return p, text, finish
+
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            results = list(pool.map(stream, range(32)))
+        assert len(results) == 32
+        for p, text, finish in results:
+            assert finish in ("length", "stop")
+            assert text == alone[p]
+        assert _idle(srv.wait_metrics(_idle))
+    finally:
+        srv.proc.kill()
+        srv.proc.wait()
 
 
 def test_full_queue_then_disconnects_free_everything(server):

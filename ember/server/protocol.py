@@ -16,6 +16,7 @@ from ember.sampling_params import SamplingParams
 
 # The most top log-probabilities one position may ask for (OpenAI's limit for chat).
 MAX_LOGPROBS = 20
+MAX_N = 128  # OpenAI's own cap; a huge n would queue that many sequences
 
 
 class BadRequest(ValueError):
@@ -65,6 +66,8 @@ class _SamplingRequest(BaseModel):
             raise BadRequest("logit_bias is not supported", "logit_bias")
         if self.stream_options is not None and not self.stream:
             raise BadRequest("stream_options is only allowed when stream is true", "stream_options")
+        if self.n > MAX_N:
+            raise BadRequest(f"n must be at most {MAX_N}, got {self.n}", "n")
         for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
             if value is not None and value > MAX_LOGPROBS:
                 raise BadRequest(f"at most {MAX_LOGPROBS} log-probabilities per token, got {value}", name)
