@@ -508,7 +508,7 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], model_path: st
         finally:
             await engine.stop()
 
-    app = FastAPI(title="ember", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="ember", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)  # outermost: checked first
