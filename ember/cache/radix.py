@@ -47,7 +47,8 @@ class RadixPrefixCache(PrefixCache):
 
     # ---- lookups ----------------------------------------------------------------------------
     def match(self, token_ids: Sequence[int]) -> PrefixMatch:
-        node, blocks, n = self._walk(list(token_ids))
+        token_ids = list(token_ids)
+        node, blocks, n = self._walk(token_ids, len(token_ids) - len(token_ids) % self.block_size)
         self.lock(node)
         return PrefixMatch(blocks, n, node)
 
@@ -67,20 +68,30 @@ class RadixPrefixCache(PrefixCache):
             node = child
         return pos
 
-    def _walk(self, token_ids: list[int]) -> tuple[_Node, list[int], int]:
-        """Follow token_ids down the tree, splitting the last edge where the match ends so
-        that the returned node ends exactly at the matched length; marks the path used."""
+    def _walk(self, token_ids: list[int], end: int, block_ids: Sequence[int] | None = None
+              ) -> tuple[_Node, list[int], int]:
+        """Follow token_ids[:end] down the tree, splitting the last edge where the match ends so
+        that the returned node ends exactly at the matched length; marks the path used. With
+        block_ids (insert), a missing edge is created from them instead of ending the walk."""
         bs = self.block_size
-        end = len(token_ids) - len(token_ids) % bs
         tick = self._tick()
         node, pos, blocks = self.root, 0, []
         while pos < end:
-            child = node.children.get(tuple(token_ids[pos:pos + bs]))
+            key = tuple(token_ids[pos:pos + bs])
+            child = node.children.get(key)
             if child is None:
-                break
-            k = self._common_blocks(child, token_ids, pos, end)
-            if k < len(child.block_ids):
-                child = self._split(child, k)
+                if block_ids is None:
+                    break
+                child = _Node(node, list(token_ids[pos:end]), list(block_ids[pos // bs:end // bs]),
+                              next(self._serials))
+                node.children[key] = child
+                self.block_pool.share(child.block_ids)
+                self._num_blocks += len(child.block_ids)
+                self._num_evictable += len(child.block_ids)
+            else:
+                k = self._common_blocks(child, token_ids, pos, end)
+                if k < len(child.block_ids):
+                    child = self._split(child, k)
             child.last_access = tick
             blocks.extend(child.block_ids)
             pos += len(child.tokens)
@@ -117,26 +128,7 @@ class RadixPrefixCache(PrefixCache):
         token_ids = list(token_ids)
         bs = self.block_size
         end = min(len(token_ids) // bs, len(block_ids)) * bs
-        tick = self._tick()
-        node, pos, blocks = self.root, 0, []
-        while pos < end:
-            key = tuple(token_ids[pos:pos + bs])
-            child = node.children.get(key)
-            if child is None:
-                child = _Node(node, list(token_ids[pos:end]), list(block_ids[pos // bs:end // bs]),
-                              next(self._serials))
-                node.children[key] = child
-                self.block_pool.share(child.block_ids)
-                self._num_blocks += len(child.block_ids)
-                self._num_evictable += len(child.block_ids)
-            else:
-                k = self._common_blocks(child, token_ids, pos, end)
-                if k < len(child.block_ids):
-                    child = self._split(child, k)
-            child.last_access = tick
-            blocks.extend(child.block_ids)
-            pos += len(child.tokens)
-            node = child
+        node, blocks, pos = self._walk(token_ids, end, block_ids)
         return PrefixMatch(blocks, pos, node)
 
     def lock(self, handle: _Node | None) -> None:
