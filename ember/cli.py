@@ -25,6 +25,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-memory", type=float, default=None, help="GiB for the KV pool on the CPU")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--layer-kernels", default="auto", choices=["auto", "torch", "triton"],
+                   help="RMSNorm, RoPE and SiLU-mul: fused Triton kernels (auto: on CUDA) or torch")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     p.add_argument("--prefix-cache", default="radix", choices=["radix", "none"],
                    help="reuse the KV cache of shared prompt prefixes (RadixAttention) or not")
@@ -39,6 +41,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
                 kv_cache_memory=args.kv_cache_memory, attention_backend=args.attention_backend,
+                layer_kernels=args.layer_kernels,
                 enforce_eager=args.enforce_eager,
                 prefix_cache=args.prefix_cache, scheduling_policy=args.scheduling_policy,
                 seed=args.seed)

@@ -119,6 +119,7 @@ class EngineConfig:
     kv_cache_memory: float | None = None  # CPU: GiB for the KV pool (default 1 GiB)
     num_kv_blocks: int | None = None      # exact pool size (tests, benchmarks); overrides budgets
     attention_backend: str = "auto"       # auto (triton on CUDA, torch elsewhere) | torch | triton
+    layer_kernels: str = "auto"           # auto (triton on CUDA, torch elsewhere) | torch | triton: norm, RoPE, SiLU-mul
     prefix_cache: str = "radix"           # radix | none
     scheduling_policy: str = "lpm"        # lpm (longest cached prefix first) | fcfs
     seed: int = 0

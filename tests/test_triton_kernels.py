@@ -9,20 +9,11 @@ session: there nothing but the interpreter can run a Triton kernel anyway.
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import pytest
 import torch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("triton was imported without TRITON_INTERPRET before this module; "
-                    "run this file on its own", allow_module_level=True)
-    os.environ["TRITON_INTERPRET"] = "1"
-
-pytest.importorskip("triton", reason="the Triton kernels need triton")
+from _triton_interpret import DEVICE  # noqa: F401  (sets TRITON_INTERPRET on the CPU first)
 
 from ember.attention import triton_backend as backend_mod  # noqa: E402
 from ember.attention import triton_decode as decode_mod  # noqa: E402
@@ -275,10 +266,11 @@ TINY_LLAMA = {
 }
 
 
-def _greedy_tokens(config_path: str, backend: str) -> list[list[int]]:
+def _greedy_tokens(config_path: str, backend: str, layer_kernels: str = "torch") -> list[list[int]]:
     from ember import LLM
     from ember.sampling_params import SamplingParams
     llm = LLM(config_path, load_format="dummy", attention_backend=backend, device=DEVICE,
+              layer_kernels=layer_kernels,
               dtype="float32", block_size=4, num_kv_blocks=64, max_num_seqs=4,
               max_model_len=128, max_num_batched_tokens=16)
     with torch.no_grad():
@@ -300,5 +292,17 @@ def test_engine_greedy_tokens_match_torch_backend(tmp_path):
     # Token budget 16 splits the longer prompts into chunks over cached prefixes.
     expected = _greedy_tokens(str(path), "torch")
     got = _greedy_tokens(str(path), "triton")
+    assert [len(t) for t in got] == [6, 6, 6]
+    assert got == expected
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen3ForCausalLM"])
+def test_engine_greedy_tokens_match_with_fused_layer_kernels(tmp_path, arch):
+    """The fused norm / RoPE (+ Qwen3 q/k norm) / SiLU-mul kernels with the Triton attention
+    give the all-torch greedy tokens."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(dict(TINY_LLAMA, architectures=[arch], num_key_value_heads=2)))
+    expected = _greedy_tokens(str(path), "torch", "torch")
+    got = _greedy_tokens(str(path), "triton", "triton")
     assert [len(t) for t in got] == [6, 6, 6]
     assert got == expected

@@ -12,6 +12,7 @@ from ember.config import EngineConfig, ModelConfig
 from ember.engine.cuda_graph import CudaGraphRunner
 from ember.engine.forward_batch import ForwardBatch
 from ember.engine.scheduler import SchedulerOutput, ScheduledRequest
+from ember.layers.layer_ops import get_layer_ops
 from ember.layers.sampler import (RowLogprobs, Sampler, SamplingBatch, SamplingRow,
                                   compute_token_logprobs)
 from ember.models.loader import ModelSource, build_model
@@ -42,7 +43,8 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
         self.backend = get_attention_backend(cfg.attention_backend, device)
-        self.model = build_model(source, self.backend, device, dtype, cfg.seed)
+        self.layer_ops = get_layer_ops(cfg.layer_kernels, device)
+        self.model = build_model(source, self.backend, device, dtype, cfg.seed, self.layer_ops)
         self.sampler = Sampler()
         self.num_blocks = self._choose_num_blocks()
         mc = self.model_config

@@ -1,27 +1,24 @@
-"""RMSNorm, with the residual add fused in (one pass instead of two on the GPU path later)."""
+"""RMSNorm, with the residual add fused in (one kernel on the GPU through the layer ops)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from ember.layers.layer_ops import TORCH_LAYER_OPS, LayerOps
+
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+    def __init__(self, hidden_size: int, eps: float = 1e-6, ops: LayerOps = TORCH_LAYER_OPS) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
-
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        # Compute in fp32 like transformers, then cast back before scaling by the weight.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        self.ops = ops
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """x: [..., hidden]. With `residual`, returns (norm(x + residual), x + residual)."""
+        """x: [T, hidden]. With `residual`, returns (norm(x + residual), x + residual);
+        the fused path reuses x's and residual's buffers for them."""
         if residual is None:
-            return self._norm(x)
-        x = x + residual
-        return self._norm(x), x
+            return self.ops.rms_norm(x, self.weight, self.eps)
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ember.layers.layer_ops import TORCH_LAYER_OPS, LayerOps, RopeStep
+
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
     """Llama 3.1's frequency-dependent scaling: long wavelengths are divided by `factor`,
@@ -39,30 +41,19 @@ def compute_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputes cos/sin for every position once; a step only indexes them."""
+    """Precomputes cos/sin for every position once; a step only indexes them (the layer
+    ops apply the rotation, fused with Qwen3's q/k norm where there is one)."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float,
-                 scaling: dict[str, Any] | None = None) -> None:
+                 scaling: dict[str, Any] | None = None, ops: LayerOps = TORCH_LAYER_OPS) -> None:
         super().__init__()
         inv_freq = compute_inv_freq(head_dim, theta, scaling)
         t = torch.arange(max_positions, dtype=torch.int64).float()
         freqs = torch.outer(t, inv_freq)  # [max_pos, head_dim / 2]
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
+        self.ops = ops
 
-    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T] -> (cos, sin), each [T, 1, head_dim / 2]; done once per step."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-
-    @staticmethod
-    def apply(rope: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, heads, head_dim]; k: [T, kv_heads, head_dim]; rope from lookup()."""
-        cos, sin = rope
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(x.dtype)
+    def lookup(self, positions: torch.Tensor) -> RopeStep:
+        """positions: [T] -> this step's rotary inputs; done once per step."""
+        return self.ops.rope_step(self.cos, self.sin, positions)

@@ -13,13 +13,11 @@ from torch import nn
 from ember.attention.backend import AttentionBackend
 from ember.config import ModelConfig
 from ember.engine.forward_batch import ForwardBatch
-from ember.layers.activation import silu_and_mul
 from ember.layers.attention import Attention
+from ember.layers.layer_ops import TORCH_LAYER_OPS, LayerOps, RopeStep
 from ember.layers.linear import Linear
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import RotaryEmbedding
-
-Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) of this step's positions
 
 # checkpoint projection name -> (merged module name, shard name)
 MERGED_PROJECTIONS = {
@@ -29,20 +27,23 @@ MERGED_PROJECTIONS = {
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, qk_norm: bool) -> None:
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, qk_norm: bool,
+                 ops: LayerOps) -> None:
         super().__init__()
+        self.ops = ops
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, d
         self.qkv_proj = Linear(cfg.hidden_size, {"q": h * d, "k": kvh * d, "v": kvh * d},
                                bias=cfg.attention_bias)
         self.o_proj = Linear(h * d, cfg.hidden_size, bias=cfg.attention_bias)
         # Qwen3 normalizes each head's q and k before RoPE.
+        # (Their weights are applied by the layer ops, fused with RoPE.)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if qk_norm else None
         self.attn = Attention(h, kvh, d, d ** -0.5, backend)
 
-    def forward(self, rope: Rope, x: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        """x: [T, hidden] -> [T, hidden]; rope: this step's (cos, sin)."""
+    def forward(self, rope: RopeStep, x: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        """x: [T, hidden] -> [T, hidden]; rope: this step's rotary inputs."""
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split(
             [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
@@ -51,32 +52,35 @@ class LlamaAttention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = RotaryEmbedding.apply(rope, q, k)
+            q, k = self.ops.rope(rope, q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+        else:
+            q, k = self.ops.rope(rope, q, k)
         o = self.attn(q, k, v, fb)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, ops: LayerOps) -> None:
         super().__init__()
+        self.ops = ops
         i = cfg.intermediate_size
         self.gate_up_proj = Linear(cfg.hidden_size, {"gate": i, "up": i}, bias=cfg.mlp_bias)
         self.down_proj = Linear(i, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, qk_norm: bool) -> None:
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, qk_norm: bool,
+                 ops: LayerOps) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, backend, qk_norm)
-        self.mlp = LlamaMLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg, backend, qk_norm, ops)
+        self.mlp = LlamaMLP(cfg, ops)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
-    def forward(self, rope: Rope, h: torch.Tensor, residual: torch.Tensor | None,
+    def forward(self, rope: RopeStep, h: torch.Tensor, residual: torch.Tensor | None,
                 fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """h: [T, hidden]; residual carries the un-normalized stream between layers."""
         if residual is None:
@@ -89,15 +93,16 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, qk_norm: bool) -> None:
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, qk_norm: bool,
+                 ops: LayerOps) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         # One rotary table for all layers, looked up once per step.
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
-                                      cfg.rope_scaling)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, backend, qk_norm)
+                                      cfg.rope_scaling, ops)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, backend, qk_norm, ops)
                                     for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 fb: ForwardBatch) -> torch.Tensor:
@@ -114,10 +119,11 @@ class LlamaForCausalLM(nn.Module):
 
     qk_norm = False
 
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend,
+                 ops: LayerOps = TORCH_LAYER_OPS) -> None:
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, backend, self.qk_norm)
+        self.model = LlamaModel(cfg, backend, self.qk_norm, ops)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
 
     def attention_layers(self) -> list[Attention]:

@@ -14,6 +14,7 @@ from torch import nn
 
 from ember.attention.backend import AttentionBackend
 from ember.config import ModelConfig
+from ember.layers.layer_ops import TORCH_LAYER_OPS, LayerOps
 from ember.models.registry import get_model_class
 
 logger = logging.getLogger("ember")
@@ -85,14 +86,15 @@ def _folder_tokenizer(folder: str):
 
 
 def build_model(source: ModelSource, backend: AttentionBackend, device: torch.device,
-                dtype: torch.dtype, seed: int = 0) -> nn.Module:
-    """Instantiate the registered class on `device` in `dtype`, then load (or randomize) weights."""
+                dtype: torch.dtype, seed: int = 0, ops: LayerOps = TORCH_LAYER_OPS) -> nn.Module:
+    """Instantiate the registered class on `device` in `dtype`, then load (or randomize) weights.
+    `ops` are the elementwise layer kernels (torch, or fused Triton on the GPU)."""
     cls = get_model_class(source.config.architecture)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = cls(source.config, backend)
+            model = cls(source.config, backend, ops)
     finally:
         torch.set_default_dtype(previous)
     with torch.no_grad():

@@ -1,0 +1,97 @@
+"""The fused Triton layer ops (RMSNorm + residual, RoPE + q/k norm, SiLU-and-mul) against
+their torch references (`TorchLayerOps`), at small ragged shapes: on the CPU through
+Triton's interpreter, on a GPU compiled."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _triton_interpret import DEVICE
+
+from ember.layers.layer_ops import TORCH_LAYER_OPS, get_layer_ops  # noqa: E402
+from ember.layers.rotary import compute_inv_freq  # noqa: E402
+from ember.layers.triton_layer_ops import TritonLayerOps  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+TRITON = TritonLayerOps()
+# fp32: the kernels keep fp32 throughout, differing from torch only in fused multiply-adds.
+# bf16: they round where torch rounds, so compiled they stay within one bf16 step (2^-7
+# relative) of torch. Triton 3.6's interpreter truncates fp32 -> bf16 instead of rounding
+# to nearest (measured: half of random values differ from torch's cast), which compounds
+# over two roundings, so on the CPU the bound is three steps.
+BF16_TOL = 8e-3 if DEVICE == "cuda" else 2.4e-2
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=BF16_TOL, atol=BF16_TOL)}
+EXACT_CASTS = DEVICE == "cuda"
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def randn(*shape: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,d", [(1, 64), (5, 100)])
+def test_rms_norm(dtype, rows, d):
+    x = randn(rows, d, dtype=dtype, seed=0) * 3
+    w = randn(d, dtype=dtype, seed=1)
+    ref = TORCH_LAYER_OPS.rms_norm(x, w, 1e-6)
+    out = TRITON.rms_norm(x.clone(), w, 1e-6)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm_returns_sum_and_norm_in_place(dtype):
+    x = randn(7, 96, dtype=dtype, seed=2)
+    res = randn(7, 96, dtype=dtype, seed=3)
+    w = randn(96, dtype=dtype, seed=4)
+    ref_norm, ref_sum = TORCH_LAYER_OPS.add_rms_norm(x, res, w, 1e-5)
+    x2, res2 = x.clone(), res.clone()
+    out_norm, out_sum = TRITON.add_rms_norm(x2, res2, w, 1e-5)
+    # The sum is rounded to the activation dtype exactly as torch rounds it.
+    exact = dtype == torch.float32 or EXACT_CASTS
+    torch.testing.assert_close(out_sum, ref_sum, **(dict(rtol=0, atol=0) if exact else TOL[dtype]))
+    torch.testing.assert_close(out_norm, ref_norm, **TOL[dtype])
+    assert out_norm.data_ptr() == x2.data_ptr() and out_sum.data_ptr() == res2.data_ptr()
+
+
+def _rope_tables(d: int, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = compute_inv_freq(d, 10000.0, None)
+    freqs = torch.outer(torch.arange(max_pos).float(), inv)
+    return freqs.cos().to(DEVICE), freqs.sin().to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,d", [(4, 4, 16), (8, 2, 32), (6, 1, 24)])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rope_matches_reference(dtype, heads, kv_heads, d, qk_norm):
+    t = 5
+    cos, sin = _rope_tables(d, 64)
+    positions = torch.tensor([0, 3, 17, 63, 9], device=DEVICE)
+    # q and k as views into one qkv buffer, the way the attention layer passes them.
+    qkv = randn(t, (heads + 2 * kv_heads) * d, dtype=dtype, seed=5)
+    q = qkv[:, :heads * d].view(t, heads, d)
+    k = qkv[:, heads * d:(heads + kv_heads) * d].view(t, kv_heads, d)
+    qw = randn(d, dtype=dtype, seed=6) if qk_norm else None
+    kw = randn(d, dtype=dtype, seed=7) if qk_norm else None
+    ref_q, ref_k = TORCH_LAYER_OPS.rope(TORCH_LAYER_OPS.rope_step(cos, sin, positions), q, k, qw, kw)
+    v_before = qkv[:, (heads + kv_heads) * d:].clone()
+    out_q, out_k = TRITON.rope(TRITON.rope_step(cos, sin, positions), q, k, qw, kw)
+    torch.testing.assert_close(out_q, ref_q, **TOL[dtype])
+    torch.testing.assert_close(out_k, ref_k, **TOL[dtype])
+    assert torch.equal(qkv[:, (heads + kv_heads) * d:], v_before), "v was touched"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,d", [(1, 40), (3, 1500)])
+def test_silu_and_mul(dtype, rows, d):
+    x = randn(rows, 2 * d, dtype=dtype, seed=8) * 2
+    torch.testing.assert_close(TRITON.silu_and_mul(x), TORCH_LAYER_OPS.silu_and_mul(x), **TOL[dtype])
+
+
+def test_registry():
+    assert get_layer_ops("auto", torch.device("cpu")).name == "torch"
+    assert get_layer_ops("triton", torch.device("cpu")).name == "triton"
+    with pytest.raises(ValueError, match="unknown layer kernels"):
+        get_layer_ops("fast", torch.device("cpu"))
