@@ -123,7 +123,11 @@ class ModelRunner:
         result = StepResult()
         sampling = [i for i, s in enumerate(scheduled) if s.samples]
         if sampling:
-            logits = self.model.compute_logits(hidden[fb.logits_indices[sampling]])
+            # Index with a device tensor only when some rows don't sample (indexing with a
+            # host list would copy it over and wait for the forward).
+            rows = fb.logits_indices if len(sampling) == len(scheduled) else \
+                fb.logits_indices[torch.tensor(sampling, device=self.device)]
+            logits = self.model.compute_logits(hidden[rows])
             reqs = [scheduled[i].request for i in sampling]
             rows = [SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator,
                                 r.eos_token_ids) for r in reqs]
@@ -138,31 +142,44 @@ class ModelRunner:
         return result
 
     def _prepare(self, scheduled: list[ScheduledRequest]) -> ForwardBatch:
-        """Host-side step inputs with numpy, one device copy per tensor."""
+        """Host-side step inputs, then three device copies in all (token data, per-sequence
+        data, block tables). Decodes (first in `scheduled`) go through plain lists, prefill
+        chunks through numpy: both are the cheaper choice at their size."""
         bs = self.block_size
-        ids, pos, slots, qsl, seq_lens, last = [], [], [], [0], [], []
+        num_tokens = sum(s.num_new_tokens for s in scheduled)
+        tokens = np.empty((3, num_tokens), dtype=np.int64)  # input ids, positions, slots
+        dec_ids, dec_pos, dec_slots = [], [], []
+        qsl, seq_lens, last = [0], [], []
         max_blocks = max(len(s.request.block_ids) for s in scheduled)
         tables = np.zeros((len(scheduled), max_blocks), dtype=np.int32)
         for i, s in enumerate(scheduled):
-            r = s.request
-            start, end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
-            p = np.arange(start, end)
-            blocks = np.asarray(r.block_ids, dtype=np.int64)
-            ids.append(np.asarray(r.token_ids[start:end], dtype=np.int64))
-            pos.append(p)
-            slots.append(blocks[p // bs] * bs + p % bs)
-            tables[i, :len(r.block_ids)] = r.block_ids
-            qsl.append(qsl[-1] + s.num_new_tokens)
-            seq_lens.append(end)
+            r, n = s.request, s.num_new_tokens
+            start, blocks = r.num_computed_tokens, r.block_ids
+            if n == 1:
+                dec_ids.append(r.token_ids[start])
+                dec_pos.append(start)
+                dec_slots.append(blocks[start // bs] * bs + start % bs)
+            else:
+                p = np.arange(start, start + n)
+                span = slice(qsl[-1], qsl[-1] + n)
+                tokens[0, span] = r.token_ids[start:start + n]
+                tokens[1, span] = p
+                tokens[2, span] = np.asarray(blocks, dtype=np.int64)[p // bs] * bs + p % bs
+            tables[i, :len(blocks)] = blocks
+            qsl.append(qsl[-1] + n)
+            seq_lens.append(start + n)
             last.append(qsl[-1] - 1)
+        nd = len(dec_ids)
+        if nd:
+            tokens[:, :nd] = (dec_ids, dec_pos, dec_slots)
         dev = self.device
-        to = lambda a: torch.from_numpy(np.concatenate(a)).to(dev, non_blocking=True)  # noqa: E731
+        tokens_d = torch.from_numpy(tokens).to(dev, non_blocking=True)  # [3, T]
+        per_seq = torch.from_numpy(np.array((seq_lens, last), dtype=np.int64)).to(dev, non_blocking=True)
         return ForwardBatch(
-            input_ids=to(ids), positions=to(pos), slot_mapping=to(slots), query_start_loc=qsl,
-            seq_lens=torch.tensor(seq_lens, device=dev), seq_lens_list=seq_lens,
+            input_ids=tokens_d[0], positions=tokens_d[1], slot_mapping=tokens_d[2], query_start_loc=qsl,
+            seq_lens=per_seq[0], seq_lens_list=seq_lens,
             block_tables=torch.from_numpy(tables).to(dev, non_blocking=True),
-            num_decodes=sum(1 for s in scheduled if s.num_new_tokens == 1),
-            logits_indices=torch.tensor(last, device=dev), block_size=bs)
+            num_decodes=nd, logits_indices=per_seq[1], block_size=bs)
 
     def _prompt_logprobs(self, scheduled: list[ScheduledRequest], fb: ForwardBatch,
                          hidden: torch.Tensor, result: StepResult) -> None:

@@ -107,9 +107,11 @@ def build_model(source: ModelSource, backend: AttentionBackend, device: torch.de
 
 def _randomize(model: nn.Module, seed: int) -> None:
     """Dummy weights for benchmarks: small normal values, norms at one (keeps activations sane)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gens: dict[torch.device, torch.Generator] = {}
     for name, p in model.named_parameters():
         if p.dim() == 1:
             p.fill_(1.0 if "norm" in name else 0.0)
         else:
-            p.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype))
+            # Drawn where the weight lives: 8B values on the CPU would take minutes.
+            gen = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
+            p.copy_((torch.randn(p.shape, generator=gen, device=p.device) * 0.02).to(p.dtype))
