@@ -69,7 +69,7 @@ class LLM:
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Generate for one prompt, yielding text as it is decoded (used by the CLI)."""
-        rid = self._add(prompt, sampling_params or SamplingParams())
+        rid = self._add(prompt, sampling_params or SamplingParams(), final_only=False)
         shown = 0
         while True:
             for out in self.engine.step():
@@ -101,7 +101,7 @@ class LLM:
             raise ValueError(f"{len(sp)} sampling params for {n} prompts")
         return list(sp)
 
-    def _add(self, prompt: Prompt, params: SamplingParams) -> str:
+    def _add(self, prompt: Prompt, params: SamplingParams, final_only: bool = True) -> str:
         if isinstance(prompt, str):
             text, ids = prompt, self._tokenizer().encode(prompt)
         elif "prompt_token_ids" in prompt:
@@ -111,7 +111,7 @@ class LLM:
         else:
             raise ValueError("a prompt is a string, {'prompt': str} or {'prompt_token_ids': [...]}")
         rid = str(next(self._ids))
-        self.engine.add_request(rid, ids, params, prompt=text)
+        self.engine.add_request(rid, ids, params, prompt=text, final_only=final_only)
         return rid
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

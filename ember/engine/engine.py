@@ -68,8 +68,10 @@ class Engine:
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams | None = None, prompt: str | None = None) -> None:
-        """Queue a request. Raises PromptTooLongError / ValueError for input it cannot serve."""
+                    params: SamplingParams | None = None, prompt: str | None = None,
+                    final_only: bool = False) -> None:
+        """Queue a request. Raises PromptTooLongError / ValueError for input it cannot serve.
+        `final_only`: step() reports it only when it finishes (no per-token outputs)."""
         params = params or SamplingParams()
         if request_id in self.output_processor.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -94,7 +96,7 @@ class Engine:
             rid = request_id if params.n == 1 else f"{request_id}#{i}"
             children.append(Request(rid, list(prompt_token_ids), params, max_tokens,
                                     self.eos_token_ids, generator=gen))
-        self.output_processor.add(request_id, prompt, children)
+        self.output_processor.add(request_id, prompt, children, final_only)
         for r in children:
             self.scheduler.add(r)
 

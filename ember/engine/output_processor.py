@@ -25,6 +25,7 @@ class RequestGroup:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
+    final_only: bool = False   # emit one RequestOutput, when it finishes (offline generate)
     completions: list[_Completion] = field(default_factory=list)
 
     @property
@@ -39,8 +40,9 @@ class OutputProcessor:
         self.groups: dict[str, RequestGroup] = {}
         self._group_of: dict[str, RequestGroup] = {}   # child request id -> group
 
-    def add(self, group_id: str, prompt: str | None, requests: list[Request]) -> None:
-        group = RequestGroup(group_id, prompt, list(requests[0].prompt_token_ids))
+    def add(self, group_id: str, prompt: str | None, requests: list[Request],
+            final_only: bool = False) -> None:
+        group = RequestGroup(group_id, prompt, list(requests[0].prompt_token_ids), final_only)
         for r in requests:
             detok = None
             if self.tokenizer is not None:
@@ -74,7 +76,8 @@ class OutputProcessor:
                 req.cumulative_logprob += lp.logprob
             self._detokenize(comp)
             groups[group.request_id] = group
-        return [self._emit(g) for g in groups.values()]
+        # Building an output copies every token so far: per step for all, that is quadratic.
+        return [self._emit(g) for g in groups.values() if not g.final_only or g.finished]
 
     # ---- helpers --------------------------------------------------------------------------
     def _detokenize(self, comp: _Completion) -> None:
