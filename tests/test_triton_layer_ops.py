@@ -10,6 +10,7 @@ from _triton_interpret import DEVICE
 
 from ember.layers.layer_ops import TORCH_LAYER_OPS, get_layer_ops  # noqa: E402
 from ember.layers.rotary import compute_inv_freq  # noqa: E402
+from ember.layers.triton_gemv import GemvConfig, choose_config, gemv  # noqa: E402
 from ember.layers.triton_layer_ops import TritonLayerOps  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
@@ -88,6 +89,32 @@ def test_rope_matches_reference(dtype, heads, kv_heads, d, qk_norm):
 def test_silu_and_mul(dtype, rows, d):
     x = randn(rows, 2 * d, dtype=dtype, seed=8) * 2
     torch.testing.assert_close(TRITON.silu_and_mul(x), TORCH_LAYER_OPS.silu_and_mul(x), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,bias,config", [
+    (24, 64, False, GemvConfig(8, 32, 4)),      # K a multiple of the tile
+    (13, 100, True, GemvConfig(4, 32, 2)),      # ragged N and K, with bias
+    (40, 96, False, GemvConfig(16, 64, 4)),
+])
+def test_gemv_matches_linear(dtype, n, k, bias, config):
+    w = randn(n, k, dtype=dtype, seed=9)
+    x = randn(1, k, dtype=dtype, seed=10)
+    b = randn(n, dtype=dtype, seed=11) if bias else None
+    ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    out = gemv(x, w, b, config)
+    assert out.shape == (1, n) and out.dtype == dtype
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    assert err < (1e-6 if dtype == torch.float32 else 1e-2), err
+
+
+def test_gemv_config_by_shape():
+    # The tiles the H200 sweep chose for Llama-3.1-8B's four projections and its LM head.
+    assert choose_config(28672, 4096) == GemvConfig(16, 256, 4)
+    assert choose_config(128256, 4096) == GemvConfig(16, 256, 4)
+    assert choose_config(4096, 14336) == GemvConfig(4, 1024, 2)
+    assert choose_config(4096, 4096) == GemvConfig(8, 512, 8)
+    assert choose_config(6144, 4096) == GemvConfig(4, 1024, 2)
 
 
 def test_registry():

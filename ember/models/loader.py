@@ -102,6 +102,9 @@ def build_model(source: ModelSource, backend: AttentionBackend, device: torch.de
             _randomize(model, seed)
         else:
             model.load_weights(source.weights(dtype))
+    if ops.name == "triton":
+        from ember.layers.linear import use_gemv_for_dense_layers
+        use_gemv_for_dense_layers(model)
     return model.eval()
 
 
