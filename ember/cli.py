@@ -1,4 +1,4 @@
-"""`ember` command line: generate, chat, serve, bench."""
+"""`ember` command line: generate, chat, serve, bench, train-draft."""
 from __future__ import annotations
 
 import argparse
@@ -122,8 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     # Their optional dependencies (fastapi, uvicorn, httpx) load only when they run.
     from ember.bench.cli import add_bench_parser
     from ember.server.cli import add_serve_parser
+    from ember.spec.train_draft import add_train_draft_parser
     add_serve_parser(sub)
     add_bench_parser(sub)
+    add_train_draft_parser(sub)
     return parser
 
 
