@@ -13,8 +13,9 @@ from ember.engine.cuda_graph import CudaGraphRunner
 from ember.engine.forward_batch import ForwardBatch
 from ember.engine.scheduler import SchedulerOutput, ScheduledRequest
 from ember.layers.sampler import (RowLogprobs, Sampler, SamplingBatch, SamplingRow,
-                                  compute_token_logprobs)
+                                  compute_token_logprobs, sampling_probs)
 from ember.models.loader import ModelSource, build_model
+from ember.spec.rejection import rejection_sample
 
 logger = logging.getLogger("ember")
 GiB = 1 << 30
@@ -22,11 +23,44 @@ GiB = 1 << 30
 
 @dataclass
 class StepResult:
-    """Per request id: the sampled token, its logprobs, and new prompt logprobs (if asked)."""
+    """Per request id: the new tokens (one, or 1..k+1 for a speculating request), their
+    logprobs (if asked), new prompt logprobs (if asked), and accepted draft counts."""
 
-    sampled: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, RowLogprobs] = field(default_factory=dict)
+    sampled: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, list[RowLogprobs]] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[RowLogprobs]] = field(default_factory=dict)
+    num_accepted: dict[str, int] = field(default_factory=dict)   # speculating requests only
+
+
+def build_forward_batch(seqs: list[tuple[list[int], int, list[int]]], block_size: int,
+                        device: torch.device) -> ForwardBatch:
+    """Host-side step inputs with numpy, one device copy per tensor.
+
+    seqs: per sequence (block_ids, first position, token ids to compute), single-query
+    sequences first. logits_indices holds each sequence's last row.
+    """
+    bs = block_size
+    ids, pos, slots, qsl, seq_lens, last = [], [], [], [0], [], []
+    max_blocks = max(len(b) for b, _, _ in seqs)
+    tables = np.zeros((len(seqs), max_blocks), dtype=np.int32)
+    for i, (block_ids, start, tokens) in enumerate(seqs):
+        end = start + len(tokens)
+        p = np.arange(start, end)
+        blocks = np.asarray(block_ids, dtype=np.int64)
+        ids.append(np.asarray(tokens, dtype=np.int64))
+        pos.append(p)
+        slots.append(blocks[p // bs] * bs + p % bs)
+        tables[i, :len(block_ids)] = block_ids
+        qsl.append(qsl[-1] + len(tokens))
+        seq_lens.append(end)
+        last.append(qsl[-1] - 1)
+    to = lambda a: torch.from_numpy(np.concatenate(a)).to(device, non_blocking=True)  # noqa: E731
+    return ForwardBatch(
+        input_ids=to(ids), positions=to(pos), slot_mapping=to(slots), query_start_loc=qsl,
+        seq_lens=torch.tensor(seq_lens, device=device), seq_lens_list=seq_lens,
+        block_tables=torch.from_numpy(tables).to(device, non_blocking=True),
+        num_decodes=sum(1 for _, _, t in seqs if len(t) == 1),
+        logits_indices=torch.tensor(last, device=device), block_size=bs)
 
 
 class ModelRunner:
@@ -111,15 +145,21 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
         # Single-query sequences first: the attention backend batches them.
-        scheduled = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)
-        fb = self._prepare(scheduled)
+        scheduled = sorted(out.scheduled, key=lambda s: s.num_query_tokens != 1)
+        fb = build_forward_batch([(s.request.block_ids, s.request.num_computed_tokens,
+                                   s.query_token_ids) for s in scheduled],
+                                 self.block_size, self.device)
         if self.graph_runner is not None and self.graph_runner.can_run(fb):
             hidden = self.graph_runner.run(fb)
         else:
             self.backend.prepare(fb)
             hidden = self.model(fb.input_ids, fb.positions, fb)
         result = StepResult()
-        sampling = [i for i, s in enumerate(scheduled) if s.samples]
+        sampling = [i for i, s in enumerate(scheduled) if s.samples and not s.spec_token_ids]
+        verifying = [i for i, s in enumerate(scheduled) if s.samples and s.spec_token_ids]
+        if verifying:
+            self._verify([scheduled[i] for i in verifying],
+                         [fb.query_start_loc[i + 1] for i in verifying], hidden, result)
         if sampling:
             logits = self.model.compute_logits(hidden[fb.logits_indices[sampling]])
             reqs = [scheduled[i].request for i in sampling]
@@ -129,38 +169,58 @@ class ModelRunner:
             sampler_out = self.sampler(logits, batch)
             tokens = sampler_out.sampled_token_ids.tolist()
             for r, tok, lp in zip(reqs, tokens, sampler_out.row_logprobs()):
-                result.sampled[r.request_id] = tok
+                result.sampled[r.request_id] = [tok]
                 if lp is not None:
-                    result.logprobs[r.request_id] = lp
+                    result.logprobs[r.request_id] = [lp]
         self._prompt_logprobs(scheduled, fb, hidden, result)
         return result
 
-    def _prepare(self, scheduled: list[ScheduledRequest]) -> ForwardBatch:
-        """Host-side step inputs with numpy, one device copy per tensor."""
-        bs = self.block_size
-        ids, pos, slots, qsl, seq_lens, last = [], [], [], [0], [], []
-        max_blocks = max(len(s.request.block_ids) for s in scheduled)
-        tables = np.zeros((len(scheduled), max_blocks), dtype=np.int32)
-        for i, s in enumerate(scheduled):
-            r = s.request
-            start, end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
-            p = np.arange(start, end)
-            blocks = np.asarray(r.block_ids, dtype=np.int64)
-            ids.append(np.asarray(r.token_ids[start:end], dtype=np.int64))
-            pos.append(p)
-            slots.append(blocks[p // bs] * bs + p % bs)
-            tables[i, :len(r.block_ids)] = r.block_ids
-            qsl.append(qsl[-1] + s.num_new_tokens)
-            seq_lens.append(end)
-            last.append(qsl[-1] - 1)
-        dev = self.device
-        to = lambda a: torch.from_numpy(np.concatenate(a)).to(dev, non_blocking=True)  # noqa: E731
-        return ForwardBatch(
-            input_ids=to(ids), positions=to(pos), slot_mapping=to(slots), query_start_loc=qsl,
-            seq_lens=torch.tensor(seq_lens, device=dev), seq_lens_list=seq_lens,
-            block_tables=torch.from_numpy(tables).to(dev, non_blocking=True),
-            num_decodes=sum(1 for s in scheduled if s.num_new_tokens == 1),
-            logits_indices=torch.tensor(last, device=dev), block_size=bs)
+    def _verify(self, spec: list[ScheduledRequest], ends: list[int], hidden: torch.Tensor,
+                result: StepResult) -> None:
+        """Score every draft position of the speculating requests and run the verifier.
+
+        Request i's k drafts sit in the rows just before ends[i]; the row of its last own
+        token scores draft 0, draft j's row scores draft j + 1 (or the bonus token). The
+        target distribution at draft position j is the sampler's with drafts 0..j-1 as
+        output, so penalties and min_tokens see exactly what plain decoding would.
+        """
+        width = max(len(s.spec_token_ids) for s in spec) + 1   # K + 1 positions, padded
+        rows, srows = [], []
+        for s, end in zip(spec, ends):
+            r, k = s.request, len(s.spec_token_ids)
+            out_ids = r.output_token_ids
+            for j in range(width):
+                jj = min(j, k)   # padding repeats the last real position
+                rows.append(end - 1 - k + jj)
+                srows.append(SamplingRow(r.params, r.prompt_token_ids,
+                                         out_ids + s.spec_token_ids[:jj], r.generator, r.eos_token_ids))
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        vocab = logits.shape[-1]
+        probs = sampling_probs(logits, SamplingBatch.build(srows, vocab, self.device))
+        probs = probs.view(len(spec), width, vocab)                    # [B, K+1, vocab]
+        drafts = torch.zeros((len(spec), width - 1), dtype=torch.long)
+        for i, s in enumerate(spec):
+            drafts[i, :len(s.spec_token_ids)] = torch.tensor(s.spec_token_ids)
+        q = None
+        if any(s.spec_probs is not None for s in spec):
+            q = torch.zeros((len(spec), width - 1, vocab), device=self.device)  # [B, K, vocab]
+            for i, s in enumerate(spec):
+                k = len(s.spec_token_ids)
+                if s.spec_probs is not None:
+                    q[i, :k] = s.spec_probs
+                else:
+                    q[i, torch.arange(k), drafts[i, :k]] = 1.0
+        out = rejection_sample(probs, drafts.to(self.device), [len(s.spec_token_ids) for s in spec],
+                               q, [s.request.generator for s in spec])
+        for i, (s, tokens) in enumerate(zip(spec, out.token_ids)):
+            rid = s.request.request_id
+            result.sampled[rid] = tokens
+            result.num_accepted[rid] = out.num_accepted[i]
+            n_top = s.request.params.logprobs
+            if n_top is not None:
+                lg = logits[i * width:i * width + len(tokens)]   # the emitted positions
+                lp = compute_token_logprobs(lg, torch.tensor(tokens, device=self.device), n_top)
+                result.logprobs[rid] = lp.to_rows()
 
     def _prompt_logprobs(self, scheduled: list[ScheduledRequest], fb: ForwardBatch,
                          hidden: torch.Tensor, result: StepResult) -> None:

@@ -1,0 +1,216 @@
+"""Speculative decoding in the engine: greedy output token-identical to plain decoding,
+speculating and ordinary requests in one batch, rollback without block leaks (prefix
+cache, preemption), stops and logprobs inside a multi-token step."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from conftest import TinyCheckpoint, assert_no_leaks, random_prompts
+from ember import LLM, SamplingParams
+from ember.engine.scheduler import SchedulerOutput
+from ember.spec.proposer import Proposer
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+LENGTHS = [3, 5, 9, 14, 20, 27, 33, 40]
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "adaptive": False}
+
+
+def make_llm(ckpt: TinyCheckpoint, **kw) -> LLM:
+    args = dict(num_kv_blocks=256, block_size=4, dtype="float32", max_model_len=128)
+    args.update(kw)
+    return LLM(ckpt.path, **args)
+
+
+def run(llm: LLM, prompts: list[list[int]], params=GREEDY):
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert all(o.finished for o in outs)
+    return [o.outputs[0].token_ids for o in outs], outs
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    # Repeat each prompt's tail so n-gram lookup finds matches from the first step.
+    base = random_prompts(LENGTHS, seed=5)
+    return [p + p[1:] for p in base]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama: TinyCheckpoint, prompts) -> list[list[int]]:
+    tokens, _ = run(make_llm(tiny_llama), prompts)
+    return tokens
+
+
+class OracleProposer(Proposer):
+    """Drafts the known greedy continuation, corrupted at random positions, so a step
+    may accept all, some or none of its drafts (exercises every rollback path)."""
+
+    name = "oracle"
+
+    def __init__(self, reference: dict[tuple[int, ...], list[int]], error_rate: float,
+                 kv_lag: int = 0, seed: int = 0) -> None:
+        self.reference = reference
+        self.error_rate = error_rate
+        self.kv_lag = kv_lag
+        self.rng = random.Random(seed)
+
+    def propose(self, batch: SchedulerOutput) -> None:
+        for s in batch.scheduled:
+            if s.num_spec_slots == 0:
+                continue
+            r = s.request
+            future = self.reference[tuple(r.prompt_token_ids)][r.num_output_tokens:]
+            drafts = future[:s.num_spec_slots]
+            s.spec_token_ids = [t if self.rng.random() > self.error_rate else (t + 1) % 256
+                                for t in drafts]
+
+
+def oracle_llm(tiny_llama, prompts, reference, error_rate, kv_lag=0, **kw) -> LLM:
+    llm = make_llm(tiny_llama, speculative_config={"method": "ngram", "num_speculative_tokens": 4,
+                                                    "adaptive": False}, **kw)
+    oracle = OracleProposer({tuple(p): t for p, t in zip(prompts, reference)}, error_rate, kv_lag)
+    llm.engine.speculator.proposer = oracle
+    llm.engine.speculator.kv_lag = kv_lag
+    return llm
+
+
+@pytest.mark.parametrize("engine_args", [{}, {"prefix_cache": "none"},
+                                         {"max_num_batched_tokens": 16}],
+                         ids=["radix", "no-cache", "small-budget"])
+def test_greedy_ngram_is_token_identical(tiny_llama, prompts, reference, engine_args) -> None:
+    llm = make_llm(tiny_llama, speculative_config=NGRAM, **engine_args)
+    tokens, _ = run(llm, prompts)
+    assert tokens == reference
+    stats = llm.engine.spec_stats()
+    assert stats["num_accepted_tokens"] > 0
+    assert stats["num_draft_tokens"] > stats["num_accepted_tokens"]   # some were rejected
+    assert_no_leaks(llm.engine)
+
+
+@pytest.mark.parametrize("kv_lag", [0, 1])
+@pytest.mark.parametrize("error_rate", [0.0, 0.3])
+def test_oracle_drafts_accept_and_roll_back(tiny_llama, prompts, reference, error_rate,
+                                            kv_lag) -> None:
+    llm = oracle_llm(tiny_llama, prompts, reference, error_rate, kv_lag)
+    tokens, _ = run(llm, prompts)
+    assert tokens == reference
+    stats = llm.engine.spec_stats()
+    if error_rate == 0.0:
+        assert stats["acceptance_rate"] == 1.0
+        # 24 tokens in steps of up to 5 (4 drafts + bonus), 4 with the lag's recompute.
+        assert stats["mean_accepted_length"] > 3.0
+    else:
+        assert 0.2 < stats["acceptance_rate"] < 0.9
+    assert_no_leaks(llm.engine)
+
+
+@pytest.mark.parametrize("prefix_cache", ["none", "radix"])
+def test_rollback_under_preemption_leaks_nothing(tiny_llama, prompts, reference,
+                                                 prefix_cache) -> None:
+    # 32 blocks of 4 = 128 tokens for 8 requests of up to ~100 tokens: constant preemption.
+    llm = oracle_llm(tiny_llama, prompts, reference, 0.3, kv_lag=1, num_kv_blocks=32,
+                     prefix_cache=prefix_cache)
+    tokens, _ = run(llm, prompts)
+    assert tokens == reference
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.spec_stats()["num_accepted_tokens"] > 0
+    assert_no_leaks(llm.engine)
+
+
+def test_batch_mixes_speculating_and_ordinary_requests(tiny_llama, prompts, reference) -> None:
+    llm = oracle_llm(tiny_llama, prompts, reference, 0.3, max_num_seqs=8)
+    mixed = []
+    execute = llm.engine.runner.execute
+
+    def recording(batch):
+        kinds = {bool(s.spec_token_ids) for s in batch.scheduled}
+        mixed.append(kinds == {True, False})
+        return execute(batch)
+    llm.engine.runner.execute = recording
+    # Staggered lengths: some requests still prefill or have prompt logprobs (never
+    # speculate) while others decode with drafts.
+    params = [SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True,
+                             prompt_logprobs=1 if i % 3 == 0 else None) for i in range(len(prompts))]
+    tokens, _ = run(llm, prompts, params)
+    assert tokens == reference
+    assert any(mixed)
+    assert_no_leaks(llm.engine)
+
+
+def test_penalties_and_min_tokens_see_the_drafts(tiny_llama, prompts) -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=24, repetition_penalty=1.3,
+                            frequency_penalty=0.5, min_tokens=10)
+    ref, _ = run(make_llm(tiny_llama), prompts, params)
+    # Drafts that are the right (penalized) continuation reach the later positions,
+    # whose target distribution must count the earlier drafts as output.
+    llm = oracle_llm(tiny_llama, prompts, ref, 0.2)
+    tokens, _ = run(llm, prompts, params)
+    assert tokens == ref
+    assert llm.engine.spec_stats()["acceptance_rate"] > 0.5
+
+
+def test_stop_token_and_max_tokens_inside_a_step(tiny_llama, prompts, reference) -> None:
+    # Stop at a token the reference emits mid-way: a step that emits it and more must
+    # drop the rest, as plain decoding would never have produced them.
+    stop = reference[2][9]
+    params = SamplingParams(temperature=0.0, max_tokens=19, stop_token_ids=[stop], ignore_eos=True)
+    ref, ref_outs = run(make_llm(tiny_llama), prompts, params)
+    llm = oracle_llm(tiny_llama, prompts, reference, 0.0)
+    tokens, outs = run(llm, prompts, params)
+    assert tokens == ref
+    assert [o.outputs[0].finish_reason for o in outs] == [o.outputs[0].finish_reason for o in ref_outs]
+    assert any(len(t) < 19 for t in tokens)
+    assert_no_leaks(llm.engine)
+
+
+def test_logprobs_of_every_emitted_token(tiny_llama, prompts, reference) -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
+    _, ref_outs = run(make_llm(tiny_llama), prompts, params)
+    llm = oracle_llm(tiny_llama, prompts, reference, 0.3)
+    _, outs = run(llm, prompts, params)
+    for o, r in zip(outs, ref_outs):
+        lp, rlp = o.outputs[0].logprobs, r.outputs[0].logprobs
+        assert len(lp) == len(o.outputs[0].token_ids) == 12
+        for d, rd, t in zip(lp, rlp, o.outputs[0].token_ids):
+            assert set(d) == set(rd)
+            assert d[t].logprob == pytest.approx(rd[t].logprob, abs=1e-4)
+        assert o.outputs[0].cumulative_logprob == pytest.approx(r.outputs[0].cumulative_logprob, abs=1e-3)
+
+
+def test_seeded_sampling_is_reproducible(tiny_llama, prompts) -> None:
+    params = [SamplingParams(temperature=0.8, top_p=0.9, seed=10 + i, max_tokens=16, ignore_eos=True)
+              for i in range(len(prompts))]
+    a, _ = run(make_llm(tiny_llama, speculative_config=NGRAM), prompts, params)
+    llm = make_llm(tiny_llama, speculative_config=NGRAM)
+    b, _ = run(llm, prompts[::-1], params[::-1])   # other order, other batch neighbours
+    assert a == b[::-1]
+    assert llm.engine.spec_stats()["num_draft_tokens"] > 0
+
+
+def test_speculative_config_validation(tiny_llama) -> None:
+    with pytest.raises(ValueError, match="unknown speculative method"):
+        make_llm(tiny_llama, speculative_config={"method": "medusa"})
+    with pytest.raises(ValueError, match="needs \"model\""):
+        make_llm(tiny_llama, speculative_config='{"method": "draft"}')
+    with pytest.raises(ValueError, match="unknown speculative config keys"):
+        make_llm(tiny_llama, speculative_config={"method": "ngram", "k": 3})
+
+
+def test_real_smollm2_greedy_ngram_identical(smollm2_llm) -> None:
+    prompt = ("Repeat this list exactly: apples, pears, plums, cherries, grapes, lemons. "
+              "List: apples, pears, plums,")
+    params = SamplingParams(temperature=0.0, max_tokens=40)
+    ref = smollm2_llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    llm = LLM("smollm2-135m", max_model_len=512, speculative_config=NGRAM)
+    out = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == ref.token_ids and out.text == ref.text
+    assert llm.engine.spec_stats()["num_accepted_tokens"] > 0
+    # A stop string completed inside a multi-token step ends the text where plain
+    # decoding ends it.
+    words = ref.text.split()
+    stop = SamplingParams(temperature=0.0, max_tokens=40, stop=[words[len(words) // 2]])
+    a = smollm2_llm.generate([prompt], stop, use_tqdm=False)[0].outputs[0]
+    b = llm.generate([prompt], stop, use_tqdm=False)[0].outputs[0]
+    assert (b.text, b.token_ids, b.finish_reason) == (a.text, a.token_ids, a.finish_reason)
+    assert_no_leaks(llm.engine)
