@@ -214,3 +214,70 @@ def test_real_smollm2_greedy_ngram_identical(smollm2_llm) -> None:
     b = llm.generate([prompt], stop, use_tqdm=False)[0].outputs[0]
     assert (b.text, b.token_ids, b.finish_reason) == (a.text, a.token_ids, a.finish_reason)
     assert_no_leaks(llm.engine)
+
+
+# ---- the draft-model proposer ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_draft(tmp_path_factory) -> str:
+    """A 1-layer random Llama with the tiny target's vocabulary."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                      initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(99)
+    path = str(tmp_path_factory.mktemp("draft") / "tiny-draft")
+    LlamaForCausalLM(cfg).eval().save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def draft_config(model: str, k: int = 3) -> dict:
+    return {"method": "draft", "model": model, "num_speculative_tokens": k, "adaptive": False}
+
+
+@pytest.mark.parametrize("engine_args", [{}, {"num_kv_blocks": 32, "prefix_cache": "radix"},
+                                         {"num_kv_blocks": 32, "prefix_cache": "none"}],
+                         ids=["roomy", "preempt-radix", "preempt-no-cache"])
+def test_draft_model_self_draft_accepts_all_greedy(tiny_llama, prompts, reference,
+                                                   engine_args) -> None:
+    """The target as its own draft: every greedy draft is right, so every step takes the
+    full chain plus the bonus, and the kv_lag recompute keeps both caches in step even
+    through preemption and prefix-cache reuse."""
+    llm = make_llm(tiny_llama, speculative_config=draft_config(tiny_llama.path), **engine_args)
+    tokens, _ = run(llm, prompts)
+    assert tokens == reference
+    stats = llm.engine.spec_stats()
+    assert stats["acceptance_rate"] == 1.0
+    assert stats["num_accepted_tokens"] > 0
+    if engine_args:
+        assert llm.engine.scheduler.num_preemptions > 0
+    assert_no_leaks(llm.engine)
+
+
+def test_draft_model_random_draft_greedy_identical(tiny_llama, prompts, reference, tiny_draft) -> None:
+    llm = make_llm(tiny_llama, speculative_config=draft_config(tiny_draft))
+    tokens, _ = run(llm, prompts)
+    assert tokens == reference
+    stats = llm.engine.spec_stats()
+    assert stats["num_draft_tokens"] > stats["num_accepted_tokens"]
+    assert_no_leaks(llm.engine)
+
+
+def test_draft_model_sampling_self_draft_accepts_nearly_all(tiny_llama, prompts) -> None:
+    """With p == q (the target drafting for itself under the same sampling settings)
+    the verifier must accept (almost) everything: checks q is computed as p is."""
+    params = SamplingParams(temperature=0.9, top_p=0.9, top_k=40, repetition_penalty=1.2,
+                            max_tokens=16, ignore_eos=True, seed=3)
+    llm = make_llm(tiny_llama, speculative_config=draft_config(tiny_llama.path))
+    run(llm, prompts, params)
+    assert llm.engine.spec_stats()["acceptance_rate"] > 0.97
+    assert_no_leaks(llm.engine)
+
+
+def test_draft_model_vocab_mismatch_is_rejected(tiny_llama, tmp_path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    LlamaForCausalLM(cfg).save_pretrained(str(tmp_path), safe_serialization=True)
+    with pytest.raises(ValueError, match="vocabulary"):
+        make_llm(tiny_llama, speculative_config=draft_config(str(tmp_path)))

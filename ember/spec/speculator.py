@@ -41,13 +41,14 @@ class Speculator:
         return k
 
     def propose(self, batch: "SchedulerOutput") -> None:
-        drafting = [s for s in batch.scheduled if s.num_spec_slots > 0]
-        if drafting:
-            start = time.perf_counter()
-            self.proposer.propose(batch)
-            if self.controller is not None and self._k > 0:
-                per_step = (time.perf_counter() - start) / self._k
-                self.controller.observe_draft(len(drafting), per_step)
+        # Called every step, drafting or not: a proposer with its own KV cache must see
+        # every token the target computes.
+        drafting = sum(1 for s in batch.scheduled if s.num_spec_slots > 0)
+        start = time.perf_counter()
+        self.proposer.propose(batch)
+        if self.controller is not None and drafting and self._k > 0:
+            per_step = (time.perf_counter() - start) / self._k
+            self.controller.observe_draft(drafting, per_step)
         self._t_forward = time.perf_counter()
 
     def observe(self, batch: "SchedulerOutput", result: "StepResult") -> None:
