@@ -31,6 +31,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduling-policy", default="lpm", choices=["lpm", "fcfs"],
                    help="lpm: admit the longest cached prefix first (bounded, never starves); fcfs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speculative-config", default=None,
+                   help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\' '
+                        'or \'{"method": "draft", "model": DIR, "num_speculative_tokens": 3}\'; '
+                        '"adaptive": false keeps k fixed')
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -41,7 +45,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 kv_cache_memory=args.kv_cache_memory, attention_backend=args.attention_backend,
                 enforce_eager=args.enforce_eager,
                 prefix_cache=args.prefix_cache, scheduling_policy=args.scheduling_policy,
-                seed=args.seed)
+                seed=args.seed, speculative_config=args.speculative_config)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -76,10 +76,11 @@ def oracle_llm(tiny_llama, prompts, reference, error_rate, kv_lag=0, **kw) -> LL
 
 
 @pytest.mark.parametrize("engine_args", [{}, {"prefix_cache": "none"},
-                                         {"max_num_batched_tokens": 16}],
-                         ids=["radix", "no-cache", "small-budget"])
+                                         {"max_num_batched_tokens": 16}, {"adaptive": True}],
+                         ids=["radix", "no-cache", "small-budget", "adaptive"])
 def test_greedy_ngram_is_token_identical(tiny_llama, prompts, reference, engine_args) -> None:
-    llm = make_llm(tiny_llama, speculative_config=NGRAM, **engine_args)
+    spec = dict(NGRAM, adaptive=engine_args.pop("adaptive", False))
+    llm = make_llm(tiny_llama, speculative_config=spec, **engine_args)
     tokens, _ = run(llm, prompts)
     assert tokens == reference
     stats = llm.engine.spec_stats()
