@@ -46,6 +46,10 @@ class _LinearFit:
         b = max(b, 0.0)
         return max(sy / w - b * sx / w, 0.0), b
 
+    @property
+    def has_data(self) -> bool:
+        return self.s[0] > 1e-9
+
     def __call__(self, x: float) -> float:
         a, b = self.coef()
         return a + b * x
@@ -60,7 +64,8 @@ class AdaptiveK:
         self.margin = margin
         self.ema = ema
         self.accept = [prior_acceptance] * k_max   # conditional acceptance per position
-        # Priors: a step of x tokens costs 1 + x / 64 units; a draft step 0.2 + B / 256.
+        # Prior shapes (rescaled to the first measurements): a step of x tokens costs
+        # 1 + x / 64 units, a draft step for B requests 0.2 + B / 256.
         self.target = _LinearFit(0.97, 1.0, 1.0 / 64)
         self.draft = _LinearFit(0.97, 0.2, 1.0 / 256)
         self.last_k = 0
@@ -78,12 +83,19 @@ class AdaptiveK:
         base = batch_size / max(self.target(batch_size), 1e-12)
         best_k, best = 0, base * self.margin
         for k in range(1, self.k_max + 1):
-            t = self.target(batch_size * (k + 1)) + k * self.draft(batch_size)
+            t = self.target(batch_size * (k + 1)) + k * self._draft_step(batch_size)
             rate = batch_size * self.expected_tokens(k) / max(t, 1e-12)
             if rate > best:
                 best_k, best = k, rate
         self.last_k = best_k
         return best_k
+
+    def _draft_step(self, batch_size: int) -> float:
+        """Seconds per draft step; before any is measured, a tenth of a target step (the
+        priors are in arbitrary units, the target fit is in seconds once steps ran)."""
+        if self.draft.has_data:
+            return self.draft(batch_size)
+        return 0.1 * self.target(batch_size)
 
     def observe_acceptance(self, num_drafts: int, num_accepted: int) -> None:
         """Update a_j for the positions this verification reached."""
