@@ -11,7 +11,7 @@ def feed(ctl: AdaptiveK, cost, draft_cost, accept_prob: float, k: int = 4, n: in
     `draft_cost(batch)`, and verifications accepting each draft with accept_prob."""
     for i in range(n):
         tokens = 1 + (i * 37) % 300
-        ctl.observe_step(tokens, cost(tokens))
+        ctl.observe_step(tokens, cost(tokens), speculative=i % 2 == 1)
         batch = 1 + (i * 13) % 64
         ctl.observe_draft(batch, draft_cost(batch))
         # Deterministic acceptance pattern with the right frequency per position.
@@ -70,3 +70,16 @@ def test_expected_tokens_and_stats() -> None:
     assert d["acceptance_rate"] == 0.5
     assert d["acceptance_rate_per_position"] == [2 / 3, 1 / 3, 1 / 2]
     assert d["mean_accepted_length"] == 7 / 3
+
+
+def test_verify_steps_slower_than_plain_steps_turn_speculation_off() -> None:
+    """On CUDA, plain decode replays a graph and verify runs eagerly: the controller must
+    compare against the measured plain step, not extrapolate from verify steps."""
+    ctl = AdaptiveK(4)
+    for i in range(200):
+        b = 1 + i % 16
+        ctl.observe_step(b, 1.0 + 0.01 * b, speculative=False)           # graph replay
+        ctl.observe_step(b * 4, 5.0 + 0.01 * b * 4, speculative=True)    # eager, 5x overhead
+        ctl.observe_draft(b, 0.1)
+        ctl.observe_acceptance(4, 2)
+    assert ctl.choose(1) == 0

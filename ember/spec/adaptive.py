@@ -6,9 +6,9 @@ Two online estimates drive the choice:
   before it accepted), per draft position. With alpha_j = a_1 ... a_j, a speculating
   request expects E(k) = 1 + alpha_1 + ... + alpha_k tokens per step.
 - cost: a step's time as a + b * (tokens in the forward), fitted by exponentially
-  weighted least squares on the steps the engine has run (prefill chunks, plain decode,
-  speculative decode all inform it), plus the proposer's measured time per draft step as
-  c + d * batch.
+  weighted least squares on the steps the engine has run, separately for steps without
+  drafts (prefill chunks, plain decode) and with drafts, plus the proposer's measured
+  time per draft step as c + d * batch.
 
 For a batch of B decoding requests, k maximises B * E(k) / (t(B (k + 1)) + k t_draft(B)).
 Speculation runs only when the best k beats k = 0 by a margin; otherwise it is off. At
@@ -66,7 +66,10 @@ class AdaptiveK:
         self.accept = [prior_acceptance] * k_max   # conditional acceptance per position
         # Prior shapes (rescaled to the first measurements): a step of x tokens costs
         # 1 + x / 64 units, a draft step for B requests 0.2 + B / 256.
-        self.target = _LinearFit(0.97, 1.0, 1.0 / 64)
+        # Steps with drafts and steps without are fitted apart: they may run differently
+        # (on CUDA a plain decode step replays a CUDA graph, a verify step runs eagerly).
+        self.target = _LinearFit(0.97, 1.0, 1.0 / 64)        # steps without drafts
+        self.target_spec = _LinearFit(0.97, 1.0, 1.0 / 64)   # steps with drafts
         self.draft = _LinearFit(0.97, 0.2, 1.0 / 256)
         self.last_k = 0
 
@@ -80,22 +83,24 @@ class AdaptiveK:
     def choose(self, batch_size: int) -> int:
         if batch_size <= 0:
             return 0
-        base = batch_size / max(self.target(batch_size), 1e-12)
+        plain = self.target if self.target.has_data or not self.target_spec.has_data else self.target_spec
+        spec = self.target_spec if self.target_spec.has_data else plain
+        base = batch_size / max(plain(batch_size), 1e-12)
         best_k, best = 0, base * self.margin
         for k in range(1, self.k_max + 1):
-            t = self.target(batch_size * (k + 1)) + k * self._draft_step(batch_size)
+            t = spec(batch_size * (k + 1)) + k * self._draft_step(batch_size, plain)
             rate = batch_size * self.expected_tokens(k) / max(t, 1e-12)
             if rate > best:
                 best_k, best = k, rate
         self.last_k = best_k
         return best_k
 
-    def _draft_step(self, batch_size: int) -> float:
+    def _draft_step(self, batch_size: int, target: _LinearFit) -> float:
         """Seconds per draft step; before any is measured, a tenth of a target step (the
         priors are in arbitrary units, the target fit is in seconds once steps ran)."""
         if self.draft.has_data:
             return self.draft(batch_size)
-        return 0.1 * self.target(batch_size)
+        return 0.1 * target(batch_size)
 
     def observe_acceptance(self, num_drafts: int, num_accepted: int) -> None:
         """Update a_j for the positions this verification reached."""
@@ -103,8 +108,8 @@ class AdaptiveK:
             hit = 1.0 if j < num_accepted else 0.0
             self.accept[j] += self.ema * (hit - self.accept[j])
 
-    def observe_step(self, num_tokens: int, seconds: float) -> None:
-        self.target.add(num_tokens, seconds)
+    def observe_step(self, num_tokens: int, seconds: float, speculative: bool = False) -> None:
+        (self.target_spec if speculative else self.target).add(num_tokens, seconds)
 
     def observe_draft(self, batch_size: int, seconds_per_step: float) -> None:
         self.draft.add(batch_size, seconds_per_step)

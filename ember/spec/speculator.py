@@ -71,7 +71,7 @@ class Speculator:
             if self.controller is not None:
                 self.controller.observe_acceptance(k, n_acc)
         if self.controller is not None:
-            self.controller.observe_step(batch.num_tokens, seconds)
+            self.controller.observe_step(batch.num_tokens, seconds, speculative=bool(spec))
 
     def stats_dict(self) -> dict[str, Any]:
         d = self.stats.as_dict()
