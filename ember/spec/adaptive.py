@@ -58,7 +58,7 @@ class _LinearFit:
 class AdaptiveK:
     """Per-step choice of the number of draft tokens k in [0, k_max]."""
 
-    def __init__(self, k_max: int, margin: float = 1.1, ema: float = 0.05,
+    def __init__(self, k_max: int, margin: float = 1.1, ema: float = 0.1,
                  prior_acceptance: float = 0.6) -> None:
         self.k_max = k_max
         self.margin = margin

@@ -83,8 +83,9 @@ def teacher_topk(target, chunks: torch.Tensor, batch: int, top_k: int,
     Returns (ids [n, seq_len, top_k] int32, probs [n, seq_len, top_k] fp16)."""
     ids_out, probs_out = [], []
     start = time.time()
+    dev = next(target.parameters()).device
     for i in range(0, len(chunks), batch):
-        logits = target(chunks[i:i + batch]).logits  # [b, seq_len, vocab]
+        logits = target(chunks[i:i + batch].to(dev)).logits  # [b, seq_len, vocab]
         top = torch.softmax(logits.float(), dim=-1).topk(top_k, dim=-1)
         ids_out.append(top.indices.int())
         probs_out.append(top.values.half())
@@ -105,8 +106,9 @@ def topk_kl(draft_logits: torch.Tensor,  # [b, seq_len, vocab]
 def agreement(target, draft, chunks: torch.Tensor, batch: int) -> float:
     """Fraction of positions where draft and target argmax agree (greedy acceptance proxy)."""
     hits = total = 0
+    dev = next(target.parameters()).device
     for i in range(0, len(chunks), batch):
-        x = chunks[i:i + batch]
+        x = chunks[i:i + batch].to(dev)
         hits += (target(x).logits.argmax(-1) == draft(x).logits.argmax(-1)).sum().item()
         total += x.numel()
     return hits / max(total, 1)
@@ -115,7 +117,9 @@ def agreement(target, draft, chunks: torch.Tensor, batch: int) -> float:
 def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
     t0 = time.time()
     torch.manual_seed(args.seed)
+    device = torch.device(args.device)
     target, tokenizer, hf_config = load_target(args.target)
+    target.to(device)
     if tokenizer is None:
         raise ValueError("the target has no tokenizer; train-draft needs text")
     train_ids = torch.tensor([t for path in args.text
@@ -129,7 +133,7 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
     log(f"{train_ids.numel()} training tokens ({len(chunks)} chunks used), {held_ids.numel()} held out")
 
     t_ids, t_probs = teacher_topk(target, chunks, args.batch_size, args.top_k, log)
-    draft = init_draft(target, hf_config, args.num_layers)
+    draft = init_draft(target, hf_config, args.num_layers).to(device)
     base_agree = agreement(target, draft, held, args.batch_size)
     log(f"held-out argmax agreement before training: {base_agree:.3f}")
     draft.model.embed_tokens.weight.requires_grad_(False)  # tied with the LM head
@@ -150,7 +154,7 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
             lr = args.lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss = topk_kl(draft(chunks[idx]).logits, t_ids[idx], t_probs[idx])
+            loss = topk_kl(draft(chunks[idx].to(device)).logits, t_ids[idx], t_probs[idx])
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -163,7 +167,7 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
     draft.eval()
     final_agree = agreement(target, draft, held, args.batch_size)
     log(f"held-out argmax agreement after training: {final_agree:.3f}")
-    save(draft, tokenizer, args.out)
+    save(draft.cpu(), tokenizer, args.out)
     report = {"target": args.target, "text": args.text, "num_layers": args.num_layers,
               "train_fraction": args.train_fraction, "train_tokens": int(chunks.numel()),
               "steps": step, "epochs_planned": args.epochs, "final_kl": losses[-1] if losses else None,
@@ -205,4 +209,5 @@ def add_train_draft_parser(sub) -> None:
     p.add_argument("--max-train-tokens", type=int, default=0, help="0 = all")
     p.add_argument("--eval-chunks", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.set_defaults(func=lambda a: print(json.dumps(train(a), indent=1)))
