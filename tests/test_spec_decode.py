@@ -242,8 +242,8 @@ def draft_config(model: str, k: int = 3) -> dict:
 def test_draft_model_self_draft_accepts_all_greedy(tiny_llama, prompts, reference,
                                                    engine_args) -> None:
     """The target as its own draft: every greedy draft is right, so every step takes the
-    full chain plus the bonus, and the kv_lag recompute keeps both caches in step even
-    through preemption and prefix-cache reuse."""
+    full chain plus the bonus; any draft K/V the proposer wrongly believed valid (after a
+    rollback, a preemption or a prefix-cache hit) would show up as a rejection."""
     llm = make_llm(tiny_llama, speculative_config=draft_config(tiny_llama.path), **engine_args)
     tokens, _ = run(llm, prompts)
     assert tokens == reference

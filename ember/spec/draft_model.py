@@ -1,17 +1,22 @@
 """Draft-model proposer: a smaller model with the target's vocabulary drafts k tokens.
 
 KV layout: the draft keeps its own paged KV tensors (shaped for its own layers and
-heads) but uses the target's block ids, block tables and slots. Rolling back rejected
-drafts, preemption and the prefix cache then need nothing of their own: whatever the
-scheduler does to a request's blocks applies to both caches at once.
+heads) but uses the target's block ids, block tables and slots, so preemption, rollback
+and freeing need nothing of their own: whatever the scheduler does to a request's blocks
+applies to both caches.
 
-That only works if both caches hold K/V for the same tokens, so every step the draft
-first runs over exactly the request tokens the target computes in that step (prefill
-chunks included): the "mirror" forward, whose last row of each speculating request
-also gives draft 0. Then k - 1 single-token steps give drafts 1..k-1; the last draft is
-never fed to the draft model, so when all k are accepted its K/V is missing from the
-draft cache. `kv_lag = 1` tells the scheduler to count that token as not yet computed:
-the next step recomputes it in both models (one extra query token, no bookkeeping).
+Coverage: the proposer remembers, per request, how many leading tokens it has written
+draft K/V for. A drafting step first runs the draft over the tokens from there up to the
+request's last token (the catch-up: its prompt the first time, then usually the one or
+two tokens the last step added), whose last row gives draft 0; then k - 1 single-token
+steps give the rest. Steps where no request drafts (adaptive k = 0) cost nothing. After a
+verification the valid part is min(coverage, num_computed_tokens): drafts the target
+accepted were fed to the draft with the same tokens at the same positions, so their K/V
+stands; rejected ones sit past num_computed_tokens and are recomputed.
+
+Stale draft K/V (a cached prefix block some other request computed while its draft was
+off) can only lower acceptance, never change the output: the verifier makes the output
+the target's whatever the drafts are. New and preempted requests start at coverage 0.
 """
 from __future__ import annotations
 
@@ -36,7 +41,6 @@ logger = logging.getLogger("ember")
 
 class DraftModelProposer(Proposer):
     name = "draft"
-    kv_lag = 1
 
     def __init__(self, cfg: "SpeculativeConfig", engine: "Engine") -> None:
         runner = engine.runner
@@ -56,25 +60,44 @@ class DraftModelProposer(Proposer):
         for layer, cache in zip(self.model.attention_layers(), self.kv_caches):
             layer.kv_cache = cache
         self.vocab_size = target_vocab
+        # (request id, arrival) -> (tokens with draft K/V, the request's preemption count then)
+        self.coverage: dict[tuple[str, float], tuple[int, int]] = {}
         logger.info("draft model %s: %d layers, KV %.1f MiB", cfg.model, mc.num_hidden_layers,
                     sum(c.numel() * c.element_size() for c in self.kv_caches) / 2**20)
 
+    @staticmethod
+    def _key(s: ScheduledRequest) -> tuple[str, float]:
+        return s.request.request_id, s.request.arrival_time   # ids may be reused later
+
+    def _covered(self, s: ScheduledRequest) -> int:
+        r = s.request
+        covered, preemptions = self.coverage.get(self._key(s), (0, r.num_preemptions))
+        if preemptions != r.num_preemptions:
+            covered = 0   # its blocks were given back; whatever it has now was not ours
+        return min(covered, r.num_computed_tokens)
+
     @torch.inference_mode()
     def propose(self, batch: SchedulerOutput) -> None:
-        # Mirror forward over the step's own tokens; its last rows give draft 0.
-        order = sorted(batch.scheduled, key=lambda s: s.num_new_tokens != 1)
-        fb = build_forward_batch(
-            [(s.request.block_ids, s.request.num_computed_tokens,
-              s.request.token_ids[s.request.num_computed_tokens:
-                                  s.request.num_computed_tokens + s.num_new_tokens]) for s in order],
-            self.block_size, self.device)
+        spec = [s for s in batch.scheduled if s.num_spec_slots > 0]
+        if not spec:
+            return
+        # Catch-up forward over each drafting request's tokens the draft has not seen.
+        starts = [self._covered(s) for s in spec]
+        spans = [s.request.token_ids[start:s.request.num_computed_tokens + s.num_new_tokens]
+                 for s, start in zip(spec, starts)]
+        order = sorted(range(len(spec)), key=lambda i: len(spans[i]) != 1)
+        spec = [spec[i] for i in order]
+        starts = [starts[i] for i in order]
+        spans = [spans[i] for i in order]
+        fb = build_forward_batch([(s.request.block_ids, start, span)
+                                  for s, start, span in zip(spec, starts, spans)],
+                                 self.block_size, self.device)
         self.backend.prepare(fb)
         hidden = self.model(fb.input_ids, fb.positions, fb)
-        drafting = [i for i, s in enumerate(order) if s.num_spec_slots > 0]
-        if not drafting:
-            return
-        spec = [order[i] for i in drafting]
-        logits = self.model.compute_logits(hidden[fb.logits_indices[drafting]])
+        if len(self.coverage) > 4 * len(batch.scheduled) + 256:   # forget finished requests
+            live = {self._key(s) for s in batch.scheduled}
+            self.coverage = {key: c for key, c in self.coverage.items() if key in live}
+        logits = self.model.compute_logits(hidden[fb.logits_indices])
         tokens: list[list[int]] = [[] for _ in spec]
         probs: list[list[torch.Tensor]] = [[] for _ in spec]
         active = list(range(len(spec)))
@@ -96,6 +119,9 @@ class DraftModelProposer(Proposer):
         for s, toks, ps in zip(spec, tokens, probs):
             s.spec_token_ids = toks
             s.spec_probs = torch.stack(ps)   # [k, vocab]
+            # Fed: its own tokens and every draft but the last.
+            self.coverage[self._key(s)] = (s.request.num_tokens + len(toks) - 1,
+                                           s.request.num_preemptions)
 
     def _sample(self, spec: list[ScheduledRequest], active: list[int], logits: torch.Tensor,
                 tokens: list[list[int]], probs: list[list[torch.Tensor]]) -> None:
