@@ -59,7 +59,8 @@ def spec_config(method: str, args: argparse.Namespace, adaptive: bool) -> dict |
 
 def make_llm(args: argparse.Namespace, spec: dict | None) -> LLM:
     return LLM(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
-               max_model_len=args.prompt_len + args.output_len + 16, max_num_seqs=256,
+               max_model_len=args.prompt_len + max(args.output_len, args.quality_output_len) + 16,
+               max_num_seqs=256,
                speculative_config=spec, enforce_eager=args.enforce_eager,
                gpu_memory_utilization=args.gpu_memory_utilization)
 
@@ -88,6 +89,8 @@ def main() -> None:
     ap.add_argument("--quality-output-len", type=int, default=64)
     ap.add_argument("--batch-sizes", default="1,8,64")
     ap.add_argument("--speed-modes", default="adaptive,fixed", help="adaptive and/or fixed k")
+    ap.add_argument("--fixed-batch-sizes", default=None,
+                    help="batch sizes for the fixed-k runs (default: --batch-sizes)")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default=None)
@@ -140,7 +143,10 @@ def main() -> None:
     for name, mode, spec in variants:
         llm = base if spec is None else make_llm(args, spec)
         generate(llm, prompts[:2], SamplingParams(max_tokens=8, ignore_eos=True))  # warm up
-        for b in batch_sizes:
+        sizes = batch_sizes
+        if mode == "fixed" and args.fixed_batch_sizes:
+            sizes = [int(b) for b in args.fixed_batch_sizes.split(",")]
+        for b in sizes:
             batch = prompts[:b]
             seconds, _ = generate(llm, batch, params)
             tput = b * args.output_len / seconds
