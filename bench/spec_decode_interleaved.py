@@ -1,9 +1,16 @@
-import sys, time
-sys.argv = ["x"]
-sys.path.insert(0, "bench")
-import spec_decode as sd
-from ember import LLM, SamplingParams
+"""Recheck of the CPU speed figures on a noisy shared machine: none, ngram and draft
+(adaptive k) interleaved in one process, two repeats, batch 1 and 8, 24 output tokens.
+
+  OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/spec_decode_interleaved.py
+"""
 import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import spec_decode as sd  # noqa: E402
+from ember import SamplingParams  # noqa: E402
+
 args = argparse.Namespace(model="smollm2-135m", dtype="auto", device=None, load_format="auto", prompt_len=64,
                           output_len=24, quality_output_len=24, enforce_eager=False, gpu_memory_utilization=0.8,
                           k=3, draft="/tmp/spec/draft-smollm2-2l")
