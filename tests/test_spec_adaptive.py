@@ -83,3 +83,18 @@ def test_verify_steps_slower_than_plain_steps_turn_speculation_off() -> None:
         ctl.observe_draft(b, 0.1)
         ctl.observe_acceptance(4, 2)
     assert ctl.choose(1) == 0
+
+
+def test_probes_after_a_long_off_stretch_only_where_drafts_could_pay() -> None:
+    ctl = AdaptiveK(4, probe_every=10)
+    feed(ctl, memory_bound, lambda b: 0.2, accept_prob=0.0)    # drafts useless so far
+    picks = [ctl.choose(1) for _ in range(30)]
+    assert picks.count(1) == 3 and picks.count(0) == 27          # one probe per 10 steps
+    # Accepted probes bring the estimate (and speculation) back.
+    for _ in range(20):
+        ctl.observe_acceptance(1, 1)
+    assert ctl.choose(1) >= 2
+    # Where even 90% acceptance would lose (compute-bound, large batch) it never probes.
+    ctl = AdaptiveK(4, probe_every=10)
+    feed(ctl, compute_bound, lambda b: 0.1 * b, accept_prob=0.0)
+    assert all(ctl.choose(64) == 0 for _ in range(50))

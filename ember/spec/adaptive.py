@@ -14,7 +14,8 @@ For a batch of B decoding requests, k maximises B * E(k) / (t(B (k + 1)) + k t_d
 Speculation runs only when the best k beats k = 0 by a margin; otherwise it is off. At
 large batch the forward is compute-bound (b * B dominates), so the extra k * B verify
 tokens cost about what they gain and k falls to 0; at batch 1 a forward costs about the
-same for 1 or k + 1 tokens and speculation wins whenever drafts get accepted.
+same for 1 or k + 1 tokens and speculation wins whenever drafts get accepted. While off,
+a rare one-draft probe keeps the acceptance estimate current (see `probe_every`).
 """
 from __future__ import annotations
 
@@ -59,8 +60,14 @@ class AdaptiveK:
     """Per-step choice of the number of draft tokens k in [0, k_max]."""
 
     def __init__(self, k_max: int, margin: float = 1.1, ema: float = 0.1,
-                 prior_acceptance: float = 0.6) -> None:
+                 prior_acceptance: float = 0.6, probe_every: int = 64) -> None:
         self.k_max = k_max
+        # Acceptance is only measured while speculating: after probe_every steps off, one
+        # step drafts a single token if drafts as good as 90% acceptance would pay at this
+        # batch size (so at most 1/probe_every of steps pay for a probe, and never where
+        # even good drafts lose), letting a recovered acceptance turn speculation back on.
+        self.probe_every = probe_every
+        self.steps_off = 0
         self.margin = margin
         self.ema = ema
         self.accept = [prior_acceptance] * k_max   # conditional acceptance per position
@@ -88,12 +95,23 @@ class AdaptiveK:
         base = batch_size / max(plain(batch_size), 1e-12)
         best_k, best = 0, base * self.margin
         for k in range(1, self.k_max + 1):
-            t = spec(batch_size * (k + 1)) + k * self._draft_step(batch_size, plain)
-            rate = batch_size * self.expected_tokens(k) / max(t, 1e-12)
+            rate = batch_size * self.expected_tokens(k) / self._step_cost(batch_size, k, plain, spec)
             if rate > best:
                 best_k, best = k, rate
+        if best_k > 0:
+            self.steps_off = 0
+        else:
+            self.steps_off += 1
+            optimistic = batch_size * 1.9 / self._step_cost(batch_size, 1, plain, spec)
+            if self.steps_off >= self.probe_every and optimistic > base * self.margin:
+                self.steps_off = 0
+                best_k = 1
         self.last_k = best_k
         return best_k
+
+    def _step_cost(self, batch_size: int, k: int, plain: _LinearFit, spec: _LinearFit) -> float:
+        t = spec(batch_size * (k + 1)) + k * self._draft_step(batch_size, plain)
+        return max(t, 1e-12)
 
     def _draft_step(self, batch_size: int, target: _LinearFit) -> float:
         """Seconds per draft step; before any is measured, a tenth of a target step (the
