@@ -282,3 +282,48 @@ def test_draft_model_vocab_mismatch_is_rejected(tiny_llama, tmp_path) -> None:
     LlamaForCausalLM(cfg).save_pretrained(str(tmp_path), safe_serialization=True)
     with pytest.raises(ValueError, match="vocabulary"):
         make_llm(tiny_llama, speculative_config=draft_config(str(tmp_path)))
+
+
+@pytest.fixture(scope="module")
+def noisy_self_draft(tiny_llama, tmp_path_factory) -> str:
+    """The target with noise on every weight: a draft that is right only part of the time."""
+    import copy
+
+    import torch
+    model = copy.deepcopy(tiny_llama.hf_model)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for w in model.parameters():
+            w.add_(torch.randn(w.shape, generator=g) * 0.01)
+    path = str(tmp_path_factory.mktemp("noisy") / "draft")
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def test_sampled_tokens_follow_the_target_end_to_end(tiny_llama, noisy_self_draft) -> None:
+    """Many seeded requests on one prompt, drafted by a perturbed copy of the target (so
+    drafts are accepted and rejected): the token after the first (the first one verified)
+    must follow the target's top-k distribution given the first, computed independently
+    with transformers."""
+    import torch
+
+    from ember.layers.sampler import SamplingBatch, SamplingRow, sampling_probs
+    from test_rejection import chi2_pvalue
+    prompt = random_prompts([6], seed=11)[0]
+    n = 1200
+    params = [SamplingParams(temperature=1.0, top_k=4, max_tokens=3, ignore_eos=True, seed=1000 + i)
+              for i in range(n)]
+    llm = make_llm(tiny_llama, speculative_config=draft_config(noisy_self_draft), num_kv_blocks=1024)
+    tokens, _ = run(llm, [prompt] * n, params)
+    stats = llm.engine.spec_stats()
+    assert 0.2 < stats["acceptance_rate"] < 0.95
+    first = torch.tensor([t[0] for t in tokens])
+    t1 = int(torch.bincount(first).argmax())
+    second = torch.tensor([t[1] for t in tokens if t[0] == t1])
+    assert len(second) > 200
+    with torch.no_grad():
+        logits = tiny_llama.hf_model(torch.tensor([prompt + [t1]])).logits[0, -1:]
+    row = SamplingRow(SamplingParams(temperature=1.0, top_k=4), prompt, [t1])
+    p = sampling_probs(logits, SamplingBatch.build([row], logits.shape[-1], "cpu"))[0]
+    counts = torch.bincount(second, minlength=p.numel()).double()
+    assert chi2_pvalue(counts, p) > 1e-4
