@@ -8,8 +8,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import spec_decode as sd  # noqa: E402
-from ember import SamplingParams  # noqa: E402
+import spec_decode as sd
+
+from ember import SamplingParams
 
 args = argparse.Namespace(model="smollm2-135m", dtype="auto", device=None, load_format="auto", prompt_len=64,
                           output_len=24, quality_output_len=24, enforce_eager=False, gpu_memory_utilization=0.8,

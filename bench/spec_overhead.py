@@ -4,13 +4,19 @@ to 0, alternating, three repeats.
 
   OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/spec_overhead.py
 """
-import sys, time, tempfile
+import sys
+import tempfile
+import time
 from pathlib import Path
+
 sys.path.insert(0, "tests")  # the tiny checkpoint builder
 import torch
+
 torch.set_num_threads(1)
 from conftest import _build_checkpoint, random_prompts
+
 from ember import LLM, SamplingParams
+
 ck = _build_checkpoint("llama-gqa", Path(tempfile.mkdtemp()))
 prompts = [{"prompt_token_ids": p} for p in random_prompts([16] * 64, seed=1)]
 p = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)

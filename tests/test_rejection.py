@@ -84,7 +84,7 @@ def test_seeded_rows_are_reproducible_whatever_the_batch() -> None:
     p = torch.softmax(torch.randn(3, 3, V), -1)
     q = torch.softmax(torch.randn(3, 2, V), -1)
     drafts = torch.randint(0, V, (3, 2))
-    gens = lambda: [torch.Generator().manual_seed(s) for s in (11, 12, 13)]  # noqa: E731
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (11, 12, 13)]
     a = rejection_sample(p, drafts, [2, 2, 2], q, gens())
     b = rejection_sample(p, drafts, [2, 2, 2], q, gens())
     assert a == b

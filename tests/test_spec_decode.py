@@ -6,8 +6,8 @@ from __future__ import annotations
 import random
 
 import pytest
-
 from conftest import TinyCheckpoint, assert_no_leaks, random_prompts
+
 from ember import LLM, SamplingParams
 from ember.engine.scheduler import SchedulerOutput
 from ember.spec.proposer import Proposer
@@ -306,9 +306,9 @@ def test_sampled_tokens_follow_the_target_end_to_end(tiny_llama, noisy_self_draf
     must follow the target's top-k distribution given the first, computed independently
     with transformers."""
     import torch
+    from test_rejection import chi2_pvalue
 
     from ember.layers.sampler import SamplingBatch, SamplingRow, sampling_probs
-    from test_rejection import chi2_pvalue
     prompt = random_prompts([6], seed=11)[0]
     n = 1200
     params = [SamplingParams(temperature=1.0, top_k=4, max_tokens=3, ignore_eos=True, seed=1000 + i)

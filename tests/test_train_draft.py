@@ -3,8 +3,8 @@ KL, and a few steps of distillation lowering it; plus the CLI flag parsing."""
 from __future__ import annotations
 
 import torch
-
 from conftest import TinyCheckpoint
+
 from ember.spec.train_draft import init_draft, teacher_topk, topk_kl
 
 

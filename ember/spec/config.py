@@ -42,7 +42,7 @@ class SpeculativeConfig:
         return self.method != "none"
 
     @classmethod
-    def parse(cls, value: "SpeculativeConfig | dict[str, Any] | str | None") -> "SpeculativeConfig":
+    def parse(cls, value: SpeculativeConfig | dict[str, Any] | str | None) -> SpeculativeConfig:
         """From a dict, a JSON string (the CLI flag), an instance, or None (off)."""
         if value is None:
             return cls()

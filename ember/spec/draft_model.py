@@ -42,7 +42,7 @@ logger = logging.getLogger("ember")
 class DraftModelProposer(Proposer):
     name = "draft"
 
-    def __init__(self, cfg: "SpeculativeConfig", engine: "Engine") -> None:
+    def __init__(self, cfg: SpeculativeConfig, engine: Engine) -> None:
         runner = engine.runner
         source = resolve_model(cfg.model)
         target_vocab = engine.model_config.vocab_size

@@ -28,7 +28,7 @@ class Proposer:
     # target and the proposer and the two KV caches always cover the same tokens.
     kv_lag = 0
 
-    def propose(self, batch: "SchedulerOutput") -> None:
+    def propose(self, batch: SchedulerOutput) -> None:
         raise NotImplementedError
 
 
@@ -37,11 +37,11 @@ class NoProposer(Proposer):
 
     name = "none"
 
-    def propose(self, batch: "SchedulerOutput") -> None:
+    def propose(self, batch: SchedulerOutput) -> None:
         return None
 
 
-def create_proposer(cfg: "SpeculativeConfig", engine: "Engine") -> Proposer:
+def create_proposer(cfg: SpeculativeConfig, engine: Engine) -> Proposer:
     """The registry: cfg.method -> proposer."""
     if cfg.method == "none":
         return NoProposer()

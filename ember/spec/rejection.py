@@ -68,7 +68,7 @@ def rejection_sample(
     A seeded request draws K uniforms then one vocabulary row of exponentials from its
     generator per call, so its output is reproducible given the same drafts.
     """
-    b, k1, vocab = target_probs.shape
+    b, k1, _ = target_probs.shape
     k = k1 - 1
     dev = target_probs.device
     if b == 0:

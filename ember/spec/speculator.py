@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 
 class Speculator:
-    def __init__(self, cfg: SpeculativeConfig, engine: "Engine") -> None:
+    def __init__(self, cfg: SpeculativeConfig, engine: Engine) -> None:
         self.cfg = cfg
         self.proposer = create_proposer(cfg, engine)
         self.kv_lag = self.proposer.kv_lag
@@ -40,7 +40,7 @@ class Speculator:
         self._k = k
         return k
 
-    def propose(self, batch: "SchedulerOutput") -> None:
+    def propose(self, batch: SchedulerOutput) -> None:
         # Called every step, drafting or not: a proposer with its own KV cache must see
         # every token the target computes.
         drafting = sum(1 for s in batch.scheduled if s.num_spec_slots > 0)
@@ -51,7 +51,7 @@ class Speculator:
             self.controller.observe_draft(drafting, per_step)
         self._t_forward = time.perf_counter()
 
-    def observe(self, batch: "SchedulerOutput", result: "StepResult") -> None:
+    def observe(self, batch: SchedulerOutput, result: StepResult) -> None:
         """Record acceptance and the step's cost (forward + verify + bookkeeping)."""
         seconds = time.perf_counter() - self._t_forward
         self.stats.num_steps += 1
