@@ -7,8 +7,11 @@
                (1 = its batch-1 throughput; padding makes larger batches do extra work,
                which we do not count as output).
 
+--llamacpp adds llama.cpp (llama-cpp-python, the CPU peer) on the same GGUF and requests,
+one request at a time (its batch-1 rate); it only applies to a GGUF model.
+
 Examples (CPU):
-  python bench/offline.py --mode decode --model smollm2-135m --prompt-len 128 --output-len 128
+  python bench/offline.py --mode decode --model smollm2-135m --prompt-len 128 --output-len 128 --llamacpp
   python bench/offline.py --mode throughput --model smollm2-135m --num-requests 32 --min-len 64 --max-len 256
 """
 from __future__ import annotations
@@ -95,6 +98,22 @@ def run_hf(model, reqs: list[tuple[list[int], int]], batch_size: int, device: to
     return time.perf_counter() - t
 
 
+def run_llamacpp(gguf_path: str, reqs: list[tuple[list[int], int]], threads: int) -> float:
+    """Greedy, one request at a time, exactly n tokens each (llama.cpp's raw generator does
+    not stop at EOS by itself)."""
+    from llama_cpp import Llama
+    ctx = max(len(p) + n for p, n in reqs) + 8
+    model = Llama(model_path=gguf_path, n_ctx=ctx, n_threads=threads, n_batch=512, verbose=False)
+    warm = model.generate(reqs[0][0][:16], temp=0.0, top_k=1, reset=True)
+    for _ in zip(range(4), warm):
+        pass
+    t = time.perf_counter()
+    for prompt, n in reqs:
+        for _ in zip(range(n), model.generate(prompt, temp=0.0, top_k=1, reset=True)):
+            pass
+    return time.perf_counter() - t
+
+
 def weight_bytes(llm: LLM) -> int:
     return sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
 
@@ -150,6 +169,8 @@ def main() -> None:
     ap.add_argument("--hf-num-requests", type=int, default=None,
                     help="run HF on only the first N requests (it is slow); its rate is per token")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--llamacpp", action="store_true", help="also run llama.cpp on the same GGUF (CPU peer)")
+    ap.add_argument("--llamacpp-num-requests", type=int, default=None)
     ap.add_argument("--roofline-tbs", type=float, default=4.8, help="HBM bandwidth for the %% of roofline")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -188,6 +209,20 @@ def main() -> None:
         print(f"decode step {result['step_ms']:.2f} ms; captured forward "
               f"{result.get('forward_ms', float('nan')):.2f} ms; host share "
               f"{100 * result.get('host_share', float('nan')):.1f}%")
+    if args.llamacpp:
+        from ember.models.loader import SHORT_NAMES
+        gguf = args.model
+        if gguf.lower() in SHORT_NAMES:
+            from ember.models.smollm2 import find_smollm2_gguf
+            gguf = find_smollm2_gguf()
+        lc_reqs = reqs[: args.llamacpp_num_requests] if args.llamacpp_num_requests else reqs
+        lc_out = sum(n for _, n in lc_reqs)
+        t_lc = run_llamacpp(gguf, lc_reqs, torch.get_num_threads())
+        result.update(llamacpp_s=t_lc, llamacpp_tok_s=lc_out / t_lc,
+                      ratio_vs_llamacpp=result["ember_tok_s"] / (lc_out / t_lc))
+        print(f"llama.cpp (llama-cpp-python, batch 1, {torch.get_num_threads()} threads): {lc_out} tokens "
+              f"in {t_lc:.2f} s = {lc_out / t_lc:.1f} output tok/s")
+        print(f"ratio ember / llama.cpp: {result['ratio_vs_llamacpp']:.2f}x")
     if not args.no_hf:
         load_format = llm.engine.cfg.load_format
         eos = llm.engine.model_config.eos_token_ids

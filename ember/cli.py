@@ -1,4 +1,4 @@
-"""`ember` command line: generate, chat, serve, bench."""
+"""`ember` command line: generate, chat, serve, bench, train-draft."""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +33,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduling-policy", default="lpm", choices=["lpm", "fcfs"],
                    help="lpm: admit the longest cached prefix first (bounded, never starves); fcfs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speculative-config", default=None,
+                   help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\' '
+                        'or \'{"method": "draft", "model": DIR, "num_speculative_tokens": 3}\'; '
+                        '"adaptive": false keeps k fixed')
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -44,7 +48,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 layer_kernels=args.layer_kernels,
                 enforce_eager=args.enforce_eager,
                 prefix_cache=args.prefix_cache, scheduling_policy=args.scheduling_policy,
-                seed=args.seed)
+                seed=args.seed, speculative_config=args.speculative_config)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -125,8 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     # Their optional dependencies (fastapi, uvicorn, httpx) load only when they run.
     from ember.bench.cli import add_bench_parser
     from ember.server.cli import add_serve_parser
+    from ember.spec.train_draft import add_train_draft_parser
     add_serve_parser(sub)
     add_bench_parser(sub)
+    add_train_draft_parser(sub)
     return parser
 
 

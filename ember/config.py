@@ -124,6 +124,9 @@ class EngineConfig:
     scheduling_policy: str = "lpm"        # lpm (longest cached prefix first) | fcfs
     seed: int = 0
     enforce_eager: bool = False           # True: no CUDA graphs for decode
+    # Speculative decoding: a dict or JSON string like vLLM's --speculative-config,
+    # e.g. {"method": "ngram", "num_speculative_tokens": 3}; parsed to a SpeculativeConfig.
+    speculative_config: Any = None
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -138,4 +141,6 @@ class EngineConfig:
             raise ValueError(f"unknown prefix_cache {self.prefix_cache!r}; choose radix or none")
         if self.scheduling_policy not in ("lpm", "fcfs"):
             raise ValueError(f"unknown scheduling_policy {self.scheduling_policy!r}; choose lpm or fcfs")
+        from ember.spec.config import SpeculativeConfig
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
 

@@ -15,6 +15,7 @@ from ember.engine.scheduler import Scheduler
 from ember.models.loader import resolve_model
 from ember.outputs import RequestOutput
 from ember.sampling_params import SamplingParams
+from ember.spec.speculator import Speculator
 
 logger = logging.getLogger("ember")
 
@@ -46,8 +47,11 @@ class Engine:
         self.block_pool = BlockPool(self.runner.num_blocks)
         # prefix_cache.stats(): hit rate, evictions, cached tokens.
         self.prefix_cache = create_prefix_cache(cfg.prefix_cache, self.block_pool, cfg.block_size)
+        # Speculative decoding (proposer `none` when off); spec_stats() reports on it.
+        self.speculator = Speculator(cfg.speculative_config, self)
         self.scheduler = Scheduler(self.block_pool, cfg.block_size, cfg.max_num_seqs,
-                                   budget, max_model_len, self.prefix_cache, cfg.scheduling_policy)
+                                   budget, max_model_len, self.prefix_cache, cfg.scheduling_policy,
+                                   self.speculator)
         self.output_processor = OutputProcessor(self.tokenizer, self.scheduler)
         self.eos_token_ids = frozenset(
             self.tokenizer.eos_token_ids if self.tokenizer is not None else source.config.eos_token_ids)
@@ -109,10 +113,16 @@ class Engine:
 
     # ---- the loop -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run one forward, sample, and report what changed."""
+        """Schedule, draft, run one forward, sample / verify, and report what changed."""
         batch = self.scheduler.schedule()
         if batch.empty:
             return []
-        result = self.runner.execute(batch)
+        self.speculator.propose(batch)       # drafts into the room the scheduler left
+        result = self.runner.execute(batch)  # one forward: prefill, decode and verify
         touched = self.scheduler.update(batch, result.sampled)
+        self.speculator.observe(batch, result)
         return self.output_processor.process(touched, result)
+
+    def spec_stats(self) -> dict:
+        """Speculative decoding counters: acceptance per position, mean accepted length..."""
+        return self.speculator.stats_dict()

@@ -14,8 +14,9 @@ from ember.engine.forward_batch import ForwardBatch
 from ember.engine.scheduler import SchedulerOutput, ScheduledRequest
 from ember.layers.layer_ops import get_layer_ops
 from ember.layers.sampler import (RowLogprobs, Sampler, SamplingBatch, SamplingRow,
-                                  compute_token_logprobs)
+                                  compute_token_logprobs, sampling_probs)
 from ember.models.loader import ModelSource, build_model
+from ember.spec.rejection import rejection_sample
 
 logger = logging.getLogger("ember")
 GiB = 1 << 30
@@ -23,11 +24,57 @@ GiB = 1 << 30
 
 @dataclass
 class StepResult:
-    """Per request id: the sampled token, its logprobs, and new prompt logprobs (if asked)."""
+    """Per request id: the new tokens (one, or 1..k+1 for a speculating request), their
+    logprobs (if asked), new prompt logprobs (if asked), and accepted draft counts."""
 
-    sampled: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, RowLogprobs] = field(default_factory=dict)
+    sampled: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, list[RowLogprobs]] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[RowLogprobs]] = field(default_factory=dict)
+    num_accepted: dict[str, int] = field(default_factory=dict)   # speculating requests only
+
+
+def build_forward_batch(seqs: list[tuple[list[int], int, list[int]]], block_size: int,
+                        device: torch.device) -> ForwardBatch:
+    """Host-side step inputs, then three device copies in all (token data, per-sequence
+    data, block tables).
+
+    seqs: per sequence (block_ids, first position, token ids to compute), single-query
+    sequences first. logits_indices holds each sequence's last row. Single-query sequences
+    go through plain lists, longer ones through numpy: each the cheaper at its size.
+    """
+    bs = block_size
+    num_tokens = sum(len(t) for _, _, t in seqs)
+    tokens = np.empty((3, num_tokens), dtype=np.int64)  # input ids, positions, slots
+    one_ids, one_pos, one_slots = [], [], []
+    qsl, seq_lens, last = [0], [], []
+    max_blocks = max(len(b) for b, _, _ in seqs)
+    tables = np.zeros((len(seqs), max_blocks), dtype=np.int32)
+    for i, (blocks, start, ids) in enumerate(seqs):
+        n = len(ids)
+        if n == 1:
+            one_ids.append(ids[0])
+            one_pos.append(start)
+            one_slots.append(blocks[start // bs] * bs + start % bs)
+        else:
+            p = np.arange(start, start + n)
+            span = slice(qsl[-1], qsl[-1] + n)
+            tokens[0, span] = ids
+            tokens[1, span] = p
+            tokens[2, span] = np.asarray(blocks, dtype=np.int64)[p // bs] * bs + p % bs
+        tables[i, :len(blocks)] = blocks
+        qsl.append(qsl[-1] + n)
+        seq_lens.append(start + n)
+        last.append(qsl[-1] - 1)
+    nd = len(one_ids)
+    if nd:
+        tokens[:, :nd] = (one_ids, one_pos, one_slots)
+    tokens_d = torch.from_numpy(tokens).to(device, non_blocking=True)  # [3, T]
+    per_seq = torch.from_numpy(np.array((seq_lens, last), dtype=np.int64)).to(device, non_blocking=True)
+    return ForwardBatch(
+        input_ids=tokens_d[0], positions=tokens_d[1], slot_mapping=tokens_d[2], query_start_loc=qsl,
+        seq_lens=per_seq[0], seq_lens_list=seq_lens,
+        block_tables=torch.from_numpy(tables).to(device, non_blocking=True),
+        num_decodes=nd, logits_indices=per_seq[1], block_size=bs)
 
 
 class ModelRunner:
@@ -113,15 +160,21 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
         # Single-query sequences first: the attention backend batches them.
-        scheduled = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)
-        fb = self._prepare(scheduled)
+        scheduled = sorted(out.scheduled, key=lambda s: s.num_query_tokens != 1)
+        fb = build_forward_batch([(s.request.block_ids, s.request.num_computed_tokens,
+                                   s.query_token_ids) for s in scheduled],
+                                 self.block_size, self.device)
         if self.graph_runner is not None and self.graph_runner.can_run(fb):
             hidden = self.graph_runner.run(fb)
         else:
             self.backend.prepare(fb)
             hidden = self.model(fb.input_ids, fb.positions, fb)
         result = StepResult()
-        sampling = [i for i, s in enumerate(scheduled) if s.samples]
+        sampling = [i for i, s in enumerate(scheduled) if s.samples and not s.spec_token_ids]
+        verifying = [i for i, s in enumerate(scheduled) if s.samples and s.spec_token_ids]
+        if verifying:
+            self._verify([scheduled[i] for i in verifying],
+                         [fb.query_start_loc[i + 1] for i in verifying], hidden, result)
         if sampling:
             # Index with a device tensor only when some rows don't sample (indexing with a
             # host list would copy it over and wait for the forward).
@@ -135,51 +188,58 @@ class ModelRunner:
             sampler_out = self.sampler(logits, batch)
             tokens = sampler_out.sampled_token_ids.tolist()
             for r, tok, lp in zip(reqs, tokens, sampler_out.row_logprobs()):
-                result.sampled[r.request_id] = tok
+                result.sampled[r.request_id] = [tok]
                 if lp is not None:
-                    result.logprobs[r.request_id] = lp
+                    result.logprobs[r.request_id] = [lp]
         self._prompt_logprobs(scheduled, fb, hidden, result)
         return result
 
-    def _prepare(self, scheduled: list[ScheduledRequest]) -> ForwardBatch:
-        """Host-side step inputs, then three device copies in all (token data, per-sequence
-        data, block tables). Decodes (first in `scheduled`) go through plain lists, prefill
-        chunks through numpy: both are the cheaper choice at their size."""
-        bs = self.block_size
-        num_tokens = sum(s.num_new_tokens for s in scheduled)
-        tokens = np.empty((3, num_tokens), dtype=np.int64)  # input ids, positions, slots
-        dec_ids, dec_pos, dec_slots = [], [], []
-        qsl, seq_lens, last = [0], [], []
-        max_blocks = max(len(s.request.block_ids) for s in scheduled)
-        tables = np.zeros((len(scheduled), max_blocks), dtype=np.int32)
-        for i, s in enumerate(scheduled):
-            r, n = s.request, s.num_new_tokens
-            start, blocks = r.num_computed_tokens, r.block_ids
-            if n == 1:
-                dec_ids.append(r.token_ids[start])
-                dec_pos.append(start)
-                dec_slots.append(blocks[start // bs] * bs + start % bs)
-            else:
-                p = np.arange(start, start + n)
-                span = slice(qsl[-1], qsl[-1] + n)
-                tokens[0, span] = r.token_ids[start:start + n]
-                tokens[1, span] = p
-                tokens[2, span] = np.asarray(blocks, dtype=np.int64)[p // bs] * bs + p % bs
-            tables[i, :len(blocks)] = blocks
-            qsl.append(qsl[-1] + n)
-            seq_lens.append(start + n)
-            last.append(qsl[-1] - 1)
-        nd = len(dec_ids)
-        if nd:
-            tokens[:, :nd] = (dec_ids, dec_pos, dec_slots)
-        dev = self.device
-        tokens_d = torch.from_numpy(tokens).to(dev, non_blocking=True)  # [3, T]
-        per_seq = torch.from_numpy(np.array((seq_lens, last), dtype=np.int64)).to(dev, non_blocking=True)
-        return ForwardBatch(
-            input_ids=tokens_d[0], positions=tokens_d[1], slot_mapping=tokens_d[2], query_start_loc=qsl,
-            seq_lens=per_seq[0], seq_lens_list=seq_lens,
-            block_tables=torch.from_numpy(tables).to(dev, non_blocking=True),
-            num_decodes=nd, logits_indices=per_seq[1], block_size=bs)
+    def _verify(self, spec: list[ScheduledRequest], ends: list[int], hidden: torch.Tensor,
+                result: StepResult) -> None:
+        """Score every draft position of the speculating requests and run the verifier.
+
+        Request i's k drafts sit in the rows just before ends[i]; the row of its last own
+        token scores draft 0, draft j's row scores draft j + 1 (or the bonus token). The
+        target distribution at draft position j is the sampler's with drafts 0..j-1 as
+        output, so penalties and min_tokens see exactly what plain decoding would.
+        """
+        width = max(len(s.spec_token_ids) for s in spec) + 1   # K + 1 positions, padded
+        rows, srows = [], []
+        for s, end in zip(spec, ends):
+            r, k = s.request, len(s.spec_token_ids)
+            out_ids = r.output_token_ids
+            for j in range(width):
+                jj = min(j, k)   # padding repeats the last real position
+                rows.append(end - 1 - k + jj)
+                srows.append(SamplingRow(r.params, r.prompt_token_ids,
+                                         out_ids + s.spec_token_ids[:jj], r.generator, r.eos_token_ids))
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        vocab = logits.shape[-1]
+        probs = sampling_probs(logits, SamplingBatch.build(srows, vocab, self.device))
+        probs = probs.view(len(spec), width, vocab)                    # [B, K+1, vocab]
+        drafts = torch.zeros((len(spec), width - 1), dtype=torch.long)
+        for i, s in enumerate(spec):
+            drafts[i, :len(s.spec_token_ids)] = torch.tensor(s.spec_token_ids)
+        q = None
+        if any(s.spec_probs is not None for s in spec):
+            q = torch.zeros((len(spec), width - 1, vocab), device=self.device)  # [B, K, vocab]
+            for i, s in enumerate(spec):
+                k = len(s.spec_token_ids)
+                if s.spec_probs is not None:
+                    q[i, :k] = s.spec_probs
+                else:
+                    q[i, torch.arange(k), drafts[i, :k]] = 1.0
+        out = rejection_sample(probs, drafts.to(self.device), [len(s.spec_token_ids) for s in spec],
+                               q, [s.request.generator for s in spec])
+        for i, (s, tokens) in enumerate(zip(spec, out.token_ids)):
+            rid = s.request.request_id
+            result.sampled[rid] = tokens
+            result.num_accepted[rid] = out.num_accepted[i]
+            n_top = s.request.params.logprobs
+            if n_top is not None:
+                lg = logits[i * width:i * width + len(tokens)]   # the emitted positions
+                lp = compute_token_logprobs(lg, torch.tensor(tokens, device=self.device), n_top)
+                result.logprobs[rid] = lp.to_rows()
 
     def _prompt_logprobs(self, scheduled: list[ScheduledRequest], fb: ForwardBatch,
                          hidden: torch.Tensor, result: StepResult) -> None:

@@ -16,6 +16,7 @@ class _Completion:
     request: Request
     detokenizer: object | None   # ember.detokenizer.IncrementalDetokenizer
     text: str = ""
+    num_seen: int = 0            # output tokens already detokenized (and their logprobs kept)
 
 
 @dataclass
@@ -70,27 +71,47 @@ class OutputProcessor:
         for req in touched:
             group = self._group_of[req.request_id]
             comp = next(c for c in group.completions if c.request is req)
-            lp = result.logprobs.get(req.request_id)
-            if lp is not None and req.logprobs is not None:
-                req.logprobs.append(self._position_logprobs(lp))
-                req.cumulative_logprob += lp.logprob
-            self._detokenize(comp)
+            new = req.num_output_tokens - comp.num_seen   # a speculative step may add several
+            lps = result.logprobs.get(req.request_id)
+            if lps is not None and req.logprobs is not None:
+                for lp in lps[:new]:
+                    req.logprobs.append(self._position_logprobs(lp))
+                    req.cumulative_logprob += lp.logprob
+            self._detokenize(comp, new)
             groups[group.request_id] = group
         # Building an output copies every token so far: per step for all, that is quadratic.
         return [self._emit(g) for g in groups.values() if not g.final_only or g.finished]
 
     # ---- helpers --------------------------------------------------------------------------
-    def _detokenize(self, comp: _Completion) -> None:
+    def _detokenize(self, comp: _Completion, new: int) -> None:
+        """Detokenize the new tokens one by one, so a stop string ends the output at the
+        token that completed it even when a speculative step added several."""
         req = comp.request
+        first = req.num_tokens - new
+        comp.num_seen += new
         if comp.detokenizer is None:
             return
+        for i in range(first, first + new):
+            last = i == first + new - 1
+            if self._detokenize_one(comp, req.token_ids[i], last) and not last:
+                # Drop the tokens generated after the stop string.
+                self.scheduler.truncate(req, i + 1)
+                comp.num_seen = req.num_output_tokens
+                if req.logprobs is not None:
+                    req.cumulative_logprob = sum(
+                        d[t].logprob for d, t in zip(req.logprobs, req.output_token_ids))
+                return
+
+    def _detokenize_one(self, comp: _Completion, token: int, last: bool) -> bool:
+        """Append one token's text; True when a stop string ended the request here."""
+        req = comp.request
         before = len(comp.text)
-        comp.text += comp.detokenizer.append(req.token_ids[-1:])
-        if req.finished:
+        comp.text += comp.detokenizer.append([token])
+        if req.finished and last:
             comp.text += comp.detokenizer.flush()
         stops = req.params.stop
         if not stops:
-            return
+            return False
         # A stop string can straddle the previous text and the new delta.
         search_from = max(0, before - max(len(s) for s in stops) + 1)
         best = None
@@ -98,10 +119,17 @@ class OutputProcessor:
             j = comp.text.find(s, search_from)
             if j != -1 and (best is None or j < best[0]):
                 best = (j, s)
-        if best is not None:
-            j, s = best
-            comp.text = comp.text[: j + len(s) if req.params.include_stop_str_in_output else j]
+        if best is None:
+            return False
+        j, s = best
+        comp.text = comp.text[: j + len(s) if req.params.include_stop_str_in_output else j]
+        if req.finished:
+            # The scheduler ended it on a later token of the same step (length, EOS);
+            # plain decoding would have stopped here first.
+            req.finish("stop", s)
+        else:
             self.scheduler.finish(req, "stop", s)
+        return True
 
     def _visible_text(self, comp: _Completion) -> str:
         """While running, hold back a tail that could still become a stop string."""

@@ -6,6 +6,9 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
 
 from ember.cache.block_pool import BlockPool
 from ember.cache.prefix import InBatchPrefixes, NoPrefixCache, PrefixCache
@@ -21,13 +24,39 @@ LPM_MAX_OVERTAKES = 32  # a request passed over this often by later arrivals is 
 @dataclass
 class ScheduledRequest:
     request: Request
-    num_new_tokens: int   # tokens computed for this request in this step
+    num_new_tokens: int   # the request's own tokens computed in this step
+    # Speculation: room the scheduler left (KV blocks, token budget) for draft tokens,
+    # and the drafts a proposer put there; they are computed after the request's own
+    # tokens, in the same forward, and verified against the target.
+    num_spec_slots: int = 0
+    spec_token_ids: list[int] = field(default_factory=list)
+    spec_probs: torch.Tensor | None = None   # [len(spec_token_ids), vocab] draft q; None = one-hot
 
     @property
     def samples(self) -> bool:
         """True when this step reaches the request's last token, so a new one is sampled."""
         r = self.request
         return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+
+    @property
+    def num_query_tokens(self) -> int:
+        """Tokens this request puts in the forward: its own plus its drafts."""
+        return self.num_new_tokens + len(self.spec_token_ids)
+
+    @property
+    def query_token_ids(self) -> list[int]:
+        r = self.request
+        start = r.num_computed_tokens
+        return r.token_ids[start:start + self.num_new_tokens] + self.spec_token_ids
+
+
+class SpecPolicy(Protocol):
+    """What the scheduler needs to know about speculation (ember.spec.Speculator)."""
+
+    kv_lag: int
+
+    def num_spec_tokens(self, num_running: int) -> int:
+        """Draft tokens to make room for per decoding request this step (0 = off)."""
 
 
 @dataclass
@@ -37,7 +66,7 @@ class SchedulerOutput:
 
     @property
     def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
+        return sum(s.num_query_tokens for s in self.scheduled)
 
     @property
     def empty(self) -> bool:
@@ -62,7 +91,8 @@ class Scheduler:
 
     def __init__(self, block_pool: BlockPool, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int,
-                 prefix_cache: PrefixCache | None = None, policy: str = "fcfs") -> None:
+                 prefix_cache: PrefixCache | None = None, policy: str = "fcfs",
+                 spec: SpecPolicy | None = None) -> None:
         if policy not in SCHEDULING_POLICIES:
             raise ValueError(f"unknown scheduling policy {policy!r}; choose one of "
                              f"{', '.join(SCHEDULING_POLICIES)}")
@@ -76,6 +106,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.spec = spec
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -86,10 +117,17 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        k = self.spec.num_spec_tokens(len(self.running)) if self.spec is not None else 0
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
+            room = self._spec_room(req, n, k, budget)
+            if room and self._grow(req, req.num_computed_tokens + n + room):
+                out.scheduled.append(ScheduledRequest(req, n, num_spec_slots=room))
+                budget -= n + room
+                i += 1
+                continue
             if self._grow(req, req.num_computed_tokens + n):
                 out.scheduled.append(ScheduledRequest(req, n))
                 budget -= n
@@ -125,9 +163,22 @@ class Scheduler:
                 inflight.add(req.token_ids, req.num_computed_tokens)
         return out
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance computed counts, append sampled tokens, finish requests that stop.
-        Returns the requests that got a new token or finished."""
+    def _spec_room(self, req: Request, n: int, k: int, budget: int) -> int:
+        """Draft slots for req this step: only when the step reaches its last token (it
+        decodes), within the budget, the context and the tokens it may still emit."""
+        if k <= 0 or req.num_computed_tokens + n != req.num_tokens or n > 1 + self.spec.kv_lag:
+            return 0
+        if req.prompt_logprobs is not None and len(req.prompt_logprobs) < req.num_prompt_tokens:
+            return 0
+        # A step emits at most room + 1 tokens, the last at position num_tokens + room.
+        return max(0, min(k, budget - n, req.max_tokens - req.num_output_tokens - 1,
+                          self.max_model_len - req.num_tokens - 1))
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, list[int] | int]) -> list[Request]:
+        """Advance computed counts, append sampled tokens (one, or the verified tokens of a
+        speculating request; a bare int is one token), finish requests that stop, roll
+        back rejected drafts.
+        Returns the requests that got new tokens or finished."""
         touched = []
         for s in out.scheduled:
             req = s.request
@@ -137,15 +188,43 @@ class Scheduler:
                 self._cache_running(req)
             if not sample:
                 continue
-            token = sampled[req.request_id]
-            req.token_ids.append(token)
+            appended = 0
+            tokens = sampled[req.request_id]
+            for token in [tokens] if isinstance(tokens, int) else tokens:
+                req.token_ids.append(token)
+                appended += 1
+                req.check_stop(token, self.max_model_len)
+                if req.finished:   # the tokens after a stop are dropped
+                    break
             if req.first_token_time is None:
                 req.first_token_time = time.monotonic()
-            req.check_stop(token, self.max_model_len)
+            if s.spec_token_ids:
+                self._keep_accepted(req, s, appended)
             touched.append(req)
             if req.finished:
                 self._release(req)
         return touched
+
+    def _keep_accepted(self, req: Request, s: ScheduledRequest, appended: int) -> None:
+        """Rollback: the drafts kept are those appended before the last appended token;
+        their K/V (written this step) stays, the rest of the step's slots are released."""
+        lag = self.spec.kv_lag if self.spec is not None else 0
+        kept = max(0, min(appended - 1, len(s.spec_token_ids) - lag))
+        req.num_computed_tokens += kept
+        need = -(-req.num_computed_tokens // self.block_size)
+        if len(req.block_ids) > need:
+            # Blocks past the kept tokens were allocated this step for drafts: fresh,
+            # never cached, so freeing them returns them to the pool.
+            self.block_pool.free(req.block_ids[need:])
+            del req.block_ids[need:]
+
+    def truncate(self, req: Request, num_tokens: int) -> None:
+        """Drop req's tokens past num_tokens (a stop string ended it mid-way through a
+        speculative step's tokens)."""
+        del req.token_ids[num_tokens:]
+        req.num_computed_tokens = min(req.num_computed_tokens, num_tokens - 1)
+        if req.logprobs is not None:
+            del req.logprobs[max(0, num_tokens - req.num_prompt_tokens):]
 
     def finish(self, req: Request, reason: str, stop_reason: int | str | None = None) -> None:
         """End a request from outside the token loop (stop string, abort)."""

@@ -391,10 +391,11 @@ def apply_top_k_top_p(
     return torch.where(logits < boundary, neg_inf, logits)
 
 
-def _sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Temperature, top-k / top-p, min-p, then one exponential-race draw per row.
+def _filtered_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Temperature, top-k / top-p, then min-p: the random rows' sampling distribution,
+    not renormalized after min-p.
 
-    logits: [num_seqs, vocab] fp32, penalized. Returns [num_seqs] long.
+    logits: [num_seqs, vocab] fp32, penalized. Returns [num_seqs, vocab] fp32.
     """
     if batch.temperature is not None:
         logits = logits / batch.temperature[:, None]
@@ -404,6 +405,15 @@ def _sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if batch.min_p is not None:
         threshold = batch.min_p[:, None] * probs.amax(dim=-1, keepdim=True)  # [num_seqs, 1]
         probs = probs.masked_fill(probs < threshold, 0.0)
+    return probs
+
+
+def _sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Temperature, top-k / top-p, min-p, then one exponential-race draw per row.
+
+    logits: [num_seqs, vocab] fp32, penalized. Returns [num_seqs] long.
+    """
+    probs = _filtered_probs(logits, batch)
     # argmax(p / E) with E ~ Exp(1) i.i.d. picks token i with probability p_i / sum(p),
     # so neither renormalization after filtering nor a cumsum is needed.
     noise = torch.empty_like(probs).exponential_()  # [num_seqs, vocab]
@@ -449,6 +459,33 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         logprob_rows=batch.logprob_rows,
         num_logprobs=batch.num_logprobs,
     )
+
+
+def sampling_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The exact distribution :func:`sample` draws each row's token from, normalized.
+
+    logits: [num_seqs, vocab], any float dtype. Returns [num_seqs, vocab] fp32. Greedy rows
+    are one-hot at the argmax :func:`sample` would pick (same penalties, same tie-break),
+    so a verifier that treats every row as a distribution is exact for greedy rows too.
+    """
+    if logits.shape != (batch.num_seqs, batch.vocab_size):
+        raise ValueError(
+            f"logits have shape {tuple(logits.shape)}, the batch expects "
+            f"({batch.num_seqs}, {batch.vocab_size})."
+        )
+    x = logits.float()  # [num_seqs, vocab]
+    if batch.banned is not None:
+        x = x.index_put(batch.banned, torch.tensor(float("-inf"), device=x.device))
+    if batch.penalties is not None:
+        x = apply_penalties(x, batch.penalties)
+    one_hot = torch.zeros_like(x).scatter_(1, x.argmax(dim=-1, keepdim=True), 1.0)
+    if batch.all_greedy:
+        return one_hot
+    probs = _filtered_probs(x, batch)
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    if batch.greedy_mask is not None:
+        probs = torch.where(batch.greedy_mask[:, None], one_hot, probs)
+    return probs
 
 
 class Sampler(torch.nn.Module):

@@ -330,4 +330,13 @@ class AsyncEngine:
             num_preemptions=e.scheduler.num_preemptions,
             prefix_cache_queries=getattr(stats, "prompt_tokens", 0),
             prefix_cache_hits=getattr(stats, "cached_prompt_tokens", 0),
-            prefix_cache_blocks=getattr(stats, "cached_blocks", 0))
+            prefix_cache_blocks=getattr(stats, "cached_blocks", 0),
+            **self._spec_counters())
+
+    def _spec_counters(self) -> dict[str, int]:
+        speculator = getattr(self.engine, "speculator", None)
+        if speculator is None:
+            return {}
+        st = speculator.stats
+        return dict(spec_num_drafts=st.num_verifications, spec_num_draft_tokens=st.num_draft_tokens,
+                    spec_num_accepted_tokens=st.num_accepted_tokens)

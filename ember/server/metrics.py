@@ -49,6 +49,9 @@ class EngineSnapshot:
     prefix_cache_queries: int = 0   # prompt tokens of admitted requests
     prefix_cache_hits: int = 0      # of those, served from the prefix cache
     prefix_cache_blocks: int = 0    # blocks the prefix cache holds now
+    spec_num_drafts: int = 0        # speculative verifications (request-steps with drafts)
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -79,6 +82,10 @@ class _EngineCollector(Collector):
             ("ember:num_preemptions", "Sequences preempted (KV cache full).", s.num_preemptions),
             ("ember:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries),
             ("ember:prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits),
+            ("ember:spec_decode_num_drafts", "Speculative verifications (a request's drafts in one step).",
+             s.spec_num_drafts),
+            ("ember:spec_decode_num_draft_tokens", "Draft tokens proposed.", s.spec_num_draft_tokens),
+            ("ember:spec_decode_num_accepted_tokens", "Draft tokens accepted.", s.spec_num_accepted_tokens),
         ):
             c = CounterMetricFamily(name, doc, labels=labels)
             c.add_metric([self._model], value)

@@ -1,0 +1,133 @@
+"""Adaptive speculation: choose k each step so that speculation is never slower than none.
+
+Two online estimates drive the choice:
+
+- acceptance: an EMA of the conditional acceptance a_j = P(draft j accepted | drafts
+  before it accepted), per draft position. With alpha_j = a_1 ... a_j, a speculating
+  request expects E(k) = 1 + alpha_1 + ... + alpha_k tokens per step.
+- cost: a step's time as a + b * (tokens in the forward), fitted by exponentially
+  weighted least squares on the steps the engine has run, separately for steps without
+  drafts (prefill chunks, plain decode) and with drafts, plus the proposer's measured
+  time per draft step as c + d * batch.
+
+For a batch of B decoding requests, k maximises B * E(k) / (t(B (k + 1)) + k t_draft(B)).
+Speculation runs only when the best k beats k = 0 by a margin; otherwise it is off. At
+large batch the forward is compute-bound (b * B dominates), so the extra k * B verify
+tokens cost about what they gain and k falls to 0; at batch 1 a forward costs about the
+same for 1 or k + 1 tokens and speculation wins whenever drafts get accepted. While off,
+a rare one-draft probe keeps the acceptance estimate current (see `probe_every`).
+"""
+from __future__ import annotations
+
+
+class _LinearFit:
+    """Exponentially weighted least squares fit y = a + b x."""
+
+    def __init__(self, decay: float, prior_a: float, prior_b: float) -> None:
+        self.decay = decay
+        self.s = [0.0] * 5   # sum w, w x, w y, w x^2, w x y
+        self.prior = (prior_a, prior_b)
+
+    def add(self, x: float, y: float) -> None:
+        s = [v * self.decay for v in self.s]
+        self.s = [s[0] + 1, s[1] + x, s[2] + y, s[3] + x * x, s[4] + x * y]
+
+    def coef(self) -> tuple[float, float]:
+        w, sx, sy, sxx, sxy = self.s
+        if w < 1e-9:
+            return self.prior
+        var = sxx / w - (sx / w) ** 2
+        if var <= 1e-9 * max(1.0, (sx / w) ** 2):
+            # One batch size seen so far: keep the prior's slope ratio, scaled to the data.
+            a0, b0 = self.prior
+            mean_x, mean_y = sx / w, sy / w
+            scale = mean_y / max(a0 + b0 * mean_x, 1e-12)
+            return a0 * scale, b0 * scale
+        b = (sxy / w - (sx / w) * (sy / w)) / var
+        b = max(b, 0.0)
+        return max(sy / w - b * sx / w, 0.0), b
+
+    @property
+    def has_data(self) -> bool:
+        return self.s[0] > 1e-9
+
+    def __call__(self, x: float) -> float:
+        a, b = self.coef()
+        return a + b * x
+
+
+class AdaptiveK:
+    """Per-step choice of the number of draft tokens k in [0, k_max]."""
+
+    def __init__(self, k_max: int, margin: float = 1.1, ema: float = 0.1,
+                 prior_acceptance: float = 0.6, probe_every: int = 64) -> None:
+        self.k_max = k_max
+        # Acceptance is only measured while speculating: after probe_every steps off, one
+        # step drafts a single token if drafts as good as 90% acceptance would pay at this
+        # batch size (so at most 1/probe_every of steps pay for a probe, and never where
+        # even good drafts lose), letting a recovered acceptance turn speculation back on.
+        self.probe_every = probe_every
+        self.steps_off = 0
+        self.margin = margin
+        self.ema = ema
+        self.accept = [prior_acceptance] * k_max   # conditional acceptance per position
+        # Prior shapes (rescaled to the first measurements): a step of x tokens costs
+        # 1 + x / 64 units, a draft step for B requests 0.2 + B / 256.
+        # Steps with drafts and steps without are fitted apart: they may run differently
+        # (on CUDA a plain decode step replays a CUDA graph, a verify step runs eagerly).
+        self.target = _LinearFit(0.97, 1.0, 1.0 / 64)        # steps without drafts
+        self.target_spec = _LinearFit(0.97, 1.0, 1.0 / 64)   # steps with drafts
+        self.draft = _LinearFit(0.97, 0.2, 1.0 / 256)
+        self.last_k = 0
+
+    def expected_tokens(self, k: int) -> float:
+        total, alpha = 1.0, 1.0
+        for j in range(k):
+            alpha *= self.accept[j]
+            total += alpha
+        return total
+
+    def choose(self, batch_size: int) -> int:
+        if batch_size <= 0:
+            return 0
+        plain = self.target if self.target.has_data or not self.target_spec.has_data else self.target_spec
+        spec = self.target_spec if self.target_spec.has_data else plain
+        base = batch_size / max(plain(batch_size), 1e-12)
+        best_k, best = 0, base * self.margin
+        for k in range(1, self.k_max + 1):
+            rate = batch_size * self.expected_tokens(k) / self._step_cost(batch_size, k, plain, spec)
+            if rate > best:
+                best_k, best = k, rate
+        if best_k > 0:
+            self.steps_off = 0
+        else:
+            self.steps_off += 1
+            optimistic = batch_size * 1.9 / self._step_cost(batch_size, 1, plain, spec)
+            if self.steps_off >= self.probe_every and optimistic > base * self.margin:
+                self.steps_off = 0
+                best_k = 1
+        self.last_k = best_k
+        return best_k
+
+    def _step_cost(self, batch_size: int, k: int, plain: _LinearFit, spec: _LinearFit) -> float:
+        t = spec(batch_size * (k + 1)) + k * self._draft_step(batch_size, plain)
+        return max(t, 1e-12)
+
+    def _draft_step(self, batch_size: int, target: _LinearFit) -> float:
+        """Seconds per draft step; before any is measured, a tenth of a target step (the
+        priors are in arbitrary units, the target fit is in seconds once steps ran)."""
+        if self.draft.has_data:
+            return self.draft(batch_size)
+        return 0.1 * target(batch_size)
+
+    def observe_acceptance(self, num_drafts: int, num_accepted: int) -> None:
+        """Update a_j for the positions this verification reached."""
+        for j in range(min(num_drafts, num_accepted + 1)):
+            hit = 1.0 if j < num_accepted else 0.0
+            self.accept[j] += self.ema * (hit - self.accept[j])
+
+    def observe_step(self, num_tokens: int, seconds: float, speculative: bool = False) -> None:
+        (self.target_spec if speculative else self.target).add(num_tokens, seconds)
+
+    def observe_draft(self, batch_size: int, seconds_per_step: float) -> None:
+        self.draft.add(batch_size, seconds_per_step)

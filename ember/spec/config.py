@@ -1,0 +1,62 @@
+"""`--speculative-config`: which proposer, how many draft tokens, and adaptive speculation."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from typing import Any
+
+METHODS = ("none", "ngram", "draft")
+
+
+@dataclass
+class SpeculativeConfig:
+    """Names follow vLLM's --speculative-config keys where they exist.
+
+    method: none | ngram (prompt lookup) | draft (a smaller model sharing the tokenizer).
+    num_speculative_tokens: the most draft tokens per request per step (k).
+    model: the draft model (HF folder) for method "draft".
+    adaptive: choose k each step from the measured acceptance and batch size (0 = off
+        at large batches); False always drafts num_speculative_tokens.
+    prompt_lookup_min / prompt_lookup_max: n-gram sizes the ngram proposer matches.
+    """
+
+    method: str = "none"
+    num_speculative_tokens: int = 3
+    model: str | None = None
+    adaptive: bool = True
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 3
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown speculative method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method != "none" and self.num_speculative_tokens < 1:
+            raise ValueError("num_speculative_tokens must be >= 1")
+        if self.method == "draft" and not self.model:
+            raise ValueError('speculative method "draft" needs "model": a draft model folder')
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError("need 1 <= prompt_lookup_min <= prompt_lookup_max")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+    @classmethod
+    def parse(cls, value: SpeculativeConfig | dict[str, Any] | str | None) -> SpeculativeConfig:
+        """From a dict, a JSON string (the CLI flag), an instance, or None (off)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--speculative-config is not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise ValueError("the speculative config must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown speculative config keys {unknown}; known: {sorted(known)}")
+        return cls(**value)

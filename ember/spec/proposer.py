@@ -1,0 +1,54 @@
+"""The proposer interface, its null implementation and the registry.
+
+A proposer fills, for each scheduled request the scheduler left room for, a chain of
+draft tokens and (optionally) the draft distribution each was drawn from. The shared
+verifier (ember.spec.rejection) then makes the output exactly the target's. New
+drafting schemes (MTP, EAGLE) are new proposers; tree drafts add parent indices.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ember.engine.engine import Engine
+    from ember.engine.scheduler import SchedulerOutput
+    from ember.spec.config import SpeculativeConfig
+
+
+class Proposer:
+    """Fills `s.spec_token_ids` (at most `s.num_spec_slots` tokens) and optionally
+    `s.spec_probs` ([len(spec_token_ids), vocab] draft distributions; None means each
+    draft token was chosen deterministically, i.e. q is one-hot) for every scheduled
+    request with `num_spec_slots > 0`."""
+
+    name = "base"
+    # Draft positions at the end of a fully accepted chain whose proposer-side state
+    # (e.g. a draft model's KV) the proposal did not write. The scheduler counts that many
+    # accepted tokens as not yet computed, so the next step recomputes them for both the
+    # target and the proposer and the two KV caches always cover the same tokens.
+    kv_lag = 0
+
+    def propose(self, batch: SchedulerOutput) -> None:
+        raise NotImplementedError
+
+
+class NoProposer(Proposer):
+    """Speculation off: the scheduler never leaves room, so there is nothing to fill."""
+
+    name = "none"
+
+    def propose(self, batch: SchedulerOutput) -> None:
+        return None
+
+
+def create_proposer(cfg: SpeculativeConfig, engine: Engine) -> Proposer:
+    """The registry: cfg.method -> proposer."""
+    if cfg.method == "none":
+        return NoProposer()
+    if cfg.method == "ngram":
+        from ember.spec.ngram import NgramProposer
+        return NgramProposer(cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+    if cfg.method == "draft":
+        from ember.spec.draft_model import DraftModelProposer
+        return DraftModelProposer(cfg, engine)
+    raise ValueError(f"unknown speculative method {cfg.method!r}")

@@ -1,0 +1,81 @@
+"""The engine's one handle on speculative decoding: proposer + adaptive k + stats.
+
+The engine calls `propose(batch)` between scheduling and the forward, and
+`observe(batch, result)` after the scheduler has applied the verified tokens. The
+scheduler asks `num_spec_tokens(num_running)` how much room to leave for drafts.
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from ember.spec.adaptive import AdaptiveK
+from ember.spec.config import SpeculativeConfig
+from ember.spec.proposer import create_proposer
+from ember.spec.stats import SpecStats
+
+if TYPE_CHECKING:
+    from ember.engine.engine import Engine
+    from ember.engine.model_runner import StepResult
+    from ember.engine.scheduler import SchedulerOutput
+
+
+class Speculator:
+    def __init__(self, cfg: SpeculativeConfig, engine: Engine) -> None:
+        self.cfg = cfg
+        self.proposer = create_proposer(cfg, engine)
+        self.kv_lag = self.proposer.kv_lag
+        self.stats = SpecStats()
+        self.controller = AdaptiveK(cfg.num_speculative_tokens) if cfg.adaptive and cfg.enabled else None
+        self._t_forward = 0.0
+        self._k = 0
+
+    def num_spec_tokens(self, num_running: int) -> int:
+        if not self.cfg.enabled:
+            k = 0
+        elif self.controller is not None:
+            k = self.controller.choose(num_running)
+        else:
+            k = self.cfg.num_speculative_tokens
+        self._k = k
+        return k
+
+    def propose(self, batch: SchedulerOutput) -> None:
+        # Called every step, drafting or not: a proposer with its own KV cache must see
+        # every token the target computes.
+        drafting = sum(1 for s in batch.scheduled if s.num_spec_slots > 0)
+        start = time.perf_counter()
+        self.proposer.propose(batch)
+        if self.controller is not None and drafting and self._k > 0:
+            per_step = (time.perf_counter() - start) / self._k
+            self.controller.observe_draft(drafting, per_step)
+        self._t_forward = time.perf_counter()
+
+    def observe(self, batch: SchedulerOutput, result: StepResult) -> None:
+        """Record acceptance and the step's cost (forward + verify + bookkeeping)."""
+        seconds = time.perf_counter() - self._t_forward
+        self.stats.num_steps += 1
+        if not self.cfg.enabled:
+            return
+        spec = [s for s in batch.scheduled if s.spec_token_ids]
+        if spec:
+            self.stats.num_spec_steps += 1
+        self.stats.k_histogram[self._k] = self.stats.k_histogram.get(self._k, 0) + 1
+        for s in spec:
+            rid = s.request.request_id
+            n_acc = result.num_accepted.get(rid)
+            if n_acc is None:
+                continue
+            k = len(s.spec_token_ids)
+            self.stats.record(k, n_acc, len(result.sampled[rid]))
+            if self.controller is not None:
+                self.controller.observe_acceptance(k, n_acc)
+        if self.controller is not None:
+            self.controller.observe_step(batch.num_tokens, seconds, speculative=bool(spec))
+
+    def stats_dict(self) -> dict[str, Any]:
+        d = self.stats.as_dict()
+        d["method"] = self.cfg.method
+        d["num_speculative_tokens"] = self.cfg.num_speculative_tokens
+        d["adaptive"] = self.cfg.adaptive
+        return d
