@@ -30,6 +30,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="reuse the KV cache of shared prompt prefixes (RadixAttention) or not")
     p.add_argument("--scheduling-policy", default="lpm", choices=["lpm", "fcfs"],
                    help="lpm: admit the longest cached prefix first (bounded, never starves); fcfs")
+    p.add_argument("--quantization", default=None,
+                   choices=["none", "awq", "smoothquant", "nvfp4", "fp8"],
+                   help="quantize a full-precision model on load (round to nearest; calibrated "
+                        "checkpoints come from `ember quantize`); default: as the checkpoint says")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -41,7 +45,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 kv_cache_memory=args.kv_cache_memory, attention_backend=args.attention_backend,
                 enforce_eager=args.enforce_eager,
                 prefix_cache=args.prefix_cache, scheduling_policy=args.scheduling_policy,
-                seed=args.seed)
+                seed=args.seed, quantization=args.quantization)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
