@@ -124,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_chat)
 
     # Their optional dependencies (fastapi, uvicorn, httpx) load only when they run.
+    e = sub.add_parser("eval", help="evaluate a model")
+    esub = e.add_subparsers(dest="eval_command", required=True)
+    from ember.eval.ppl import add_ppl_args, cmd_ppl
+    ppl = esub.add_parser("ppl", help="perplexity on a text file with a sliding window")
+    add_engine_args(ppl)
+    add_ppl_args(ppl)
+    ppl.set_defaults(func=cmd_ppl)
+
+    from ember.quant.cli import add_quantize_parser
+    add_quantize_parser(sub)
+
     from ember.bench.cli import add_bench_parser
     from ember.server.cli import add_serve_parser
     add_serve_parser(sub)
