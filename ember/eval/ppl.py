@@ -1,6 +1,7 @@
 """Perplexity with a sliding window: windows of `window` tokens every `stride` tokens,
 each scoring only the tokens no earlier window scored (so every token after the first is
-scored once, with at least window - stride tokens of context once the text is long enough)."""
+scored once, with at least window - stride tokens of context once the text is long enough).
+Every token is predicted from inside one window, never across a window boundary."""
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,9 @@ def read_split(path: str, split_start: float = 0.0, split_end: float = 1.0) -> s
 
 
 def perplexity(llm, token_ids: list[int], window: int = 1024, stride: int = 512) -> PerplexityResult:
-    if not 0 < stride <= window:
-        raise ValueError("need 0 < stride <= window")
+    if not 0 < stride < window:
+        # Each window must hold at least one token of context for its first scored token.
+        raise ValueError("need 0 < stride < window")
     if len(token_ids) < 2:
         raise ValueError("need at least two tokens to score")
     start_time = time.perf_counter()

@@ -22,11 +22,13 @@ class LinearMethod:
         raise NotImplementedError
 
     def load_tensor(self, layer: "Linear", kind: str, shard_offset: int, shard_rows: int,
-                    tensor: torch.Tensor) -> None:
-        """Load checkpoint tensor `<module>.<kind>` of one shard (rows [offset, offset + rows))."""
+                    tensor: torch.Tensor) -> str | None:
+        """Load checkpoint tensor `<module>.<kind>` of one shard (rows [offset, offset + rows)).
+        Returns the name of the layer parameter it filled (None: a tensor the method ignores)."""
         if kind != "weight":
             raise KeyError(f"{type(self).__name__} has no tensor {kind!r}")
         self.load_shard(layer, shard_offset, tensor)
+        return "weight"
 
     def finalize(self, layer: "Linear") -> None:
         """Called once after loading (e.g. to quantize weights loaded in full precision)."""
@@ -77,11 +79,14 @@ class Linear(nn.Module):
     def load(self, weight: torch.Tensor, shard: str | None = None) -> None:
         self.method.load_shard(self, self.shard_offsets[shard], weight)
 
-    def load_tensor(self, kind: str, tensor: torch.Tensor, shard: str | None = None) -> None:
-        """Load checkpoint tensor `<this module>.<kind>` (weight, bias, or a quantized tensor)."""
+    def load_tensor(self, kind: str, tensor: torch.Tensor, shard: str | None = None) -> str | None:
+        """Load checkpoint tensor `<this module>.<kind>` (weight, bias, or a quantized tensor);
+        returns the parameter it filled (None when the method ignores that tensor)."""
         if kind == "bias":
-            return self.load_bias(tensor, shard)
-        self.method.load_tensor(self, kind, self.shard_offsets[shard], self.shard_sizes[shard], tensor)
+            self.load_bias(tensor, shard)
+            return "bias"
+        return self.method.load_tensor(self, kind, self.shard_offsets[shard],
+                                       self.shard_sizes[shard], tensor)
 
     def load_bias(self, bias: torch.Tensor, shard: str | None = None) -> None:
         offset = self.shard_offsets[shard]

@@ -159,10 +159,11 @@ class LlamaForCausalLM(nn.Module):
             if module is None:
                 raise KeyError(f"checkpoint tensor {name!r} matches no module of {type(self).__name__}")
             if isinstance(module, Linear):
-                module.load_tensor(kind, tensor, shard)
+                kind = module.load_tensor(kind, tensor, shard)  # may name a quantized tensor
             else:
                 params[name].data.copy_(tensor)
-            loaded.add(f"{module_name}.{kind}")
+            if kind is not None:
+                loaded.add(f"{module_name}.{kind}")
         missing = [n for n in params if n not in loaded]
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")

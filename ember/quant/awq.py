@@ -33,13 +33,13 @@ class Int4LinearMethod(QuantLinearMethod):
         return {"qweight": pack_int4(q), "scales": scales.to(weight.dtype), "qzeros": zeros}
 
     def load_tensor(self, layer: Linear, kind: str, shard_offset: int, shard_rows: int,
-                    tensor: torch.Tensor) -> None:
+                    tensor: torch.Tensor) -> str | None:
         if self.cfg.checkpoint_format == "autoawq":
             if kind == "qweight" and tensor.shape[0] != layer.in_features:
                 raise ValueError(f"AutoAWQ qweight has {tensor.shape[0]} input rows, "
                                  f"expected {layer.in_features}")
             tensor = from_autoawq(kind, tensor)
-        super().load_tensor(layer, kind, shard_offset, shard_rows, tensor)
+        return super().load_tensor(layer, kind, shard_offset, shard_rows, tensor)
 
     def dequantize(self, layer: Linear) -> torch.Tensor:
         return dequantize_int4(layer.qweight, layer.scales, layer.qzeros)

@@ -98,9 +98,10 @@ class QuantLinearMethod(LinearMethod):
         layer.weight.data[shard_offset:shard_offset + weight.shape[0]].copy_(weight)
 
     def load_tensor(self, layer: Linear, kind: str, shard_offset: int, shard_rows: int,
-                    tensor: torch.Tensor) -> None:
+                    tensor: torch.Tensor) -> str | None:
         if kind == "weight" and not self.cfg.prequantized:
-            return self.load_shard(layer, shard_offset, tensor)
+            self.load_shard(layer, shard_offset, tensor)
+            return kind
         target = getattr(layer, kind, None)
         if not isinstance(target, torch.Tensor):
             raise KeyError(f"{type(self).__name__} has no tensor {kind!r}")
@@ -109,6 +110,7 @@ class QuantLinearMethod(LinearMethod):
             rows.fill_(tensor.reshape(()).item())  # a per-tensor scale of this shard
         else:
             rows.copy_(tensor.reshape(rows.shape))
+        return kind
 
     def finalize(self, layer: Linear) -> None:
         if self.cfg.prequantized or getattr(layer, "weight", None) is None:

@@ -41,11 +41,12 @@ def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         if layer.bias is not None:
             tensors["bias"] = layer.bias.data
         parent, _, leaf = name.rpartition(".")
+        prefix = f"{parent}." if parent else ""
         for shard, offset in layer.shard_offsets.items():
             rows = layer.shard_sizes[shard]
             proj = leaf if shard is None else _SPLIT[(leaf, shard)]
             for kind, t in tensors.items():
-                out[f"{parent}.{proj}.{kind}"] = t[offset:offset + rows].contiguous().cpu()
+                out[f"{prefix}{proj}.{kind}"] = t[offset:offset + rows].contiguous().cpu()
     linear_params = {f"{n}.{p}" for n, m in linears.items() for p, _ in m.named_parameters(recurse=False)}
     for name, p in model.named_parameters():
         if name not in linear_params:

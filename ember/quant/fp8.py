@@ -47,10 +47,10 @@ class FP8LinearMethod(QuantLinearMethod):
         return {"weight": q, "weight_scale": scale.expand(weight.shape[0], 1).reshape(-1).contiguous()}
 
     def load_tensor(self, layer: Linear, kind: str, shard_offset: int, shard_rows: int,
-                    tensor: torch.Tensor) -> None:
+                    tensor: torch.Tensor) -> str | None:
         if kind == "input_scale":
-            return
-        super().load_tensor(layer, kind, shard_offset, shard_rows, tensor)
+            return None  # activations are scaled dynamically
+        return super().load_tensor(layer, kind, shard_offset, shard_rows, tensor)
 
     def finalize(self, layer: Linear) -> None:
         super().finalize(layer)

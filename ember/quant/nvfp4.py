@@ -38,15 +38,15 @@ class NVFP4LinearMethod(QuantLinearMethod):
                 "weight_scale_2": gs.expand(weight.shape[0]).contiguous()}
 
     def load_tensor(self, layer: Linear, kind: str, shard_offset: int, shard_rows: int,
-                    tensor: torch.Tensor) -> None:
+                    tensor: torch.Tensor) -> str | None:
         if kind in _IGNORED_INPUTS:
-            return
+            return None
         fmt = self.cfg.checkpoint_format
         if fmt == "modelopt" and kind == "weight":
             kind = "weight_packed"
         elif fmt == "compressed-tensors" and kind == "weight_global_scale":
             kind, tensor = "weight_scale_2", 1.0 / tensor.float()
-        super().load_tensor(layer, kind, shard_offset, shard_rows, tensor)
+        return super().load_tensor(layer, kind, shard_offset, shard_rows, tensor)
 
     def dequantize(self, layer: Linear) -> torch.Tensor:
         return dequantize_nvfp4(layer.weight_packed, layer.weight_scale, layer.weight_scale_2)
