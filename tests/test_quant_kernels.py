@@ -47,8 +47,9 @@ def test_int4_kernel_matches_reference(m, n, k, group, dtype):
 
 @pytest.mark.parametrize("m", [1, 5, 24])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_nvfp4_kernel_matches_reference(m, dtype):
-    n, k = 40, 256
+@pytest.mark.parametrize("k", [256, 48])  # 48: K not a multiple of a 32-wide tile
+def test_nvfp4_kernel_matches_reference(m, dtype, k):
+    n = 40
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(2)) * 0.05
     packed, bs, gs = quantize_nvfp4(w)
     gs_rows = torch.linspace(0.5, 2.0, n) * gs          # per-row global scales (merged shards)
@@ -70,3 +71,14 @@ def test_nvfp4_kernel_decodes_every_code_and_subnormal_scales():
     want = nvfp4_linear_ref(x, packed, bs, gs)
     got = nvfp4_linear_triton(x.to(DEVICE), packed.to(DEVICE), bs.to(DEVICE), gs.to(DEVICE))
     torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("config", [(16, 128), (128, 32), (64, 64, 4), (128, 64, 4)])
+def test_int4_kernel_every_tile_config(config):
+    # The GEMV configs (2-tuples) at 2 rows and the GEMM configs at 17; group 64 caps BLOCK_K.
+    m = 2 if len(config) == 2 else 17
+    qw, s, z = _int4_weight(136, 256, 64, seed=9)
+    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    want = int4_linear_ref(x, qw, s, z)
+    torch.testing.assert_close(int4_linear_triton(x, qw, s, z, config=config), want,
+                               rtol=1e-3, atol=1e-3 * want.abs().max().item())

@@ -12,6 +12,8 @@ repeats hit L1. Launchers allocate only the output, so they are CUDA-graph captu
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -109,9 +111,38 @@ def _block_k(group: int, cap: int = 128) -> int:
     return bk
 
 
+# Candidate tile shapes; on CUDA the first call per shape (eager, e.g. CUDA-graph warm-up)
+# times them and keeps the fastest. Set EMBER_W4A16_AUTOTUNE=0 to use the first candidate.
+GEMV_CONFIGS = ((32, 128), (16, 128), (64, 64), (128, 32))            # (BLOCK_N, BLOCK_K)
+GEMM_CONFIGS = ((32, 64, 4), (64, 64, 4), (128, 64, 4), (64, 128, 8))  # (BLOCK_N, BLOCK_K, warps)
+AUTOTUNE = os.environ.get("EMBER_W4A16_AUTOTUNE", "1") == "1"
+_TUNED: dict[tuple, tuple] = {}
+
+
+def _time_ms(fn, reps: int = 10) -> float:
+    fn()  # compile
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def _choose(key: tuple, candidates: list[tuple], run, x: torch.Tensor) -> tuple:
+    if key in _TUNED:
+        return _TUNED[key]
+    if not (AUTOTUNE and x.is_cuda) or torch.cuda.is_current_stream_capturing():
+        return candidates[0]
+    _TUNED[key] = min(candidates, key=lambda c: _time_ms(lambda: run(c)))
+    return _TUNED[key]
+
+
 def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
             gs: torch.Tensor | None, n_out: int, k_in: int, group: int, nvfp4: bool,
-            block_n: int | None, block_m: int | None, block_k: int | None) -> torch.Tensor:
+            config: tuple | None) -> torch.Tensor:
     x2 = x.reshape(-1, k_in)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -119,39 +150,49 @@ def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor |
     y = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*x.shape[:-1], n_out)
-    bk = block_k or _block_k(group)
     dummy = s  # placeholder for the pointer a format does not use
     args = (x2, y, w, s, z if z is not None else dummy, gs if gs is not None else dummy)
+    gmax = _block_k(group)
     if m <= GEMV_MAX_ROWS:
-        bn = block_n or 32
-        _w4_gemv_kernel[(triton.cdiv(n_out, bn), m)](
-            *args, n_out, k_in, x2.stride(0), y.stride(0), w.stride(0), s.stride(0),
-            G=group, NVFP4=nvfp4, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+        def run(c: tuple) -> None:
+            bn, bk = c
+            _w4_gemv_kernel[(triton.cdiv(n_out, bn), m)](
+                *args, n_out, k_in, x2.stride(0), y.stride(0), w.stride(0), s.stride(0),
+                G=group, NVFP4=nvfp4, BLOCK_N=bn, BLOCK_K=min(bk, gmax), num_warps=4)
+        cands = list(GEMV_CONFIGS)
+        key = ("gemv", nvfp4, m, n_out, k_in, group)
     else:
-        bm = block_m or (16 if m <= 16 else 32 if m <= 32 else 64)
-        bn = block_n or (32 if n_out <= 8192 else 64)
-        bk = min(bk, 64)
-        _w4_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n_out, bn))](
-            *args, m, n_out, k_in, x2.stride(0), y.stride(0), w.stride(0), s.stride(0),
-            G=group, NVFP4=nvfp4, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=3)
+        bm = 16 if m <= 16 else 32 if m <= 32 else 64
+
+        def run(c: tuple) -> None:
+            bn, bk, warps = c
+            _w4_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n_out, bn))](
+                *args, m, n_out, k_in, x2.stride(0), y.stride(0), w.stride(0), s.stride(0),
+                G=group, NVFP4=nvfp4, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(bk, gmax),
+                num_warps=warps, num_stages=3)
+        cands = list(GEMM_CONFIGS)
+        # Tuned per power-of-two row bucket, so varying prefill sizes do not each re-tune.
+        key = ("gemm", nvfp4, bm, triton.next_power_of_2(m), n_out, k_in, group)
+    run(config or _choose(key, cands, run, x))
     return y.reshape(*x.shape[:-1], n_out)
 
 
 def int4_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                       qzeros: torch.Tensor, block_n: int | None = None, block_m: int | None = None,
-                       block_k: int | None = None) -> torch.Tensor:
-    """x: [..., K]; qweight: [N, K // 8] int32; scales, qzeros: [N, K // G] -> [..., N]."""
+                       qzeros: torch.Tensor, config: tuple | None = None) -> torch.Tensor:
+    """x: [..., K]; qweight: [N, K // 8] int32; scales, qzeros: [N, K // G] -> [..., N].
+    `config`: a tile config from GEMV_CONFIGS / GEMM_CONFIGS (default: tuned or the first)."""
     n_out, k_in = qweight.shape[0], qweight.shape[1] * 8
     group = k_in // scales.shape[1]
-    return _launch(x, qweight, scales, qzeros, None, n_out, k_in, group, False, block_n, block_m, block_k)
+    return _launch(x, qweight, scales, qzeros, None, n_out, k_in, group, False, config)
 
 
 def nvfp4_linear_triton(x: torch.Tensor, packed: torch.Tensor, block_scale: torch.Tensor,
-                        global_scale: torch.Tensor, block_n: int | None = None,
-                        block_m: int | None = None, block_k: int | None = None) -> torch.Tensor:
+                        global_scale: torch.Tensor, config: tuple | None = None) -> torch.Tensor:
     """x: [..., K]; packed: [N, K // 2] uint8; block_scale: [N, K // 16] e4m3;
     global_scale: [N] fp32 -> [..., N]."""
     n_out, k_in = packed.shape[0], packed.shape[1] * 2
     # E4M3 bytes are decoded in the kernel (no fp8 loads: portable, and the interpreter has no fp8).
+    # BLOCK_K must divide K (a multiple of 16): treat the largest power-of-two divisor <= 128
+    # as the "group" the tiles stay inside.
     return _launch(x, packed, block_scale.view(torch.uint8), None, global_scale.float(), n_out,
-                   k_in, 128, True, block_n, block_m, block_k)
+                   k_in, _block_k(k_in), True, config)
