@@ -23,9 +23,8 @@ GEMV_MAX_ROWS = 8
 
 # ---- dequantization helpers (inlined into the kernels) ----------------------------------------
 @triton.jit
-def _int4_tile(qw_ptr, s_ptr, z_ptr, n, k, n_mask, K, G: tl.constexpr, stride_qn, stride_sn,
-               KMAJOR: tl.constexpr):
-    """Dequantized INT4 weights. KMAJOR: tile [BK, BN] (n: [1, BN], k: [BK, 1]); else [BN, BK]
+def _int4_tile(qw_ptr, s_ptr, z_ptr, n, k, n_mask, G: tl.constexpr, stride_qn, stride_sn):
+    """Dequantized INT4 weights, tile [BK, BN] (n: [1, BN], k: [BK, 1]) or [BN, BK]
     (n: [BN, 1], k: [1, BK]). A tile lies inside one group (BLOCK_K divides G)."""
     q = tl.load(qw_ptr + n * stride_qn + k // 8, mask=n_mask, other=0)
     q = (q >> ((k % 8) * 4)) & 0xF
@@ -69,8 +68,8 @@ def _w4_gemv_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, N, K, stride_xm, 
         if NVFP4:
             w = _nvfp4_tile(w_ptr, s_ptr, n[:, None], kk[None, :], n_mask, stride_wn, stride_sn)
         else:
-            w = _int4_tile(w_ptr, s_ptr, z_ptr, n[:, None], kk[None, :], n_mask, K, G,
-                           stride_wn, stride_sn, False)
+            w = _int4_tile(w_ptr, s_ptr, z_ptr, n[:, None], kk[None, :], n_mask, G,
+                           stride_wn, stride_sn)
         acc += tl.sum(w * x[None, :], axis=1)
     if NVFP4:
         acc *= tl.load(gs_ptr + n, mask=n < N, other=0.0)
@@ -93,8 +92,8 @@ def _w4_gemm_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, M, N, K, stride_x
         if NVFP4:
             w = _nvfp4_tile(w_ptr, s_ptr, n[None, :], kk[:, None], n_mask, stride_wn, stride_sn)
         else:
-            w = _int4_tile(w_ptr, s_ptr, z_ptr, n[None, :], kk[:, None], n_mask, K, G,
-                           stride_wn, stride_sn, True)
+            w = _int4_tile(w_ptr, s_ptr, z_ptr, n[None, :], kk[:, None], n_mask, G,
+                           stride_wn, stride_sn)
         acc += tl.dot(x, w.to(x.dtype))
     if NVFP4:
         acc *= tl.load(gs_ptr + n, mask=n < N, other=0.0)[None, :]
