@@ -4,8 +4,10 @@ For each group of linears that share an input x (qkv; o; gate_up; down), search
 s = mean|x|^alpha over a grid of alpha in [0, 1) and keep the one minimising the group's
 output error || Q(W diag(s)) (x / s) - W x ||^2 on calibration rows; alpha = 0 is plain
 RTN, so the search never picks worse than RTN on its own data. The scales are folded into
-the preceding norm / linear (fold.py), then the model is quantized to INT4 as usual.
-Not done: AWQ's second step, the per-group weight clipping search.
+the preceding norm / linear (fold.py). Then AWQ's second step: per (output row, group), a
+clipping ratio r in {1, 0.95, ..., 0.55} of the group's range minimising that group's
+contribution to the output error (q and k rows are not clipped, as in AutoAWQ: their errors
+are amplified by the q.k product). The model is then quantized to INT4 as usual.
 """
 from __future__ import annotations
 
@@ -49,10 +51,38 @@ def search_scale(weight: torch.Tensor, x: torch.Tensor, mean_abs: torch.Tensor, 
 
 
 @torch.no_grad()
+def search_clip(weight: torch.Tensor, x: torch.Tensor, group_size: int, steps: int = 10,
+                step: float = 0.05) -> torch.Tensor:
+    """weight: [out, in]; x: [n, in] (inputs as the weight sees them) -> the weight with each
+    (row, group) clamped to r * its [min, max], r chosen to minimise E_n (x_g . (w_g - Q(w_g)))^2."""
+    w = weight.float()
+    out, k = w.shape
+    g = effective_group_size(k, group_size)
+    wg = w.reshape(out, k // g, g)
+    xg = x.float().reshape(x.shape[0], k // g, g)
+    lo0 = wg.amin(-1, keepdim=True).clamp(max=0)
+    hi0 = wg.amax(-1, keepdim=True).clamp(min=0)
+    best_err = torch.full((out, k // g), float("inf"), device=w.device)
+    best_r = torch.ones(out, k // g, 1, device=w.device)
+    for i in range(steps):
+        r = 1.0 - i * step
+        lo, hi = lo0 * r, hi0 * r
+        scales = ((hi - lo) / 15).clamp(min=1e-10)
+        zeros = torch.round(-lo / scales).clamp(0, 15)
+        q = torch.clamp(torch.round(wg.clamp(lo, hi) / scales) + zeros, 0, 15)
+        delta = wg - (q - zeros) * scales                                # [out, groups, g]
+        err = torch.einsum("nkg,okg->nok", xg, delta).pow(2).mean(0)    # [out, groups]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_r = torch.where(better[..., None], torch.tensor(r, device=w.device), best_r)
+    return wg.clamp(lo0 * best_r, hi0 * best_r).reshape(out, k).to(weight.dtype)
+
+
+@torch.no_grad()
 def apply_awq(model: nn.Module, stats: dict[str, InputStats], group_size: int = 128,
-              grid: int = 20) -> dict[str, tuple[float, float, float]]:
-    """Search and fold AWQ scales into every decoder layer of a full-precision Llama-style
-    model, in place. Returns {linear name: (alpha, loss, rtn loss)}."""
+              grid: int = 20, clip: bool = True) -> dict[str, tuple[float, float, float]]:
+    """Search and fold AWQ scales (and clip the weights) in every decoder layer of a
+    full-precision Llama-style model, in place. Returns {linear name: (alpha, loss, rtn loss)}."""
     report: dict[str, tuple[float, float, float]] = {}
     for i, layer in enumerate(model.model.layers):
         p = f"model.layers.{i}"
@@ -71,6 +101,13 @@ def apply_awq(model: nn.Module, stats: dict[str, InputStats], group_size: int = 
             s, alpha, loss, rtn = search_scale(lin.weight.data, st.sample.to(lin.weight.device),
                                                stat.to(lin.weight.device), group_size, grid, expand)
             fold(layer, s)
+            if clip:
+                x_seen = st.sample.to(lin.weight.device) / (expand(s) if expand is not None else s)
+                rows = slice(0, None)
+                if lin is layer.self_attn.qkv_proj:  # clip only the v rows
+                    off = lin.shard_offsets["v"]
+                    rows = slice(off, off + lin.shard_sizes["v"])
+                lin.weight.data[rows] = search_clip(lin.weight.data[rows], x_seen, group_size)
             report[name] = (alpha, loss, rtn)
             logger.info("awq %s: alpha %.2f, loss %.3g (rtn %.3g)", name, alpha, loss, rtn)
     return report
