@@ -8,6 +8,7 @@ Checkpoints: ember's rows-first layout, or AutoAWQ's GEMM layout converted on lo
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ember.layers.linear import Linear
 from ember.quant.base import QuantConfig, QuantLinearMethod, effective_group_size, register
@@ -45,8 +46,11 @@ class Int4LinearMethod(QuantLinearMethod):
         return dequantize_int4(layer.qweight, layer.scales, layer.qzeros)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        from ember.quant.kernels import int4_linear
-        y = int4_linear(x, layer.qweight, layer.scales, layer.qzeros)
+        if x.is_cuda:
+            from ember.quant.kernels.w4a16 import int4_linear_triton
+            y = int4_linear_triton(x, layer.qweight, layer.scales, layer.qzeros)
+        else:
+            y = F.linear(x, self.cpu_weight(layer, x.dtype))
         return y if layer.bias is None else y + layer.bias
 
 

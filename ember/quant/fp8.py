@@ -74,7 +74,7 @@ class FP8LinearMethod(QuantLinearMethod):
                 x2 = x.reshape(-1, x.shape[-1])
                 q, s = quantize_fp8(x2, self.per_token)
                 x = (q.float() * s).to(x.dtype).reshape(x.shape)
-            y = F.linear(x, (layer.weight.to(x.dtype) * layer.weight_scale[:, None].to(x.dtype)))
+            y = F.linear(x, self.cpu_weight(layer, x.dtype))
         return y if layer.bias is None else y + layer.bias
 
     def _scaled_mm(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ activations dynamically.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ember.layers.linear import Linear
 from ember.quant.base import QuantLinearMethod, register
@@ -52,8 +53,11 @@ class NVFP4LinearMethod(QuantLinearMethod):
         return dequantize_nvfp4(layer.weight_packed, layer.weight_scale, layer.weight_scale_2)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        from ember.quant.kernels import nvfp4_linear
         if self.cfg.params.get("activations", "none") == "nvfp4":
             x = fake_quantize_nvfp4_rows(x)
-        y = nvfp4_linear(x, layer.weight_packed, layer.weight_scale, layer.weight_scale_2)
+        if x.is_cuda:
+            from ember.quant.kernels.w4a16 import nvfp4_linear_triton
+            y = nvfp4_linear_triton(x, layer.weight_packed, layer.weight_scale, layer.weight_scale_2)
+        else:
+            y = F.linear(x, self.cpu_weight(layer, x.dtype))
         return y if layer.bias is None else y + layer.bias
