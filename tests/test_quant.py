@@ -265,3 +265,15 @@ def test_smollm2_int4_perplexity_stays_close(smollm2_gguf_path):
     q = perplexity(llm, ids, window=193, stride=96).ppl
     # Measured 1.20 on 256 tokens; the full table is in docs/BENCHMARKS.md.
     assert q != base and q / base < 1.35, (q, base)
+
+
+def test_quantize_cli_writes_a_loadable_checkpoint(tiny_llama, tmp_path, capsys):
+    from ember.cli import main
+    out = str(tmp_path / "fp8")
+    main(["quantize", "--model", tiny_llama.path, "--method", "fp8", "--dtype", "float32", "--out", out])
+    assert "wrote fp8 checkpoint" in capsys.readouterr().out
+    llm = load(out)
+    lin = llm.engine.runner.model.model.layers[0].mlp.down_proj
+    assert lin.weight.dtype == torch.float8_e4m3fn
+    with pytest.raises(SystemExit):  # awq without calibration text is refused
+        main(["quantize", "--model", tiny_llama.path, "--method", "awq", "--out", str(tmp_path / "x")])

@@ -62,7 +62,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from ember.quant.checkpoint import save_quantized
     kw = engine_kwargs(args)
     kw["quantization"] = "none"
-    kw["max_model_len"] = max(kw.get("max_model_len") or 0, args.calib_len + 1)
+    if args.method in ("awq", "smoothquant"):  # room for one calibration sequence
+        kw["max_model_len"] = max(kw.get("max_model_len") or 0, args.calib_len + 1)
     t = time.perf_counter()
     llm = LLM(args.model, **kw)
     quant = quantize_llm(llm, args.method, args.calib, args.calib_split, args.calib_seqs,
