@@ -70,10 +70,13 @@ def main() -> None:
                ("o (in %d)" % (cfg.num_attention_heads * cfg.head_dim), cfg.num_attention_heads * cfg.head_dim),
                ("down (in %d)" % cfg.intermediate_size, cfg.intermediate_size)]}
     print(f"# INT4 group sizes used (largest divisor <= {args.group_size}): {groups}", flush=True)
-    t = time.perf_counter()
-    seqs = calibration_sequences(tok, args.texts, args.calib_seqs, args.calib_len, args.split)
-    stats = collect_input_stats(llm, seqs)
-    print(f"# calibration statistics: {len(seqs)} sequences in {time.perf_counter() - t:.0f} s", flush=True)
+    stats = None
+    if any(CONFIGS[c][0] in ("awq", "smoothquant") for c in args.configs):
+        t = time.perf_counter()
+        seqs = calibration_sequences(tok, args.texts, args.calib_seqs, args.calib_len, args.split)
+        stats = collect_input_stats(llm, seqs)
+        print(f"# calibration statistics: {len(seqs)} sequences in {time.perf_counter() - t:.0f} s",
+              flush=True)
 
     results = []
     for name in args.configs:
