@@ -4,10 +4,11 @@ For each group of linears that share an input x (qkv; o; gate_up; down), search
 s = mean|x|^alpha over a grid of alpha in [0, 1) and keep the one minimising the group's
 output error || Q(W diag(s)) (x / s) - W x ||^2 on calibration rows; alpha = 0 is plain
 RTN, so the search never picks worse than RTN on its own data. The scales are folded into
-the preceding norm / linear (fold.py). Then AWQ's second step: per (output row, group), a
-clipping ratio r in {1, 0.95, ..., 0.55} of the group's range minimising that group's
-contribution to the output error (q and k rows are not clipped, as in AutoAWQ: their errors
-are amplified by the q.k product). The model is then quantized to INT4 as usual.
+the preceding norm / linear (fold.py), then the model is quantized to INT4 as usual.
+AWQ's second step, a per-(row, group) clipping ratio r in {1, 0.95, ..., 0.55} minimising the
+group's output error (q and k rows not clipped, as in AutoAWQ), is `clip=True`; it is off by
+default because on SmolLM2 (weights already on a Q4_1 grid) it made perplexity worse than
+RTN (docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def search_clip(weight: torch.Tensor, x: torch.Tensor, group_size: int, steps: i
 
 @torch.no_grad()
 def apply_awq(model: nn.Module, stats: dict[str, InputStats], group_size: int = 128,
-              grid: int = 20, clip: bool = True) -> dict[str, tuple[float, float, float]]:
+              grid: int = 20, clip: bool = False) -> dict[str, tuple[float, float, float]]:
     """Search and fold AWQ scales (and clip the weights) in every decoder layer of a
     full-precision Llama-style model, in place. Returns {linear name: (alpha, loss, rtn loss)}."""
     report: dict[str, tuple[float, float, float]] = {}
