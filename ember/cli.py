@@ -32,6 +32,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="reuse the KV cache of shared prompt prefixes (RadixAttention) or not")
     p.add_argument("--scheduling-policy", default="lpm", choices=["lpm", "fcfs"],
                    help="lpm: admit the longest cached prefix first (bounded, never starves); fcfs")
+    p.add_argument("--quantization", default=None,
+                   choices=["none", "awq", "smoothquant", "nvfp4", "fp8"],
+                   help="quantize a full-precision model on load (round to nearest; calibrated "
+                        "checkpoints come from `ember quantize`); default: as the checkpoint says")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--speculative-config", default=None,
                    help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\' '
@@ -48,7 +52,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 layer_kernels=args.layer_kernels,
                 enforce_eager=args.enforce_eager,
                 prefix_cache=args.prefix_cache, scheduling_policy=args.scheduling_policy,
-                seed=args.seed, speculative_config=args.speculative_config)
+                seed=args.seed, speculative_config=args.speculative_config,
+                quantization=args.quantization)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -127,6 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_chat)
 
     # Their optional dependencies (fastapi, uvicorn, httpx) load only when they run.
+    e = sub.add_parser("eval", help="evaluate a model")
+    esub = e.add_subparsers(dest="eval_command", required=True)
+    from ember.eval.ppl import add_ppl_args, cmd_ppl
+    ppl = esub.add_parser("ppl", help="perplexity on a text file with a sliding window")
+    add_engine_args(ppl)
+    add_ppl_args(ppl)
+    ppl.set_defaults(func=cmd_ppl)
+
+    from ember.quant.cli import add_quantize_parser
+    add_quantize_parser(sub)
+
     from ember.bench.cli import add_bench_parser
     from ember.server.cli import add_serve_parser
     from ember.spec.train_draft import add_train_draft_parser

@@ -53,6 +53,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
+    quantization: Any = None  # ember.quant.QuantConfig, set by the loader; None = unquantized
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
@@ -127,6 +128,7 @@ class EngineConfig:
     # Speculative decoding: a dict or JSON string like vLLM's --speculative-config,
     # e.g. {"method": "ngram", "num_speculative_tokens": 3}; parsed to a SpeculativeConfig.
     speculative_config: Any = None
+    quantization: str | None = None       # None: as the checkpoint says | none | awq | smoothquant | nvfp4 | fp8
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

@@ -21,6 +21,18 @@ class LinearMethod:
         """Copy one checkpoint tensor [shard_out, in] into rows [offset, offset + shard_out)."""
         raise NotImplementedError
 
+    def load_tensor(self, layer: "Linear", kind: str, shard_offset: int, shard_rows: int,
+                    tensor: torch.Tensor) -> str | None:
+        """Load checkpoint tensor `<module>.<kind>` of one shard (rows [offset, offset + rows)).
+        Returns the name of the layer parameter it filled (None: a tensor the method ignores)."""
+        if kind != "weight":
+            raise KeyError(f"{type(self).__name__} has no tensor {kind!r}")
+        self.load_shard(layer, shard_offset, tensor)
+        return "weight"
+
+    def finalize(self, layer: "Linear") -> None:
+        """Called once after loading (e.g. to quantize weights loaded in full precision)."""
+
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -83,12 +95,22 @@ class Linear(nn.Module):
             self.shard_offsets[name] = offset
             offset += size
         self.out_features = offset
+        self.shard_sizes = dict(shard_sizes)
         self.method = method or UnquantizedLinearMethod()
         self.method.create_weights(self)
         self.bias = nn.Parameter(torch.zeros(offset), requires_grad=False) if bias else None
 
     def load(self, weight: torch.Tensor, shard: str | None = None) -> None:
         self.method.load_shard(self, self.shard_offsets[shard], weight)
+
+    def load_tensor(self, kind: str, tensor: torch.Tensor, shard: str | None = None) -> str | None:
+        """Load checkpoint tensor `<this module>.<kind>` (weight, bias, or a quantized tensor);
+        returns the parameter it filled (None when the method ignores that tensor)."""
+        if kind == "bias":
+            self.load_bias(tensor, shard)
+            return "bias"
+        return self.method.load_tensor(self, kind, self.shard_offsets[shard],
+                                       self.shard_sizes[shard], tensor)
 
     def load_bias(self, bias: torch.Tensor, shard: str | None = None) -> None:
         offset = self.shard_offsets[shard]

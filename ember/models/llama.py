@@ -18,6 +18,7 @@ from ember.layers.layer_ops import TORCH_LAYER_OPS, LayerOps, RopeStep
 from ember.layers.linear import Linear
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import RotaryEmbedding
+from ember.quant.base import linear_method_for
 
 # checkpoint projection name -> (merged module name, shard name)
 MERGED_PROJECTIONS = {
@@ -33,9 +34,11 @@ class LlamaAttention(nn.Module):
         self.ops = ops
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, d
+        # The quantization method (None: unquantized) comes from the model's quant config.
         self.qkv_proj = Linear(cfg.hidden_size, {"q": h * d, "k": kvh * d, "v": kvh * d},
-                               bias=cfg.attention_bias)
-        self.o_proj = Linear(h * d, cfg.hidden_size, bias=cfg.attention_bias)
+                               bias=cfg.attention_bias, method=linear_method_for(cfg.quantization))
+        self.o_proj = Linear(h * d, cfg.hidden_size, bias=cfg.attention_bias,
+                             method=linear_method_for(cfg.quantization))
         # Qwen3 normalizes each head's q and k before RoPE.
         # (Their weights are applied by the layer ops, fused with RoPE.)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if qk_norm else None
@@ -64,8 +67,10 @@ class LlamaMLP(nn.Module):
         super().__init__()
         self.ops = ops
         i = cfg.intermediate_size
-        self.gate_up_proj = Linear(cfg.hidden_size, {"gate": i, "up": i}, bias=cfg.mlp_bias)
-        self.down_proj = Linear(i, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up_proj = Linear(cfg.hidden_size, {"gate": i, "up": i}, bias=cfg.mlp_bias,
+                                   method=linear_method_for(cfg.quantization))
+        self.down_proj = Linear(i, cfg.hidden_size, bias=cfg.mlp_bias,
+                                method=linear_method_for(cfg.quantization))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
@@ -160,10 +165,11 @@ class LlamaForCausalLM(nn.Module):
             if module is None:
                 raise KeyError(f"checkpoint tensor {name!r} matches no module of {type(self).__name__}")
             if isinstance(module, Linear):
-                (module.load if kind == "weight" else module.load_bias)(tensor, shard)
+                kind = module.load_tensor(kind, tensor, shard)  # may name a quantized tensor
             else:
                 params[name].data.copy_(tensor)
-            loaded.add(f"{module_name}.{kind}")
+            if kind is not None:
+                loaded.add(f"{module_name}.{kind}")
         missing = [n for n in params if n not in loaded]
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")

@@ -15,6 +15,7 @@ from torch import nn
 from ember.attention.backend import AttentionBackend
 from ember.config import ModelConfig
 from ember.layers.layer_ops import TORCH_LAYER_OPS, LayerOps
+from ember.layers.linear import Linear
 from ember.models.registry import get_model_class
 
 logger = logging.getLogger("ember")
@@ -42,12 +43,24 @@ def _safetensors_stream(folder: str) -> WeightStream:
         for path in files:
             with safe_open(path, framework="pt", device="cpu") as f:  # memory-mapped
                 for name in f.keys():
-                    yield name, f.get_tensor(name).to(dtype)
+                    # Not cast here: copying into each parameter casts to its dtype, and
+                    # quantized tensors (int packs, fp8, fp32 scales) must keep theirs.
+                    yield name, f.get_tensor(name)
     return stream
 
 
-def resolve_model(model: str, load_format: str = "auto", tokenizer: str | None = None) -> ModelSource:
-    """Turn a user's --model into a ModelSource. Raises with a clear message when it can't."""
+def resolve_model(model: str, load_format: str = "auto", tokenizer: str | None = None,
+                  quantization: str | None = None) -> ModelSource:
+    """Turn a user's --model into a ModelSource. Raises with a clear message when it can't.
+
+    `quantization` (None = as the checkpoint says) becomes `config.quantization`."""
+    source = _resolve_model(model, load_format, tokenizer)
+    from ember.quant import resolve_quant_config
+    source.config.quantization = resolve_quant_config(quantization, source.config.hf_config)
+    return source
+
+
+def _resolve_model(model: str, load_format: str, tokenizer: str | None) -> ModelSource:
     if model.lower() in SHORT_NAMES:
         from ember.models.smollm2 import find_smollm2_gguf
         model = find_smollm2_gguf()
@@ -102,6 +115,10 @@ def build_model(source: ModelSource, backend: AttentionBackend, device: torch.de
             _randomize(model, seed)
         else:
             model.load_weights(source.weights(dtype))
+        # Quantize-on-load methods quantize their full-precision weights now.
+        for module in model.modules():
+            if isinstance(module, Linear):
+                module.method.finalize(module)
     if ops.name == "triton":
         from ember.layers.linear import use_gemv_for_dense_layers
         use_gemv_for_dense_layers(model)

@@ -1,0 +1,111 @@
+"""Accuracy of every quantization format on the real SmolLM2-135M-Instruct (CPU, fp32
+compute): perplexity on the last 20% of each text, calibrated on the first 80%.
+
+  python bench/quant_accuracy.py --texts ../shared/data/tinystories_sample.txt ../shared/data/wizard_of_oz.txt
+
+The model was distributed as GGUF Q4_1 (embedding Q8_0): "fp32" is those dequantized
+weights, so every format here re-quantizes weights that were already 4-bit.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import time
+
+import torch
+
+from ember import LLM
+from ember.eval.ppl import perplexity, read_split
+from ember.quant.base import effective_group_size
+from ember.quant.calibrate import calibration_sequences, collect_input_stats
+from ember.quant.cli import quantize_llm
+
+# name -> (ember quantize method, extra QuantConfig params)
+CONFIGS = {
+    "fp32": (None, {}),
+    "RTN-INT4 g128": ("rtn", {}),
+    "AWQ-INT4 g128": ("awq", {}),
+    "NVFP4 weight-only": ("nvfp4", {}),
+    "NVFP4 W4A4 (emulated)": ("nvfp4", {"activations": "nvfp4"}),
+    "SmoothQuant W8A8 a=0.5": ("smoothquant", {}),
+    "FP8 W8A8 (emulated on CPU)": ("fp8", {"emulate_activations": True}),
+    "FP8 weight-only (CPU path)": ("fp8", {}),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--texts", nargs="+", required=True)
+    ap.add_argument("--split", type=float, default=0.8)
+    ap.add_argument("--eval-tokens", type=int, default=2048, help="tokens scored per text")
+    ap.add_argument("--window", type=int, default=1024)
+    ap.add_argument("--stride", type=int, default=512)
+    ap.add_argument("--calib-seqs", type=int, default=16)
+    ap.add_argument("--calib-len", type=int, default=512)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args()
+
+    def load() -> LLM:
+        return LLM(args.model, dtype="float32", max_model_len=max(args.window, args.calib_len) + 1,
+                   num_kv_blocks=(max(args.window, args.calib_len) + 16) // 16 + 1, prefix_cache="none")
+
+    llm = load()
+    tok = llm.get_tokenizer()
+    cfg = llm.engine.model_config
+    evals = {p: tok.encode(read_split(p, args.split), add_special_tokens=False)[:args.eval_tokens + 1]
+             for p in args.texts}
+    print(f"# {datetime.date.today()} {platform.machine()} torch {torch.__version__} threads "
+          f"{torch.get_num_threads()}; model {args.model}; eval: last {100 * (1 - args.split):.0f}% of "
+          f"each text, first {args.eval_tokens} tokens, window {args.window} stride {args.stride}; "
+          f"calibration: {args.calib_seqs} x {args.calib_len} tokens from the first "
+          f"{100 * args.split:.0f}%", flush=True)
+    groups = {n: effective_group_size(k, args.group_size) for n, k in
+              [("qkv/gate_up (in %d)" % cfg.hidden_size, cfg.hidden_size),
+               ("o (in %d)" % (cfg.num_attention_heads * cfg.head_dim), cfg.num_attention_heads * cfg.head_dim),
+               ("down (in %d)" % cfg.intermediate_size, cfg.intermediate_size)]}
+    print(f"# INT4 group sizes used (largest divisor <= {args.group_size}): {groups}", flush=True)
+    stats = None
+    if any(CONFIGS[c][0] in ("awq", "smoothquant") for c in args.configs):
+        t = time.perf_counter()
+        seqs = calibration_sequences(tok, args.texts, args.calib_seqs, args.calib_len, args.split)
+        stats = collect_input_stats(llm, seqs)
+        print(f"# calibration statistics: {len(seqs)} sequences in {time.perf_counter() - t:.0f} s",
+              flush=True)
+
+    results = []
+    for name in args.configs:
+        method, extra = CONFIGS[name]
+        if method is not None:
+            llm = load()
+            t = time.perf_counter()
+            quantize_llm(llm, method, [], group_size=args.group_size, extra_params=extra, stats=stats)
+            qtime = time.perf_counter() - t
+        else:
+            qtime = 0.0
+        row = {"config": name, "quantize_s": round(qtime, 1)}
+        for p, ids in evals.items():
+            r = perplexity(llm, ids, args.window, args.stride)
+            row[p.rsplit("/", 1)[-1]] = {"ppl": r.ppl, "tokens": r.tokens_scored}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+    base = results[0] if results[0]["config"] == "fp32" else None
+    texts = [p.rsplit("/", 1)[-1] for p in args.texts]
+    print("\n| config | " + " | ".join(f"{t} ppl" for t in texts) + " | mean increase vs fp32 |")
+    print("| --- | " + " | ".join("---" for _ in texts) + " | --- |")
+    for row in results:
+        inc = "" if base is None else "%+.3f" % (sum(row[t]["ppl"] - base[t]["ppl"] for t in texts) / len(texts))
+        print(f"| {row['config']} | " + " | ".join(f"{row[t]['ppl']:.3f}" for t in texts) + f" | {inc} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

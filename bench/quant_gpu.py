@@ -1,0 +1,216 @@
+"""Quantized linear layers and decoding on the GPU (H200), dummy Llama-3.1-8B shape.
+
+  (a) kernels: each format's linear at Llama-3.1-8B shapes (4096->6144 qkv, 4096->4096 o,
+      4096->28672 gate_up, 14336->4096 down), M = 1 and 64 rows, vs bf16 F.linear (cuBLAS).
+      Timed as CUDA-graph replays of 20 back-to-back calls (launch overhead excluded, as
+      under ember's decode graphs). Activation quantization is included for fp8 / int8.
+  (b) end to end: LLM(config.json, load_format="dummy", quantization=q, dtype=bfloat16):
+      batch-1 decode tok/s and batch-64 output throughput.
+
+  PYTHONPATH=$PWD python bench/quant_gpu.py --out bench/results/quant_h200.json
+  CPU dry run of the script's logic (tiny shapes, Triton interpreter, torch paths):
+  TRITON_INTERPRET=1 PYTHONPATH=$PWD python bench/quant_gpu.py --tiny
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+SHAPES_8B = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
+SHAPES_TINY = {"qkv": (128, 192), "down": (256, 128)}
+
+
+def timer(fn, device: torch.device, reps: int = 20, iters: int = 10) -> float:
+    """Microseconds per call of fn()."""
+    if device.type != "cuda":
+        fn()
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e6
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()  # compile, autotune, cuBLAS heuristics
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (reps * iters)
+
+
+def make_layer(method: str, k: int, n: int, device: torch.device, dtype: torch.dtype):
+    """A quantized ember Linear of shape [n, k] from random weights (quantize-on-load path)."""
+    from ember.layers.linear import Linear
+    from ember.quant.base import QuantConfig, linear_method_for
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            lin = Linear(k, n, method=linear_method_for(QuantConfig(method) if method != "bf16" else None))
+            lin.weight.data.normal_(0, 0.02)
+            lin.method.finalize(lin)
+    finally:
+        torch.set_default_dtype(prev)
+    return lin
+
+
+def weight_bytes(lin) -> int:
+    return sum(p.numel() * p.element_size() for p in lin.parameters())
+
+
+def bench_kernels(shapes: dict, rows: list[int], methods: list[str], device: torch.device,
+                  dtype: torch.dtype) -> list[dict]:
+    out = []
+    for name, (k, n) in shapes.items():
+        for method in methods:
+            lin = make_layer(method, k, n, device, dtype)
+            for m in rows:
+                x = torch.randn(m, k, device=device, dtype=dtype)
+                with torch.inference_mode():
+                    ref = F.linear(x.float(), lin.method.dequantize(lin).float()) if method != "bf16" else None
+                    y = lin(x)
+                    if ref is not None:  # the kernel computes what its format's weights say
+                        err = ((y.float() - ref).norm() / ref.norm()).item()
+                        assert err < 0.1, f"{method} {name} M={m}: relative error {err}"
+                    us = timer(lambda: lin(x), device)
+                row = {"shape": name, "k": k, "n": n, "m": m, "method": method, "us": round(us, 2),
+                       "weight_MB": round(weight_bytes(lin) / 1e6, 2),
+                       "GBps": round(weight_bytes(lin) / us / 1e3, 1)}
+                out.append(row)
+                print(json.dumps(row), flush=True)
+            del lin
+            gc.collect()
+    # speedups vs bf16
+    base = {(r["shape"], r["m"]): r["us"] for r in out if r["method"] == "bf16"}
+    print("\n| shape (K->N) | M | " + " | ".join(methods) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in methods) + " |")
+    for name, (k, n) in shapes.items():
+        for m in rows:
+            cells = []
+            for method in methods:
+                r = next(r for r in out if r["shape"] == name and r["m"] == m and r["method"] == method)
+                sp = base.get((name, m), r["us"]) / r["us"]
+                cells.append(f"{r['us']:.1f} us ({sp:.2f}x)")
+            print(f"| {name} {k}->{n} | {m} | " + " | ".join(cells) + " |")
+    return out
+
+
+def bench_e2e(model: str, methods: list[str], prompt_len: int, decode_len: int, batch: int,
+              tput_len: int, budget_s: float, max_model_len: int) -> list[dict]:
+    from ember import LLM, SamplingParams
+    start = time.perf_counter()
+    results = []
+    for method in methods:
+        if time.perf_counter() - start > budget_s:
+            print(f"# time budget spent: skipping {method}", flush=True)
+            continue
+        t0 = time.perf_counter()
+        llm = LLM(model, load_format="dummy", dtype="bfloat16" if torch.cuda.is_available() else "float32", max_num_seqs=batch,
+                  max_model_len=max_model_len, quantization=None if method == "bf16" else method,
+                  prefix_cache="none")
+        load_s = time.perf_counter() - t0
+        vocab = llm.engine.model_config.vocab_size
+        g = torch.Generator().manual_seed(0)
+
+        def run(n_req: int, n_out: int) -> float:
+            prompts = [{"prompt_token_ids": torch.randint(0, vocab, (prompt_len,), generator=g).tolist()}
+                       for _ in range(n_req)]
+            sp = SamplingParams(temperature=0, ignore_eos=True, max_tokens=n_out)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            outs = llm.generate(prompts, sp, use_tqdm=False)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            assert all(len(o.outputs[0].token_ids) == n_out for o in outs)
+            return n_req * n_out / (time.perf_counter() - t)
+
+        run(1, 8)  # warm-up
+        decode = run(1, decode_len)
+        tput = run(batch, tput_len)
+        wbytes = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
+        row = {"method": method, "load_s": round(load_s, 1), "weight_GB": round(wbytes / 1e9, 2),
+               "decode_bs1_tok_s": round(decode, 1), f"throughput_bs{batch}_tok_s": round(tput, 1)}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    base = next((r for r in results if r["method"] == "bf16"), None)
+    if base:
+        print(f"\n| format | weights GB | batch-1 decode tok/s (x bf16) | batch-{batch} tok/s (x bf16) |")
+        print("| --- | --- | --- | --- |")
+        for r in results:
+            t = f"throughput_bs{batch}_tok_s"
+            print(f"| {r['method']} | {r['weight_GB']} | {r['decode_bs1_tok_s']} "
+                  f"({r['decode_bs1_tok_s'] / base['decode_bs1_tok_s']:.2f}x) | {r[t]} "
+                  f"({r[t] / base[t]:.2f}x) |")
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="bench/configs/llama-3.1-8b/config.json")
+    ap.add_argument("--tiny", action="store_true", help="CPU dry run at tiny shapes")
+    ap.add_argument("--kernel-methods", nargs="*", default=["bf16", "awq", "nvfp4", "fp8", "smoothquant"])
+    ap.add_argument("--e2e-methods", nargs="*", default=["bf16", "awq", "fp8", "nvfp4"])
+    ap.add_argument("--skip-kernels", action="store_true")
+    ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--decode-len", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--tput-len", type=int, default=256)
+    ap.add_argument("--e2e-budget-s", type=float, default=270, help="start no new e2e config after this")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    print("#", json.dumps(info), flush=True)
+    result: dict = {"info": info}
+    if args.tiny:
+        import tempfile
+        model = os.path.join(tempfile.mkdtemp(), "config.json")
+        with open(model, "w") as f:
+            json.dump({"architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 128,
+                       "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "num_key_value_heads": 2, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6}, f)
+        shapes, rows = SHAPES_TINY, [1, 20]
+        args.model, args.prompt_len, args.decode_len, args.batch, args.tput_len = model, 8, 8, 4, 4
+    else:
+        shapes, rows = SHAPES_8B, [1, 64]
+    t = time.perf_counter()
+    if not args.skip_kernels:
+        result["kernels"] = bench_kernels(shapes, rows, args.kernel_methods, device, dtype)
+        print(f"# kernels: {time.perf_counter() - t:.0f} s", flush=True)
+    if not args.skip_e2e:
+        result["e2e"] = bench_e2e(args.model, args.e2e_methods, args.prompt_len, args.decode_len,
+                                  args.batch, args.tput_len, args.e2e_budget_s, 1024)
+        print(f"# total: {time.perf_counter() - t:.0f} s", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Model evaluation: perplexity with a sliding window (`ember eval ppl`)."""

@@ -1,0 +1,57 @@
+"""AWQ / INT4 W4A16: the linear method for group-wise asymmetric INT4 weights.
+
+The same method serves round-to-nearest INT4 (quantize-on-load, or `ember quantize
+--method rtn`) and AWQ (whose per-input-channel scales are folded into the preceding
+norm or linear by `ember quantize --method awq`, so at run time it is plain INT4).
+Checkpoints: ember's rows-first layout, or AutoAWQ's GEMM layout converted on load.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ember.layers.linear import Linear
+from ember.quant.base import QuantConfig, QuantLinearMethod, effective_group_size, register
+from ember.quant.int4 import dequantize_int4, from_autoawq, pack_int4, quantize_int4
+
+
+@register("awq")
+class Int4LinearMethod(QuantLinearMethod):
+    """W4A16: packed INT4 weights, activations in the run dtype, dequant inside the GEMM."""
+
+    def group_size(self, layer: Linear) -> int:
+        return effective_group_size(layer.in_features, self.cfg.group_size)
+
+    def quantized_shapes(self, layer: Linear):
+        out, k = layer.out_features, layer.in_features
+        groups = k // self.group_size(layer)
+        return {"qweight": ((out, k // 8), torch.int32),
+                "scales": ((out, groups), torch.get_default_dtype()),
+                "qzeros": ((out, groups), torch.uint8)}
+
+    def quantize(self, layer: Linear, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        q, scales, zeros = quantize_int4(weight, self.group_size(layer))
+        return {"qweight": pack_int4(q), "scales": scales.to(weight.dtype), "qzeros": zeros}
+
+    def load_tensor(self, layer: Linear, kind: str, shard_offset: int, shard_rows: int,
+                    tensor: torch.Tensor) -> str | None:
+        if self.cfg.checkpoint_format == "autoawq":
+            if kind == "qweight" and tensor.shape[0] != layer.in_features:
+                raise ValueError(f"AutoAWQ qweight has {tensor.shape[0]} input rows, "
+                                 f"expected {layer.in_features}")
+            tensor = from_autoawq(kind, tensor)
+        return super().load_tensor(layer, kind, shard_offset, shard_rows, tensor)
+
+    def dequantize(self, layer: Linear) -> torch.Tensor:
+        return dequantize_int4(layer.qweight, layer.scales, layer.qzeros)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from ember.quant.kernels.w4a16 import int4_linear_triton
+            y = int4_linear_triton(x, layer.qweight, layer.scales, layer.qzeros)
+        else:
+            y = F.linear(x, self.cpu_weight(layer, x.dtype))
+        return y if layer.bias is None else y + layer.bias
+
+
+__all__ = ["Int4LinearMethod", "QuantConfig"]

@@ -1,0 +1,88 @@
+"""Calibration: token sequences from text, and per-linear input statistics collected with
+forward hooks while the full-precision model runs them."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ember.layers.linear import Linear
+
+
+def calibration_sequences(tokenizer, paths: list[str], num_seqs: int, seq_len: int,
+                          split_end: float = 0.8) -> list[list[int]]:
+    """Up to `num_seqs` sequences of `seq_len` tokens, cut from the first `split_end` of each
+    text (the rest is held out for evaluation), taken from the texts in turn."""
+    from ember.eval.ppl import read_split
+    per_text = []
+    for p in paths:
+        ids = tokenizer.encode(read_split(p, 0.0, split_end), add_special_tokens=False)
+        per_text.append([ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)])
+    out: list[list[int]] = []
+    for i in range(max(len(c) for c in per_text)):
+        for chunks in per_text:
+            if i < len(chunks) and len(out) < num_seqs:
+                out.append(chunks[i])
+    if not out:
+        raise ValueError(f"calibration text is shorter than one {seq_len}-token sequence")
+    return out
+
+
+@dataclass
+class InputStats:
+    """Statistics of one linear layer's inputs over the calibration tokens."""
+
+    abs_sum: torch.Tensor          # [in] sum of |x| per input channel
+    abs_max: torch.Tensor          # [in] max of |x| per input channel
+    count: int = 0
+    samples: list[torch.Tensor] = field(default_factory=list)  # rows kept for the AWQ loss
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs_sum / max(self.count, 1)
+
+    @property
+    def sample(self) -> torch.Tensor:
+        return torch.cat(self.samples)   # [n, in]
+
+
+def quantizable_linears(model: nn.Module) -> dict[str, Linear]:
+    """The linear layers quantization applies to: all but the LM head."""
+    head = getattr(model, "lm_head", None)
+    return {n: m for n, m in model.named_modules() if isinstance(m, Linear) and m is not head}
+
+
+@torch.inference_mode()
+def collect_input_stats(llm, sequences: list[list[int]], rows_per_seq: int = 32,
+                        seed: int = 0) -> dict[str, InputStats]:
+    """Run every sequence through the model; for each quantizable linear keep per-channel
+    mean/max |x| over all tokens and `rows_per_seq` random rows of each sequence."""
+    from ember.eval.forward import sequence_logits
+    model = llm.engine.runner.model
+    stats: dict[str, InputStats] = {}
+    gen = torch.Generator().manual_seed(seed)
+    picks: list[torch.Tensor] = []
+
+    def hook(name: str):
+        def fn(module: Linear, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            s = stats.get(name)
+            if s is None:
+                s = stats[name] = InputStats(torch.zeros(x.shape[1]), torch.zeros(x.shape[1]))
+            a = x.abs().cpu()
+            s.abs_sum += a.sum(0)
+            s.abs_max = torch.maximum(s.abs_max, a.amax(0))
+            s.count += x.shape[0]
+            s.samples.append(x[picks[-1].to(x.device)].cpu())
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in quantizable_linears(model).items()]
+    try:
+        for seq in sequences:
+            picks.append(torch.randperm(len(seq), generator=gen)[:rows_per_seq])
+            sequence_logits(llm, seq, torch.tensor([len(seq) - 1]))
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
