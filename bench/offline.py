@@ -27,6 +27,7 @@ import time
 import torch
 
 from ember import LLM, SamplingParams
+from gpu_timing import graph_replay_ms
 from ember.config import resolve_device, resolve_dtype
 
 
@@ -135,14 +136,7 @@ def decode_step_breakdown(llm: LLM, prompt: list[int], steps: int = 64) -> dict[
     gr = eng.runner.graph_runner
     out = {"step_ms": wall * 1e3}
     if gr is not None:
-        g = gr.graphs[gr.sizes[0]]
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            g.replay()
-        end.record()
-        torch.cuda.synchronize()
-        fwd = start.elapsed_time(end) / steps / 1e3
+        fwd = graph_replay_ms(gr.graphs[gr.sizes[0]], steps) / 1e3
         out.update(forward_ms=fwd * 1e3, host_share=max(0.0, 1 - fwd / wall))
     return out
 

@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from ember import LLM, SamplingParams  # noqa: E402
+from gpu_timing import graph_replay_ms  # noqa: E402
 
 PHASES = ("schedule", "prepare", "forward", "logits", "sampler", "update", "process")
 
@@ -92,15 +93,7 @@ def graph_forward_ms(llm: LLM, bs: int, reps: int = 50) -> float | None:
     gr = llm.engine.runner.graph_runner
     if gr is None:
         return None
-    size = next(s for s in gr.sizes if s >= bs)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    gr.graphs[size].replay()
-    start.record()
-    for _ in range(reps):
-        gr.graphs[size].replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+    return graph_replay_ms(gr.graphs[next(s for s in gr.sizes if s >= bs)], reps)
 
 
 def kernel_group(name: str) -> str:

@@ -22,6 +22,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from gpu_timing import graph_replay_ms
 
 SHAPES_8B = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
 SHAPES_TINY = {"qkv": (128, 192), "down": (256, 128)}
@@ -45,15 +46,7 @@ def timer(fn, device: torch.device, reps: int = 20, iters: int = 10) -> float:
     with torch.cuda.graph(g):
         for _ in range(reps):
             fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (reps * iters)
+    return graph_replay_ms(g, iters) * 1e3 / reps
 
 
 def make_layer(method: str, k: int, n: int, device: torch.device, dtype: torch.dtype):
