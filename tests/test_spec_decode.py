@@ -79,13 +79,16 @@ def oracle_llm(tiny_llama, prompts, reference, error_rate, kv_lag=0, **kw) -> LL
                                          {"max_num_batched_tokens": 16}, {"adaptive": True}],
                          ids=["radix", "no-cache", "small-budget", "adaptive"])
 def test_greedy_ngram_is_token_identical(tiny_llama, prompts, reference, engine_args) -> None:
-    spec = dict(NGRAM, adaptive=engine_args.pop("adaptive", False))
-    llm = make_llm(tiny_llama, speculative_config=spec, **engine_args)
+    adaptive = engine_args.pop("adaptive", False)
+    llm = make_llm(tiny_llama, speculative_config=dict(NGRAM, adaptive=adaptive), **engine_args)
     tokens, _ = run(llm, prompts)
     assert tokens == reference
     stats = llm.engine.spec_stats()
-    assert stats["num_accepted_tokens"] > 0
-    assert stats["num_draft_tokens"] > stats["num_accepted_tokens"]   # some were rejected
+    # Adaptive k follows measured step times, so whether it drafts at all depends on the
+    # machine (on a loaded CI runner it may keep speculation off): only then check drafts.
+    if not adaptive or stats["num_draft_tokens"]:
+        assert stats["num_accepted_tokens"] > 0
+        assert stats["num_draft_tokens"] > stats["num_accepted_tokens"]   # some were rejected
     assert_no_leaks(llm.engine)
 
 
