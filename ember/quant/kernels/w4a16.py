@@ -61,16 +61,27 @@ def _w4_gemv_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, N, K, stride_xm, 
     m = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = (n < N)[:, None]
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # Products accumulate in a 2-D tile, reduced once after the loop (not every step).
+    acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m * stride_xm + kk).to(tl.float32)
         if NVFP4:
             w = _nvfp4_tile(w_ptr, s_ptr, n[:, None], kk[None, :], n_mask, stride_wn, stride_sn)
         else:
-            w = _int4_tile(w_ptr, s_ptr, z_ptr, n[:, None], kk[None, :], n_mask, G,
-                           stride_wn, stride_sn)
-        acc += tl.sum(w * x[None, :], axis=1)
+            # One load per packed word (8 weights), unpacked by shifts; one scale and zero
+            # per row for the tile (BLOCK_K divides the group).
+            words = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            q = tl.load(w_ptr + n[:, None] * stride_wn + words[None, :], mask=n_mask, other=0)
+            shifts = tl.arange(0, 8) * 4
+            q = (q[:, :, None] >> shifts[None, None, :]) & 0xF       # [BN, BK // 8, 8]
+            q = tl.reshape(q, (BLOCK_N, BLOCK_K))
+            g = k0 // G
+            sc = tl.load(s_ptr + n * stride_sn + g, mask=n < N, other=0.0).to(tl.float32)
+            zp = tl.load(z_ptr + n * stride_sn + g, mask=n < N, other=0).to(tl.float32)
+            w = (q.to(tl.float32) - zp[:, None]) * sc[:, None]
+        acc2 += w * x[None, :]
+    acc = tl.sum(acc2, axis=1)
     if NVFP4:
         acc *= tl.load(gs_ptr + n, mask=n < N, other=0.0)
     tl.store(y_ptr + m * stride_ym + n, acc.to(y_ptr.dtype.element_ty), mask=n < N)
