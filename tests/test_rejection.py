@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _stats import chi2_pvalue
+
 from ember.layers.sampler import SamplingBatch, SamplingRow, sampling_probs
 from ember.sampling_params import SamplingParams as SP
 from ember.spec.rejection import rejection_sample
@@ -14,18 +16,6 @@ V = 8
 
 def one_hot(i: int, n: int = V) -> torch.Tensor:
     return torch.nn.functional.one_hot(torch.tensor(i), n).float()
-
-
-def chi2_pvalue(observed: torch.Tensor, probs: torch.Tensor) -> float:
-    probs = probs.double()
-    support = probs > 0
-    if observed[~support].sum() > 0:
-        return 0.0
-    n = observed.sum()
-    exp = probs[support] * n
-    stat = ((observed[support] - exp) ** 2 / exp).sum()
-    dof = int(support.sum()) - 1
-    return float(torch.special.gammaincc(torch.tensor(dof / 2.0), stat / 2.0))
 
 
 # ---- exact cases ------------------------------------------------------------------------

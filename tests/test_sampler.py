@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+from _stats import chi2_pvalue
+
 from ember.layers.sampler import (
     Sampler,
     SamplingBatch,
@@ -30,22 +32,6 @@ def run(logits, rows):
 
 def counts_of(tokens, vocab):
     return torch.bincount(tokens.cpu(), minlength=vocab).double()
-
-
-def chi2_pvalue(observed, expected_probs):
-    """Pearson chi-square p-value of `observed` counts against `expected_probs`.
-
-    Categories with zero expected probability must have zero counts (else p = 0).
-    """
-    expected_probs = expected_probs.double().cpu()
-    support = expected_probs > 0
-    if observed[~support].sum() > 0:
-        return 0.0
-    n = observed.sum()
-    exp = expected_probs[support] * n
-    stat = ((observed[support] - exp) ** 2 / exp).sum()
-    dof = int(support.sum()) - 1
-    return float(torch.special.gammaincc(torch.tensor(dof / 2.0), stat / 2.0))
 
 
 # --- exact small cases ------------------------------------------------------------

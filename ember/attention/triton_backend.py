@@ -50,7 +50,6 @@ class TritonAttentionMetadata:
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     supports_cuda_graphs = True
-    supports_cuda_graphs = True
 
     def __init__(self) -> None:
         self._num_sms: dict[int, int] = {}
