@@ -32,11 +32,14 @@ def _fp8_gemv_kernel(x_ptr, out_ptr, w_ptr, s_ptr, M, N, K, stride_xm, stride_wn
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
     start, end = k_range(K, SPLIT_K, BLOCK_K)
+    # Rows past N re-read the last row (an fp8 load has no `other` to fill masked lanes);
+    # their results are never stored.
+    n_safe = tl.minimum(n, N - 1)
     acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(start, end, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m * stride_xm + kk).to(tl.float32)
-        w = tl.load(w_ptr + n[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None], other=0)
+        w = tl.load(w_ptr + n_safe[:, None] * stride_wn + kk[None, :])
         if NATIVE_FP8:
             w = w.to(tl.float32)
         else:
