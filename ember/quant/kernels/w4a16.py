@@ -3,14 +3,14 @@ for ember's INT4 (AWQ/RTN) and NVFP4 layouts. Torch references: `int4_linear_ref
 `nvfp4_linear_ref` in kernels/__init__.py.
 
 Both formats are read as int32 words of eight 4-bit codes (NVFP4's byte pairs, viewed as
-little-endian int32, put column 8w + j in nibble j exactly as INT4 packs them), so one
-tile loader serves both: one load per word, nibbles split by shifts, one scale (and zero)
-per row per group or 16-column block, broadcast over its columns.
+little-endian int32, put column 8w + j in nibble j exactly as INT4 packs them): one load
+per word, nibble j split off by a shift, one scale (and zero) per row per group (INT4) or
+16-column block (NVFP4). Tiles stay in word form, [BLOCK_N, BLOCK_K / 8] words.
 
-- GEMV (M <= GEMV_MAX_ROWS, decode): one program per (BLOCK_N outputs, K split, row); the
-  dequantized tile is multiplied by x and accumulated in a 2-D register tile that is
-  reduced once at the end (tl.dot needs 16 rows).
-- GEMM (batched): tiles [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] through tl.dot, per K split.
+- GEMV (M <= GEMV_MAX_ROWS, decode): one program per (BLOCK_N outputs, K split, row);
+  products accumulate in a [BLOCK_N, BLOCK_K / 8, 8] register tile reduced once at the end
+  (tl.dot needs 16 rows).
+- GEMM (batched): eight tl.dot per tile, one per nibble position.
 - Split-K (kernels/splitk.py): more programs than output tiles alone give.
 
 Launchers allocate only their outputs, so they are CUDA-graph capturable.
@@ -28,19 +28,12 @@ GEMV_MAX_ROWS = 8
 
 # ---- dequantization (inlined into the kernels) ------------------------------------------------
 @triton.jit
-def _expand(v, BLOCK_N: tl.constexpr, PER: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[BLOCK_N, BLOCK_K // PER] -> [BLOCK_N, BLOCK_K]: each value repeated over PER columns."""
-    v3 = tl.broadcast_to(v[:, :, None], (BLOCK_N, BLOCK_K // PER, PER))
-    return tl.reshape(v3, (BLOCK_N, BLOCK_K))
-
-
-@triton.jit
 def _e2m1(code):
-    """E2M1 codes (int32, 0..15) -> values: e == 0 is subnormal (0, 0.5); else 2^(e-1)(1 + m/2)."""
-    e = (code >> 1) & 3
-    m = (code & 1).to(tl.float32)
-    mag = tl.where(e == 0, 0.5 * m, ((1 << e) >> 1).to(tl.float32) * (1.0 + 0.5 * m))
-    return tl.where((code & 8) != 0, -mag, mag)
+    """E2M1 codes (int32, 0..15) -> values / 2^14. Bits s e e m, placed as fp16 bits
+    s 0 0 0 e e m 0..0, read as fp16: e == 0 gives the subnormal m * 2^-15 and e > 0 gives
+    2^(e-15) (1 + m/2), both exactly the E2M1 value times 2^-14 (folded into the scale)."""
+    bits = ((code & 7) << 9) | ((code & 8) << 12)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
@@ -53,53 +46,70 @@ def e4m3_from_bits(byte):
 
 
 @triton.jit
-def _w4_tile(w_ptr, s_ptr, z_ptr, n, n_mask, k0, stride_wn, stride_sn,
-             G: tl.constexpr, NVFP4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Dequantized weights [BLOCK_N, BLOCK_K] for rows n ([BLOCK_N]) and columns k0.. (fp32;
-    NVFP4 without its per-row global scale, which the caller applies to the output)."""
-    words = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-    q = tl.load(w_ptr + n[:, None] * stride_wn + words[None, :], mask=n_mask[:, None], other=0)
-    shifts = tl.arange(0, 8) * 4
-    q = (q[:, :, None] >> shifts[None, None, :]) & 0xF                 # [BN, BK // 8, 8]
-    q = tl.reshape(q, (BLOCK_N, BLOCK_K))
-    if NVFP4:
-        # One E4M3 scale per 16 columns (BLOCK_K is a multiple of 16).
-        blocks = k0 // 16 + tl.arange(0, BLOCK_K // 16)
-        sb = tl.load(s_ptr + n[:, None] * stride_sn + blocks[None, :], mask=n_mask[:, None], other=0)
-        return _e2m1(q) * _expand(e4m3_from_bits(sb.to(tl.int32)), BLOCK_N, 16, BLOCK_K)
-    elif BLOCK_K <= G:
-        # The tile lies inside one group: one scale and zero per row.
+def _scales(s_ptr, z_ptr, n, n_mask, k0, word, w_mask, stride_sn, G: tl.constexpr,
+            NVFP4: tl.constexpr, ONE_GROUP: tl.constexpr):
+    """The multiplier and offset that dequantize each nibble: w = code * sc + off.
+    ONE_GROUP (INT4, tile inside one group): [BLOCK_N, 1]; else per word [BLOCK_N, WORDS]
+    (a word never straddles a group or a 16-block: G is a multiple of 8)."""
+    if ONE_GROUP:
         g = k0 // G
-        sc = tl.load(s_ptr + n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
-        zp = tl.load(z_ptr + n * stride_sn + g, mask=n_mask, other=0).to(tl.float32)
-        return (q.to(tl.float32) - zp[:, None]) * sc[:, None]
+        sc = tl.load(s_ptr + n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        zp = tl.load(z_ptr + n * stride_sn + g, mask=n_mask, other=0).to(tl.float32)[:, None]
     else:
-        # Several whole groups per tile (G a power of two dividing BLOCK_K).
-        gs = k0 // G + tl.arange(0, BLOCK_K // G)
-        off = n[:, None] * stride_sn + gs[None, :]
-        sc = tl.load(s_ptr + off, mask=n_mask[:, None], other=0.0).to(tl.float32)
-        zp = tl.load(z_ptr + off, mask=n_mask[:, None], other=0).to(tl.float32)
-        return (q.to(tl.float32) - _expand(zp, BLOCK_N, G, BLOCK_K)) * _expand(sc, BLOCK_N, G, BLOCK_K)
+        off = n[:, None] * stride_sn + (word[None, :] * 8) // G
+        mask = n_mask[:, None] & w_mask[None, :]
+        if NVFP4:
+            sb = tl.load(s_ptr + off, mask=mask, other=0).to(tl.int32)
+            sc = e4m3_from_bits(sb) * 16384.0   # 2^14: see _e2m1
+            zp = tl.zeros_like(sc)
+        else:
+            sc = tl.load(s_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            zp = tl.load(z_ptr + off, mask=mask, other=0).to(tl.float32)
+    return sc, -zp * sc
+
+
+@triton.jit
+def _nibbles(q, j, NVFP4: tl.constexpr):
+    """Code j (0..7) of each int32 word, as fp32 (NVFP4: its E2M1 value / 2^14)."""
+    c = (q >> (4 * j)) & 0xF
+    if NVFP4:
+        return _e2m1(c)
+    return c.to(tl.float32)
 
 
 # ---- kernels ----------------------------------------------------------------------------------
+# Tiles stay in word form: a [BLOCK_N, WORDS] load of int32 words, nibble j of every word
+# taken by one shift (no reshape of [N, K/8, 8] into [N, K], which costs a layout shuffle
+# through shared memory), x read at the matching columns 8w + j.
 @triton.jit
 def _w4_gemv_kernel(x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, M, N, K, stride_xm,
                     stride_wn, stride_sn, G: tl.constexpr, NVFP4: tl.constexpr,
-                    SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    ONE_GROUP: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
     """Grid (N tiles, SPLIT_K, M). out: y [M, N] when SPLIT_K == 1, else fp32 partials
     [SPLIT_K, M, N]."""
+    WORDS: tl.constexpr = BLOCK_K // 8
     m = tl.program_id(2)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
     start, end = k_range(K, SPLIT_K, BLOCK_K)
-    acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    j8 = tl.arange(0, 8)
+    acc3 = tl.zeros((BLOCK_N, WORDS, 8), dtype=tl.float32)
     for k0 in range(start, end, BLOCK_K):
-        x = tl.load(x_ptr + m * stride_xm + k0 + tl.arange(0, BLOCK_K)).to(tl.float32)
-        w = _w4_tile(w_ptr, s_ptr, z_ptr, n, n_mask, k0, stride_wn, stride_sn, G, NVFP4,
-                     BLOCK_N, BLOCK_K)
-        acc2 += w * x[None, :]
-    acc = tl.sum(acc2, axis=1)
+        word = k0 // 8 + tl.arange(0, WORDS)
+        w_mask = word < K // 8
+        q = tl.load(w_ptr + n[:, None] * stride_wn + word[None, :],
+                    mask=n_mask[:, None] & w_mask[None, :], other=0)       # [BN, WORDS]
+        sc, off = _scales(s_ptr, z_ptr, n, n_mask, k0, word, w_mask, stride_sn, G, NVFP4, ONE_GROUP)
+        x = tl.load(x_ptr + m * stride_xm + word[:, None] * 8 + j8[None, :],
+                    mask=w_mask[:, None], other=0.0).to(tl.float32)      # [WORDS, 8]
+        c = (q[:, :, None] >> (4 * j8)[None, None, :]) & 0xF              # [BN, WORDS, 8]
+        if NVFP4:
+            v = _e2m1(c) * sc[:, :, None]
+        else:
+            v = c.to(tl.float32) * sc[:, :, None] + off[:, :, None]
+        acc3 += v * x[None, :, :]
+    acc = tl.sum(tl.sum(acc3, axis=2), axis=1)
     if NVFP4:
         acc *= tl.load(gs_ptr + n, mask=n_mask, other=0.0)
     dst = out_ptr + (tl.program_id(1) * M + m) * N + n
@@ -109,9 +119,11 @@ def _w4_gemv_kernel(x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, M, N, K, stride
 @triton.jit
 def _w4_gemm_kernel(x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, M, N, K, stride_xm,
                     stride_wn, stride_sn, G: tl.constexpr, NVFP4: tl.constexpr,
-                    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
-    """Grid (M tiles x N tiles, SPLIT_K). out as in the GEMV."""
+                    ONE_GROUP: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grid (M tiles x N tiles, SPLIT_K). out as in the GEMV. Eight tl.dot per tile, one per
+    nibble position j: x[:, 8w + j] against code j of every word (WORDS >= 16 for the MMA)."""
+    WORDS: tl.constexpr = BLOCK_K // 8
     num_n = (N + BLOCK_N - 1) // BLOCK_N
     pid_m = tl.program_id(0) // num_n
     pid_n = tl.program_id(0) % num_n
@@ -121,11 +133,20 @@ def _w4_gemm_kernel(x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, M, N, K, stride
     start, end = k_range(K, SPLIT_K, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(start, end, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=(rm < M)[:, None], other=0.0)
-        w = _w4_tile(w_ptr, s_ptr, z_ptr, n, n_mask, k0, stride_wn, stride_sn, G, NVFP4,
-                     BLOCK_N, BLOCK_K)
-        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+        word = k0 // 8 + tl.arange(0, WORDS)
+        w_mask = word < K // 8
+        q = tl.load(w_ptr + n[:, None] * stride_wn + word[None, :],
+                    mask=n_mask[:, None] & w_mask[None, :], other=0)       # [BN, WORDS]
+        sc, off = _scales(s_ptr, z_ptr, n, n_mask, k0, word, w_mask, stride_sn, G, NVFP4, ONE_GROUP)
+        x_mask = (rm < M)[:, None] & w_mask[None, :]
+        for j in tl.static_range(8):
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + word[None, :] * 8 + j,
+                        mask=x_mask, other=0.0)                               # [BM, WORDS]
+            if NVFP4:
+                v = _nibbles(q, j, NVFP4) * sc
+            else:
+                v = _nibbles(q, j, NVFP4) * sc + off
+            acc += tl.dot(x, tl.trans(v.to(x.dtype)))
     if NVFP4:
         acc *= tl.load(gs_ptr + n, mask=n_mask, other=0.0)[None, :]
     dst = out_ptr + (tl.program_id(1) * M + rm[:, None]) * N + n[None, :]
@@ -133,23 +154,12 @@ def _w4_gemm_kernel(x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, M, N, K, stride
 
 
 # ---- launchers --------------------------------------------------------------------------------
-def _block_k(group: int, want: int) -> int:
-    """The tile width for a group size: `want` when groups are a power of two (a tile then
-    holds part of a group or whole groups), else the largest power of two <= want dividing
-    the group (a tile never straddles a group)."""
-    if group & (group - 1) == 0:
-        return want
-    bk = want
-    while group % bk:
-        bk //= 2
-    return bk
-
-
 # Candidate tiles; on CUDA the first call per shape (eager, e.g. CUDA-graph warm-up) times
 # them and keeps the fastest (kernels/splitk.py).
 # GEMV: (BLOCK_N, BLOCK_K, SPLIT_K); GEMM: (BLOCK_N, BLOCK_K, warps, SPLIT_K).
 GEMV_CONFIGS = ((32, 256, 2), (16, 256, 4), (32, 128, 4), (64, 128, 2), (16, 128, 8), (32, 256, 1))
-GEMM_CONFIGS = ((64, 128, 4, 2), (32, 128, 4, 4), (64, 64, 4, 4), (128, 128, 8, 2), (64, 128, 4, 1))
+# (GEMM tiles are >= 128 wide: each of their eight dots spans BLOCK_K / 8 >= 16 columns.)
+GEMM_CONFIGS = ((64, 128, 4, 2), (32, 128, 4, 4), (64, 256, 4, 2), (128, 128, 8, 2), (64, 128, 4, 1))
 
 
 def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
@@ -165,11 +175,10 @@ def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor |
         return y.reshape(*x.shape[:-1], n_out)
     dummy = s  # placeholder for the pointer a format does not use
     ptrs = (w, s, z if z is not None else dummy, gs if gs is not None else dummy)
-    # BLOCK_K must divide K (masks cover N and M only); NVFP4 tiles hold whole 16-blocks.
-    kmax = k_in & -k_in
 
-    def bk_for(want: int) -> int:
-        return min(_block_k(group, want), kmax, want)
+    def one_group(bk: int) -> bool:
+        """INT4 tiles that never leave a group read one scale and zero per row."""
+        return not nvfp4 and group % bk == 0
 
     if m <= GEMV_MAX_ROWS:
         def run(c: tuple) -> None:
@@ -177,7 +186,8 @@ def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor |
             part = split_output(y, split)
             _w4_gemv_kernel[(triton.cdiv(n_out, bn), split, m)](
                 x2, part, *ptrs, m, n_out, k_in, x2.stride(0), w.stride(0), s.stride(0),
-                G=group, NVFP4=nvfp4, SPLIT_K=split, BLOCK_N=bn, BLOCK_K=bk_for(bk), num_warps=4)
+                G=group, NVFP4=nvfp4, ONE_GROUP=one_group(bk), SPLIT_K=split, BLOCK_N=bn,
+                BLOCK_K=bk, num_warps=4)
             sum_splits(part, y)
         cands = list(GEMV_CONFIGS)
         key = ("gemv", nvfp4, m, n_out, k_in, group)
@@ -189,8 +199,8 @@ def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor |
             part = split_output(y, split)
             _w4_gemm_kernel[(triton.cdiv(m, bm) * triton.cdiv(n_out, bn), split)](
                 x2, part, *ptrs, m, n_out, k_in, x2.stride(0), w.stride(0), s.stride(0),
-                G=group, NVFP4=nvfp4, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn,
-                BLOCK_K=bk_for(bk), num_warps=warps, num_stages=3)
+                G=group, NVFP4=nvfp4, ONE_GROUP=one_group(bk), SPLIT_K=split, BLOCK_M=bm,
+                BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=3)
             sum_splits(part, y)
         cands = list(GEMM_CONFIGS)
         # Tuned per power-of-two row bucket, so varying prefill sizes do not each re-tune.
