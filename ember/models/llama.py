@@ -108,13 +108,34 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, backend, qk_norm, ops)
                                     for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        # Opt-in (EAGLE-3 drafters read them): the residual stream entering each of these
+        # layers, concatenated, is kept in `aux_hidden_states` after every forward.
+        self.aux_layers: tuple[int, ...] = ()
+        self.aux_hidden_states: torch.Tensor | None = None   # [T, len(aux_layers) * hidden]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 fb: ForwardBatch) -> torch.Tensor:
         h, residual = self.embed_tokens(input_ids), None
         rope = self.rotary.lookup(positions)
+        if self.aux_layers:
+            return self._forward_with_aux(h, rope, fb)
         for layer in self.layers:
             h, residual = layer(rope, h, residual, fb)
+        h, _ = self.norm(h, residual)
+        return h
+
+    def _forward_with_aux(self, h: torch.Tensor, rope: RopeStep, fb: ForwardBatch) -> torch.Tensor:
+        """The same forward, keeping the stream entering the aux layers (h + residual:
+        before layer 0 the stream is the embedding alone)."""
+        aux, residual = [], None
+        for i, layer in enumerate(self.layers):
+            if i in self.aux_layers:
+                # A copy: the fused layer ops reuse h's and residual's buffers.
+                aux.append(h.clone() if residual is None else h + residual)
+            h, residual = layer(rope, h, residual, fb)
+        if len(self.layers) in self.aux_layers:   # the stream after the last layer
+            aux.append(h + residual)
+        self.aux_hidden_states = torch.cat(aux, dim=-1)
         h, _ = self.norm(h, residual)
         return h
 
@@ -133,6 +154,19 @@ class LlamaForCausalLM(nn.Module):
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]
+
+    def set_aux_hidden_layers(self, layers: tuple[int, ...]) -> None:
+        """Also keep, after every forward, the residual stream entering each of `layers`
+        (0 = the embedding output, num_hidden_layers = the last layer's output, before the
+        final norm) in `model.aux_hidden_states` ([T, len(layers) * hidden]), in the order
+        given. An empty tuple turns it off (the default: the forward is unchanged)."""
+        n = self.config.num_hidden_layers
+        if any(not 0 <= i <= n for i in layers) or len(set(layers)) != len(layers):
+            raise ValueError(f"aux hidden layers {layers} must be distinct, in [0, {n}]")
+        if tuple(sorted(layers)) != tuple(layers):
+            raise ValueError(f"aux hidden layers {layers} must be in increasing order")
+        self.model.aux_layers = tuple(layers)
+        self.model.aux_hidden_states = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 fb: ForwardBatch) -> torch.Tensor:

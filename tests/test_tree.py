@@ -1,0 +1,155 @@
+"""Draft trees: the EAGLE-2 expansion, the ancestor mask, and tree attention over the paged
+cache (the reference and the torch backend's masked path) against a dense computation."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ember.attention.torch_ref import TorchAttentionBackend, write_kv
+from ember.engine.forward_batch import ForwardBatch
+from ember.spec.tree import DraftTree, ancestor_mask, build_dynamic_tree, tree_attention_ref, with_root_row
+
+
+def test_ancestor_mask_and_paths() -> None:
+    #        root
+    #      0      1
+    #    2   3    4
+    #    5
+    t = DraftTree([10, 11, 12, 13, 14, 15], [-1, -1, 0, 0, 1, 2], [1, 1, 2, 2, 2, 3], [0.0] * 6)
+    m = ancestor_mask(t.parents)
+    expect = {0: {0}, 1: {1}, 2: {0, 2}, 3: {0, 3}, 4: {1, 4}, 5: {0, 2, 5}}
+    for i, anc in expect.items():
+        assert set(torch.nonzero(m[i]).flatten().tolist()) == anc
+    assert t.children() == [[0, 1], [2, 3], [4], [5], [], [], []]
+    assert t.path(5) == [0, 2, 5]
+    r = with_root_row(m)
+    assert r[0].tolist() == [True] + [False] * 6 and r[:, 0].all()
+    c = DraftTree.chain([4, 5, 6])
+    assert torch.equal(ancestor_mask(c.parents), torch.ones(3, 3, dtype=torch.bool).tril())
+
+
+def _logq(seed: int, vocab: int = 12) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.log_softmax(torch.randn(vocab, generator=g) * 2, -1)
+
+
+def test_dynamic_tree_follows_eagle2() -> None:
+    """Each depth feeds the top_k candidates of the last level by cumulative log q; the
+    tree keeps the budget best candidates overall, which is ancestor-closed."""
+    fed_calls = []
+
+    def expand(fed, cand):
+        fed_calls.append([(cand.tokens[i], round(cand.scores[i], 6)) for i in fed])
+        # The children's distribution depends on the fed node's token and depth.
+        return torch.stack([_logq(100 * cand.depths[i] + cand.tokens[i]) for i in fed])
+
+    root = _logq(0)
+    tree, chosen = build_dynamic_tree(root, expand, depth=4, top_k=3, budget=10)
+    assert tree.num_nodes == 10 and tree.max_depth <= 4
+    assert len(fed_calls) == 3 and all(len(f) == 3 for f in fed_calls)
+    # Depth 2 feeds exactly the root's top 3 children.
+    assert sorted(t for t, _ in fed_calls[0]) == sorted(root.topk(3).indices.tolist())
+    for i, p in enumerate(tree.parents):
+        assert p < i
+        assert tree.depths[i] == (1 if p < 0 else tree.depths[p] + 1)
+        expect = _logq(100 * tree.depths[p] + tree.tokens[p]) if p >= 0 else root
+        prev = tree.scores[p] if p >= 0 else 0.0
+        assert tree.scores[i] == pytest.approx(prev + expect[tree.tokens[i]].item(), abs=1e-5)
+    # Siblings keep the drafter's order (most likely first).
+    for kids in tree.children():
+        scores = [tree.scores[c] for c in kids]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_dynamic_tree_budget_is_global_best() -> None:
+    """Brute force: with the same expansion rule, every candidate not chosen scores no
+    better than every chosen one."""
+    seen = {}
+
+    def expand(fed, cand):
+        for i in range(len(cand.tokens)):
+            seen[i] = cand.scores[i]
+        return torch.stack([_logq(7 * cand.tokens[i] + cand.depths[i]) for i in fed])
+
+    tree, chosen = build_dynamic_tree(_logq(3), expand, depth=3, top_k=4, budget=7)
+    assert len(set(chosen)) == 7
+    lowest_chosen = min(tree.scores)
+    best_left_out = max((s for i, s in seen.items() if i not in chosen), default=-math.inf)
+    assert best_left_out <= lowest_chosen + 1e-9
+
+
+def test_dynamic_tree_depth_one_and_tiny_vocab() -> None:
+    tree, _ = build_dynamic_tree(torch.log(torch.tensor([0.5, 0.5, 0.0])), lambda f, c: None,
+                                 depth=1, top_k=3, budget=5)
+    assert tree.tokens == [0, 1] and tree.parents == [-1, -1]   # -inf tokens are never drafted
+
+
+def _dense_tree_attention(q, keys, values, prefix, parents, scale):
+    """Each node: softmax over the prefix keys and its ancestors' keys, one node at a time."""
+    n, heads, d = q.shape
+    rep = heads // keys.shape[1]
+    keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
+    out = torch.zeros(n, heads, d)
+    for i in range(n):
+        idx = list(range(prefix))
+        j = i
+        anc = []
+        while j >= 0:
+            anc.append(prefix + j)
+            j = parents[j]
+        idx += sorted(anc)
+        s = torch.einsum("hd,khd->hk", q[i], keys[idx]) * scale
+        out[i] = torch.einsum("hk,khd->hd", s.softmax(-1), values[idx])
+    return out
+
+
+@pytest.mark.parametrize("prefix", [0, 5, 11])
+def test_tree_attention_matches_dense(prefix: int) -> None:
+    torch.manual_seed(prefix)
+    heads, kv_heads, d, bs = 4, 2, 8, 4
+    parents = [-1, -1, 0, 0, 1, 2, 2, 5]
+    n = len(parents)
+    seq_len = prefix + n
+    nb = -(-seq_len // bs)
+    cache = torch.zeros(2, 16, bs, kv_heads, d)
+    table = torch.randperm(16)[:nb]
+    keys, values = torch.randn(seq_len, kv_heads, d), torch.randn(seq_len, kv_heads, d)
+    slots = table[torch.arange(seq_len) // bs] * bs + torch.arange(seq_len) % bs
+    write_kv(cache, keys, values, slots)
+    q = torch.randn(n, heads, d)
+    mask = ancestor_mask(parents)
+    ref = tree_attention_ref(q, cache, table, seq_len, mask, 0.3)
+    dense = _dense_tree_attention(q, keys, values, prefix, parents, 0.3)
+    torch.testing.assert_close(ref, dense, atol=1e-5, rtol=1e-5)
+
+    # The torch backend's masked path: the tree is one sequence of n new tokens, written
+    # through the slot mapping, after a decode sequence (which must stay causal).
+    cache2 = torch.zeros_like(cache)
+    write_kv(cache2, keys[:prefix], values[:prefix], slots[:prefix])
+    other = torch.tensor([15])   # a 1-token decode in its own block
+    fb = ForwardBatch(
+        input_ids=torch.zeros(n + 1, dtype=torch.long), positions=torch.zeros(n + 1, dtype=torch.long),
+        slot_mapping=torch.cat([other * bs, slots[prefix:]]), query_start_loc=[0, 1, n + 1],
+        seq_lens=torch.tensor([1, seq_len]), seq_lens_list=[1, seq_len],
+        block_tables=torch.stack([torch.cat([other, torch.zeros(nb - 1, dtype=torch.long)]), table]),
+        num_decodes=1, logits_indices=torch.tensor([0, n]), block_size=bs,
+        attn_masks=[None, mask])
+    backend = TorchAttentionBackend()
+    backend.prepare(fb)
+    k_new = torch.cat([torch.randn(1, kv_heads, d), keys[prefix:]])
+    v_new = torch.cat([torch.randn(1, kv_heads, d), values[prefix:]])
+    out = backend.forward(torch.cat([torch.randn(1, heads, d), q]), k_new, v_new, cache2, fb, 0.3)
+    torch.testing.assert_close(out[1:], dense, atol=1e-5, rtol=1e-5)
+
+
+def test_chain_tree_attention_is_causal_prefill() -> None:
+    torch.manual_seed(0)
+    cache = torch.randn(2, 8, 4, 1, 8)
+    table = torch.tensor([3, 1, 6])
+    q = torch.randn(5, 2, 8)
+    chain = ancestor_mask(DraftTree.chain([0] * 5).parents)
+    from ember.attention.torch_ref import paged_attention_ref
+    ref = paged_attention_ref(q, cache, table[None], [11], [0, 5], 0.5)
+    torch.testing.assert_close(tree_attention_ref(q, cache, table, 11, chain, 0.5), ref)
