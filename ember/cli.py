@@ -1,4 +1,4 @@
-"""`ember` command line: generate, chat, serve, bench, train-draft."""
+"""`ember` command line: generate, chat, serve, bench, train-draft, train-eagle."""
 from __future__ import annotations
 
 import argparse
@@ -146,9 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     from ember.bench.cli import add_bench_parser
     from ember.server.cli import add_serve_parser
     from ember.spec.train_draft import add_train_draft_parser
+    from ember.spec.train_eagle import add_train_eagle_parser
     add_serve_parser(sub)
     add_bench_parser(sub)
     add_train_draft_parser(sub)
+    add_train_eagle_parser(sub)
     return parser
 
 

@@ -153,3 +153,37 @@ def test_chain_tree_attention_is_causal_prefill() -> None:
     from ember.attention.torch_ref import paged_attention_ref
     ref = paged_attention_ref(q, cache, table[None], [11], [0, 5], 0.5)
     torch.testing.assert_close(tree_attention_ref(q, cache, table, 11, chain, 0.5), ref)
+
+
+def test_tree_attention_level_by_level() -> None:
+    """Drafting a tree a level per forward: the level's queries see the prefix and, among
+    the earlier levels' slots (a mask over the last w > n slots), only their ancestors."""
+    torch.manual_seed(1)
+    heads, kv_heads, d, bs, prefix = 2, 1, 8, 4, 6
+    parents = [-1, -1, 0, 0, 1]          # level 1: nodes 0, 1; level 2: nodes 2, 3, 4
+    n = len(parents)
+    seq_len = prefix + n
+    table = torch.tensor([4, 0, 7])
+    keys, values = torch.randn(seq_len, kv_heads, d), torch.randn(seq_len, kv_heads, d)
+    q = torch.randn(n, heads, d)
+    dense = _dense_tree_attention(q, keys, values, prefix, parents, 0.4)
+    cache = torch.zeros(2, 8, bs, kv_heads, d)
+    slots = table[torch.arange(seq_len) // bs] * bs + torch.arange(seq_len) % bs
+    full = ancestor_mask(parents)
+    backend = TorchAttentionBackend()
+    write_kv(cache, keys[:prefix], values[:prefix], slots[:prefix])
+    outs = []
+    for lo, hi in [(0, 2), (2, 5)]:
+        m = hi - lo
+        fb = ForwardBatch(
+            input_ids=torch.zeros(m, dtype=torch.long), positions=torch.zeros(m, dtype=torch.long),
+            slot_mapping=slots[prefix + lo:prefix + hi], query_start_loc=[0, m],
+            seq_lens=torch.tensor([prefix + hi]), seq_lens_list=[prefix + hi], block_tables=table[None],
+            num_decodes=0, logits_indices=torch.tensor([m - 1]), block_size=bs,
+            attn_masks=[full[lo:hi, :hi]])
+        backend.prepare(fb)
+        outs.append(backend.forward(q[lo:hi], keys[prefix + lo:prefix + hi], values[prefix + lo:prefix + hi],
+                                    cache, fb, 0.4))
+        torch.testing.assert_close(tree_attention_ref(q[lo:hi], cache, table, prefix + hi, full[lo:hi, :hi], 0.4),
+                                   dense[lo:hi], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(outs), dense, atol=1e-5, rtol=1e-5)

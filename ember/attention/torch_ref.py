@@ -102,18 +102,19 @@ class TorchAttentionBackend(AttentionBackend):
         n = q.shape[0]
         seq_len = fb.seq_lens_list[i]
         ctx = seq_len - n
-        new_mask = fb.attn_masks[i] if fb.attn_masks is not None else None   # [n, n] or None
+        tail = fb.attn_masks[i] if fb.attn_masks is not None else None   # [n, w] or None
         if ctx == 0:
-            keys, values, mask = k, v, new_mask  # nothing cached: the chunk's own K/V suffice
+            keys, values, mask = k, v, tail  # nothing cached: the chunk's own K/V suffice
         else:
             nb = -(-seq_len // fb.block_size)
             keys, values = gather_kv(kv_cache, fb.block_tables[i:i + 1, :nb])
             keys, values = keys[0, :seq_len].to(q.dtype), values[0, :seq_len].to(q.dtype)
-            if new_mask is None:
+            if tail is None:
                 q_pos = torch.arange(ctx, seq_len, device=q.device)
                 mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # [n, seq_len]
-            else:   # a tree: the whole prefix, and the new tokens the mask allows
-                mask = torch.cat([torch.ones((n, ctx), dtype=torch.bool, device=q.device), new_mask], 1)
+            else:   # a tree: everything before the mask's slots, then what the mask allows
+                head = torch.ones((n, seq_len - tail.shape[1]), dtype=torch.bool, device=q.device)
+                mask = torch.cat([head, tail], 1)
         o = F.scaled_dot_product_attention(
             q.transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0),
             values.transpose(0, 1).unsqueeze(0), attn_mask=mask, is_causal=mask is None,

@@ -26,9 +26,10 @@ class ForwardBatch:
     logits_indices: torch.Tensor   # [N] rows of the hidden states that need logits
     block_size: int
     attn_metadata: Any = field(default=None)  # filled by the attention backend's prepare()
-    # Tree verification / tree drafting: per sequence, None (causal) or [n, n] bool, which of
-    # the sequence's n new tokens each of them sees (every cached prefix slot is visible).
-    # Positions then repeat across siblings while slots stay consecutive (ember.spec.tree).
+    # Tree verification / tree drafting: per sequence, None (causal) or a [n, w] bool mask
+    # over the sequence's last w >= n slots (its n new tokens are the last n of them): which
+    # of those each new token sees; every slot before them is visible. Positions then repeat
+    # across siblings while slots stay consecutive (ember.spec.tree).
     attn_masks: list[torch.Tensor | None] | None = None
 
     @property

@@ -63,9 +63,9 @@ ARCHITECTURE = "LlamaForCausalLMEagle3"
 
 def default_aux_layers(num_target_layers: int) -> tuple[int, ...]:
     """vLLM's default low / middle / high choice for EAGLE-3 (for a target of fewer than 6
-    layers, which only tests build: the embedding, the middle and the last layer's output)."""
+    layers, which only tests build: the distinct ones of 0, the middle and the last)."""
     n = num_target_layers
-    return (2, n // 2, n - 3) if n >= 6 else (0, n // 2, n)
+    return (2, n // 2, n - 3) if n >= 6 else tuple(sorted({0, n // 2, n - 1}))
 
 
 @dataclass
@@ -208,8 +208,10 @@ class EagleDrafter(nn.Module):
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """token_ids: [T] target ids -> [T, H]."""
-        e = self.embed_tokens if self.embed_tokens is not None else self._shared_embed[0]
-        return e(token_ids)
+        if self.embed_tokens is not None:
+            return self.embed_tokens(token_ids)
+        # The target's: never trained through the drafter.
+        return torch.nn.functional.embedding(token_ids, self._shared_embed[0].weight.detach())
 
     def attention_layers(self) -> list[Attention]:
         return [self.midlayer.self_attn.attn]

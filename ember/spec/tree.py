@@ -139,20 +139,21 @@ def build_dynamic_tree(root_logq: torch.Tensor,  # [vocab] log q of the root's c
 def tree_attention_ref(q: torch.Tensor,            # [n, heads, d] the step's queries of one sequence
                        kv_cache: torch.Tensor,     # [2, blocks, block_size, kv_heads, d], new K/V written
                        block_table: torch.Tensor,  # [max_blocks] the sequence's blocks
-                       seq_len: int,               # slots in use: prefix + n
-                       new_mask: torch.Tensor,     # [n, n] bool: which of the step's keys each query sees
+                       seq_len: int,               # slots in use, the queries' own included
+                       tail_mask: torch.Tensor,    # [n, w] bool over the last w >= n slots
                        scale: float) -> torch.Tensor:
-    """Tree attention over the paged cache, fp32: query i attends to every prefix slot
-    (the first seq_len - n) and to the step's slots j with new_mask[i, j]. A causal
-    (lower-triangular) new_mask is ordinary chunked prefill. Returns [n, heads, d] fp32."""
-    n, heads = q.shape[0], q.shape[1]
+    """Tree attention over the paged cache, fp32: query i attends to every slot before the
+    last w and to those of the last w that tail_mask[i] allows (the queries are the last n
+    slots). A causal (lower-triangular) [n, n] mask is ordinary chunked prefill. Returns
+    [n, heads, d] fp32."""
+    n, heads, w = q.shape[0], q.shape[1], tail_mask.shape[1]
     nb = -(-seq_len // kv_cache.shape[2])
     keys, values = gather_kv(kv_cache, block_table[None, :nb].long())
     rep = heads // kv_cache.shape[3]
     keys = keys[0, :seq_len].float().repeat_interleave(rep, dim=1)     # [L, heads, d]
     values = values[0, :seq_len].float().repeat_interleave(rep, dim=1)
     visible = torch.ones((n, seq_len), dtype=torch.bool, device=q.device)
-    visible[:, seq_len - n:] = new_mask
+    visible[:, seq_len - w:] = tail_mask
     scores = torch.einsum("qhd,khd->hqk", q.float(), keys) * scale
     probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
     return torch.einsum("hqk,khd->qhd", probs, values)

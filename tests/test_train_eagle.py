@@ -1,0 +1,148 @@
+"""train-eagle's pieces on the tiny Llama: the unrolled training rows compute exactly what
+the drafter computes when it drafts through the paged cache (EAGLE-3 chains and P-EAGLE
+mask rows), a few steps lower the loss, and the CLI end to end writes a loadable folder."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import TinyCheckpoint
+
+from ember.attention.torch_ref import TorchAttentionBackend
+from ember.config import ModelConfig
+from ember.engine.model_runner import build_forward_batch
+from ember.spec.eagle import default_aux_layers, load_eagle
+from ember.spec.train_eagle import StepAttention, draft_loss, draft_vocabulary, new_drafter, target_features
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llama: TinyCheckpoint):
+    target = tiny_llama.hf_model
+    cfg = target.config.to_dict()
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    n_layers = cfg["num_hidden_layers"]
+    g = torch.Generator().manual_seed(0)
+    chunks = torch.randint(3, 256, (6, 24), generator=g)
+    feats = target_features(target, chunks, default_aux_layers(n_layers), 3, 8, log=lambda *_: None)
+    return target, cfg, chunks, feats
+
+
+def _drafter(setup, parallel: bool, vocab: int = 256):
+    target, cfg, chunks, feats = setup
+    ids = draft_vocabulary(chunks, feats["ids"], 256, vocab)
+    d = new_drafter(target, cfg, ids, parallel, 3, seed=1)
+    with torch.no_grad():   # larger weights than the init so attention matters
+        for name, p in d.named_parameters():
+            if p.dim() == 2 and "lm_head" not in name:
+                p.normal_(0, 0.15)
+        if parallel:
+            d.mask_embed.normal_(0, 1.0)
+            d.mask_hidden.normal_(0, 1.0)
+    vmap = torch.full((256,), -1, dtype=torch.long)
+    vmap[ids] = torch.arange(len(ids))
+    return d, vmap
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["eagle3-ttt", "peagle"])
+def test_training_rows_equal_paged_drafting(setup, parallel: bool) -> None:
+    """Row s of base b in training == what the drafter computes at inference for the same
+    inputs: the pairs up to b in the cache, then rows 2..s one decode step each."""
+    _, _, chunks, feats = setup
+    d, _ = _drafter(setup, parallel)
+    steps, l = 3, chunks.shape[1]
+    tokens, aux = chunks[:1], feats["aux"][:1].float()
+    # Training: all bases at once.
+    attend = StepAttention(1, l, d.midlayer.self_attn.attn.scale)
+    base = torch.arange(l)
+    hidden = d.fuse(aux[0])
+    rows = []
+    with torch.no_grad():
+        for s in range(1, steps + 1):
+            shift = torch.clamp(base + s, max=l - 1)
+            if s > 1 and parallel:
+                e, hidden = d.mask_embed.expand(l, -1), d.mask_hidden.expand(l, -1)
+            else:
+                e = d.embed(tokens[0, shift])
+            hidden = d(e, hidden, base + s - 1, attend)
+            rows.append(hidden)
+    # Inference, for a few bases.
+    backend = TorchAttentionBackend()
+    d.midlayer.self_attn.attn.backend = backend
+    d.attention_layers()[0].kv_cache = torch.zeros(2, 16, 4, d.midlayer.self_attn.num_kv_heads,
+                                                   d.midlayer.self_attn.head_dim)
+    blocks = list(range(16))
+    cpu = torch.device("cpu")
+    for b in [0, 5, 13]:
+        with torch.no_grad():
+            fb = build_forward_batch([(blocks, 0, tokens[0, 1:b + 2].tolist())], 4, cpu)
+            backend.prepare(fb)
+            o = d(d.embed(fb.input_ids), d.fuse(aux[0, :b + 1]), fb.positions, d.paged(fb))
+            torch.testing.assert_close(o, rows[0][:b + 1], atol=1e-5, rtol=1e-5)
+            prev = o[-1:]
+            for s in range(2, steps + 1):
+                fb = build_forward_batch([(blocks, b + s - 1, [int(tokens[0, b + s])])], 4, cpu)
+                backend.prepare(fb)
+                if parallel:
+                    e, h = d.mask_embed[None], d.mask_hidden[None]
+                else:
+                    e, h = d.embed(fb.input_ids), prev
+                prev = d(e, h, fb.positions, d.paged(fb))
+                torch.testing.assert_close(prev[0], rows[s - 1][b], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["eagle3-ttt", "peagle"])
+def test_a_few_steps_lower_the_loss(setup, parallel: bool) -> None:
+    _, _, _, feats = setup
+    d, vmap = _drafter(setup, parallel, vocab=64)
+    batch = {k: feats[k][:4] for k in ("tokens", "aux", "ids", "probs")}
+    opt = torch.optim.AdamW([p for p in d.parameters() if p.requires_grad], lr=3e-3)
+    with torch.no_grad():
+        before, _ = draft_loss(d, batch, vmap, 3, parallel)
+    for _ in range(25):
+        loss, accs = draft_loss(d, batch, vmap, 3, parallel)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert len(accs) == 3
+    assert loss.item() < 0.7 * before.item()
+    assert d.lm_head.weight.grad is not None and d.fc.weight.grad is not None
+    assert all(p.grad is None for p in setup[0].parameters())   # the target stays frozen
+
+
+def test_draft_vocabulary_prefers_frequent_then_low_ids() -> None:
+    tokens = torch.tensor([[5, 5, 5, 9, 9, 7]])
+    ids = torch.tensor([[[9]], [[9]], [[9]], [[1]], [[1]], [[1]]]).view(1, 6, 1)
+    # counts: 9 -> 5, 5 -> 3, 1 -> 3, 7 -> 1; then unseen ids, lowest first.
+    assert draft_vocabulary(tokens, ids, 20, 4).tolist() == [1, 5, 7, 9]
+    assert draft_vocabulary(tokens, ids, 20, 6).tolist() == [0, 1, 2, 5, 7, 9]
+    assert draft_vocabulary(tokens, ids, 20, 20).tolist() == list(range(20))
+
+
+def test_cli_trains_and_writes_a_loadable_folder(smollm2_gguf_path, tmp_path) -> None:
+    """A few steps on the real SmolLM2 over a little text: the folder loads as a drafter
+    for the target, and the features cache is reused by the parallel mode."""
+    from ember.cli import build_parser
+    from ember.models.loader import resolve_model
+    pytest.importorskip("gguf")
+    text = tmp_path / "t.txt"
+    text.write_text("Dorothy lived in the midst of the great Kansas prairies, with Uncle Henry. " * 40)
+    cache = str(tmp_path / "feats.safetensors")
+    common = ["--target", "smollm2-135m", "--text", str(text), "--seq-len", "32",
+              "--max-train-tokens", "128", "--batch-size", "2", "--eval-chunks", "2",
+              "--draft-vocab-size", "512", "--features-cache", cache]
+    logs = []
+    for mode in ([], ["--parallel", "--parallel-positions", "3"]):
+        out = str(tmp_path / ("p" if mode else "e"))
+        args = build_parser().parse_args(["train-eagle", "--out", out, "--steps", "2"] + common + mode)
+        from ember.spec.train_eagle import train
+        report = train(args, log=logs.append)
+        assert report["steps"] == 2 and os.path.isfile(os.path.join(out, "train_log.json"))
+        drafter = load_eagle(out, resolve_model("smollm2-135m").config)
+        assert drafter.config.draft_vocab_size == 512
+        assert drafter.config.parallel == bool(mode)
+        assert drafter.config.aux_layers == (2, 15, 27)
+        with open(os.path.join(out, "config.json")) as f:
+            assert json.load(f)["architectures"] == ["LlamaForCausalLMEagle3"]
+    assert any(line.startswith("features from") for line in logs)   # the second run reused them
