@@ -226,6 +226,31 @@ def test_backend_mixed_step_matches_torch_backend(dtype):
     assert rel_err(out, ref_out) < TOL[dtype]
 
 
+def test_backend_tree_sequences_match_torch_backend():
+    """A step with tree sequences (fb.attn_masks, tree verification) beside decodes and a
+    causal chunk: the tree rows take the masked path, the rest the kernels."""
+    from ember.spec.tree import ancestor_mask, with_root_row
+    b = Batch([9, 3, 5, 21], [1, 9, 7, 8], heads=4, kv_heads=2, d=32, block_size=4,
+              dtype=torch.float32, seed=3)
+    tree = with_root_row(ancestor_mask([-1, -1, 0, 0, 1, 2, 2, 4])).to(DEVICE)   # 9 rows
+    results = []
+    for backend in (TorchAttentionBackend(), backend_mod.TritonAttentionBackend()):
+        fb = b.forward_batch()
+        fb.attn_masks = [None, tree, None, tree[1:, 1:]]   # the last: a tree over 8 slots, no root row
+        cache = b.kv_cache.clone()
+        backend.prepare(fb)
+        results.append((backend.forward(b.q, b.k, b.v, cache, fb, 32 ** -0.5), cache))
+    (ref_out, ref_cache), (out, cache) = results
+    assert torch.equal(cache, ref_cache)
+    assert rel_err(out, ref_out) < TOL[torch.float32]
+    # The tree rows really differ from causal attention.
+    fb = b.forward_batch()
+    causal = TorchAttentionBackend()
+    causal.prepare(fb)
+    plain = causal.forward(b.q, b.k, b.v, b.kv_cache.clone(), fb, 32 ** -0.5)
+    assert rel_err(out[1:10], plain[1:10]) > 1e-2
+
+
 def test_backend_decode_reads_static_inputs_in_place():
     """What CUDA-graph replay relies on: after prepare(), the forward reads seq_lens, block
     tables and slots from the batch's own int32/int64 tensors, so new values copied into them

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ember.attention.backend import AttentionBackend
+from ember.attention.torch_ref import TorchAttentionBackend
 from ember.attention.triton_decode import choose_num_splits, decode_attention
 from ember.attention.triton_kv_write import write_kv_triton
 from ember.attention.triton_prefill import build_prefill_tiles, prefill_attention
@@ -45,6 +47,7 @@ class TritonAttentionMetadata:
     block_tables: torch.Tensor              # [S, max_blocks] int32
     prefill_tiles: torch.Tensor | None      # [num_tiles, 4] int32, see build_prefill_tiles
     config: KernelConfig
+    masked_seqs: tuple[int, ...] = ()       # tree sequences (fb.attn_masks): torch path
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -71,9 +74,13 @@ class TritonAttentionBackend(AttentionBackend):
         seq_lens = fb.seq_lens.to(torch.int32)
         block_tables = fb.block_tables.to(torch.int32)
         tiles = None
+        masked = tuple(i for i, m in enumerate(fb.attn_masks or ()) if m is not None)
         if fb.num_seqs > nd:
             host = build_prefill_tiles(fb.query_start_loc, nd, fb.seq_lens_list, cfg.prefill_block_m)
-            tiles = torch.from_numpy(host).to(dev, non_blocking=True)
+            if masked:
+                # The kernels are causal; tree sequences take the torch path (forward).
+                host = host[~np.isin(host[:, 0], masked)]
+            tiles = torch.from_numpy(host).to(dev, non_blocking=True) if len(host) else None
         fb.attn_metadata = TritonAttentionMetadata(
             num_decodes=nd,
             max_decode_len=max(fb.seq_lens_list[:nd], default=0),
@@ -83,6 +90,7 @@ class TritonAttentionBackend(AttentionBackend):
             block_tables=block_tables,
             prefill_tiles=tiles,
             config=cfg,
+            masked_seqs=masked,
         )
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -102,4 +110,7 @@ class TritonAttentionBackend(AttentionBackend):
                               meta.prefill_tiles, scale, out, cfg.prefill_block_m,
                               cfg.prefill_block_n, cfg.prefill_warps, cfg.prefill_stages,
                               cfg.prefill_prefix_block_n)
+        for i in meta.masked_seqs:   # K/V already written above
+            a, b = fb.query_start_loc[i], fb.query_start_loc[i + 1]
+            out[a:b] = TorchAttentionBackend._prefill_one(q[a:b], k[a:b], v[a:b], kv_cache, fb, i, scale)
         return out
