@@ -17,6 +17,8 @@ from ember.layers.sampler import (RowLogprobs, Sampler, SamplingBatch, SamplingR
                                   compute_token_logprobs, sampling_probs)
 from ember.models.loader import ModelSource, build_model
 from ember.spec.rejection import rejection_sample
+from ember.spec.tree import ancestor_mask
+from ember.spec.tree_rejection import tree_rejection_sample
 
 logger = logging.getLogger("ember")
 GiB = 1 << 30
@@ -34,13 +36,17 @@ class StepResult:
 
 
 def build_forward_batch(seqs: list[tuple[list[int], int, list[int]]], block_size: int,
-                        device: torch.device) -> ForwardBatch:
+                        device: torch.device, positions: dict[int, list[int]] | None = None,
+                        attn_masks: dict[int, torch.Tensor] | None = None) -> ForwardBatch:
     """Host-side step inputs, then three device copies in all (token data, per-sequence
     data, block tables).
 
-    seqs: per sequence (block_ids, first position, token ids to compute), single-query
+    seqs: per sequence (block_ids, first slot position, token ids to compute), single-query
     sequences first. logits_indices holds each sequence's last row. Single-query sequences
     go through plain lists, longer ones through numpy: each the cheaper at its size.
+    Tree sequences (ember.spec.tree) give their own RoPE `positions` (sequence index ->
+    one per token; their K/V still takes consecutive slots from the first position) and
+    `attn_masks` (sequence index -> [n, w] bool, see ForwardBatch.attn_masks).
     """
     bs = block_size
     num_tokens = sum(len(t) for _, _, t in seqs)
@@ -59,7 +65,7 @@ def build_forward_batch(seqs: list[tuple[list[int], int, list[int]]], block_size
             p = np.arange(start, start + n)
             span = slice(qsl[-1], qsl[-1] + n)
             tokens[0, span] = ids
-            tokens[1, span] = p
+            tokens[1, span] = p if positions is None or i not in positions else positions[i]
             tokens[2, span] = np.asarray(blocks, dtype=np.int64)[p // bs] * bs + p % bs
         tables[i, :len(blocks)] = blocks
         qsl.append(qsl[-1] + n)
@@ -74,7 +80,29 @@ def build_forward_batch(seqs: list[tuple[list[int], int, list[int]]], block_size
         input_ids=tokens_d[0], positions=tokens_d[1], slot_mapping=tokens_d[2], query_start_loc=qsl,
         seq_lens=per_seq[0], seq_lens_list=seq_lens,
         block_tables=torch.from_numpy(tables).to(device, non_blocking=True),
-        num_decodes=nd, logits_indices=per_seq[1], block_size=bs)
+        num_decodes=nd, logits_indices=per_seq[1], block_size=bs,
+        attn_masks=None if not attn_masks else [attn_masks.get(i) for i in range(len(seqs))])
+
+
+def tree_layout(trees: dict[int, ScheduledRequest],
+                device: torch.device) -> tuple[dict[int, list[int]] | None, dict[int, torch.Tensor] | None]:
+    """RoPE positions and attention masks of the sequences that verify a draft tree: the
+    request's own tokens (causal), then each node at the position after its parent's (its
+    depth past the last own token), seeing the own tokens and its ancestors."""
+    if not trees:
+        return None, None
+    positions, masks = {}, {}
+    for i, s in trees.items():
+        t, own = s.spec_tree, s.num_new_tokens
+        start = s.request.num_computed_tokens
+        positions[i] = list(range(start, start + own)) + [start + own - 1 + d for d in t.depths]
+        n = own + t.num_nodes
+        m = torch.zeros((n, n), dtype=torch.bool)
+        m[:own, :own] = torch.ones((own, own), dtype=torch.bool).tril()
+        m[own:, :own] = True
+        m[own:, own:] = ancestor_mask(t.parents)
+        masks[i] = m.to(device)
+    return positions, masks
 
 
 class ModelRunner:
@@ -161,9 +189,11 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> StepResult:
         # Single-query sequences first: the attention backend batches them.
         scheduled = sorted(out.scheduled, key=lambda s: s.num_query_tokens != 1)
+        trees = {i: s for i, s in enumerate(scheduled) if s.spec_tree is not None}
+        positions, masks = tree_layout(trees, self.device)
         fb = build_forward_batch([(s.request.block_ids, s.request.num_computed_tokens,
                                    s.query_token_ids) for s in scheduled],
-                                 self.block_size, self.device)
+                                 self.block_size, self.device, positions, masks)
         if self.graph_runner is not None and self.graph_runner.can_run(fb):
             hidden = self.graph_runner.run(fb)
         else:
@@ -172,9 +202,13 @@ class ModelRunner:
         result = StepResult()
         sampling = [i for i, s in enumerate(scheduled) if s.samples and not s.spec_token_ids]
         verifying = [i for i, s in enumerate(scheduled) if s.samples and s.spec_token_ids]
-        if verifying:
-            self._verify([scheduled[i] for i in verifying],
-                         [fb.query_start_loc[i + 1] for i in verifying], hidden, result)
+        chains = [i for i in verifying if i not in trees]
+        if chains:
+            self._verify([scheduled[i] for i in chains],
+                         [fb.query_start_loc[i + 1] for i in chains], hidden, result)
+        if trees:
+            self._verify_trees([scheduled[i] for i in trees],
+                               [fb.query_start_loc[i + 1] for i in trees], hidden, result)
         if sampling:
             # Index with a device tensor only when some rows don't sample (indexing with a
             # host list would copy it over and wait for the forward).
@@ -240,6 +274,77 @@ class ModelRunner:
                 lg = logits[i * width:i * width + len(tokens)]   # the emitted positions
                 lp = compute_token_logprobs(lg, torch.tensor(tokens, device=self.device), n_top)
                 result.logprobs[rid] = lp.to_rows()
+
+    def _verify_trees(self, spec: list[ScheduledRequest], ends: list[int], hidden: torch.Tensor,
+                      result: StepResult) -> None:
+        """Verify draft trees (ember.spec.tree_rejection) and move the accepted path into
+        place: the accepted nodes' K/V (in every layer) and hidden rows go to the slots and
+        rows a chain of them would have had, so the request's cache stays consecutive and
+        the rest is rolled back like rejected chain drafts.
+
+        Request i's nodes are the n rows before ends[i], its last own token's row (the
+        root) just before them. The target's distribution at a node counts the path to
+        it as output (penalties, min_tokens), as at a chain position."""
+        width = max(s.spec_tree.num_nodes for s in spec) + 1
+        rows, srows = [], []
+        for s, end in zip(spec, ends):
+            r, t = s.request, s.spec_tree
+            n = t.num_nodes
+            out_ids = r.output_token_ids
+            for j in range(width):
+                node = min(j, n) - 1                     # -1: the root; padding repeats the last node
+                rows.append(end - 1 - n + node + 1)
+                path = [t.tokens[x] for x in t.path(node)] if node >= 0 else []
+                srows.append(SamplingRow(r.params, r.prompt_token_ids, out_ids + path, r.generator,
+                                         r.eos_token_ids))
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        vocab = logits.shape[-1]
+        probs = sampling_probs(logits, SamplingBatch.build(srows, vocab, self.device))
+        out = tree_rejection_sample(probs.view(len(spec), width, vocab), [s.spec_tree for s in spec],
+                                    None, [s.request.generator for s in spec])
+        src, dst = [], []
+        for i, (s, end, tokens, nodes) in enumerate(zip(spec, ends, out.token_ids, out.accepted_nodes)):
+            rid = s.request.request_id
+            result.sampled[rid] = tokens
+            result.num_accepted[rid] = len(nodes)
+            first = end - s.spec_tree.num_nodes                        # row of node 0
+            moves = [(first + a, first + j) for j, a in enumerate(nodes) if a != j]
+            src += [a for a, _ in moves]
+            dst += [b for _, b in moves]
+            n_top = s.request.params.logprobs
+            if n_top is not None:
+                # Emitted token j was scored at the root (j = 0) or at accepted node j - 1.
+                at = [i * width] + [i * width + 1 + a for a in nodes]
+                lp = compute_token_logprobs(logits[torch.tensor(at, device=self.device)],
+                                            torch.tensor(tokens, device=self.device), n_top)
+                result.logprobs[rid] = lp.to_rows()
+        if src:
+            self._move_rows(spec, ends, src, dst, hidden)
+
+    def _move_rows(self, spec: list[ScheduledRequest], ends: list[int], src: list[int],
+                   dst: list[int], hidden: torch.Tensor) -> None:
+        """Copy the K/V of forward rows src to the slots of rows dst (same request), in
+        every layer, and the hidden rows likewise (and the aux hidden states, when the
+        model keeps them). A destination never comes after its source and the accepted
+        nodes are in order, so reading all sources first makes the copy safe."""
+        slot_of: dict[int, int] = {}
+        for s, end in zip(spec, ends):
+            r, n = s.request, s.spec_tree.num_nodes
+            first_pos = r.num_computed_tokens + s.num_new_tokens
+            for j in range(n):
+                p = first_pos + j
+                slot_of[end - n + j] = r.block_ids[p // self.block_size] * self.block_size + p % self.block_size
+        src_t = torch.tensor(src, device=self.device)
+        dst_t = torch.tensor(dst, device=self.device)
+        src_slots = torch.tensor([slot_of[x] for x in src], device=self.device)
+        dst_slots = torch.tensor([slot_of[x] for x in dst], device=self.device)
+        for cache in self.kv_caches:
+            flat = cache.view(cache.shape[0], -1, *cache.shape[3:])    # [2, slots, kv_heads, d]
+            flat[:, dst_slots] = flat[:, src_slots]
+        hidden[dst_t] = hidden[src_t]
+        aux = getattr(self.model.model, "aux_hidden_states", None)
+        if aux is not None and aux.shape[0] == hidden.shape[0]:
+            aux[dst_t] = aux[src_t]
 
     def _prompt_logprobs(self, scheduled: list[ScheduledRequest], fb: ForwardBatch,
                          hidden: torch.Tensor, result: StepResult) -> None:

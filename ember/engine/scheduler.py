@@ -6,7 +6,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -31,6 +31,9 @@ class ScheduledRequest:
     num_spec_slots: int = 0
     spec_token_ids: list[int] = field(default_factory=list)
     spec_probs: torch.Tensor | None = None   # [len(spec_token_ids), vocab] draft q; None = one-hot
+    # A draft tree instead of a chain (ember.spec.tree.DraftTree): spec_token_ids are then
+    # its node tokens in node order, verified in one forward under a tree attention mask.
+    spec_tree: Any = None
 
     @property
     def samples(self) -> bool:

@@ -5,16 +5,26 @@ import json
 from dataclasses import dataclass, fields
 from typing import Any
 
-METHODS = ("none", "ngram", "draft")
+from ember.spec.tree import TreeShape
+
+METHODS = ("none", "ngram", "draft", "eagle", "peagle")
+TREE_METHODS = ("eagle", "peagle")
 
 
 @dataclass
 class SpeculativeConfig:
     """Names follow vLLM's --speculative-config keys where they exist.
 
-    method: none | ngram (prompt lookup) | draft (a smaller model sharing the tokenizer).
-    num_speculative_tokens: the most draft tokens per request per step (k).
-    model: the draft model (HF folder) for method "draft".
+    method: none | ngram (prompt lookup) | draft (a smaller model sharing the tokenizer) |
+        eagle (an EAGLE-3 drafter on the target's hidden states) | peagle (P-EAGLE: all
+        draft positions from one drafter forward).
+    num_speculative_tokens: the most draft tokens per request per step (k); with a tree,
+        its greatest depth.
+    model: the draft model (HF folder) for method "draft"; the drafter folder (published
+        EAGLE-3 layout, or `ember train-eagle` output) for eagle / peagle.
+    tree: eagle / peagle only: None drafts chains; {"top_k": children per expanded node,
+        "budget": most nodes, "depth": defaults to num_speculative_tokens} drafts EAGLE-2
+        dynamic trees, verified in one target forward with a tree attention mask.
     adaptive: choose k each step from the measured acceptance and batch size (0 = off
         at large batches); False always drafts num_speculative_tokens.
     prompt_lookup_min / prompt_lookup_max: n-gram sizes the ngram proposer matches.
@@ -26,14 +36,25 @@ class SpeculativeConfig:
     adaptive: bool = True
     prompt_lookup_min: int = 1
     prompt_lookup_max: int = 3
+    tree: Any = None   # dict from the user -> TreeShape
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown speculative method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.method != "none" and self.num_speculative_tokens < 1:
             raise ValueError("num_speculative_tokens must be >= 1")
-        if self.method == "draft" and not self.model:
-            raise ValueError('speculative method "draft" needs "model": a draft model folder')
+        if self.method in ("draft",) + TREE_METHODS and not self.model:
+            raise ValueError(f'speculative method "{self.method}" needs "model": a draft model folder')
+        if self.tree is not None and not isinstance(self.tree, TreeShape):
+            if self.method not in TREE_METHODS:
+                raise ValueError(f'"tree" needs method eagle or peagle, not {self.method!r}')
+            if not isinstance(self.tree, dict) or set(self.tree) - {"depth", "top_k", "budget"}:
+                raise ValueError('"tree" takes {"depth", "top_k", "budget"}')
+            shape = dict(self.tree)
+            shape.setdefault("depth", self.num_speculative_tokens)
+            self.num_speculative_tokens = shape["depth"]
+            shape.setdefault("budget", max(shape["depth"], 4 * shape["depth"]))
+            self.tree = TreeShape(**shape, level_slots=self.method == "eagle")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError("need 1 <= prompt_lookup_min <= prompt_lookup_max")
 

@@ -66,8 +66,9 @@ class Speculator:
             n_acc = result.num_accepted.get(rid)
             if n_acc is None:
                 continue
-            k = len(s.spec_token_ids)
-            self.stats.record(k, n_acc, len(result.sampled[rid]))
+            # A tree counts as drafts along its depth (acceptance per position = per depth).
+            k = len(s.spec_token_ids) if s.spec_tree is None else s.spec_tree.max_depth
+            self.stats.record(k, n_acc, len(result.sampled[rid]), len(s.spec_token_ids))
             if self.controller is not None:
                 self.controller.observe_acceptance(k, n_acc)
         if self.controller is not None:

@@ -12,19 +12,23 @@ class SpecStats:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     num_emitted_tokens: int = 0       # accepted + correction/bonus tokens of those verifications
+    num_verified_tokens: int = 0      # draft tokens the target scored (tree nodes; = drafts for chains)
     drafted_at: list[int] = field(default_factory=list)    # per draft position j
     accepted_at: list[int] = field(default_factory=list)
     num_steps: int = 0                # engine steps
     num_spec_steps: int = 0           # engine steps with at least one draft
     k_histogram: dict[int, int] = field(default_factory=dict)   # chosen k -> steps
 
-    def record(self, num_drafts: int, num_accepted: int, num_emitted: int) -> None:
-        """One request's verification: k drafts, how many accepted, tokens appended."""
+    def record(self, num_drafts: int, num_accepted: int, num_emitted: int,
+               num_verified: int | None = None) -> None:
+        """One request's verification: k drafts (a tree: its depth), how many accepted,
+        tokens appended, and draft tokens the target scored (a tree: its nodes)."""
         while len(self.drafted_at) < num_drafts:
             self.drafted_at.append(0)
             self.accepted_at.append(0)
         self.num_verifications += 1
         self.num_draft_tokens += num_drafts
+        self.num_verified_tokens += num_drafts if num_verified is None else num_verified
         self.num_accepted_tokens += num_accepted
         self.num_emitted_tokens += num_emitted
         for j in range(num_drafts):
@@ -37,6 +41,7 @@ class SpecStats:
             "num_drafts": self.num_verifications,
             "num_draft_tokens": self.num_draft_tokens,
             "num_accepted_tokens": self.num_accepted_tokens,
+            "num_verified_tokens": self.num_verified_tokens,
             "acceptance_rate": self.num_accepted_tokens / max(self.num_draft_tokens, 1),
             # Tokens per verification: accepted drafts + the correction or bonus token.
             "mean_accepted_length": self.num_emitted_tokens / n,

@@ -90,50 +90,112 @@ def with_root_row(mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
-Expand = Callable[[list[int], "DraftTree"], torch.Tensor]
+class TreeBuilder:
+    """EAGLE-2 dynamic expansion of one request's tree, a depth at a time, so a proposer
+    can batch the drafter forward of every request's level: `to_feed()`, run the drafter
+    on those candidates, `expand(fed, logq)`, repeat; then `finish(budget)`."""
+
+    def __init__(self, root_logq: torch.Tensor, top_k: int) -> None:   # root_logq: [vocab]
+        if top_k < 1:
+            raise ValueError("tree top_k must be >= 1")
+        self.top_k = top_k
+        self.cand = DraftTree([], [], [], [])   # every candidate so far, in creation order
+        self.level = self._add_children(-1, 0.0, root_logq)
+
+    def _add_children(self, parent: int, parent_score: float, logq: torch.Tensor) -> list[int]:
+        c = self.cand
+        vals, ids = logq.float().topk(min(self.top_k, logq.numel()))
+        added = []
+        for v, t in zip(vals.tolist(), ids.tolist()):
+            if v == float("-inf"):
+                break   # fewer than top_k tokens are possible
+            c.tokens.append(t)
+            c.parents.append(parent)
+            c.depths.append(1 if parent < 0 else c.depths[parent] + 1)
+            c.scores.append(parent_score + v)
+            added.append(len(c.tokens) - 1)
+        return added
+
+    def to_feed(self) -> list[int]:
+        """The best top_k candidates of the last depth (creation order among equal scores),
+        in creation order."""
+        s = self.cand.scores
+        return sorted(heapq.nsmallest(self.top_k, self.level, key=lambda i: (-s[i], i)))
+
+    def expand(self, fed: list[int], logq: torch.Tensor) -> None:
+        """logq: [len(fed), vocab] log q of each fed candidate's children."""
+        self.level = [c for row, i in enumerate(fed)
+                      for c in self._add_children(i, self.cand.scores[i], logq[row])]
+
+    def finish(self, budget: int) -> tuple[DraftTree, list[int]]:
+        """The `budget` best candidates as a tree, and each node's candidate index."""
+        c = self.cand
+        chosen = sorted(heapq.nsmallest(budget, range(len(c.tokens)), key=lambda i: (-c.scores[i], i)))
+        index = {x: j for j, x in enumerate(chosen)}
+        tree = DraftTree([c.tokens[x] for x in chosen],
+                         [-1 if c.parents[x] < 0 else index[c.parents[x]] for x in chosen],
+                         [c.depths[x] for x in chosen], [c.scores[x] for x in chosen])
+        return tree, chosen
+
+
+Expand = Callable[[list[int], DraftTree], torch.Tensor]
 
 
 def build_dynamic_tree(root_logq: torch.Tensor,  # [vocab] log q of the root's children
                        expand: Expand, depth: int, top_k: int, budget: int) -> tuple[DraftTree, list[int]]:
-    """EAGLE-2 dynamic tree; see the module docstring.
+    """EAGLE-2 dynamic tree for one request; see the module docstring and TreeBuilder.
 
     expand(fed, candidates) is called once per depth 2..depth with the candidate indices
     to feed (each candidate's parent was fed in an earlier call, or is the root) and the
     candidate tree so far; it returns [len(fed), vocab] log q of each fed node's children.
     Returns the chosen tree and, for each of its nodes, its candidate index.
     """
-    if depth < 1 or top_k < 1 or budget < 1:
-        raise ValueError("tree depth, top_k and budget must be >= 1")
-    cand = DraftTree([], [], [], [])
-
-    def add_children(parent: int, parent_score: float, logq: torch.Tensor) -> list[int]:
-        vals, ids = logq.float().topk(min(top_k, logq.numel()))
-        added = []
-        for v, t in zip(vals.tolist(), ids.tolist()):
-            if v == float("-inf"):
-                break   # fewer than top_k tokens are possible
-            cand.tokens.append(t)
-            cand.parents.append(parent)
-            cand.depths.append(1 if parent < 0 else cand.depths[parent] + 1)
-            cand.scores.append(parent_score + v)
-            added.append(len(cand.tokens) - 1)
-        return added
-
-    level = add_children(-1, 0.0, root_logq)
+    if depth < 1 or budget < 1:
+        raise ValueError("tree depth and budget must be >= 1")
+    builder = TreeBuilder(root_logq, top_k)
     for _ in range(depth - 1):
-        # Feed the best top_k of the last level (creation order among equal scores).
-        fed = sorted(heapq.nsmallest(top_k, level, key=lambda i: (-cand.scores[i], i)))
+        fed = builder.to_feed()
         if not fed:
             break
-        logq = expand(fed, cand)   # [len(fed), vocab]
-        level = [c for row, i in enumerate(fed) for c in add_children(i, cand.scores[i], logq[row])]
-    chosen = sorted(heapq.nsmallest(budget, range(len(cand.tokens)),
-                                    key=lambda i: (-cand.scores[i], i)))
-    index = {c: j for j, c in enumerate(chosen)}
-    tree = DraftTree([cand.tokens[c] for c in chosen],
-                     [-1 if cand.parents[c] < 0 else index[cand.parents[c]] for c in chosen],
-                     [cand.depths[c] for c in chosen], [cand.scores[c] for c in chosen])
-    return tree, chosen
+        builder.expand(fed, expand(fed, builder.cand))
+    return builder.finish(budget)
+
+
+@dataclass
+class TreeShape:
+    """The most a tree may hold (`--speculative-config` "tree": {"depth", "top_k",
+    "budget"}), and how a smaller step's shape follows from it.
+
+    Adaptive speculation picks a depth k each step; the tree then gets the node budget
+    `budget_for(k)` (the full budget scaled by k / depth, at least k), and the scheduler
+    leaves that many slots. A level-by-level drafter (EAGLE) writes its fed nodes' K/V in
+    those slots too: top_k per depth below the first, starting one slot earlier (at the
+    root's own), so a depth also needs top_k * (k - 1) - 1 <= slots. `for_room(slots)`
+    inverts it: the deepest tree (and its budget) that fits the slots a request got."""
+
+    depth: int = 4
+    top_k: int = 4
+    budget: int = 16
+    level_slots: bool = True   # the drafter's fed nodes live in the slots (EAGLE, not P-EAGLE)
+
+    def __post_init__(self) -> None:
+        if self.depth < 1 or self.top_k < 1 or self.budget < self.depth:
+            raise ValueError("tree needs depth >= 1, top_k >= 1 and budget >= depth")
+
+    def budget_for(self, k: int) -> int:
+        b = max(k, -(-self.budget * k // self.depth))
+        if self.level_slots:
+            b = max(b, self.top_k * (k - 1) - 1)
+        return b
+
+    def for_room(self, slots: int) -> tuple[int, int]:
+        """(depth, budget) of the tree for a request with `slots` draft slots (depth 0: none)."""
+        best = (0, 0)
+        for k in range(1, self.depth + 1):
+            need = k if not self.level_slots else max(k, self.top_k * (k - 1) - 1)
+            if need <= slots:
+                best = (k, min(slots, self.budget_for(k)))
+        return best
 
 
 def tree_attention_ref(q: torch.Tensor,            # [n, heads, d] the step's queries of one sequence
