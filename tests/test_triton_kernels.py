@@ -226,6 +226,29 @@ def test_backend_mixed_step_matches_torch_backend(dtype):
     assert rel_err(out, ref_out) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tree_kernel_matches_reference(dtype):
+    """Tree rows with a mask over more slots than rows (a drafter's level) and over exactly
+    its rows (verification), next to a plain sequence the kernel must leave alone."""
+    from ember.attention.triton_tree import build_tree_tiles, tree_attention
+    from ember.spec.tree import ancestor_mask, tree_attention_ref
+    b = Batch([13, 40, 6], [5, 1, 37], heads=4, kv_heads=2, d=24, block_size=4, dtype=dtype, seed=9)
+    full = ancestor_mask([-1, -1, 0, 0, 1, 2, 2, 4, 5, 5, 3, -1, 11, 12, 13, 14, 15, 16, 17, 18, 19,
+                          20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35])   # 37 rows
+    masks = [full[6:11, :11].to(DEVICE), None, full.to(DEVICE)]   # rows 6..10 of an 11-slot tail
+    cache = b.filled_cache()
+    host, flat = build_tree_tiles(b.qsl, masks, 16)
+    assert host.shape[0] == 1 + 3   # 5 rows: one tile; 37 rows: three
+    out = torch.full_like(b.q, float("nan"))
+    tree_attention(b.q, cache, b.block_tables, b.seq_lens_t, torch.from_numpy(host).to(DEVICE),
+                   flat.to(DEVICE), 0.3, out, block_m=16, block_n=16)
+    for i in (0, 2):
+        a, e = b.qsl[i], b.qsl[i + 1]
+        ref = tree_attention_ref(b.q[a:e], cache, b.block_tables[i], b.seq_lens[i], masks[i], 0.3)
+        assert rel_err(out[a:e], ref) < TOL[dtype], i
+    assert torch.isnan(out[b.qsl[1]:b.qsl[2]]).all()   # the plain sequence is untouched
+
+
 def test_backend_tree_sequences_match_torch_backend():
     """A step with tree sequences (fb.attn_masks, tree verification) beside decodes and a
     causal chunk: the tree rows take the masked path, the rest the kernels."""

@@ -1,7 +1,8 @@
 """The `triton` attention backend: Triton kernels for the KV write, decode and prefill.
 
 One step runs at most three launches per layer (plus the split reduce): write K/V, decode
-every single-query sequence, then every prefill chunk. prepare() does all host work once per
+every single-query sequence, then every prefill chunk; a step that verifies or drafts a
+tree (fb.attn_masks) adds one tree-attention launch for those sequences. prepare() does all host work once per
 step; forward() only launches kernels (no host syncs, so decode can be graph-captured).
 """
 from __future__ import annotations
@@ -12,10 +13,10 @@ import numpy as np
 import torch
 
 from ember.attention.backend import AttentionBackend
-from ember.attention.torch_ref import TorchAttentionBackend
 from ember.attention.triton_decode import choose_num_splits, decode_attention
 from ember.attention.triton_kv_write import write_kv_triton
 from ember.attention.triton_prefill import build_prefill_tiles, prefill_attention
+from ember.attention.triton_tree import build_tree_tiles, tree_attention
 from ember.engine.forward_batch import ForwardBatch
 
 
@@ -29,12 +30,13 @@ class KernelConfig:
     decode_block_n: int
     decode_warps: int
     decode_stages: int
+    tree_block_m: int            # tree rows per program (trees are small)
 
 
 # GPU tiles for head_dim <= 128. On the CPU (Triton's interpreter: tests) each op costs about
 # a millisecond whatever its size, so fewer, larger tiles run faster.
-CUDA_CONFIG = KernelConfig(128, 64, 8, 3, 128, 64, 4, 3)
-CPU_CONFIG = KernelConfig(32, 32, 4, 1, 32, 32, 4, 1)
+CUDA_CONFIG = KernelConfig(128, 64, 8, 3, 128, 64, 4, 3, 32)
+CPU_CONFIG = KernelConfig(32, 32, 4, 1, 32, 32, 4, 1, 32)
 
 
 @dataclass
@@ -47,7 +49,8 @@ class TritonAttentionMetadata:
     block_tables: torch.Tensor              # [S, max_blocks] int32
     prefill_tiles: torch.Tensor | None      # [num_tiles, 4] int32, see build_prefill_tiles
     config: KernelConfig
-    masked_seqs: tuple[int, ...] = ()       # tree sequences (fb.attn_masks): torch path
+    tree_tiles: torch.Tensor | None = None  # [num_tiles, 6] int32, see build_tree_tiles
+    tree_mask: torch.Tensor | None = None   # the tree sequences' masks, flat int8
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -77,10 +80,14 @@ class TritonAttentionBackend(AttentionBackend):
         masked = tuple(i for i, m in enumerate(fb.attn_masks or ()) if m is not None)
         if fb.num_seqs > nd:
             host = build_prefill_tiles(fb.query_start_loc, nd, fb.seq_lens_list, cfg.prefill_block_m)
-            if masked:
-                # The kernels are causal; tree sequences take the torch path (forward).
+            if masked:   # tree sequences take the tree kernel
                 host = host[~np.isin(host[:, 0], masked)]
             tiles = torch.from_numpy(host).to(dev, non_blocking=True) if len(host) else None
+        tree_tiles = tree_mask = None
+        if masked:
+            host, tree_mask = build_tree_tiles(fb.query_start_loc, fb.attn_masks, cfg.tree_block_m)
+            tree_tiles = torch.from_numpy(host).to(dev, non_blocking=True)
+            tree_mask = tree_mask.to(dev, non_blocking=True)
         fb.attn_metadata = TritonAttentionMetadata(
             num_decodes=nd,
             max_decode_len=max(fb.seq_lens_list[:nd], default=0),
@@ -90,7 +97,8 @@ class TritonAttentionBackend(AttentionBackend):
             block_tables=block_tables,
             prefill_tiles=tiles,
             config=cfg,
-            masked_seqs=masked,
+            tree_tiles=tree_tiles,
+            tree_mask=tree_mask,
         )
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -110,7 +118,8 @@ class TritonAttentionBackend(AttentionBackend):
                               meta.prefill_tiles, scale, out, cfg.prefill_block_m,
                               cfg.prefill_block_n, cfg.prefill_warps, cfg.prefill_stages,
                               cfg.prefill_prefix_block_n)
-        for i in meta.masked_seqs:   # K/V already written above
-            a, b = fb.query_start_loc[i], fb.query_start_loc[i + 1]
-            out[a:b] = TorchAttentionBackend._prefill_one(q[a:b], k[a:b], v[a:b], kv_cache, fb, i, scale)
+        if meta.tree_tiles is not None:   # K/V already written above
+            tree_attention(q, kv_cache, meta.block_tables, meta.seq_lens, meta.tree_tiles,
+                           meta.tree_mask, scale, out, cfg.tree_block_m, cfg.prefill_block_n,
+                           cfg.prefill_warps)
         return out

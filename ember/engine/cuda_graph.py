@@ -37,6 +37,8 @@ class CudaGraphRunner:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros((n, max_blocks), dtype=torch.int32, device=device)
         self.output = torch.zeros((n, hidden_size), dtype=dtype, device=device)
+        # The aux hidden states (EAGLE-3 drafters read them), when the model keeps them.
+        self.aux_output: torch.Tensor | None = None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.batches: dict[int, ForwardBatch] = {}
 
@@ -51,8 +53,19 @@ class CudaGraphRunner:
             logits_indices=torch.arange(bs, device=self.input_ids.device),
             block_size=self.block_size)
 
+    def _aux_layers(self) -> tuple[int, ...]:
+        return getattr(getattr(self.model, "model", None), "aux_layers", ())
+
     @torch.inference_mode()
     def capture(self) -> None:
+        """Capture every batch size (again, e.g. after the model was asked for aux hidden
+        states: the graphs then copy those out too)."""
+        self.graphs.clear()
+        self.batches.clear()
+        n = self.sizes[-1]
+        aux = self._aux_layers()
+        self.aux_output = None if not aux else torch.zeros(
+            (n, len(aux) * self.output.shape[1]), dtype=self.output.dtype, device=self.output.device)
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool
@@ -66,6 +79,8 @@ class CudaGraphRunner:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 self.output[:bs] = self.model(fb.input_ids, fb.positions, fb)
+                if self.aux_output is not None:
+                    self.aux_output[:bs] = self.model.model.aux_hidden_states
             self.graphs[bs] = graph
             self.batches[bs] = fb
         torch.cuda.synchronize()
@@ -88,4 +103,6 @@ class CudaGraphRunner:
             self.slot_mapping[n:bs].fill_(-1)
             self.seq_lens[n:bs].fill_(1)
         self.graphs[bs].replay()
+        if self.aux_output is not None:
+            self.model.model.aux_hidden_states = self.aux_output[:n]
         return self.output[:n]

@@ -42,7 +42,8 @@ def build_forward_batch(seqs: list[tuple[list[int], int, list[int]]], block_size
     data, block tables).
 
     seqs: per sequence (block_ids, first slot position, token ids to compute), single-query
-    sequences first. logits_indices holds each sequence's last row. Single-query sequences
+    sequences first (unmasked ones: a masked sequence never takes the decode path).
+    logits_indices holds each sequence's last row. Single-query sequences
     go through plain lists, longer ones through numpy: each the cheaper at its size.
     Tree sequences (ember.spec.tree) give their own RoPE `positions` (sequence index ->
     one per token; their K/V still takes consecutive slots from the first position) and
@@ -57,7 +58,7 @@ def build_forward_batch(seqs: list[tuple[list[int], int, list[int]]], block_size
     tables = np.zeros((len(seqs), max_blocks), dtype=np.int32)
     for i, (blocks, start, ids) in enumerate(seqs):
         n = len(ids)
-        if n == 1:
+        if n == 1 and (attn_masks is None or i not in attn_masks):   # masked ones never decode
             one_ids.append(ids[0])
             one_pos.append(start)
             one_slots.append(blocks[start // bs] * bs + start % bs)
@@ -137,6 +138,14 @@ class ModelRunner:
         logger.info("KV pool: %d blocks of %d tokens = %d tokens (%.2f GiB)", self.num_blocks,
                     self.block_size, self.num_blocks * self.block_size,
                     self.num_blocks * self._block_bytes() / GiB)
+
+    def keep_aux_hidden_states(self, layers: tuple[int, ...]) -> None:
+        """Have the model keep the residual stream entering `layers` after every forward
+        (model.model.aux_hidden_states; an EAGLE-3 drafter reads them), CUDA graphs
+        included (they are captured again)."""
+        self.model.set_aux_hidden_layers(layers)
+        if self.graph_runner is not None:
+            self.graph_runner.capture()
 
     # ---- sizing -------------------------------------------------------------------------
     def _block_bytes(self) -> int:

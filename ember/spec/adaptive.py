@@ -10,7 +10,9 @@ Two online estimates drive the choice:
   drafts (prefill chunks, plain decode) and with drafts, plus the proposer's measured
   time per draft step as c + d * batch.
 
-For a batch of B decoding requests, k maximises B * E(k) / (t(B (k + 1)) + k t_draft(B)).
+For a batch of B decoding requests, k maximises B * E(k) / (t(B (k + 1)) + k t_draft(B))
+(for a tree of depth k, B (k + 1) becomes B (budget(k) + 1), and k t_draft the proposer's
+forwards for it).
 Speculation runs only when the best k beats k = 0 by a margin; otherwise it is off. At
 large batch the forward is compute-bound (b * B dominates), so the extra k * B verify
 tokens cost about what they gain and k falls to 0; at batch 1 a forward costs about the
@@ -18,6 +20,8 @@ same for 1 or k + 1 tokens and speculation wins whenever drafts get accepted. Wh
 a rare one-draft probe keeps the acceptance estimate current (see `probe_every`).
 """
 from __future__ import annotations
+
+from typing import Callable
 
 
 class _LinearFit:
@@ -60,8 +64,14 @@ class AdaptiveK:
     """Per-step choice of the number of draft tokens k in [0, k_max]."""
 
     def __init__(self, k_max: int, margin: float = 1.1, ema: float = 0.1,
-                 prior_acceptance: float = 0.6, probe_every: int = 64) -> None:
+                 prior_acceptance: float = 0.6, probe_every: int = 64,
+                 slots: Callable[[int], int] = lambda k: k,
+                 forwards: Callable[[int], int] = lambda k: k) -> None:
         self.k_max = k_max
+        # A step of k drafts (a tree: of depth k) costs slots(k) verified tokens per request
+        # and forwards(k) proposer forwards (a chain: k and k; an EAGLE tree: its node
+        # budget and k - 1 levels; P-EAGLE: one forward for every position).
+        self.slots, self.forwards = slots, forwards
         # Acceptance is only measured while speculating: after probe_every steps off, one
         # step drafts a single token if drafts as good as 90% acceptance would pay at this
         # batch size (so at most 1/probe_every of steps pay for a probe, and never where
@@ -110,7 +120,7 @@ class AdaptiveK:
         return best_k
 
     def _step_cost(self, batch_size: int, k: int, plain: _LinearFit, spec: _LinearFit) -> float:
-        t = spec(batch_size * (k + 1)) + k * self._draft_step(batch_size, plain)
+        t = spec(batch_size * (self.slots(k) + 1)) + self.forwards(k) * self._draft_step(batch_size, plain)
         return max(t, 1e-12)
 
     def _draft_step(self, batch_size: int, target: _LinearFit) -> float:

@@ -31,6 +31,15 @@ class Proposer:
     def propose(self, batch: SchedulerOutput) -> None:
         raise NotImplementedError
 
+    def slots_for(self, k: int) -> int:
+        """Draft slots per request the scheduler leaves for a step of k drafts (a tree of
+        depth k holds more nodes than k)."""
+        return k
+
+    def forwards_for(self, k: int) -> int:
+        """Proposer forwards a step of k drafts costs (the adaptive controller's cost model)."""
+        return k
+
 
 class NoProposer(Proposer):
     """Speculation off: the scheduler never leaves room, so there is nothing to fill."""
@@ -51,4 +60,10 @@ def create_proposer(cfg: SpeculativeConfig, engine: Engine) -> Proposer:
     if cfg.method == "draft":
         from ember.spec.draft_model import DraftModelProposer
         return DraftModelProposer(cfg, engine)
+    if cfg.method == "eagle":
+        from ember.spec.eagle_proposer import EagleProposer
+        return EagleProposer(cfg, engine)
+    if cfg.method == "peagle":
+        from ember.spec.eagle_proposer import PEagleProposer
+        return PEagleProposer(cfg, engine)
     raise ValueError(f"unknown speculative method {cfg.method!r}")

@@ -26,7 +26,9 @@ class Speculator:
         self.proposer = create_proposer(cfg, engine)
         self.kv_lag = self.proposer.kv_lag
         self.stats = SpecStats()
-        self.controller = AdaptiveK(cfg.num_speculative_tokens) if cfg.adaptive and cfg.enabled else None
+        self.controller = AdaptiveK(cfg.num_speculative_tokens, slots=self.proposer.slots_for,
+                                    forwards=self.proposer.forwards_for) \
+            if cfg.adaptive and cfg.enabled else None
         self._t_forward = 0.0
         self._k = 0
 
@@ -38,7 +40,7 @@ class Speculator:
         else:
             k = self.cfg.num_speculative_tokens
         self._k = k
-        return k
+        return self.proposer.slots_for(k) if k else 0
 
     def propose(self, batch: SchedulerOutput) -> None:
         # Called every step, drafting or not: a proposer with its own KV cache must see
@@ -46,8 +48,9 @@ class Speculator:
         drafting = sum(1 for s in batch.scheduled if s.num_spec_slots > 0)
         start = time.perf_counter()
         self.proposer.propose(batch)
-        if self.controller is not None and drafting and self._k > 0:
-            per_step = (time.perf_counter() - start) / self._k
+        forwards = self.proposer.forwards_for(self._k) if self._k else 0
+        if self.controller is not None and drafting and forwards > 0:
+            per_step = (time.perf_counter() - start) / forwards
             self.controller.observe_draft(drafting, per_step)
         self._t_forward = time.perf_counter()
 

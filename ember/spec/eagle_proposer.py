@@ -1,0 +1,266 @@
+"""Proposers `eagle` (EAGLE-3) and `peagle` (P-EAGLE): chains or EAGLE-2 dynamic trees
+from a drafter that reads the target's hidden states (ember.spec.eagle).
+
+Catch-up, after every target forward (`observe_hidden_states`, the runner's hook): the
+drafter runs over every pair (t_{i+1}, fc(aux_i)) the step made known (a prefill chunk,
+a decode, the accepted drafts, whose rows the runner has put in order), which writes its
+K/V for those positions (its own paged cache on the target's block tables:
+ember.spec.drafting) and keeps, per sampling request, the last pair's output o: it scores
+draft 1. `propose` then needs no catch-up.
+
+Chains. EAGLE: draft j + 1 from (d_j, o_j) at the next position, one single-token forward
+per draft, each drawn under the request's sampling settings (q recorded for the
+verifier). P-EAGLE: drafts 2..k from one forward of k - 1 mask rows (the learned mask
+embedding and hidden state) at the positions after the last pair, attending causally to
+each other and to the cache; their inputs do not depend on the drafts, so one pass gives
+every position. Both run the drafter twice per step at most for P-EAGLE (the hook, the
+mask rows), k times for EAGLE.
+
+Trees (`"tree": {...}`). The scheduler leaves `TreeShape.budget_for(k)` slots; the tree's
+depth and node budget follow from them (`TreeShape.for_room`). EAGLE expands a depth per
+forward: the top_k best candidates of the last depth (by cumulative draft log-probability)
+are fed as (token, its parent's o) at position base + depth, in fresh slots after the
+root's, each seeing the cache, its fed ancestors and itself (a tail attention mask); every
+drafting request's level goes in one batched forward. P-EAGLE's mask rows already give a
+distribution per depth, so its tree is expanded from those (the same children below every
+node of a depth: a Medusa-style product tree), with no further forward. Children are the
+drafter's top_k under its own distribution (temperature 1: a greedy target still benefits
+from second choices); they are deterministic given the drafter's outputs, so the tree
+verifier treats each as a one-hot draft and stays exact (ember.spec.tree_rejection).
+K/V written for candidates past the cache's valid part is overwritten by the next hook.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from ember.engine.model_runner import TargetHiddenStates, build_forward_batch
+from ember.engine.scheduler import ScheduledRequest, SchedulerOutput
+from ember.spec.drafting import ProposerKV, draw_drafts
+from ember.spec.eagle import load_eagle
+from ember.spec.proposer import Proposer
+from ember.spec.tree import TreeBuilder
+
+if TYPE_CHECKING:
+    from ember.engine.engine import Engine
+    from ember.spec.config import SpeculativeConfig
+
+logger = logging.getLogger("ember")
+
+
+class EagleProposer(Proposer):
+    """EAGLE-3 chains or trees; see the module docstring."""
+
+    name = "eagle"
+    needs_hidden_states = True
+    parallel = False
+
+    def __init__(self, cfg: SpeculativeConfig, engine: Engine) -> None:
+        runner = engine.runner
+        self.device, self.block_size, self.backend = runner.device, runner.block_size, runner.backend
+        self.vocab_size = engine.model_config.vocab_size
+        self.drafter = load_eagle(cfg.model, engine.model_config, runner.backend, runner.layer_ops,
+                                  runner.device, runner.dtype)
+        if self.parallel and not self.drafter.config.parallel:
+            raise ValueError(f"{cfg.model} is not a P-EAGLE drafter (no mask embedding); train one "
+                             f"with `ember train-eagle --parallel`, or use method \"eagle\"")
+        self.drafter.share_embedding(runner.model.model.embed_tokens)
+        runner.keep_aux_hidden_states(self.drafter.config.aux_layers)
+        self.kv = ProposerKV(self.drafter.attention_layers(), runner)
+        self.tree = cfg.tree
+        logger.info("%s drafter %s: draft vocabulary %d, aux layers %s, KV %.1f MiB", self.name, cfg.model,
+                    self.drafter.config.draft_vocab_size, self.drafter.config.aux_layers,
+                    self.kv.nbytes / 2**20)
+
+    def slots_for(self, k: int) -> int:
+        return k if self.tree is None else self.tree.budget_for(k)
+
+    def forwards_for(self, k: int) -> int:
+        # Draft 1 comes from the hook (paid in the target's step); P-EAGLE's other
+        # positions from one forward, EAGLE's from one per draft (chains) or per depth.
+        if k <= 1:
+            return 0
+        return 1 if self.parallel else k - 1
+
+    # ---- catch-up ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def observe_hidden_states(self, step: TargetHiddenStates) -> None:
+        """Run the drafter over every pair (t_{i+1}, fc(aux_i)) the step made known; keep
+        each sampling request's last output for its next draft 1."""
+        seqs, rows, owners = [], [], []
+        for i, s in enumerate(step.scheduled):
+            r, n = s.request, step.num_valid[i]
+            start = r.num_computed_tokens
+            if s.samples:   # the last pair's t_{i+1} is the step's first new token
+                nxt = r.token_ids[start + 1:] + step.sampled[r.request_id]
+            else:           # a prefill chunk: the token after its last is a prompt token
+                nxt = r.token_ids[start + 1:start + n + 1]
+            seqs.append((r.block_ids, start, nxt[:n]))
+            rows.append(list(range(step.row_starts[i], step.row_starts[i] + n)))
+            owners.append(i)
+        order = sorted(range(len(seqs)), key=lambda j: len(seqs[j][2]) != 1)
+        seqs = [seqs[j] for j in order]
+        flat_rows = [x for j in order for x in rows[j]]
+        owners = [owners[j] for j in order]
+        fb = build_forward_batch(seqs, self.block_size, self.device)
+        self.backend.prepare(fb)
+        d = self.drafter
+        hidden = d.fuse(step.aux_hidden[torch.tensor(flat_rows, device=self.device)])   # [N, H]
+        o = d(d.embed(fb.input_ids), hidden, fb.positions, d.paged(fb))
+        last = o[fb.logits_indices]
+        for j, i in enumerate(owners):
+            s = step.scheduled[i]
+            self.kv.record(s.request, s.request.num_computed_tokens + step.num_valid[i],
+                           last[j] if s.samples else None)
+
+    # ---- drafting ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def propose(self, batch: SchedulerOutput) -> None:
+        self.kv.forget_finished(batch.scheduled)
+        spec, kept = [], []
+        for s in batch.scheduled:
+            if s.num_spec_slots > 0:
+                o = self.kv.state(s.request, s.request.num_computed_tokens)
+                if o is not None:   # always, unless the request's state moved under us
+                    spec.append(s)
+                    kept.append(o)
+        if not spec:
+            return
+        o = torch.stack(kept)   # [B, H] the last pair's output of each request
+        if self.tree is None:
+            self._chains(spec, o)
+        else:
+            self._trees(spec, o)
+
+    def _forward(self, seqs: list[tuple[list[int], int, list[int]]], embeds: torch.Tensor,
+                 hidden: torch.Tensor, positions: dict[int, list[int]] | None = None,
+                 masks: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """One drafter forward over the paged cache; embeds, hidden: [T, H] -> o [T, H]."""
+        fb = build_forward_batch(seqs, self.block_size, self.device, positions, masks)
+        self.backend.prepare(fb)
+        return self.drafter(embeds, hidden, fb.positions, self.drafter.paged(fb))
+
+    def _mask_rows(self, spec: list[ScheduledRequest], counts: list[int]) -> torch.Tensor:
+        """P-EAGLE: counts[i] mask rows for request i after its last pair, one forward.
+        Returns o [sum(counts), H], request by request."""
+        d = self.drafter
+        seqs = [(s.request.block_ids, s.request.num_tokens - 1, [0] * c) for s, c in zip(spec, counts)]
+        order = sorted(range(len(seqs)), key=lambda i: counts[i] != 1)   # single rows first
+        n = sum(counts)
+        o = self._forward([seqs[i] for i in order], d.mask_embed.expand(n, -1), d.mask_hidden.expand(n, -1))
+        start_of, at = {}, 0
+        for i in order:
+            start_of[i], at = at, at + counts[i]
+        back = torch.cat([torch.arange(start_of[i], start_of[i] + c) for i, c in enumerate(counts)])
+        return o[back.to(self.device)]
+
+    def _chains(self, spec: list[ScheduledRequest], o: torch.Tensor) -> None:
+        d = self.drafter
+        tokens: list[list[int]] = [[] for _ in spec]
+        probs: list[list[torch.Tensor]] = [[] for _ in spec]
+        active = list(range(len(spec)))
+        draw_drafts(spec, active, d.target_logits(o), tokens, probs, self.vocab_size)
+        active = [i for i in active if spec[i].num_spec_slots > 1]
+        if self.parallel and active:
+            counts = [spec[i].num_spec_slots - 1 for i in active]
+            logits = d.target_logits(self._mask_rows([spec[i] for i in active], counts))
+            offsets = [sum(counts[:j]) for j in range(len(counts))]
+            for j in range(max(counts)):   # position by position: penalties see earlier drafts
+                now = [a for a, c in enumerate(counts) if c > j]
+                rows = torch.tensor([offsets[a] + j for a in now], device=self.device)
+                draw_drafts(spec, [active[a] for a in now], logits[rows], tokens, probs, self.vocab_size)
+        else:
+            o = o[torch.tensor(active, device=self.device)] if len(active) < len(spec) else o
+            while active:
+                # (last draft, o) at the position after the last pair's or draft's.
+                seqs = [(spec[i].request.block_ids, spec[i].request.num_tokens - 2 + len(tokens[i]),
+                         [tokens[i][-1]]) for i in active]
+                ids = torch.tensor([tokens[i][-1] for i in active], device=self.device)
+                o = self._forward(seqs, d.embed(ids), o)
+                draw_drafts(spec, active, d.target_logits(o), tokens, probs, self.vocab_size)
+                still = [j for j, i in enumerate(active) if len(tokens[i]) < spec[i].num_spec_slots]
+                if len(still) < len(active):
+                    o = o[torch.tensor(still, device=self.device)]
+                active = [active[j] for j in still]
+        for s, toks, ps in zip(spec, tokens, probs):
+            s.spec_token_ids = toks
+            s.spec_probs = torch.stack(ps)   # [k, vocab]
+
+    def _trees(self, spec: list[ScheduledRequest], o: torch.Tensor) -> None:
+        d = self.drafter
+        shapes = [self.tree.for_room(s.num_spec_slots) for s in spec]   # (depth, budget)
+        root_logq = torch.log_softmax(d.target_logits(o), dim=-1)       # [B, vocab]
+        builders = [TreeBuilder(root_logq[i], self.tree.top_k) for i in range(len(spec))]
+        max_depth = max(depth for depth, _ in shapes)
+        if self.parallel:
+            counts = [depth - 1 for depth, _ in shapes]
+            live = [i for i, c in enumerate(counts) if c > 0]
+            if live:
+                logq = torch.log_softmax(d.target_logits(
+                    self._mask_rows([spec[i] for i in live], [counts[i] for i in live])), dim=-1)
+                at = 0
+                for i in live:
+                    for level in range(counts[i]):   # depth level + 2 reads mask row level
+                        fed = builders[i].to_feed()
+                        if fed:
+                            builders[i].expand(fed, logq[at + level].expand(len(fed), -1))
+                    at += counts[i]
+        else:
+            self._expand_levels(spec, o, shapes, builders, max_depth)
+        for s, b, (_, budget) in zip(spec, builders, shapes):
+            tree, _ = b.finish(budget)
+            s.spec_tree = tree
+            s.spec_token_ids = list(tree.tokens)
+            s.spec_probs = None   # deterministic children: one-hot drafts
+
+    def _expand_levels(self, spec: list[ScheduledRequest], root_o: torch.Tensor,
+                       shapes: list[tuple[int, int]], builders: list[TreeBuilder], max_depth: int) -> None:
+        """EAGLE-2 expansion, a depth per batched drafter forward (see the module docstring)."""
+        d = self.drafter
+        node_o: list[dict[int, torch.Tensor]] = [{} for _ in spec]   # fed candidate -> its o
+        fed_all: list[list[int]] = [[] for _ in spec]                # fed candidates, slot order
+        for level in range(2, max_depth + 1):
+            seqs, positions, masks, tok, hid, who = [], {}, {}, [], [], []
+            for i, (s, b) in enumerate(zip(spec, builders)):
+                if shapes[i][0] < level:
+                    continue
+                fed = b.to_feed()
+                if not fed:
+                    continue
+                cand, r = b.cand, s.request
+                before = len(fed_all[i])
+                fed_all[i] += fed
+                slot_of = {c: j for j, c in enumerate(fed_all[i])}
+                mask = torch.zeros((len(fed), len(fed_all[i])), dtype=torch.bool)
+                for row, c in enumerate(fed):
+                    x = c
+                    while x >= 0:   # the fed ancestors and the node itself
+                        mask[row, slot_of[x]] = True
+                        x = cand.parents[x]
+                positions[len(seqs)] = [r.num_tokens - 2 + cand.depths[c] for c in fed]
+                masks[len(seqs)] = mask.to(self.device)
+                # Fed nodes take the slots from the root's own position on: N - 1, N, ...
+                seqs.append((r.block_ids, r.num_tokens - 1 + before, [cand.tokens[c] for c in fed]))
+                tok += [cand.tokens[c] for c in fed]
+                hid += [root_o[i] if cand.parents[c] < 0 else node_o[i][cand.parents[c]] for c in fed]
+                who.append((i, fed))
+            if not seqs:
+                break
+            ids = torch.tensor(tok, device=self.device)
+            o = self._forward(seqs, d.embed(ids), torch.stack(hid), positions, masks)
+            logq = torch.log_softmax(d.target_logits(o), dim=-1)
+            at = 0
+            for i, fed in who:
+                for row, c in enumerate(fed):
+                    node_o[i][c] = o[at + row]
+                builders[i].expand(fed, logq[at:at + len(fed)])
+                at += len(fed)
+
+
+class PEagleProposer(EagleProposer):
+    """P-EAGLE: every draft position after the first from one drafter forward."""
+
+    name = "peagle"
+    parallel = True

@@ -1,0 +1,215 @@
+"""The eagle and peagle proposers in the engine: greedy output token-identical to plain
+decoding (chains and trees, a drafter trained briefly on the tiny target so drafts do get
+accepted, and the real SmolLM2 with a random drafter), no block leaks after tree
+rollbacks and preemptions, P-EAGLE's one-forward drafts equal to its one-row-at-a-time
+definition, adaptive tree sizing, and config errors."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import TinyCheckpoint, assert_no_leaks, random_prompts
+from test_spec_decode import make_llm, run
+
+from ember import LLM, SamplingParams
+from ember.config import ModelConfig
+from ember.spec.eagle import EagleConfig, EagleDrafter, default_aux_layers, save_eagle
+from ember.spec.train_eagle import draft_loss, draft_vocabulary, new_drafter, target_features
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+
+def _greedy_corpus(target, n: int, length: int, seed: int) -> torch.Tensor:
+    """The target's own greedy continuations of random prompts: what it will generate."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(3, 256, (n, 4), generator=g)
+    with torch.no_grad():
+        while x.shape[1] < length:
+            x = torch.cat([x, target(x).logits[:, -1:].argmax(-1)], 1)
+    return x
+
+
+def _train_tiny(tiny_llama: TinyCheckpoint, folder: str, parallel: bool, steps: int = 120) -> str:
+    target = tiny_llama.hf_model
+    cfg = target.config.to_dict()
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    chunks = _greedy_corpus(target, 24, 40, seed=1)
+    feats = target_features(target, chunks, default_aux_layers(cfg["num_hidden_layers"]), 8, 8,
+                            log=lambda *_: None)
+    ids = draft_vocabulary(chunks, feats["ids"], 256, 200)   # a reduced vocabulary (d2t)
+    vmap = torch.full((256,), -1, dtype=torch.long)
+    vmap[ids] = torch.arange(len(ids))
+    torch.manual_seed(0)
+    d = new_drafter(target, cfg, ids, parallel, 3, seed=0)
+    opt = torch.optim.AdamW([p for p in d.parameters() if p.requires_grad], lr=5e-3)
+    for step in range(steps):
+        idx = torch.randperm(len(chunks))[:8]
+        loss, _ = draft_loss(d, {k: feats[k][idx] for k in ("tokens", "aux", "ids", "probs")}, vmap, 3, parallel)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_eagle(d.eval(), folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def drafters(tiny_llama, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("eagle")
+    return {"eagle": _train_tiny(tiny_llama, str(root / "eagle"), False),
+            "peagle": _train_tiny(tiny_llama, str(root / "peagle"), True)}
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_llama) -> list[list[int]]:
+    return random_prompts([3, 5, 9, 14, 20, 27, 33, 40], seed=5)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama, prompts) -> list[list[int]]:
+    tokens, _ = run(make_llm(tiny_llama), prompts)
+    return tokens
+
+
+def spec(method: str, model: str, k: int = 3, tree: dict | None = None, adaptive: bool = False) -> dict:
+    cfg = {"method": method, "model": model, "num_speculative_tokens": k, "adaptive": adaptive}
+    if tree is not None:
+        cfg["tree"] = tree
+    return cfg
+
+
+CASES = [("eagle", None), ("eagle", {"top_k": 3, "budget": 9}), ("peagle", None),
+         ("peagle", {"top_k": 3, "budget": 9})]
+
+
+@pytest.mark.parametrize("method,tree", CASES, ids=["eagle-chain", "eagle-tree", "peagle-chain", "peagle-tree"])
+@pytest.mark.parametrize("engine_args", [{}, {"num_kv_blocks": 40, "prefix_cache": "radix"},
+                                         {"num_kv_blocks": 40, "prefix_cache": "none"}],
+                         ids=["roomy", "preempt-radix", "preempt-no-cache"])
+def test_greedy_identical_and_no_leaks(tiny_llama, drafters, prompts, reference, method, tree,
+                                       engine_args) -> None:
+    llm = make_llm(tiny_llama, speculative_config=spec(method, drafters[method], tree=tree), **engine_args)
+    tokens, _ = run(llm, prompts)
+    assert tokens == reference
+    stats = llm.engine.spec_stats()
+    assert stats["num_accepted_tokens"] > 0, stats
+    assert stats["mean_accepted_length"] > 1.3, stats
+    if engine_args:
+        assert llm.engine.scheduler.num_preemptions > 0
+    assert_no_leaks(llm.engine)
+
+
+def test_trees_accept_more_than_chains(tiny_llama, drafters, prompts, reference) -> None:
+    lengths = {}
+    for name, tree in [("chain", None), ("tree", {"top_k": 4, "budget": 16})]:
+        llm = make_llm(tiny_llama, speculative_config=spec("eagle", drafters["eagle"], k=4, tree=tree))
+        tokens, _ = run(llm, prompts)
+        assert tokens == reference
+        lengths[name] = llm.engine.spec_stats()["mean_accepted_length"]
+    assert lengths["tree"] >= lengths["chain"]
+
+
+def test_sampling_is_reproducible_and_mixes_with_plain_requests(tiny_llama, drafters, prompts) -> None:
+    params = [SamplingParams(temperature=0.8, top_p=0.95, seed=40 + i, max_tokens=16, ignore_eos=True,
+                             prompt_logprobs=1 if i % 3 == 0 else None) for i in range(len(prompts))]
+    for method, tree in CASES:
+        cfg = spec(method, drafters[method], tree=tree)
+        a, _ = run(make_llm(tiny_llama, speculative_config=cfg), prompts, params)
+        llm = make_llm(tiny_llama, speculative_config=cfg)
+        b, _ = run(llm, prompts[::-1], params[::-1])
+        assert a == b[::-1], method
+        assert llm.engine.spec_stats()["num_draft_tokens"] > 0
+        assert_no_leaks(llm.engine)
+
+
+def test_peagle_one_forward_equals_one_row_at_a_time(tiny_llama, drafters, prompts, reference) -> None:
+    """The k - 1 mask rows in one forward vs each in its own forward (the definition): the
+    same drafts every step, hence the same outputs and statistics."""
+    from ember.spec.eagle_proposer import PEagleProposer
+
+    def sequential(self, spec_reqs, counts):
+        d = self.drafter
+        outs = []
+        for s, c in zip(spec_reqs, counts):
+            for j in range(c):
+                seqs = [(s.request.block_ids, s.request.num_tokens - 1 + j, [0])]
+                outs.append(self._forward(seqs, d.mask_embed[None], d.mask_hidden[None]))
+        return torch.cat(outs)
+
+    results = []
+    for variant in ("batched", "sequential"):
+        llm = make_llm(tiny_llama, speculative_config=spec("peagle", drafters["peagle"], k=4))
+        proposer = llm.engine.speculator.proposer
+        assert isinstance(proposer, PEagleProposer)
+        drafts = []
+        propose = proposer.propose
+
+        def recording(batch, propose=propose, drafts=drafts):
+            propose(batch)
+            drafts.append([list(s.spec_token_ids) for s in batch.scheduled])
+        proposer.propose = recording
+        if variant == "sequential":
+            proposer._mask_rows = sequential.__get__(proposer)
+        tokens, _ = run(llm, prompts)
+        assert tokens == reference
+        results.append(drafts)
+    assert results[0] == results[1]
+    assert any(len(d) == 4 for step in results[0] for d in step)
+
+
+def test_adaptive_sizes_trees_down_to_off(tiny_llama, drafters, prompts, reference) -> None:
+    llm = make_llm(tiny_llama, speculative_config=spec("eagle", drafters["eagle"], k=4,
+                                                       tree={"top_k": 3, "budget": 12}, adaptive=True))
+    tokens, _ = run(llm, prompts)
+    assert tokens == reference
+    sp = llm.engine.speculator
+    assert sp.proposer.slots_for(4) == 12 and sp.proposer.slots_for(2) == 6
+    assert sp.proposer.forwards_for(4) == 3
+    # On this CPU a verify token costs about a target token: the controller weighs the
+    # tree's 12 + 1 tokens per request against its expected gain and often turns it off.
+    hist = llm.engine.spec_stats()["k_histogram"]
+    assert sum(hist.values()) > 0
+    assert_no_leaks(llm.engine)
+
+
+def test_config_errors(tiny_llama, drafters, tmp_path) -> None:
+    with pytest.raises(ValueError, match="not a P-EAGLE drafter"):
+        make_llm(tiny_llama, speculative_config=spec("peagle", drafters["eagle"]))
+    with pytest.raises(ValueError, match="tree"):
+        make_llm(tiny_llama, speculative_config={"method": "ngram", "tree": {"top_k": 2}})
+    with pytest.raises(ValueError, match="tree"):
+        make_llm(tiny_llama, speculative_config=spec("eagle", drafters["eagle"], tree={"width": 2}))
+    with pytest.raises(ValueError, match="needs \"model\""):
+        make_llm(tiny_llama, speculative_config={"method": "eagle"})
+
+
+def _random_drafter_for(config: ModelConfig, folder: str, draft_vocab: int) -> str:
+    """A random EAGLE-3 drafter shaped for `config` (greedy identity needs no skill)."""
+    cfg = dict(config.hf_config)
+    cfg.update(num_hidden_layers=1, draft_vocab_size=draft_vocab, architectures=["LlamaForCausalLMEagle3"])
+    ecfg = EagleConfig.from_dict(cfg, config)
+    torch.manual_seed(0)
+    d = EagleDrafter(ecfg)
+    with torch.no_grad():
+        for name, p in d.named_parameters():
+            p.copy_(torch.ones_like(p) if "norm" in name else torch.randn_like(p) * 0.02)
+        d.d2t.copy_(torch.arange(draft_vocab) * 3)   # draft id i -> target id 4 i
+    save_eagle(d, folder)
+    return folder
+
+
+def test_real_smollm2_tree_greedy_identical(smollm2_llm, tmp_path) -> None:
+    prompt = "Once upon a time, in a small village by the sea, there lived"
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+    ref = smollm2_llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    folder = _random_drafter_for(smollm2_llm.engine.model_config, str(tmp_path / "d"), 4096)
+    with open(os.path.join(folder, "config.json")) as f:
+        assert json.load(f)["eagle_aux_hidden_state_layer_ids"] == [2, 15, 27]
+    for method, tree in [("eagle", {"top_k": 2, "budget": 6}), ("eagle", None)]:
+        llm = LLM("smollm2-135m", max_model_len=256,
+                  speculative_config=spec(method, folder, k=3, tree=tree))
+        out = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+        assert out.token_ids == ref.token_ids and out.text == ref.text
+        assert llm.engine.spec_stats()["num_draft_tokens"] > 0
+        assert_no_leaks(llm.engine)
