@@ -5,16 +5,18 @@ import json
 from dataclasses import dataclass, fields
 from typing import Any
 
-METHODS = ("none", "ngram", "draft")
+METHODS = ("none", "ngram", "draft", "mtp")
 
 
 @dataclass
 class SpeculativeConfig:
     """Names follow vLLM's --speculative-config keys where they exist.
 
-    method: none | ngram (prompt lookup) | draft (a smaller model sharing the tokenizer).
+    method: none | ngram (prompt lookup) | draft (a smaller model sharing the tokenizer) |
+        mtp (a multi-token-prediction module on the target's hidden states).
     num_speculative_tokens: the most draft tokens per request per step (k).
-    model: the draft model (HF folder) for method "draft".
+    model: the draft model (HF folder) for method "draft"; for "mtp", an `ember train-mtp`
+        folder, or omitted when the target checkpoint carries its own MTP layer.
     adaptive: choose k each step from the measured acceptance and batch size (0 = off
         at large batches); False always drafts num_speculative_tokens.
     prompt_lookup_min / prompt_lookup_max: n-gram sizes the ngram proposer matches.

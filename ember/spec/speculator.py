@@ -24,6 +24,8 @@ class Speculator:
     def __init__(self, cfg: SpeculativeConfig, engine: Engine) -> None:
         self.cfg = cfg
         self.proposer = create_proposer(cfg, engine)
+        if self.proposer.needs_hidden_states:
+            engine.runner.hidden_states_hook = self.proposer.observe_hidden_states
         self.kv_lag = self.proposer.kv_lag
         self.stats = SpecStats()
         self.controller = AdaptiveK(cfg.num_speculative_tokens) if cfg.adaptive and cfg.enabled else None
