@@ -256,3 +256,151 @@ def test_seeded_sampling_is_reproducible(tiny_llama, prompts, mtp_dir) -> None:
     assert a == b[::-1]
     assert llm.engine.spec_stats()["num_draft_tokens"] > 0
     assert_no_leaks(llm.engine)
+
+
+# ---- DeepSeek-V3 naming ----------------------------------------------------------------
+def assert_loaded(mtp, tensors: dict[str, torch.Tensor]) -> None:
+    """Every tensor of the layer sits where ember's module keeps it (q/k/v and gate/up
+    in their merged layers)."""
+    t = tensors
+    a = "self_attn."
+    expect = {
+        "enorm.weight": t["enorm.weight"], "hnorm.weight": t["hnorm.weight"],
+        "eh_proj.weight": t["eh_proj.weight"], "shared_head.norm.weight": t["shared_head.norm.weight"],
+        "block.layer.self_attn.qkv_proj.weight": torch.cat([t[a + "q_proj.weight"], t[a + "k_proj.weight"],
+                                                            t[a + "v_proj.weight"]]),
+        "block.layer.self_attn.o_proj.weight": t[a + "o_proj.weight"],
+        "block.layer.mlp.gate_up_proj.weight": torch.cat([t["mlp.gate_proj.weight"], t["mlp.up_proj.weight"]]),
+        "block.layer.mlp.down_proj.weight": t["mlp.down_proj.weight"],
+        "block.layer.input_layernorm.weight": t["input_layernorm.weight"],
+        "block.layer.post_attention_layernorm.weight": t["post_attention_layernorm.weight"],
+    }
+    params = dict(mtp.named_parameters())
+    assert set(params) == set(expect)
+    for name, want in expect.items():
+        assert torch.equal(params[name], want), name
+
+
+def test_deepseek_naming_round_trips(tiny_llama, mtp_tensors, tmp_path) -> None:
+    """A folder in DeepSeek-V3's MTP naming, with the embedding and head copies it carries,
+    loads into the module tensor for tensor; so does a target checkpoint carrying its own
+    MTP layer (`model` omitted), and the target itself then ignores that layer."""
+    import shutil
+
+    from safetensors.torch import load_file
+    cfg = ModelConfig.from_file(os.path.join(tiny_llama.path, "config.json"))
+    hf = tiny_llama.hf_model
+    with_copies = dict(mtp_tensors, **{"embed_tokens.weight": hf.model.embed_tokens.weight.detach(),
+                                       "shared_head.head.weight": hf.lm_head.weight.detach()})
+    folder = str(tmp_path / "mtp")
+    save_mtp_checkpoint(folder, with_copies, cfg)
+    names = set(load_file(os.path.join(folder, "model.safetensors")))
+    assert names == {f"model.layers.{cfg.num_hidden_layers}.{n}" for n in with_copies}
+    assert_loaded(make_llm(tiny_llama, speculative_config=mtp_config(folder)).engine.speculator.proposer.mtp,
+                  mtp_tensors)
+
+    own = str(tmp_path / "target-with-mtp")
+    shutil.copytree(tiny_llama.path, own)
+    shutil.copy(os.path.join(folder, "model.safetensors"), os.path.join(own, "mtp.safetensors"))
+    with open(os.path.join(own, "config.json")) as f:
+        hf_cfg = json.load(f)
+    with open(os.path.join(own, "config.json"), "w") as f:
+        json.dump(dict(hf_cfg, num_nextn_predict_layers=1), f)
+    llm = LLM(own, num_kv_blocks=256, block_size=4, dtype="float32", max_model_len=128,
+              speculative_config=mtp_config(None, 2))
+    assert_loaded(llm.engine.speculator.proposer.mtp, mtp_tensors)
+    prompts = random_prompts([7, 12], seed=2)
+    ref, _ = run(make_llm(tiny_llama), prompts)
+    tokens, _ = run(llm, prompts)
+    assert tokens == ref
+
+    with pytest.raises(ValueError, match="needs \"model\""):
+        make_llm(tiny_llama, speculative_config=mtp_config(None))
+    # A layer for another model's shape is refused before anything is loaded.
+    bad = str(tmp_path / "bad")
+    save_mtp_checkpoint(bad, mtp_tensors, ModelConfig.from_dict(dict(hf_cfg, hidden_size=32)))
+    with pytest.raises(ValueError, match="hidden_size"):
+        make_llm(tiny_llama, speculative_config=mtp_config(bad))
+
+
+# ---- train-mtp --------------------------------------------------------------------------
+def test_trainer_module_is_the_definition(tiny_llama) -> None:
+    from ember.spec.train_mtp import TrainableMTP
+    torch.manual_seed(0)
+    module = TrainableMTP(tiny_llama.hf_model)
+    ref = ReferenceMTP(tiny_llama, {k: v.detach() for k, v in module.layer_tensors().items()})
+    seq = random_prompts([10], seed=4)[0]
+    h = ref.target_hidden(seq)
+    with torch.no_grad():
+        o = module(torch.tensor([seq[1:]]), h[None, :-1])[0]
+        logits = module.logits(o)
+    ref_o, ref_logits = ref(seq[1:], h[:-1])
+    torch.testing.assert_close(o, ref_o, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    # Initialised from the target: its last layer and its final norm.
+    last = tiny_llama.hf_model.model.layers[-1]
+    assert torch.equal(module.block.mlp.up_proj.weight, last.mlp.up_proj.weight)
+    assert torch.equal(module.shared_head_norm.weight, tiny_llama.hf_model.model.norm.weight)
+
+
+def test_training_lowers_the_loss(tiny_llama) -> None:
+    import argparse
+    import copy
+
+    from ember.spec.distill import teacher_topk, topk_kl, train_loop
+    from ember.spec.train_mtp import TrainableMTP, pairs
+    target = copy.deepcopy(tiny_llama.hf_model).requires_grad_(False)   # frozen, as load_target leaves it
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    chunks = torch.randint(3, 256, (8, 32), generator=g)
+    ids, probs, hidden = teacher_topk(target, chunks, batch=4, top_k=16, log=lambda *_: None,
+                                      keep_hidden=True)
+    assert hidden.shape == (8, 32, target.config.hidden_size)
+    torch.manual_seed(0)
+    mtp = TrainableMTP(target)
+
+    def loss(idx: torch.Tensor) -> torch.Tensor:
+        nxt, prev, t_ids, t_probs = pairs(chunks[idx], hidden[idx], ids[idx], probs[idx])
+        return topk_kl(mtp.logits(mtp(nxt, prev)), t_ids, t_probs)
+    args = argparse.Namespace(lr=3e-3, epochs=15, batch_size=4)
+    losses = train_loop(list(mtp.parameters()), len(chunks), loss, args, deadline=float("inf"),
+                        log=lambda *_: None)
+    assert len(losses) == 30
+    assert sum(losses[-3:]) < 0.7 * sum(losses[:3])
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
+
+def test_train_mtp_cli_end_to_end(tmp_path) -> None:
+    """`ember train-mtp` on a tiny Llama with a tokenizer: the saved folder loads as a
+    proposer, and greedy output with it is the target's."""
+    from _gguf_helpers import _CORPUS, tiny_bpe
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ember.cli import main
+    tok = tiny_bpe()
+    target = str(tmp_path / "target")
+    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                      max_position_embeddings=256, initializer_range=0.1, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(target, safe_serialization=True)
+    tok.save(os.path.join(target, "tokenizer.json"))
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(_CORPUS) * 8)
+    out = str(tmp_path / "mtp")
+    main(["train-mtp", "--target", target, "--text", str(text), "--out", out, "--seq-len", "32",
+          "--batch-size", "4", "--epochs", "4", "--lr", "3e-3", "--eval-chunks", "2", "--top-k", "8"])
+    with open(os.path.join(out, "train_log.json")) as f:
+        log = json.load(f)
+    assert log["steps"] >= 4 and log["kl_curve"][-1] < log["kl_curve"][0]
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["num_hidden_layers"] == 2
+    llm = LLM(target, num_kv_blocks=128, block_size=4, dtype="float32", max_model_len=128,
+              speculative_config=mtp_config(out, 2))
+    plain = LLM(target, num_kv_blocks=128, block_size=4, dtype="float32", max_model_len=128)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    prompts = ["The quick brown fox", "Numbers 1234567890 and"]
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
+    assert got == want
+    assert llm.engine.spec_stats()["num_draft_tokens"] > 0
