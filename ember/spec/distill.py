@@ -114,15 +114,18 @@ def train_loop(params: list[torch.nn.Parameter], num_items: int,
                args: argparse.Namespace, deadline: float, log: Log = print) -> list[float]:
     """AdamW with a cosine schedule over args.epochs passes of num_items items in shuffled
     batches of args.batch_size (loss_fn(item indices) -> loss), gradient clipping at 1,
-    stopping at `deadline` (time.time()). Returns the loss of every step."""
+    stopping after args.steps steps (if set) or at `deadline` (time.time()), whichever
+    comes first. Returns the loss of every step."""
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     total_steps = args.epochs * math.ceil(num_items / args.batch_size)
+    if args.steps:
+        total_steps = min(total_steps, args.steps)
     losses: list[float] = []
     t0 = time.time()
     for epoch in range(args.epochs):
         order = torch.randperm(num_items)
         for i in range(0, num_items, args.batch_size):
-            if time.time() > deadline:
+            if time.time() > deadline or len(losses) >= total_steps:
                 return losses
             lr = args.lr * 0.5 * (1 + math.cos(math.pi * len(losses) / total_steps))
             for g in opt.param_groups:
@@ -150,6 +153,8 @@ def add_distill_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--top-k", type=int, default=64, help="target probabilities kept per position")
     p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--steps", type=int, default=0,
+                   help="stop after this many optimizer steps (0: the epochs and the time budget decide)")
     p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--time-budget", type=float, default=30.0, help="minutes, all included")
     p.add_argument("--reserve-s", type=float, default=120.0,

@@ -3,8 +3,10 @@ frozen target, for MTP self-speculation (ember.spec.mtp has the definition).
 
 Initialisation: the block is a copy of the target's last decoder layer (as is common: it
 already maps a late residual stream to next-token features), shared_head.norm a copy of
-the target's final norm, enorm and hnorm at 1, eh_proj random; the embedding and LM head
-are the target's and stay frozen.
+the target's final norm, enorm and hnorm at 1, eh_proj [I | I] (the block starts from the
+sum of both normalized inputs; on SmolLM2 this reached a higher held-out agreement than a
+random eh_proj after the same short run, 0.14 vs 0.12); the embedding and LM head are the
+target's and stay frozen.
 
 Data: one teacher pass of the target over the text (the first 80% of each file) stores,
 per position, its hidden state (its forward output, after the final norm: what the
@@ -47,6 +49,8 @@ class TrainableMTP(nn.Module):
         self.enorm = LlamaRMSNorm(h, eps)
         self.hnorm = LlamaRMSNorm(h, eps)
         self.eh_proj = nn.Linear(2 * h, h, bias=False)
+        with torch.no_grad():   # [I | I]: both inputs pass through from the start
+            self.eh_proj.weight.copy_(torch.cat([torch.eye(h), torch.eye(h)], dim=1))
         self.block = LlamaDecoderLayer(cfg, layer_idx=cfg.num_hidden_layers - 1)
         self.block.load_state_dict(target.model.layers[-1].state_dict())
         self.shared_head_norm = LlamaRMSNorm(h, eps)
