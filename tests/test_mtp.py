@@ -404,3 +404,49 @@ def test_train_mtp_cli_end_to_end(tmp_path) -> None:
     want = [o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
     assert got == want
     assert llm.engine.spec_stats()["num_draft_tokens"] > 0
+
+
+# ---- end to end under sampling -----------------------------------------------------------
+def test_sampled_tokens_follow_the_target_end_to_end(tmp_path) -> None:
+    """A tiny target with an 8-token vocabulary, so that a random MTP's draft distribution
+    overlaps the target's and drafts are both accepted and rejected: over many seeded
+    requests, the second token (verified against draft 0) and the third (draft 1, chained,
+    or the correction / bonus) must follow the target's distributions given the first,
+    computed independently with transformers."""
+    from _stats import chi2_pvalue
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ember.layers.sampler import SamplingBatch, SamplingRow, sampling_probs
+    cfg = LlamaConfig(vocab_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                      initializer_range=0.3, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(cfg).eval()
+    path = str(tmp_path / "target")
+    hf.save_pretrained(path, safe_serialization=True)
+    target = TinyCheckpoint("vocab8", path, cfg, hf)
+    save_mtp_checkpoint(str(tmp_path / "mtp"), random_mtp_tensors(target, seed=1),
+                        ModelConfig.from_file(os.path.join(path, "config.json")))
+    prompt = [1, 5, 3, 7, 4]
+    n = 1200
+    params = [SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True, seed=100 + i) for i in range(n)]
+    llm = LLM(path, num_kv_blocks=1024, block_size=4, dtype="float32", max_model_len=32,
+              speculative_config=mtp_config(str(tmp_path / "mtp"), 2))
+    tokens, _ = run(llm, [prompt] * n, params)
+    stats = llm.engine.spec_stats()
+    assert 0.2 < stats["acceptance_rate"] < 0.95
+    assert stats["acceptance_rate_per_position"][1] > 0.05
+
+    def p_next(ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids])).logits[0, -1:]
+        row = SamplingRow(SamplingParams(temperature=1.0), prompt, ids[len(prompt):])
+        return sampling_probs(logits, SamplingBatch.build([row], 8, "cpu"))[0].double()
+    t1 = int(torch.bincount(torch.tensor([t[0] for t in tokens])).argmax())
+    given = [t for t in tokens if t[0] == t1]
+    assert len(given) > 300
+    p2 = p_next(prompt + [t1])
+    p3 = sum(p2[t2] * p_next(prompt + [t1, t2]) for t2 in range(8))
+    for pos, p in ((1, p2), (2, p3)):
+        counts = torch.bincount(torch.tensor([t[pos] for t in given]), minlength=8).double()
+        assert chi2_pvalue(counts, p) > 1e-4, pos

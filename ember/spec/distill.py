@@ -112,22 +112,30 @@ def topk_kl(draft_logits: torch.Tensor,  # [b, seq_len, vocab]
 def train_loop(params: list[torch.nn.Parameter], num_items: int,
                loss_fn: Callable[[torch.Tensor], torch.Tensor],
                args: argparse.Namespace, deadline: float, log: Log = print) -> list[float]:
-    """AdamW with a cosine schedule over args.epochs passes of num_items items in shuffled
-    batches of args.batch_size (loss_fn(item indices) -> loss), gradient clipping at 1,
-    stopping after args.steps steps (if set) or at `deadline` (time.time()), whichever
-    comes first. Returns the loss of every step."""
+    """AdamW over args.epochs passes of num_items items in shuffled batches of
+    args.batch_size (loss_fn(item indices) -> loss), gradient clipping at 1, stopping after
+    args.steps steps (if set) or at `deadline` (time.time()), whichever comes first. The
+    learning rate follows a cosine to 0 over the steps that will run: the planned ones,
+    or fewer when the measured step time says the deadline comes first (on a shared CPU it
+    often does), so a budget-bound run still ends with a decayed rate.
+    Returns the loss of every step."""
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     total_steps = args.epochs * math.ceil(num_items / args.batch_size)
     if args.steps:
         total_steps = min(total_steps, args.steps)
+    horizon = float(total_steps)
     losses: list[float] = []
     t0 = time.time()
     for epoch in range(args.epochs):
         order = torch.randperm(num_items)
         for i in range(0, num_items, args.batch_size):
-            if time.time() > deadline or len(losses) >= total_steps:
+            now = time.time()
+            if now > deadline or len(losses) >= total_steps:
                 return losses
-            lr = args.lr * 0.5 * (1 + math.cos(math.pi * len(losses) / total_steps))
+            if len(losses) >= 3:   # steps that fit before the deadline at the pace so far
+                fits = len(losses) + (deadline - now) * len(losses) / (now - t0)
+                horizon = min(float(total_steps), max(fits, len(losses) + 1.0))
+            lr = args.lr * 0.5 * (1 + math.cos(math.pi * len(losses) / horizon))
             for g in opt.param_groups:
                 g["lr"] = lr
             loss = loss_fn(order[i:i + args.batch_size])
@@ -137,7 +145,7 @@ def train_loop(params: list[torch.nn.Parameter], num_items: int,
             opt.step()
             losses.append(loss.item())
             if len(losses) % 10 == 0:
-                log(f"epoch {epoch} step {len(losses)}/{total_steps} kl {sum(losses[-10:]) / 10:.4f} "
+                log(f"epoch {epoch} step {len(losses)}/{horizon:.0f} kl {sum(losses[-10:]) / 10:.4f} "
                     f"lr {lr:.2e} {time.time() - t0:.0f} s")
     return losses
 

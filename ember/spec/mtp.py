@@ -257,7 +257,7 @@ class MTPProposer(Proposer):
             owners = [owners[j] for j in order]
         fb = build_forward_batch(seqs, self.block_size, self.device)
         self.backend.prepare(fb)
-        prev = step.hidden[torch.tensor(rows, device=self.device)]   # [N, H]
+        prev = step.hidden[torch.as_tensor(rows).to(self.device, non_blocking=True)]   # [N, H]
         o = self.mtp(fb.input_ids, fb.positions, prev, fb)             # [N, H]
         last = o[fb.logits_indices]                                    # [S, H] each sequence's last pair
         for j, i in enumerate(owners):
