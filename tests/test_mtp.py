@@ -24,7 +24,7 @@ LENGTHS = [3, 5, 9, 14, 20, 27, 33, 40]
 
 
 def make_llm(ckpt: TinyCheckpoint, **kw) -> LLM:
-    args = dict(num_kv_blocks=256, block_size=4, dtype="float32", max_model_len=128)
+    args = {"num_kv_blocks": 256, "block_size": 4, "dtype": "float32", "max_model_len": 128}
     args.update(kw)
     return LLM(ckpt.path, **args)
 
@@ -106,12 +106,12 @@ class ReferenceMTP:
     def drafts(self, seq: list[int], n: int, own: list[int]) -> list[int]:
         """The greedy chain the MTP should draft when the request holds seq[:n], chaining
         through the drafts `own` it actually made (so each position is checked on its own)."""
-        h = self.target_hidden(seq[:n - 1])
-        nxt, prev, out = list(seq[1:n]), h, []
-        for d in [None] + own[:-1]:
-            if d is not None:
-                nxt.append(d)
-                prev = torch.cat([prev, o[-1:]])
+        nxt, prev = list(seq[1:n]), self.target_hidden(seq[:n - 1])
+        o, logits = self(nxt, prev)
+        out = [int(logits[-1].argmax())]
+        for d in own[:-1]:
+            nxt.append(d)
+            prev = torch.cat([prev, o[-1:]])
             o, logits = self(nxt, prev)
             out.append(int(logits[-1].argmax()))
         return out

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -12,10 +12,16 @@ from ember.attention.backend import get_attention_backend
 from ember.config import EngineConfig, ModelConfig
 from ember.engine.cuda_graph import CudaGraphRunner
 from ember.engine.forward_batch import ForwardBatch
-from ember.engine.scheduler import SchedulerOutput, ScheduledRequest
+from ember.engine.scheduler import ScheduledRequest, SchedulerOutput
 from ember.layers.layer_ops import get_layer_ops
-from ember.layers.sampler import (RowLogprobs, Sampler, SamplingBatch, SamplingRow,
-                                  compute_token_logprobs, sampling_probs)
+from ember.layers.sampler import (
+    RowLogprobs,
+    Sampler,
+    SamplingBatch,
+    SamplingRow,
+    compute_token_logprobs,
+    sampling_probs,
+)
 from ember.models.loader import ModelSource, build_model
 from ember.spec.rejection import rejection_sample
 

@@ -17,9 +17,8 @@ Chained drafts feed the block's own output o (before shared_head.norm, as vLLM d
 the token just drafted: draft j + 1 comes from (d_j, o) at the next position.
 
 The block is the target's decoder-layer type, built by the target (`mtp_block(backend,
-ops)`: a Llama layer for Llama-family targets, DeepSeek's MLA + MoE layer for DeepSeek-V3),
-with `forward(x, positions, fb)`, `attention_layers()` and `load_weights(decoder-layer
-names)`.
+ops)` -> an `MTPBlock`: a Llama layer for Llama-family targets, DeepSeek's MLA + MoE layer
+for DeepSeek-V3).
 
 Weights use DeepSeek-V3's naming: the MTP layer j is `model.layers.{num_hidden_layers + j}.*`
 with `enorm`, `hnorm`, `eh_proj`, `shared_head.norm`, the decoder layer's usual names, and
@@ -51,7 +50,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import TYPE_CHECKING, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -64,7 +64,13 @@ from ember.layers.attention import Attention
 from ember.layers.layer_ops import TORCH_LAYER_OPS, LayerOps
 from ember.layers.linear import Linear
 from ember.layers.norm import RMSNorm
-from ember.models.loader import WeightStream, build_context, finalize_linears, randomize, safetensors_stream
+from ember.models.loader import (
+    WeightStream,
+    build_context,
+    finalize_linears,
+    randomize,
+    safetensors_stream,
+)
 from ember.spec.drafting import ProposerKV, draw_drafts
 from ember.spec.proposer import Proposer
 
@@ -74,10 +80,25 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("ember")
 
-# Names inside an MTP layer (after `model.layers.{N}.`) that are the MTP's own; the
-# embedding and head copies are the target's; everything else is the decoder layer's.
-MTP_OWN = ("enorm.", "hnorm.", "eh_proj.", "shared_head.norm.")
+# Names inside an MTP layer (after `model.layers.{N}.`) that copy the target's tensors;
+# the target's own serve. Besides them: the MTP's enorm, hnorm, eh_proj, shared_head.norm,
+# and the decoder layer's names.
 MTP_SHARED_WITH_TARGET = ("embed_tokens.", "shared_head.head.")
+
+
+class MTPBlock(Protocol):
+    """The transformer block of an MTP module: one decoder layer of the target's type,
+    which the target model builds (`target.mtp_block(backend, ops)`)."""
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        """x: [T, H] at positions [T], attending causally over the MTP's paged K/V through
+        fb -> the residual stream after the layer, [T, H]."""
+
+    def attention_layers(self) -> list[Attention]:
+        """Its attention layers (their caches are the MTP's paged KV)."""
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Tensors named as in one of the target's decoder layers (`self_attn.q_proj.weight`...)."""
 
 
 class SharedHead(nn.Module):
@@ -92,7 +113,7 @@ class MTPModule(nn.Module):
     """One MTP layer: enorm, hnorm, eh_proj, the block, shared_head.norm. The target's
     embedding and LM head are shared through `share_target`, not owned."""
 
-    def __init__(self, cfg: ModelConfig, block: nn.Module, ops: LayerOps = TORCH_LAYER_OPS) -> None:
+    def __init__(self, cfg: ModelConfig, block: MTPBlock, ops: LayerOps = TORCH_LAYER_OPS) -> None:
         super().__init__()
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.enorm = RMSNorm(h, eps, ops)

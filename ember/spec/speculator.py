@@ -2,7 +2,8 @@
 
 The engine calls `propose(batch)` between scheduling and the forward, and
 `observe(batch, result)` after the scheduler has applied the verified tokens. The
-scheduler asks `num_spec_tokens(num_running)` how much room to leave for drafts.
+scheduler asks `num_spec_tokens(num_running)` how much room to leave for drafts. A
+proposer that reads the target's hidden states (MTP) is given the runner's hook.
 """
 from __future__ import annotations
 

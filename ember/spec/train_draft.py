@@ -24,8 +24,15 @@ from typing import Any
 
 import torch
 
-from ember.spec.distill import (add_distill_args, hf_llama, load_target, teacher_topk, text_chunks,
-                                topk_kl, train_loop)
+from ember.spec.distill import (
+    add_distill_args,
+    hf_llama,
+    load_target,
+    teacher_topk,
+    text_chunks,
+    topk_kl,
+    train_loop,
+)
 
 
 def init_draft(target, hf_config: dict[str, Any], num_layers: int):

@@ -34,7 +34,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ember.spec.distill import add_distill_args, load_target, teacher_topk, text_chunks, topk_kl, train_loop
+from ember.spec.distill import (
+    add_distill_args,
+    load_target,
+    teacher_topk,
+    text_chunks,
+    topk_kl,
+    train_loop,
+)
 from ember.spec.mtp import save_mtp_checkpoint
 
 
@@ -42,7 +49,10 @@ class TrainableMTP(nn.Module):
     """The MTP module in transformers' layers, attached to a frozen transformers target."""
 
     def __init__(self, target) -> None:
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
+        from transformers.models.llama.modeling_llama import (
+            LlamaDecoderLayer,
+            LlamaRMSNorm,
+        )
         super().__init__()
         cfg = target.config
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
