@@ -12,6 +12,7 @@ greedy, the same tokens: checked).
 
 Example (CPU):
   python bench/spec_decode.py --draft /tmp/spec/draft-smollm2-2l --batch-sizes 1,8,64
+  python bench/spec_decode.py --methods mtp --mtp /work/mtp-smollm2 --k 2 --skip-speed
 """
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ def spec_config(method: str, args: argparse.Namespace, adaptive: bool) -> dict |
     cfg = {"method": method, "num_speculative_tokens": args.k, "adaptive": adaptive}
     if method == "draft":
         cfg["model"] = args.draft
+    if method == "mtp":
+        cfg["model"] = args.mtp
     return cfg
 
 
@@ -79,6 +82,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--draft", default=None, help="draft model folder (ember train-draft output)")
+    ap.add_argument("--mtp", default=None, help="MTP folder (ember train-mtp output)")
     ap.add_argument("--methods", default="ngram,draft")
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--data", nargs="+", default=DATA)
@@ -99,9 +103,11 @@ def main() -> None:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.8,
                     help="CUDA: the target's KV pool sizing does not count the draft's KV; leave room")
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--out", default=None, help="also write the JSON results here")
     args = ap.parse_args()
-    methods = [m for m in args.methods.split(",") if m and (m != "draft" or args.draft)]
+    paths = {"draft": args.draft, "mtp": args.mtp}
+    methods = [m for m in args.methods.split(",") if m and (m not in paths or paths[m])]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     params = SamplingParams(temperature=args.temperature, max_tokens=args.output_len, ignore_eos=True,
                             seed=0 if args.temperature > 0 else None)
@@ -135,10 +141,11 @@ def main() -> None:
             del llm
             gc.collect()
 
-    variants = [("none", None, None)]
-    for m in methods:
-        for mode in args.speed_modes.split(","):
-            variants.append((m, mode, spec_config(m, args, adaptive=(mode == "adaptive"))))
+    variants = []
+    if not args.skip_speed:
+        variants.append(("none", None, None))
+        variants += [(m, mode, spec_config(m, args, adaptive=(mode == "adaptive")))
+                     for m in methods for mode in args.speed_modes.split(",")]
     base_tput: dict[int, float] = {}
     for name, mode, spec in variants:
         llm = base if spec is None else make_llm(args, spec)

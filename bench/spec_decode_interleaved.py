@@ -1,10 +1,14 @@
-"""Recheck of the CPU speed figures on a noisy shared machine: none, ngram and draft
-(adaptive k) interleaved in one process, two repeats, batch 1 and 8, 24 output tokens.
+"""Speed on a noisy shared CPU: several speculation variants in one process, interleaved
+(every variant once per repeat, for each batch size), greedy, 24 output tokens per prompt
+from held-out passages. A variant is `none`, `METHOD-adaptive` (adaptive k up to --k) or
+`METHOD-kN` (N drafts every step); the spread across repeats says how noisy it was.
 
-  OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/spec_decode_interleaved.py [BATCH,...] [REPEATS]
+  OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/spec_decode_interleaved.py [--batch-sizes 1,8] \
+      [--repeats 2] [--variants none,ngram-adaptive,draft-adaptive] [--draft DIR] [--mtp DIR]
 """
 import argparse
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -12,21 +16,57 @@ import spec_decode as sd
 
 from ember import SamplingParams
 
+ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument("--batch-sizes", default="1,8")
+ap.add_argument("--repeats", type=int, default=2)
+ap.add_argument("--variants", default="none,ngram-adaptive,draft-adaptive")
+ap.add_argument("--k", type=int, default=3, help="the most drafts per step for adaptive variants")
+ap.add_argument("--draft", default="/tmp/spec/draft-smollm2-2l")
+ap.add_argument("--mtp", default=None)
+ap.add_argument("--output-len", type=int, default=24)
+cli = ap.parse_args()
 args = argparse.Namespace(model="smollm2-135m", dtype="auto", device=None, load_format="auto", prompt_len=64,
-                          output_len=24, quality_output_len=24, enforce_eager=False, gpu_memory_utilization=0.8,
-                          k=3, draft="/tmp/spec/draft-smollm2-2l")
-base = sd.make_llm(args, None)
-prompts = sd.held_out_prompts(base.get_tokenizer(), sd.DATA, 64, 64, 0.8)
-ng = sd.make_llm(args, sd.spec_config("ngram", args, True))
-dr = sd.make_llm(args, sd.spec_config("draft", args, True))
-p = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-for llm in (base, ng, dr):
+                          output_len=cli.output_len, quality_output_len=cli.output_len, enforce_eager=False,
+                          gpu_memory_utilization=0.8, k=cli.k, draft=cli.draft, mtp=cli.mtp)
+
+
+def build(variant: str):
+    if variant == "none":
+        return sd.make_llm(args, None)
+    method, mode = variant.rsplit("-", 1)
+    if mode == "adaptive":
+        return sd.make_llm(args, sd.spec_config(method, args, True))
+    fixed = argparse.Namespace(**dict(vars(args), k=int(mode[1:])))
+    return sd.make_llm(fixed, sd.spec_config(method, fixed, False))
+
+
+variants = cli.variants.split(",")
+llms = {v: build(v) for v in variants}
+prompts = sd.held_out_prompts(next(iter(llms.values())).get_tokenizer(), sd.DATA, 64, 64, 0.8)
+p = SamplingParams(temperature=0, max_tokens=cli.output_len, ignore_eos=True)
+for llm in llms.values():
     sd.generate(llm, prompts[:2], SamplingParams(max_tokens=8, ignore_eos=True))
-sizes = [int(b) for b in (sys.argv[1] if len(sys.argv) > 1 else "1,8").split(",")]
-repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 2
-for rep in range(repeats):
+sizes = [int(b) for b in cli.batch_sizes.split(",")]
+tput: dict[tuple[str, int], list[float]] = {}
+outputs: dict[tuple[str, int], list] = {}
+for rep in range(cli.repeats):
     for b in sizes:
-        for name, llm in (("none", base), ("ngram-adaptive", ng), ("draft-adaptive", dr)):
-            s, _ = sd.generate(llm, prompts[:b], p)
-            print(f"repeat {rep} batch {b} {name:15s} {s:6.2f} s {b*24/s:6.1f} tok/s", flush=True)
-print("ngram", ng.engine.spec_stats()["k_histogram"], "draft", dr.engine.spec_stats()["k_histogram"])
+        for name, llm in llms.items():
+            s, out = sd.generate(llm, prompts[:b], p)
+            tput.setdefault((name, b), []).append(b * cli.output_len / s)
+            outputs.setdefault((name, b), out)
+            print(f"repeat {rep} batch {b} {name:15s} {s:6.2f} s {b * cli.output_len / s:6.1f} tok/s", flush=True)
+for b in sizes:
+    base = statistics.median(tput[("none", b)]) if ("none", b) in tput else None
+    for name in variants:
+        t = tput[(name, b)]
+        same = outputs[(name, b)] == outputs[(variants[0], b)]
+        ratio = f"x{statistics.median(t) / base:.2f} vs none" if base else ""
+        print(f"batch {b} {name:15s} median {statistics.median(t):6.1f} tok/s (min {min(t):.1f}, max {max(t):.1f}) "
+              f"{ratio} greedy-identical {same}", flush=True)
+for name, llm in llms.items():
+    if name != "none":
+        st = llm.engine.spec_stats()
+        print(name, "k-hist", st["k_histogram"], "acceptance per position",
+              [round(x, 3) for x in st["acceptance_rate_per_position"]],
+              "mean accepted length", round(st["mean_accepted_length"], 2))

@@ -1,4 +1,4 @@
-"""`ember` command line: generate, chat, serve, bench, train-draft, train-eagle."""
+"""`ember` command line: generate, chat, serve, bench, train-draft, train-mtp, train-eagle."""
 from __future__ import annotations
 
 import argparse
@@ -39,7 +39,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--speculative-config", default=None,
                    help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\' '
-                        'or \'{"method": "draft", "model": DIR, "num_speculative_tokens": 3}\'; '
+                        'or \'{"method": "draft", "model": DIR, "num_speculative_tokens": 3}\' '
+                        '(method "mtp": DIR from ember train-mtp); '
                         '"adaptive": false keeps k fixed')
 
 
@@ -147,9 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     from ember.server.cli import add_serve_parser
     from ember.spec.train_draft import add_train_draft_parser
     from ember.spec.train_eagle import add_train_eagle_parser
+    from ember.spec.train_mtp import add_train_mtp_parser
     add_serve_parser(sub)
     add_bench_parser(sub)
     add_train_draft_parser(sub)
+    add_train_mtp_parser(sub)
     add_train_eagle_parser(sub)
     return parser
 

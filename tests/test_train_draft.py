@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from conftest import TinyCheckpoint
 
-from ember.spec.train_draft import init_draft, teacher_topk, topk_kl
+from ember.spec.distill import teacher_topk, topk_kl
+from ember.spec.train_draft import init_draft
 
 
 def test_init_copies_the_target_and_distillation_lowers_kl(tiny_llama: TinyCheckpoint) -> None:

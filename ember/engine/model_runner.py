@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -11,10 +12,16 @@ from ember.attention.backend import get_attention_backend
 from ember.config import EngineConfig, ModelConfig
 from ember.engine.cuda_graph import CudaGraphRunner
 from ember.engine.forward_batch import ForwardBatch
-from ember.engine.scheduler import SchedulerOutput, ScheduledRequest
+from ember.engine.scheduler import ScheduledRequest, SchedulerOutput
 from ember.layers.layer_ops import get_layer_ops
-from ember.layers.sampler import (RowLogprobs, Sampler, SamplingBatch, SamplingRow,
-                                  compute_token_logprobs, sampling_probs)
+from ember.layers.sampler import (
+    RowLogprobs,
+    Sampler,
+    SamplingBatch,
+    SamplingRow,
+    compute_token_logprobs,
+    sampling_probs,
+)
 from ember.models.loader import ModelSource, build_model
 from ember.spec.rejection import rejection_sample
 from ember.spec.tree import ancestor_mask
@@ -33,6 +40,24 @@ class StepResult:
     logprobs: dict[str, list[RowLogprobs]] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[RowLogprobs]] = field(default_factory=dict)
     num_accepted: dict[str, int] = field(default_factory=dict)   # speculating requests only
+
+
+@dataclass
+class TargetHiddenStates:
+    """One step's target hidden states, for proposers that read them (MTP, EAGLE). The
+    runner hands them over after sampling and verification, before the scheduler applies
+    the step, so the requests still show the step's starting state (num_computed_tokens,
+    token_ids, block_ids); request i's rows score positions num_computed_tokens + j (a
+    verified tree's accepted nodes have been moved into those rows)."""
+
+    hidden: torch.Tensor                # [T, hidden] the model's forward output (after its final norm)
+    scheduled: list[ScheduledRequest]   # in row order
+    row_starts: list[int]               # [S + 1] request i owns rows [row_starts[i], row_starts[i + 1])
+    num_valid: list[int]                # [S] leading rows of request i that stand: its own tokens + accepted drafts
+    sampled: dict[str, list[int]]       # request id -> the step's new tokens (sampling requests only)
+    # [T, n_aux * hidden] the residual streams the model keeps on request (EAGLE-3:
+    # ModelRunner.keep_aux_hidden_states), else None. Rows as `hidden`'s.
+    aux_hidden: torch.Tensor | None = None
 
 
 def build_forward_batch(seqs: list[tuple[list[int], int, list[int]]], block_size: int,
@@ -124,11 +149,11 @@ class ModelRunner:
         self.sampler = Sampler()
         self.num_blocks = self._choose_num_blocks()
         mc = self.model_config
-        shape = (2, self.num_blocks, self.block_size, mc.num_key_value_heads, mc.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device)
-                          for _ in range(mc.num_hidden_layers)]
-        for layer, cache in zip(self.model.attention_layers(), self.kv_caches):
-            layer.kv_cache = cache
+        self.kv_caches = [layer.allocate_kv_cache(self.num_blocks, self.block_size, dtype, device)
+                          for layer in self.model.attention_layers()]
+        # Set by the speculator when its proposer reads the target's hidden states; None
+        # (the default) costs nothing.
+        self.hidden_states_hook: Callable[[TargetHiddenStates], None] | None = None
         self.graph_runner: CudaGraphRunner | None = None
         if device.type == "cuda" and not cfg.enforce_eager and self.backend.supports_cuda_graphs:
             self.graph_runner = CudaGraphRunner(self.model, self.backend, cfg.max_num_seqs,
@@ -235,6 +260,12 @@ class ModelRunner:
                 if lp is not None:
                     result.logprobs[r.request_id] = [lp]
         self._prompt_logprobs(scheduled, fb, hidden, result)
+        if self.hidden_states_hook is not None:
+            num_valid = [s.num_new_tokens + result.num_accepted.get(s.request.request_id, 0)
+                         for s in scheduled]
+            aux = getattr(self.model.model, "aux_hidden_states", None)
+            self.hidden_states_hook(TargetHiddenStates(hidden, scheduled, fb.query_start_loc,
+                                                       num_valid, result.sampled, aux))
         return result
 
     def _verify(self, spec: list[ScheduledRequest], ends: list[int], hidden: torch.Tensor,

@@ -97,6 +97,30 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(h), residual
 
 
+class LlamaMTPBlock(nn.Module):
+    """A Llama decoder layer run on its own, as the transformer block of an MTP module
+    (ember.spec.mtp): x [T, hidden] in, the residual stream after the layer out. Rotary
+    tables are the target's."""
+
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, qk_norm: bool, ops: LayerOps,
+                 rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.layer = LlamaDecoderLayer(cfg, backend, qk_norm, ops)
+        self._rotary = (rotary,)   # shared with the target, not a submodule of this block
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        """x: [T, hidden], positions: [T] -> [T, hidden]."""
+        h, residual = self.layer(self._rotary[0].lookup(positions), x, None, fb)
+        return h + residual
+
+    def attention_layers(self) -> list[Attention]:
+        return [self.layer.self_attn.attn]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Decoder-layer tensor names (`self_attn.q_proj.weight`, `mlp.down_proj.weight`, ...)."""
+        load_hf_tensors(self.layer, weights)
+
+
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend, qk_norm: bool,
                  ops: LayerOps) -> None:
@@ -155,6 +179,10 @@ class LlamaForCausalLM(nn.Module):
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]
 
+    def mtp_block(self, backend: AttentionBackend, ops: LayerOps) -> LlamaMTPBlock:
+        """A decoder layer of this model's type for an MTP module (ember.spec.mtp)."""
+        return LlamaMTPBlock(self.config, backend, self.qk_norm, ops, self.model.rotary)
+
     def set_aux_hidden_layers(self, layers: tuple[int, ...]) -> None:
         """Also keep, after every forward, the residual stream entering each of `layers`
         (0 = the embedding output, num_hidden_layers = the last layer's output, before the
@@ -180,30 +208,49 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load Hugging Face-named tensors; raises if any parameter is left unloaded."""
-        modules = dict(self.named_modules())
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if name.endswith("rotary_emb.inv_freq"):
-                continue  # a buffer some old checkpoints saved; recomputed here
+        """Load Hugging Face-named tensors; raises if any parameter is left unloaded.
+
+        A checkpoint may carry DeepSeek-style MTP layers after the decoder layers
+        (`model.layers.{num_hidden_layers + j}.*`, j < num_nextn_predict_layers): they belong
+        to the MTP proposer (ember.spec.mtp), which reads them itself, so they are skipped."""
+        cfg = self.config
+        first_mtp = cfg.num_hidden_layers
+        last_mtp = first_mtp + int(cfg.hf_config.get("num_nextn_predict_layers") or 0)
+
+        def keep(name: str) -> bool:
             if name == "lm_head.weight" and self.lm_head is None:
-                continue  # tied: the embedding serves as the head
-            module_name, kind = name.rsplit(".", 1)
-            parent, _, proj = module_name.rpartition(".")
-            shard = None
-            if proj in MERGED_PROJECTIONS:
-                merged, shard = MERGED_PROJECTIONS[proj]
-                module_name = f"{parent}.{merged}"
-            module = modules.get(module_name)
-            if module is None:
-                raise KeyError(f"checkpoint tensor {name!r} matches no module of {type(self).__name__}")
-            if isinstance(module, Linear):
-                kind = module.load_tensor(kind, tensor, shard)  # may name a quantized tensor
-            else:
-                params[name].data.copy_(tensor)
-            if kind is not None:
-                loaded.add(f"{module_name}.{kind}")
-        missing = [n for n in params if n not in loaded]
-        if missing:
-            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+                return False  # tied: the embedding serves as the head
+            parts = name.split(".")
+            return not (name.startswith("model.layers.") and first_mtp <= int(parts[2]) < last_mtp)
+        load_hf_tensors(self, (nt for nt in weights if keep(nt[0])))
+
+
+def load_hf_tensors(root: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Load Hugging Face-named tensors (names relative to `root`) into root's modules: q/k/v
+    and gate/up go into their merged layer shard by shard, Linear layers load through their
+    method (quantized formats). Raises if a tensor fits no module or a parameter is left
+    unloaded."""
+    modules = dict(root.named_modules())
+    params = dict(root.named_parameters())
+    loaded: set[str] = set()
+    for name, tensor in weights:
+        if name.endswith("rotary_emb.inv_freq"):
+            continue  # a buffer some old checkpoints saved; recomputed here
+        module_name, kind = name.rsplit(".", 1)
+        parent, _, proj = module_name.rpartition(".")
+        shard = None
+        if proj in MERGED_PROJECTIONS:
+            merged, shard = MERGED_PROJECTIONS[proj]
+            module_name = f"{parent}.{merged}" if parent else merged
+        module = modules.get(module_name)
+        if module is None:
+            raise KeyError(f"checkpoint tensor {name!r} matches no module of {type(root).__name__}")
+        if isinstance(module, Linear):
+            kind = module.load_tensor(kind, tensor, shard)  # may name a quantized tensor
+        else:
+            params[name].data.copy_(tensor)
+        if kind is not None:
+            loaded.add(f"{module_name}.{kind}")
+    missing = [n for n in params if n not in loaded]
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")

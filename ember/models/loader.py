@@ -2,6 +2,7 @@
 into a config, a tensor stream and a tokenizer, then build and fill the model."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
@@ -33,7 +34,9 @@ class ModelSource:
     tokenizer: "object | None"     # ember.tokenizer.Tokenizer, or None (token ids only)
 
 
-def _safetensors_stream(folder: str) -> WeightStream:
+def safetensors_stream(folder: str, keep: Callable[[str], bool] | None = None) -> WeightStream:
+    """The tensors of a folder's *.safetensors files; with `keep`, only the names it accepts
+    are read (e.g. one layer out of a large checkpoint)."""
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {folder} (ember never loads pickled .bin weights)")
@@ -43,6 +46,8 @@ def _safetensors_stream(folder: str) -> WeightStream:
         for path in files:
             with safe_open(path, framework="pt", device="cpu") as f:  # memory-mapped
                 for name in f.keys():
+                    if keep is not None and not keep(name):
+                        continue
                     # Not cast here: copying into each parameter casts to its dtype, and
                     # quantized tensors (int packs, fp8, fp32 scales) must keep theirs.
                     yield name, f.get_tensor(name)
@@ -86,7 +91,7 @@ def _resolve_model(model: str, load_format: str, tokenizer: str | None) -> Model
     with open(config_path) as f:
         config = ModelConfig.from_dict(json.load(f))
     tok = _folder_tokenizer(tokenizer or model)
-    weights = None if load_format == "dummy" else _safetensors_stream(model)
+    weights = None if load_format == "dummy" else safetensors_stream(model)
     return ModelSource(config, weights, tok)
 
 
@@ -103,29 +108,40 @@ def build_model(source: ModelSource, backend: AttentionBackend, device: torch.de
     """Instantiate the registered class on `device` in `dtype`, then load (or randomize) weights.
     `ops` are the elementwise layer kernels (torch, or fused Triton on the GPU)."""
     cls = get_model_class(source.config.architecture)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = cls(source.config, backend, ops)
-    finally:
-        torch.set_default_dtype(previous)
+    with build_context(dtype, device):
+        model = cls(source.config, backend, ops)
     with torch.no_grad():
         if source.weights is None:
-            _randomize(model, seed)
+            randomize(model, seed)
         else:
             model.load_weights(source.weights(dtype))
-        # Quantize-on-load methods quantize their full-precision weights now.
-        for module in model.modules():
-            if isinstance(module, Linear):
-                module.method.finalize(module)
+        finalize_linears(model)
     if ops.name == "triton":
         from ember.layers.linear import use_gemv_for_dense_layers
         use_gemv_for_dense_layers(model)
     return model.eval()
 
 
-def _randomize(model: nn.Module, seed: int) -> None:
+@contextlib.contextmanager
+def build_context(dtype: torch.dtype, device: torch.device) -> Iterator[None]:
+    """Modules constructed inside get their parameters in `dtype` on `device`."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def finalize_linears(model: nn.Module) -> None:
+    """After loading: quantize-on-load methods quantize their full-precision weights now."""
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.method.finalize(module)
+
+
+def randomize(model: nn.Module, seed: int) -> None:
     """Dummy weights for benchmarks: small normal values, norms at one (keeps activations sane)."""
     gens: dict[torch.device, torch.Generator] = {}
     for name, p in model.named_parameters():

@@ -7,7 +7,7 @@ from typing import Any
 
 from ember.spec.tree import TreeShape
 
-METHODS = ("none", "ngram", "draft", "eagle", "peagle")
+METHODS = ("none", "ngram", "draft", "mtp", "eagle", "peagle")
 TREE_METHODS = ("eagle", "peagle")
 
 
@@ -16,12 +16,15 @@ class SpeculativeConfig:
     """Names follow vLLM's --speculative-config keys where they exist.
 
     method: none | ngram (prompt lookup) | draft (a smaller model sharing the tokenizer) |
-        eagle (an EAGLE-3 drafter on the target's hidden states) | peagle (P-EAGLE: all
-        draft positions from one drafter forward).
+        mtp (a multi-token-prediction module on the target's hidden states) | eagle (an
+        EAGLE-3 drafter on the target's hidden states) | peagle (P-EAGLE: all draft
+        positions from one drafter forward).
     num_speculative_tokens: the most draft tokens per request per step (k); with a tree,
         its greatest depth.
-    model: the draft model (HF folder) for method "draft"; the drafter folder (published
-        EAGLE-3 layout, or `ember train-eagle` output) for eagle / peagle.
+    model: the draft model (HF folder) for method "draft"; for "mtp", an `ember train-mtp`
+        folder, or omitted when the target checkpoint carries its own MTP layer; the
+        drafter folder (published EAGLE-3 layout, or `ember train-eagle` output) for eagle
+        / peagle.
     tree: eagle / peagle only: None drafts chains; {"top_k": children per expanded node,
         "budget": most nodes, "depth": defaults to num_speculative_tokens} drafts EAGLE-2
         dynamic trees, verified in one target forward with a tree attention mask.

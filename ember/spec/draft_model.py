@@ -1,18 +1,14 @@
 """Draft-model proposer: a smaller model with the target's vocabulary drafts k tokens.
 
-KV layout: the draft keeps its own paged KV tensors (shaped for its own layers and
-heads) but uses the target's block ids, block tables and slots, so preemption, rollback
-and freeing need nothing of their own: whatever the scheduler does to a request's blocks
-applies to both caches.
-
-Coverage: the proposer remembers, per request, how many leading tokens it has written
-draft K/V for. A drafting step first runs the draft over the tokens from there up to the
-request's last token (the catch-up: its prompt the first time, then usually the one or
-two tokens the last step added), whose last row gives draft 0; then k - 1 single-token
-steps give the rest. Steps where no request drafts (adaptive k = 0) cost nothing. After a
-verification the valid part is min(coverage, num_computed_tokens): drafts the target
-accepted were fed to the draft with the same tokens at the same positions, so their K/V
-stands; rejected ones sit past num_computed_tokens and are recomputed.
+KV layout and coverage: see ember.spec.drafting (the draft's own paged KV on the target's
+block tables; per request, how many leading tokens it has draft K/V for). A drafting step
+first runs the draft over the tokens from its coverage up to the request's last token
+(the catch-up: its prompt the first time, then usually the one or two tokens the last
+step added), whose last row gives draft 0; then k - 1 single-token steps give the rest.
+Steps where no request drafts (adaptive k = 0) cost nothing. After a verification the
+valid part is min(coverage, num_computed_tokens): drafts the target accepted were fed to
+the draft with the same tokens at the same positions, so their K/V stands; rejected ones
+sit past num_computed_tokens and are recomputed.
 
 Stale draft K/V (a cached prefix block some other request computed while its draft was
 off) can only lower acceptance, never change the output: the verifier makes the output
@@ -26,11 +22,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from ember.engine.model_runner import build_forward_batch
-from ember.engine.scheduler import ScheduledRequest, SchedulerOutput
-from ember.layers.sampler import SamplingBatch, SamplingRow, sampling_probs
+from ember.engine.scheduler import SchedulerOutput
 from ember.models.loader import build_model, resolve_model
+from ember.spec.drafting import ProposerKV, draw_drafts
 from ember.spec.proposer import Proposer
-from ember.spec.rejection import sample_from
 
 if TYPE_CHECKING:
     from ember.engine.engine import Engine
@@ -55,27 +50,10 @@ class DraftModelProposer(Proposer):
         self.model = build_model(source, runner.backend, runner.device, runner.dtype, engine.cfg.seed,
                                  runner.layer_ops)
         mc = source.config
-        shape = (2, runner.num_blocks, self.block_size, mc.num_key_value_heads, mc.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=runner.dtype, device=self.device)
-                          for _ in range(mc.num_hidden_layers)]
-        for layer, cache in zip(self.model.attention_layers(), self.kv_caches):
-            layer.kv_cache = cache
+        self.kv = ProposerKV(self.model.attention_layers(), runner)
         self.vocab_size = target_vocab
-        # (request id, arrival) -> (tokens with draft K/V, the request's preemption count then)
-        self.coverage: dict[tuple[str, float], tuple[int, int]] = {}
         logger.info("draft model %s: %d layers, KV %.1f MiB", cfg.model, mc.num_hidden_layers,
-                    sum(c.numel() * c.element_size() for c in self.kv_caches) / 2**20)
-
-    @staticmethod
-    def _key(s: ScheduledRequest) -> tuple[str, float]:
-        return s.request.request_id, s.request.arrival_time   # ids may be reused later
-
-    def _covered(self, s: ScheduledRequest) -> int:
-        r = s.request
-        covered, preemptions = self.coverage.get(self._key(s), (0, r.num_preemptions))
-        if preemptions != r.num_preemptions:
-            covered = 0   # its blocks were given back; whatever it has now was not ours
-        return min(covered, r.num_computed_tokens)
+                    self.kv.nbytes / 2**20)
 
     @torch.inference_mode()
     def propose(self, batch: SchedulerOutput) -> None:
@@ -83,7 +61,7 @@ class DraftModelProposer(Proposer):
         if not spec:
             return
         # Catch-up forward over each drafting request's tokens the draft has not seen.
-        starts = [self._covered(s) for s in spec]
+        starts = [self.kv.covered(s.request) for s in spec]
         spans = [s.request.token_ids[start:s.request.num_computed_tokens + s.num_new_tokens]
                  for s, start in zip(spec, starts)]
         order = sorted(range(len(spec)), key=lambda i: len(spans[i]) != 1)
@@ -95,15 +73,13 @@ class DraftModelProposer(Proposer):
                                  self.block_size, self.device)
         self.backend.prepare(fb)
         hidden = self.model(fb.input_ids, fb.positions, fb)
-        if len(self.coverage) > 4 * len(batch.scheduled) + 256:   # forget finished requests
-            live = {self._key(s) for s in batch.scheduled}
-            self.coverage = {key: c for key, c in self.coverage.items() if key in live}
+        self.kv.forget_finished(batch.scheduled)
         logits = self.model.compute_logits(hidden[fb.logits_indices])
         tokens: list[list[int]] = [[] for _ in spec]
         probs: list[list[torch.Tensor]] = [[] for _ in spec]
         active = list(range(len(spec)))
         while True:
-            self._sample(spec, active, logits, tokens, probs)
+            draw_drafts(spec, active, logits, tokens, probs, self.vocab_size)
             active = [i for i in active if len(tokens[i]) < spec[i].num_spec_slots]
             if not active:
                 break
@@ -121,20 +97,4 @@ class DraftModelProposer(Proposer):
             s.spec_token_ids = toks
             s.spec_probs = torch.stack(ps)   # [k, vocab]
             # Fed: its own tokens and every draft but the last.
-            self.coverage[self._key(s)] = (s.request.num_tokens + len(toks) - 1,
-                                           s.request.num_preemptions)
-
-    def _sample(self, spec: list[ScheduledRequest], active: list[int], logits: torch.Tensor,
-                tokens: list[list[int]], probs: list[list[torch.Tensor]]) -> None:
-        """Draw the next draft of each active request from the draft's distribution
-        under the request's own sampling settings (greedy stays greedy)."""
-        rows = []
-        for i in active:
-            r = spec[i].request
-            rows.append(SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids + tokens[i],
-                                    None, r.eos_token_ids))
-        q = sampling_probs(logits[:, :self.vocab_size], SamplingBatch.build(rows, self.vocab_size, self.device))
-        drawn = sample_from(q, [spec[i].request.generator for i in active]).tolist()
-        for row, i in enumerate(active):
-            tokens[i].append(drawn[row])
-            probs[i].append(q[row])
+            self.kv.record(s.request, s.request.num_tokens + len(toks) - 1)

@@ -3,7 +3,10 @@
 A proposer fills, for each scheduled request the scheduler left room for, a chain of
 draft tokens and (optionally) the draft distribution each was drawn from. The shared
 verifier (ember.spec.rejection) then makes the output exactly the target's. New
-drafting schemes (MTP, EAGLE) are new proposers; tree drafts add parent indices.
+drafting schemes are new proposers (EAGLE next); tree drafts add parent indices.
+
+A proposer that reads the target's hidden states (MTP) sets `needs_hidden_states`: the
+runner then hands it every step's hidden states through `observe_hidden_states`.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ember.engine.engine import Engine
+    from ember.engine.model_runner import TargetHiddenStates
     from ember.engine.scheduler import SchedulerOutput
     from ember.spec.config import SpeculativeConfig
 
@@ -27,8 +31,17 @@ class Proposer:
     # accepted tokens as not yet computed, so the next step recomputes them for both the
     # target and the proposer and the two KV caches always cover the same tokens.
     kv_lag = 0
+    # True: the runner calls observe_hidden_states after every forward. False (the default)
+    # leaves the runner's path untouched.
+    needs_hidden_states = False
 
     def propose(self, batch: SchedulerOutput) -> None:
+        raise NotImplementedError
+
+    def observe_hidden_states(self, step: TargetHiddenStates) -> None:
+        """The target's hidden states of every token it computed this step (prefill chunks,
+        decodes, drafts), which rows are whose, and which of them stand (own tokens and
+        accepted drafts). Called after verification, before the scheduler's update."""
         raise NotImplementedError
 
     def slots_for(self, k: int) -> int:
@@ -60,6 +73,9 @@ def create_proposer(cfg: SpeculativeConfig, engine: Engine) -> Proposer:
     if cfg.method == "draft":
         from ember.spec.draft_model import DraftModelProposer
         return DraftModelProposer(cfg, engine)
+    if cfg.method == "mtp":
+        from ember.spec.mtp import MTPProposer
+        return MTPProposer(cfg, engine)
     if cfg.method == "eagle":
         from ember.spec.eagle_proposer import EagleProposer
         return EagleProposer(cfg, engine)

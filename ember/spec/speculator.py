@@ -2,7 +2,8 @@
 
 The engine calls `propose(batch)` between scheduling and the forward, and
 `observe(batch, result)` after the scheduler has applied the verified tokens. The
-scheduler asks `num_spec_tokens(num_running)` how much room to leave for drafts.
+scheduler asks `num_spec_tokens(num_running)` how much room to leave for drafts. A
+proposer that reads the target's hidden states (MTP) is given the runner's hook.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ class Speculator:
     def __init__(self, cfg: SpeculativeConfig, engine: Engine) -> None:
         self.cfg = cfg
         self.proposer = create_proposer(cfg, engine)
+        if self.proposer.needs_hidden_states:
+            engine.runner.hidden_states_hook = self.proposer.observe_hidden_states
         self.kv_lag = self.proposer.kv_lag
         self.stats = SpecStats()
         self.controller = AdaptiveK(cfg.num_speculative_tokens, slots=self.proposer.slots_for,
