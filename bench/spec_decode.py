@@ -13,6 +13,8 @@ greedy, the same tokens: checked).
 Example (CPU):
   python bench/spec_decode.py --draft /tmp/spec/draft-smollm2-2l --batch-sizes 1,8,64
   python bench/spec_decode.py --methods mtp --mtp /work/mtp-smollm2 --k 2 --skip-speed
+  python bench/spec_decode.py --methods eagle,eagle-tree,peagle,peagle-tree --eagle /work/eagle-smollm2 \
+      --peagle /work/peagle-smollm2 --skip-speed
 """
 from __future__ import annotations
 
@@ -57,6 +59,11 @@ def spec_config(method: str, args: argparse.Namespace, adaptive: bool) -> dict |
         cfg["model"] = args.draft
     if method == "mtp":
         cfg["model"] = args.mtp
+    base = method.removesuffix("-tree")
+    if base in ("eagle", "peagle"):   # METHOD-tree: the same drafter, EAGLE-2 trees of depth k
+        cfg.update(method=base, model=getattr(args, base))
+        if method.endswith("-tree"):
+            cfg["tree"] = {"top_k": args.tree_top_k, "budget": args.tree_budget}
     return cfg
 
 
@@ -83,6 +90,10 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--draft", default=None, help="draft model folder (ember train-draft output)")
     ap.add_argument("--mtp", default=None, help="MTP folder (ember train-mtp output)")
+    ap.add_argument("--eagle", default=None, help="EAGLE-3 drafter folder (methods eagle, eagle-tree)")
+    ap.add_argument("--peagle", default=None, help="P-EAGLE drafter folder (methods peagle, peagle-tree)")
+    ap.add_argument("--tree-top-k", type=int, default=3, help="children per expanded node (-tree methods)")
+    ap.add_argument("--tree-budget", type=int, default=10, help="most tree nodes (-tree methods)")
     ap.add_argument("--methods", default="ngram,draft")
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--data", nargs="+", default=DATA)
@@ -106,8 +117,9 @@ def main() -> None:
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--out", default=None, help="also write the JSON results here")
     args = ap.parse_args()
-    paths = {"draft": args.draft, "mtp": args.mtp}
-    methods = [m for m in args.methods.split(",") if m and (m not in paths or paths[m])]
+    paths = {"draft": args.draft, "mtp": args.mtp, "eagle": args.eagle, "peagle": args.peagle}
+    methods = [m for m in args.methods.split(",")
+               if m and (m.removesuffix("-tree") not in paths or paths[m.removesuffix("-tree")])]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     params = SamplingParams(temperature=args.temperature, max_tokens=args.output_len, ignore_eos=True,
                             seed=0 if args.temperature > 0 else None)

@@ -5,6 +5,7 @@ from held-out passages. A variant is `none`, `METHOD-adaptive` (adaptive k up to
 
   OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/spec_decode_interleaved.py [--batch-sizes 1,8] \
       [--repeats 2] [--variants none,ngram-adaptive,draft-adaptive] [--draft DIR] [--mtp DIR]
+      [--eagle DIR --peagle DIR]   (variants eagle-k3, eagle-tree-adaptive, peagle-tree-k3, ...)
 """
 import argparse
 import os
@@ -23,11 +24,17 @@ ap.add_argument("--variants", default="none,ngram-adaptive,draft-adaptive")
 ap.add_argument("--k", type=int, default=3, help="the most drafts per step for adaptive variants")
 ap.add_argument("--draft", default="/tmp/spec/draft-smollm2-2l")
 ap.add_argument("--mtp", default=None)
+ap.add_argument("--eagle", default=None)
+ap.add_argument("--peagle", default=None)
+ap.add_argument("--tree-top-k", type=int, default=3)
+ap.add_argument("--tree-budget", type=int, default=10)
 ap.add_argument("--output-len", type=int, default=24)
 cli = ap.parse_args()
 args = argparse.Namespace(model="smollm2-135m", dtype="auto", device=None, load_format="auto", prompt_len=64,
                           output_len=cli.output_len, quality_output_len=cli.output_len, enforce_eager=False,
-                          gpu_memory_utilization=0.8, k=cli.k, draft=cli.draft, mtp=cli.mtp)
+                          gpu_memory_utilization=0.8, k=cli.k, draft=cli.draft, mtp=cli.mtp,
+                          eagle=cli.eagle, peagle=cli.peagle, tree_top_k=cli.tree_top_k,
+                          tree_budget=cli.tree_budget)
 
 
 def build(variant: str):

@@ -36,8 +36,8 @@ import torch
 
 from ember.config import ModelConfig
 from ember.layers.linear import Linear
+from ember.spec.distill import add_distill_args, chunks as split_chunks, load_target, read_split
 from ember.spec.eagle import EagleConfig, EagleDrafter, default_aux_layers, save_eagle
-from ember.spec.train_draft import _chunks, _read_split, load_target
 
 
 # ---- features -------------------------------------------------------------------------------
@@ -47,15 +47,16 @@ def target_features(target, chunks: torch.Tensor, aux_layers: tuple[int, ...], b
     """aux [n, L, n_aux * H] fp16, top-k next-token ids [n, L, k] int32 and probs fp16."""
     aux, ids, probs = [], [], []
     start = time.time()
+    dev = next(target.parameters()).device
     for i in range(0, len(chunks), batch):
-        out = target(chunks[i:i + batch], output_hidden_states=True)
+        out = target(chunks[i:i + batch].to(dev), output_hidden_states=True)
         # [0] = the embedding output, [j] = the stream entering layer j (aux layers are
         # below the last, whose entry transformers gives after the final norm).
         hs = out.hidden_states
-        aux.append(torch.cat([hs[j] for j in aux_layers], -1).half())
+        aux.append(torch.cat([hs[j] for j in aux_layers], -1).half().cpu())
         top = torch.softmax(out.logits.float(), -1).topk(top_k, dim=-1)
-        ids.append(top.indices.int())
-        probs.append(top.values.half())
+        ids.append(top.indices.int().cpu())
+        probs.append(top.values.half().cpu())
         log(f"features {min(i + batch, len(chunks))}/{len(chunks)} chunks, {time.time() - start:.0f} s")
     return {"aux": torch.cat(aux), "ids": torch.cat(ids), "probs": torch.cat(probs), "tokens": chunks}
 
@@ -155,7 +156,7 @@ def draft_loss(drafter: EagleDrafter, batch: dict[str, torch.Tensor], vocab_map:
     tokens, aux = batch["tokens"], batch["aux"].float()
     b, l = tokens.shape
     attend = StepAttention(b, l, drafter.midlayer.self_attn.attn.scale)
-    base = torch.arange(l)
+    base = torch.arange(l, device=tokens.device)
     hidden = drafter.fuse(aux.view(b * l, -1))
     total, accs, weight_sum = 0.0, [], 0.0
     for s in range(1, steps + 1):
@@ -204,18 +205,20 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    target, tokenizer, hf_config = load_target(args.target)
-    target.requires_grad_(False)
+    device = torch.device(args.device)
+    target, tokenizer, tcfg = load_target(args.target)   # frozen
+    target.to(device)
     if tokenizer is None:
         raise ValueError("the target has no tokenizer; train-eagle needs text")
-    tcfg = ModelConfig.from_dict(hf_config)
+    hf_config = tcfg.hf_config
     aux_layers = default_aux_layers(tcfg.num_hidden_layers)
     enc = lambda held: torch.tensor([t for p in args.text
-                                     for t in tokenizer.encode(_read_split(p, args.train_fraction, held))])
-    chunks = _chunks(enc(False), args.seq_len)
+                                     for t in tokenizer.encode(read_split(p, args.train_fraction, held))])
+    chunks = split_chunks(enc(False), args.seq_len)
     if args.max_train_tokens:
         chunks = chunks[: max(1, args.max_train_tokens // args.seq_len)]
-    held = _chunks(enc(True), args.seq_len)
+    # Held-out chunks spread over the held-out text (every file), not its first ones.
+    held = split_chunks(enc(True), args.seq_len)
     held = held[torch.linspace(0, len(held) - 1, min(args.eval_chunks, len(held))).long()]
     log(f"{chunks.numel()} training tokens in {len(chunks)} chunks; {held.numel()} held-out tokens")
     feats = _features(args, target, chunks, aux_layers, log)
@@ -223,18 +226,20 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
     draft_ids = draft_vocabulary(chunks, feats["ids"], tcfg.vocab_size, args.draft_vocab_size)
     vocab_map = torch.full((tcfg.vocab_size,), -1, dtype=torch.long)
     vocab_map[draft_ids] = torch.arange(len(draft_ids))
-    cover = (vocab_map[held_feats["ids"][..., 0].long()] >= 0).float().mean().item()
+    vocab_map = vocab_map.to(device)
+    cover = (vocab_map[held_feats["ids"][..., 0].long().to(device)] >= 0).float().mean().item()
     log(f"draft vocabulary {len(draft_ids)}: covers {cover:.1%} of the target's held-out argmax tokens")
 
     steps = args.parallel_positions if args.parallel else args.ttt_steps
-    drafter = new_drafter(target, hf_config, draft_ids, args.parallel, args.parallel_positions, args.seed)
+    drafter = new_drafter(target, hf_config, draft_ids.to(device), args.parallel, args.parallel_positions,
+                          args.seed).to(device)
     params = [p for p in drafter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95))
 
     def evaluate() -> list[float]:
         drafter.eval()
         with torch.no_grad():
-            accs = [draft_loss(drafter, _batch(held_feats, torch.arange(i, min(i + args.batch_size, len(held)))),
+            accs = [draft_loss(drafter, _batch(held_feats, torch.arange(i, min(i + args.batch_size, len(held))), device),
                                vocab_map, steps, args.parallel)[1] for i in range(0, len(held), args.batch_size)]
         drafter.train()
         return [sum(a[s] for a in accs) / len(accs) for s in range(steps)]
@@ -246,7 +251,7 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
     losses: list[float] = []
     step, epoch = 0, 0
     start_train = time.time()
-    while step < total_steps and time.time() < deadline:
+    while step < total_steps and epoch < args.epochs and time.time() < deadline:
         order = torch.randperm(len(chunks))
         for i in range(0, len(chunks) - args.batch_size + 1, args.batch_size):
             if step >= total_steps or time.time() > deadline:
@@ -257,7 +262,7 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
             lr = args.lr * (min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss, accs = draft_loss(drafter, _batch(feats, order[i:i + args.batch_size]), vocab_map,
+            loss, accs = draft_loss(drafter, _batch(feats, order[i:i + args.batch_size], device), vocab_map,
                                     steps, args.parallel)
             opt.zero_grad()
             loss.backward()
@@ -285,8 +290,9 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
     return report
 
 
-def _batch(feats: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {k: feats[k][idx] for k in ("tokens", "aux", "ids", "probs")}
+def _batch(feats: dict[str, torch.Tensor], idx: torch.Tensor,
+           device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    return {k: feats[k][idx].to(device) for k in ("tokens", "aux", "ids", "probs")}
 
 
 def _fmt(xs: list[float]) -> str:
@@ -295,28 +301,15 @@ def _fmt(xs: list[float]) -> str:
 
 def add_train_eagle_parser(sub) -> None:
     p = sub.add_parser("train-eagle", help="train an EAGLE-3 (or --parallel: P-EAGLE) drafter")
-    p.add_argument("--target", default="smollm2-135m")
-    p.add_argument("--text", nargs="+", required=True, help="training text file(s)")
-    p.add_argument("--out", required=True, help="output folder")
+    add_distill_args(p, epochs=1000, lr=2e-3)   # the time budget (or --steps) ends training
+    p.set_defaults(batch_size=4, top_k=32, reserve_s=60.0)
     p.add_argument("--parallel", action="store_true", help="P-EAGLE: train mask positions for one-pass drafting")
     p.add_argument("--parallel-positions", type=int, default=4, help="draft positions per pass (P-EAGLE)")
     p.add_argument("--ttt-steps", type=int, default=3, help="unrolled draft steps in training (EAGLE-3)")
     p.add_argument("--draft-vocab-size", type=int, default=8192)
-    p.add_argument("--train-fraction", type=float, default=0.8,
-                   help="train on this leading fraction of each file; the rest is held out")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--top-k", type=int, default=32, help="target probabilities kept per position")
-    p.add_argument("--steps", type=int, default=0, help="optimizer steps (0: until the time budget)")
-    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--time-budget", type=float, default=30.0, help="minutes, all included")
-    p.add_argument("--reserve-s", type=float, default=60.0, help="seconds kept for evaluation and saving")
-    p.add_argument("--max-train-tokens", type=int, default=0, help="0 = all")
     p.add_argument("--features-cache", default=None,
                    help="safetensors file for the target's features (reused when it matches)")
-    p.add_argument("--eval-chunks", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads (0: torch's default; 1 is faster on a CPU shared with other jobs)")
     p.set_defaults(func=lambda a: print(json.dumps(train(a), indent=1)))
