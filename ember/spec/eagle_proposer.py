@@ -172,7 +172,7 @@ class EagleProposer(Proposer):
                 rows = torch.tensor([offsets[a] + j for a in now], device=self.device)
                 draw_drafts(spec, [active[a] for a in now], logits[rows], tokens, probs, self.vocab_size)
         else:
-            o = o[torch.tensor(active, device=self.device)] if len(active) < len(spec) else o
+            o = o[torch.tensor(active, dtype=torch.long, device=self.device)] if len(active) < len(spec) else o
             while active:
                 # (last draft, o) at the position after the last pair's or draft's.
                 seqs = [(spec[i].request.block_ids, spec[i].request.num_tokens - 2 + len(tokens[i]),
@@ -181,8 +181,8 @@ class EagleProposer(Proposer):
                 o = self._forward(seqs, d.embed(ids), o)
                 draw_drafts(spec, active, d.target_logits(o), tokens, probs, self.vocab_size)
                 still = [j for j, i in enumerate(active) if len(tokens[i]) < spec[i].num_spec_slots]
-                if len(still) < len(active):
-                    o = o[torch.tensor(still, device=self.device)]
+                if still and len(still) < len(active):
+                    o = o[torch.tensor(still, dtype=torch.long, device=self.device)]
                 active = [active[j] for j in still]
         for s, toks, ps in zip(spec, tokens, probs):
             s.spec_token_ids = toks
