@@ -157,6 +157,13 @@ def test_greedy_mtp_is_token_identical(tiny_llama, prompts, reference, mtp_dir, 
     assert_no_leaks(llm.engine)
 
 
+def test_only_a_proposer_that_reads_hidden_states_gets_the_hook(tiny_llama, mtp_dir) -> None:
+    for spec in (None, {"method": "ngram"}):
+        assert make_llm(tiny_llama, speculative_config=spec).engine.runner.hidden_states_hook is None
+    llm = make_llm(tiny_llama, speculative_config=mtp_config(mtp_dir))
+    assert llm.engine.runner.hidden_states_hook == llm.engine.speculator.proposer.observe_hidden_states
+
+
 class RecordingOracle(Proposer):
     """Runs the MTP proposer, records the drafts it made (request, its length then, drafts),
     then replaces them with the known continuation corrupted at random: steps accept all,

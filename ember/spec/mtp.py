@@ -154,8 +154,9 @@ class MTPModule(nn.Module):
         for name, tensor in weights:
             if name.startswith(MTP_SHARED_WITH_TARGET):
                 continue
-            if name == "eh_proj.weight":
-                self.eh_proj.load_tensor("weight", tensor)
+            if name.startswith("eh_proj."):
+                kind = self.eh_proj.load_tensor(name.split(".", 1)[1], tensor)
+                name = f"eh_proj.{kind}"
             elif name in own:
                 own[name].data.copy_(tensor)
             else:
