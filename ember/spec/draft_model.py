@@ -1,7 +1,7 @@
 """Draft-model proposer: a smaller model with the target's vocabulary drafts k tokens.
 
-KV layout: the draft keeps its own paged KV tensors (shaped for its own layers and
-heads) but uses the target's block ids, block tables and slots, so preemption, rollback
+KV layout: the draft keeps its own paged KV tensors (shaped by its own layers' KV cache
+specs, in its own attention backend family) but uses the target's block ids, block tables and slots, so preemption, rollback
 and freeing need nothing of their own: whatever the scheduler does to a request's blocks
 applies to both caches.
 
@@ -25,10 +25,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ember.cache.kv_spec import allocate_kv_caches
 from ember.engine.model_runner import build_forward_batch
 from ember.engine.scheduler import ScheduledRequest, SchedulerOutput
 from ember.layers.sampler import SamplingBatch, SamplingRow, sampling_probs
 from ember.models.loader import build_model, resolve_model
+from ember.models.registry import attention_backend_for
 from ember.spec.proposer import Proposer
 from ember.spec.rejection import sample_from
 
@@ -51,15 +53,13 @@ class DraftModelProposer(Proposer):
                              f"target's ({target_vocab}); a draft must share the tokenizer")
         self.device = runner.device
         self.block_size = runner.block_size
-        self.backend = runner.backend
-        self.model = build_model(source, runner.backend, runner.device, runner.dtype, engine.cfg.seed,
+        # Its own backend: the draft's architecture may read a different KV layout.
+        self.backend = attention_backend_for(source.config, engine.cfg.attention_backend, self.device)
+        self.model = build_model(source, self.backend, runner.device, runner.dtype, engine.cfg.seed,
                                  runner.layer_ops)
         mc = source.config
-        shape = (2, runner.num_blocks, self.block_size, mc.num_key_value_heads, mc.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=runner.dtype, device=self.device)
-                          for _ in range(mc.num_hidden_layers)]
-        for layer, cache in zip(self.model.attention_layers(), self.kv_caches):
-            layer.kv_cache = cache
+        self.kv_caches = allocate_kv_caches(self.model.attention_layers(), runner.num_blocks,
+                                            self.block_size, runner.dtype, self.device)
         self.vocab_size = target_vocab
         # (request id, arrival) -> (tokens with draft K/V, the request's preemption count then)
         self.coverage: dict[tuple[str, float], tuple[int, int]] = {}
