@@ -21,8 +21,9 @@ at the GPU's FLOP/byte ratio plus bytes moved). The up-projection costs ~2*R*H*(
 FLOPs per context token whatever the chunk size, the absorbed path ~2*H*(2R + P) FLOPs
 and (R + P) bytes per context token *per query*, so absorbed wins for chunks that are
 tiny next to their context (speculative verification, the tail of a chunked prompt):
-with DeepSeek-V2-Lite's shapes up to ~35 queries over a long prefix, with V3's ~150;
-a fresh prompt longer than ~16 tokens is expanded.
+with DeepSeek-V2-Lite's shapes chunks of up to ~35 queries over a long prefix, with V3's
+(128 heads) up to ~150; fresh prompts (no prefix) of more than ~16 (V2-Lite) or ~70 (V3)
+tokens are expanded.
 
 Implementations differ only in their kernels: `torch` (mla_torch.py, the reference and
 CPU path) and `triton` (mla_triton.py: the Triton latent write and MLA decode kernel, CUDA
