@@ -15,8 +15,9 @@ from fused per-layer weights `w13` [E, 2 * I, H] (gate rows, then up rows) and `
 - `auto`: triton on CUDA when triton imports, grouped elsewhere. The default.
 
 Numerics follow transformers' DeepseekV3Experts: each expert's output is multiplied by its
-fp32 weight and rounded to the activation dtype; the k contributions of a token are then
-summed (here in fp32, rounded once).
+fp32 weight and rounded to the activation dtype (the Triton kernel multiplies its fp32
+accumulator before that rounding, one rounding fewer); the k contributions of a token are
+then summed in fp32 and rounded once (transformers adds them in the activation dtype).
 """
 from __future__ import annotations
 
