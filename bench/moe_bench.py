@@ -20,14 +20,14 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import torch  # noqa: E402
+import torch
 
-from ember.layers.moe_experts import GroupedExperts, MoEExperts, ReferenceExperts  # noqa: E402
-from ember.layers.moe_router import grouped_topk_route  # noqa: E402
+from ember.layers.moe_experts import GroupedExperts, MoEExperts, ReferenceExperts
+from ember.layers.moe_router import grouped_topk_route
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, reps: int) -> float:
@@ -120,7 +120,7 @@ def main() -> None:
         for name, impl in impls.items():
             if name == "reference" and t > ref_max:
                 continue
-            results.append((name, lambda impl=impl: impl.forward(x, w13, w2, weights, ids)))
+            results.append((name, lambda impl=impl, x=x, weights=weights, ids=ids: impl.forward(x, w13, w2, weights, ids)))
         if cuda and results and results[-1][0] == "triton":
             results.append(("triton+graph", results[-1][1]))
         for name, fn in results:
@@ -131,7 +131,7 @@ def main() -> None:
             if name.endswith("+graph"):
                 try:
                     ms = graph_ms(fn, reps)
-                except Exception as exc:  # report and go on: the eager figures still stand
+                except RuntimeError as exc:  # report and go on: the eager figures still stand
                     print(f"{t:>6} {name:>14} capture failed: {type(exc).__name__}: {exc}", flush=True)
                     continue
             else:

@@ -12,7 +12,7 @@ from ember.layers.moe_router import grouped_topk_route
 from ember.models.loader import _randomize
 
 hf_ds = pytest.importorskip("transformers.models.deepseek_v3.modeling_deepseek_v3")
-from transformers.models.deepseek_v3.configuration_deepseek_v3 import DeepseekV3Config  # noqa: E402
+from transformers.models.deepseek_v3.configuration_deepseek_v3 import DeepseekV3Config
 
 H, I = 32, 16
 

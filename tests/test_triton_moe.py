@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _triton_interpret import DEVICE
 
-from ember.layers.moe_experts import ReferenceExperts  # noqa: E402
-from ember.layers.triton_moe import MoEGemmConfig, TritonExperts, align_by_expert  # noqa: E402
+from ember.layers.moe_experts import ReferenceExperts
+from ember.layers.triton_moe import MoEGemmConfig, TritonExperts, align_by_expert
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 

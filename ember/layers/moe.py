@@ -83,7 +83,7 @@ class MoEConfig:
                              f"(experts in the kept groups)")
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> "MoEConfig":
+    def from_hf(cls, hf: dict[str, Any]) -> MoEConfig:
         """From a Hugging Face DeepSeek-V3 config.json dict."""
         return cls(hidden_size=hf["hidden_size"], moe_intermediate_size=hf["moe_intermediate_size"],
                    n_routed_experts=hf["n_routed_experts"],
