@@ -1,6 +1,7 @@
 """Offline benchmarks with a peer in the same run: ember vs Hugging Face transformers.
 
-  decode:      batch-1 greedy decode of --output-len tokens after a --prompt-len prompt
+  decode:      greedy decode of --output-len tokens after a --prompt-len prompt, --batch
+               requests at once (1 by default; the HF peer runs them at --hf-batch-size)
   throughput:  the nano-vllm protocol: --num-requests requests, input and output lengths
                uniform in [--min-len, --max-len], random token ids, seed 0, EOS ignored.
                The HF peer runs the same requests with `generate` at --hf-batch-size
@@ -159,6 +160,7 @@ def main() -> None:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--layer-kernels", default="auto")
     ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=1, help="decode mode: concurrent requests")
     ap.add_argument("--hf-batch-size", type=int, default=1)
     ap.add_argument("--hf-num-requests", type=int, default=None,
                     help="run HF on only the first N requests (it is slow); its rate is per token")
@@ -169,7 +171,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.mode == "decode":
-        args.num_requests, args.min_len, args.max_len = 1, args.prompt_len, args.prompt_len
+        args.num_requests, args.min_len, args.max_len = args.batch, args.prompt_len, args.prompt_len
         args.output_len = args.output_len or 128
 
     device = resolve_device(None)
@@ -192,7 +194,7 @@ def main() -> None:
     t_ember = run_ember(llm, reqs, device)
     result = {"mode": args.mode, "ember_s": t_ember, "ember_tok_s": n_out / t_ember}
     print(f"ember: {n_out} tokens in {t_ember:.2f} s = {n_out / t_ember:.1f} output tok/s")
-    if args.mode == "decode" and device.type == "cuda":
+    if args.mode == "decode" and device.type == "cuda" and args.batch == 1:
         # Each decode step reads every weight once (the KV read is small at these lengths).
         gbs = weight_bytes(llm) * n_out / t_ember / 1e9
         result.update(weight_gb=weight_bytes(llm) / 1e9, achieved_gbs=gbs,
