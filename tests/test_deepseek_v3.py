@@ -40,6 +40,13 @@ CASES: dict[str, dict[str, Any]] = {
     "yarn": dict(rope_parameters=YARN),
     "yarn-noninterleaved": dict(rope_parameters=YARN, rope_interleave=False, q_lora_rank=None,
                                 num_hidden_layers=3, first_k_dense_replace=3),
+    # MoE from layer first_k_dense_replace on; e_score_correction_bias is randomized.
+    "moe-8e-2groups": dict(first_k_dense_replace=1, n_group=2, topk_group=1),
+    "moe-16e-4groups-yarn": dict(q_lora_rank=None, n_routed_experts=16, n_group=4, topk_group=2,
+                                 num_experts_per_tok=3, n_shared_experts=2, num_hidden_layers=3,
+                                 first_k_dense_replace=1, rope_parameters=YARN),
+    "moe-4e-all-layers": dict(n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=0,
+                              norm_topk_prob=False, routed_scaling_factor=1.5),
 }
 
 
@@ -60,6 +67,10 @@ def build_ckpt(name: str, root, **extra: Any) -> Ckpt:
     config = DeepseekV3Config(**{**_BASE, **CASES.get(name, {}), **extra})
     torch.manual_seed(1234)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for m in model.modules():   # transformers starts it at zero: make it steer selection
+            if hasattr(m, "e_score_correction_bias"):
+                m.e_score_correction_bias.copy_(torch.randn(m.e_score_correction_bias.shape) * 0.1)
     path = str(root / name)
     model.save_pretrained(path, safe_serialization=True)
     _built[name] = Ckpt(path, model)
@@ -238,6 +249,17 @@ def test_prefix_cache_and_chunked_prefill_keep_greedy_tokens(root) -> None:
         assert_no_leaks(llm.engine)
 
 
+def test_checkpoints_store_experts_one_by_one(root) -> None:
+    """As released DeepSeek checkpoints do (transformers fuses them only in memory)."""
+    from safetensors import safe_open
+    ckpt = build_ckpt("moe-8e-2groups", root)
+    with safe_open(os.path.join(ckpt.path, "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert {f"model.layers.1.mlp.experts.{e}.{p}_proj.weight" for e in range(8)
+            for p in ("gate", "up", "down")} <= names
+    assert "model.layers.1.mlp.gate.e_score_correction_bias" in names
+
+
 def test_cache_layout_is_the_latent_one(root) -> None:
     from ember.cache.kv_spec import LatentKVSpec, kv_bytes_per_token
     ckpt = build_ckpt("qlora-2dense", root)
@@ -276,7 +298,7 @@ def test_mtp_layer_tensors_are_skipped(root, tmp_path) -> None:
 
 
 def test_dummy_weights_run(root, tmp_path) -> None:
-    ckpt = build_ckpt("yarn", root)
+    ckpt = build_ckpt("moe-16e-4groups-yarn", root)
     config = tmp_path / "config.json"
     with open(os.path.join(ckpt.path, "config.json")) as f, open(config, "w") as g:
         g.write(f.read())

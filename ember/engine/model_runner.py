@@ -101,8 +101,7 @@ class ModelRunner:
         self.kv_caches = allocate_kv_caches(self.model.attention_layers(), self.num_blocks,
                                             self.block_size, dtype, device)
         self.graph_runner: CudaGraphRunner | None = None
-        if (device.type == "cuda" and not cfg.enforce_eager and self.backend.supports_cuda_graphs
-                and getattr(self.model, "supports_cuda_graphs", True)):
+        if device.type == "cuda" and not cfg.enforce_eager and self.backend.supports_cuda_graphs:
             self.graph_runner = CudaGraphRunner(self.model, self.backend, cfg.max_num_seqs,
                                                 max_model_len, self.block_size, mc.hidden_size,
                                                 dtype, device)

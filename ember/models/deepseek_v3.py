@@ -1,5 +1,5 @@
-"""DeepSeek-V3 (and V2-style configs run through it): MLA attention over a latent KV cache,
-dense MLPs in the first `first_k_dense_replace` layers and DeepSeek MoE after.
+"""DeepSeek-V3: MLA attention over a latent KV cache, dense MLPs in the first
+`first_k_dense_replace` layers and DeepSeek MoE (ember/layers/moe.py) after.
 
 Module names mirror Hugging Face's so checkpoints load by name. The projections that read
 the layer input (q_a_proj or q_proj, and kv_a_proj_with_mqa) are merged into one GEMM,
@@ -13,6 +13,10 @@ dimensions come in (even, odd) pairs and are de-interleaved first, which is what
 transformers does (its rotated output is in the de-interleaved order, so the cached k_pe
 matches its cache). YaRN scales cos/sin by its mscale ratio and the softmax by
 mscale(factor, mscale_all_dim)^2.
+
+The MoE blocks compute their routed experts with `auto` (Triton on CUDA: no host sync, so
+decode steps are captured in CUDA graphs along with the Triton MLA backend; grouped GEMMs
+on the CPU).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from ember.engine.forward_batch import ForwardBatch
 from ember.layers.latent_attention import LatentAttention
 from ember.layers.layer_ops import TORCH_LAYER_OPS, LayerOps, RopeStep
 from ember.layers.linear import Linear
+from ember.layers.moe import DeepseekMoE, MoEConfig
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import RotaryEmbedding, rope_type, yarn_mscale
 from ember.models.llama import LlamaMLP
@@ -102,6 +107,14 @@ class DeepseekConfig:
 
     def is_moe_layer(self, layer: int) -> bool:
         return bool(self.n_routed_experts) and layer >= self.first_k_dense_replace
+
+    def moe_config(self, hidden_size: int) -> MoEConfig:
+        return MoEConfig(hidden_size=hidden_size, moe_intermediate_size=self.moe_intermediate_size,
+                         n_routed_experts=self.n_routed_experts,
+                         num_experts_per_tok=self.num_experts_per_tok, n_group=self.n_group,
+                         topk_group=self.topk_group, norm_topk_prob=self.norm_topk_prob,
+                         routed_scaling_factor=self.routed_scaling_factor,
+                         n_shared_experts=self.n_shared_experts)
 
 
 def softmax_scale(cfg: ModelConfig, ds: DeepseekConfig) -> float:
@@ -181,9 +194,11 @@ class DeepseekV3DecoderLayer(nn.Module):
                  ops: LayerOps) -> None:
         super().__init__()
         self.self_attn = DeepseekV3Attention(cfg, ds, backend, ops)
+        self.mlp: nn.Module
         if ds.is_moe_layer(layer):
-            raise NotImplementedError("DeepSeek MoE layers need ember.layers.moe (not merged yet)")
-        self.mlp = LlamaMLP(cfg, ops)
+            self.mlp = DeepseekMoE(ds.moe_config(cfg.hidden_size), ops, cfg.quantization, "auto")
+        else:
+            self.mlp = LlamaMLP(cfg, ops)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
@@ -255,10 +270,12 @@ class DeepseekV3ForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load Hugging Face-named tensors; raises if any parameter is left unloaded.
-        The MTP layers' tensors (is_mtp_weight) are skipped."""
+        """Load Hugging Face-named tensors (experts one by one, as checkpoints store them);
+        raises if any parameter is left unloaded. The MTP layers' tensors (is_mtp_weight)
+        are skipped."""
         modules = dict(self.named_modules())
         params = dict(self.named_parameters())
+        moe_blocks = {f"{n}.": m for n, m in modules.items() if isinstance(m, DeepseekMoE)}
         loaded: set[str] = set()
         n_layers = self.config.num_hidden_layers
         for name, tensor in weights:
@@ -266,6 +283,11 @@ class DeepseekV3ForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.lm_head is None:
                 continue  # tied: the embedding serves as the head
+            block = name[:name.find(".mlp.") + 5] if ".mlp." in name else None
+            if block in moe_blocks:   # the block maps expert names onto its fused weights
+                done = moe_blocks[block].load_tensor(name[len(block):], tensor)
+                loaded.update(block + p for p in done)
+                continue
             module_name, kind = name.rsplit(".", 1)
             parent, _, proj = module_name.rpartition(".")
             shard = None
