@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 import torch
-
 from conftest import assert_no_leaks, random_prompts
+from test_model_parity import CHUNKINGS, ember_logits, hf_greedy
+
 from ember import LLM, SamplingParams
 from ember.attention.mla_backend import MLADims, get_mla_backend
 from ember.engine.forward_batch import ForwardBatch
-from test_model_parity import CHUNKINGS, ember_logits, hf_greedy
 
 BLOCK_SIZE = 8
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)

@@ -8,13 +8,12 @@ import types
 
 import pytest
 import torch
+from _triton_interpret import DEVICE
+from test_deepseek_v3 import DIMS, _mla_batch
 
-from _triton_interpret import DEVICE  # noqa: F401  (sets TRITON_INTERPRET on the CPU first)
-
-from ember.attention.mla_backend import get_mla_backend  # noqa: E402
-from ember.attention.mla_ref import mla_decode_ref, write_latent_cache  # noqa: E402
-from ember.attention.triton_latent_write import write_latent_cache_triton  # noqa: E402
-from test_deepseek_v3 import DIMS, _mla_batch  # noqa: E402
+from ember.attention.mla_backend import get_mla_backend
+from ember.attention.mla_ref import mla_decode_ref, write_latent_cache
+from ember.attention.triton_latent_write import write_latent_cache_triton
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 

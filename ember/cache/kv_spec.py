@@ -8,8 +8,9 @@ a quantized cache) is a new spec plus the attention backend that reads it.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 

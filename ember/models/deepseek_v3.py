@@ -21,8 +21,9 @@ on the CPU).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -77,7 +78,7 @@ class DeepseekConfig:
     routed_scaling_factor: float
 
     @classmethod
-    def from_model_config(cls, cfg: ModelConfig) -> "DeepseekConfig":
+    def from_model_config(cls, cfg: ModelConfig) -> DeepseekConfig:
         d = cfg.hf_config
         return cls(
             q_lora_rank=d.get("q_lora_rank", 1536),   # an explicit null means no q compression
