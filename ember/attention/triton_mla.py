@@ -40,15 +40,16 @@ class MlaKernelConfig:
     num_stages: int
 
 
-def default_config(num_heads: int, on_cuda: bool) -> MlaKernelConfig:
+def default_config(num_heads: int, on_cuda: bool, elem_bytes: int = 2) -> MlaKernelConfig:
     """Tiles for R = 512, P = 64 on a Hopper GPU. Up to 32 heads share one program; more
     heads take several tiles (the [BLOCK_H, R] fp32 accumulator lives in registers, and 64
-    heads x 512 would spill). On the CPU (the interpreter, tests) every op costs about the
-    same whatever its size, so there the tiles are as large as the test shapes allow."""
+    heads x 512 would spill). fp32 inputs (tests, checks) take half as many tokens per tile
+    to stay inside shared memory. On the CPU (the interpreter, tests) every op costs about
+    the same whatever its size, so there the tiles are as large as the test shapes allow."""
     block_h = min(32, max(16, triton.next_power_of_2(num_heads)))
     if not on_cuda:
         return MlaKernelConfig(block_h, 32, 4, 1)
-    return MlaKernelConfig(block_h, 32, 4 if block_h == 16 else 8, 2)
+    return MlaKernelConfig(block_h, 32 if elem_bytes <= 2 else 16, 4 if block_h == 16 else 8, 2)
 
 
 @triton.jit
@@ -195,7 +196,7 @@ def mla_decode(q_nope: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tensor,
     if batch == 0:
         return out
     if config is None:
-        config = default_config(heads, q_nope.is_cuda)
+        config = default_config(heads, q_nope.is_cuda, q_nope.element_size())
     if num_splits is None:
         sms = torch.cuda.get_device_properties(q_nope.device).multi_processor_count if q_nope.is_cuda else 4
         num_splits = choose_num_splits(batch, heads, block_tables.shape[1] * cache.shape[1], sms,
