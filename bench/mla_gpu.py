@@ -44,7 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from ember.attention.mla_ref import gather_latent, mla_decode_ref  # noqa: E402
+from ember.attention.mla_ref import mla_decode_ref  # noqa: E402
 from ember.attention.triton_mla import (MlaKernelConfig, choose_num_splits,  # noqa: E402
                                         default_config, mla_decode)
 from gpu_timing import graph_replay_ms  # noqa: E402
@@ -143,7 +143,7 @@ class PagedLatent:
     def contiguous_latent(self, k: int = 0) -> torch.Tensor:
         """[B, ctx, R + P] for equal lengths: what the torch peers read."""
         assert len(set(self.lens)) == 1
-        return torch.stack([gather_latent(self.cache, self.tables[k, i], n) for i, n in enumerate(self.lens)])
+        return self.cache[self.tables[k].long()].flatten(1, 2)[:, :self.lens[0]].contiguous()
 
 
 # ---- torch peers (equal lengths, contiguous latent) -------------------------------------
@@ -351,7 +351,7 @@ def timings(cases: list[tuple[int, int]], heads_list: list[int], sweep: bool) ->
                     if name in UNAVAILABLE:
                         continue
                     try:
-                        pu = time_us([lambda fn=fn, q=q, lat=lat: fn(q, lat) for q, lat in zip(qs, lats)])
+                        pu = time_us([lambda fn=fn, q=q, lat=lat: fn(q, lat) for q, lat in zip(qs, lats, strict=True)])
                     except Exception as e:
                         log(f"    peer {name}: unavailable ({str(e).splitlines()[0][:100]})")
                         UNAVAILABLE.add(name)

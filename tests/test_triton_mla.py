@@ -112,6 +112,9 @@ def test_mla_decode_reads_the_latent_through_the_block_table():
     assert torch.equal(before[0], after[0])
     assert not torch.allclose(before[1], after[1])
     assert rel_err(after, b.ref()) < TOL[torch.float32]
+    # Defaults: the split count from the block table's width, the config from the heads.
+    auto = mla.mla_decode(b.q_nope, b.q_rope, b.cache, b.block_tables, b.seq_lens, b.scale)
+    assert rel_err(auto, b.ref()) < TOL[torch.float32]
 
 
 def test_mla_decode_rejects_shapes_it_does_not_handle():
