@@ -22,7 +22,9 @@ PROMPTS = random_prompts([3, 9, 17, 40, 70, 100], seed=5)
 def ckpt(tmp_path_factory):
     pytest.importorskip("transformers")
     pytest.importorskip("ember.attention.triton_mla", reason="the Triton MLA decode kernel is not merged")
-    return build_ckpt("moe-16e-4groups-yarn", tmp_path_factory.mktemp("deepseek_gpu"))
+    # The Triton MLA kernel takes power-of-two R and P of at least 16.
+    return build_ckpt("moe-16e-4groups-yarn", tmp_path_factory.mktemp("deepseek_gpu"),
+                      qk_rope_head_dim=16)
 
 
 def _greedy(path: str, dtype: str, backend: str, eager: bool, n: int, **kw) -> list[list[int]]:

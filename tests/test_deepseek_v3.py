@@ -60,9 +60,11 @@ _built: dict[str, Ckpt] = {}
 
 
 def build_ckpt(name: str, root, **extra: Any) -> Ckpt:
-    """A tiny random transformers DeepseekV3ForCausalLM, saved with save_pretrained."""
-    if name in _built:
-        return _built[name]
+    """A tiny random transformers DeepseekV3ForCausalLM (case `name`, with `extra` config
+    fields on top), saved with save_pretrained."""
+    key = name + "".join(f"-{k}={v}" for k, v in sorted(extra.items()))
+    if key in _built:
+        return _built[key]
     from transformers import AutoModelForCausalLM, DeepseekV3Config
     config = DeepseekV3Config(**{**_BASE, **CASES.get(name, {}), **extra})
     torch.manual_seed(1234)
@@ -71,10 +73,10 @@ def build_ckpt(name: str, root, **extra: Any) -> Ckpt:
         for m in model.modules():   # transformers starts it at zero: make it steer selection
             if hasattr(m, "e_score_correction_bias"):
                 m.e_score_correction_bias.copy_(torch.randn(m.e_score_correction_bias.shape) * 0.1)
-    path = str(root / name)
+    path = str(root / key)
     model.save_pretrained(path, safe_serialization=True)
-    _built[name] = Ckpt(path, model)
-    return _built[name]
+    _built[key] = Ckpt(path, model)
+    return _built[key]
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +156,8 @@ def test_yarn_tables_match_transformers() -> None:
 
 
 # ---- absorbed vs expanded attention ----------------------------------------------------
-DIMS = MLADims(num_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12)
+# Powers of two >= 16 for R and P: the Triton kernel's shapes (tests/test_mla_triton.py).
+DIMS = MLADims(num_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=12)
 
 
 def _mla_batch(seq_lens: list[int], q_lens: list[int], num_decodes: int, seed: int = 0):

@@ -1,18 +1,19 @@
 """The `triton` MLA backend on the CPU (Triton's interpreter): its latent-write kernel
-against the torch reference, padding slots skipped, and its decode path wired to
-`ember.attention.triton_mla.mla_decode` with the step's split count."""
+against the torch reference with padding slots skipped; the whole backend (latent write,
+`triton_mla.mla_decode` for decodes and absorbed chunks, SDPA for expanded ones) against
+the torch backend; and a tiny DeepSeek-V3 through it against transformers."""
 from __future__ import annotations
-
-import sys
-import types
 
 import pytest
 import torch
 from _triton_interpret import DEVICE
-from test_deepseek_v3 import DIMS, _mla_batch
+from conftest import random_prompts
+from test_deepseek_v3 import BLOCK_SIZE, DIMS, _mla_batch, build_ckpt, hf_logits, root  # noqa: F401
+from test_model_parity import ember_logits
 
+from ember import LLM
 from ember.attention.mla_backend import get_mla_backend
-from ember.attention.mla_ref import mla_decode_ref, write_latent_cache
+from ember.attention.mla_ref import write_latent_cache
 from ember.attention.triton_latent_write import write_latent_cache_triton
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
@@ -35,24 +36,28 @@ def test_latent_write_matches_reference_and_skips_padding(dtype: torch.dtype) ->
     assert torch.equal(got, expected)   # -1 wrote nothing (the reference would wrap to the last slot)
 
 
-def test_triton_backend_decodes_through_triton_mla(monkeypatch) -> None:
-    """Until the kernel lands, a stand-in `ember.attention.triton_mla` module checks the call:
-    the backend must import `mla_decode` from there and pass the split count it chose."""
-    calls = []
-
-    def mla_decode(q_nope, q_rope, cache, block_tables, seq_lens, scale, out=None, num_splits=None):
-        calls.append(num_splits)
-        return mla_decode_ref(q_nope, q_rope, cache, block_tables, seq_lens, scale, out)
-
-    monkeypatch.setitem(sys.modules, "ember.attention.triton_mla",
-                        types.SimpleNamespace(mla_decode=mla_decode))
+@pytest.mark.parametrize("mode", ["auto", "absorbed"])
+def test_triton_backend_matches_torch_backend(mode: str) -> None:
+    """Two decodes, a chunk after a prefix, a fresh chunk (auto: the small chunk absorbed,
+    the fresh one expanded; absorbed: every row through the Triton decode kernel)."""
     fb, cache, inputs = _mla_batch([9, 1, 23, 6], [1, 1, 5, 6], num_decodes=2)
+    inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
     outs = []
     for name in ("torch", "triton"):
-        backend = get_mla_backend(name, None, DIMS, prefill_mode="auto")
+        backend = get_mla_backend(name, torch.device(DEVICE), DIMS, prefill_mode=mode)
         backend.prepare(fb)
-        c = cache.clone()
+        c = cache.clone().to(DEVICE)
         outs.append((backend.forward(**inputs, cache=c, fb=fb, scale=0.3), c))
-    assert calls == [fb.attn_metadata.num_splits] and calls[0] >= 1
+        assert backend.name == name
     assert torch.equal(outs[0][1], outs[1][1])
     torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-5, rtol=1e-5)
+
+
+def test_model_through_triton_backend_matches_transformers(root) -> None:
+    ckpt = build_ckpt("moe-8e-2groups", root, qk_rope_head_dim=16)
+    llm = LLM(ckpt.path, num_kv_blocks=16, block_size=BLOCK_SIZE, dtype="float32",
+              attention_backend="triton")
+    assert llm.engine.runner.backend.name == "triton"
+    (prompt,) = random_prompts([40], seed=11)
+    got = ember_logits(llm, prompt, [30, 3, 1, 1, 5])
+    torch.testing.assert_close(got, hf_logits(ckpt, prompt), atol=2e-4, rtol=1e-4)

@@ -182,8 +182,9 @@ class MLABackend(AttentionBackendBase):
         if n:
             qn = q_nope[:n] if idx is None else q_nope[idx]
             qp = q_pe[:n] if idx is None else q_pe[idx]
-            q_lat = torch.bmm(qn.transpose(0, 1), w_uk).transpose(0, 1).contiguous()   # [n, H, R]
-            o_lat = self.attend_latent(q_lat, qp.contiguous(), cache, meta, scale)     # [n, H, R]
+            # Views with unit stride along the last dim: what the kernels take.
+            q_lat = torch.bmm(qn.transpose(0, 1), w_uk).transpose(0, 1)    # [n, H, R]
+            o_lat = self.attend_latent(q_lat, qp, cache, meta, scale)      # [n, H, R]
             o = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [n, H, dv]
             if idx is None:
                 out[:n] = o

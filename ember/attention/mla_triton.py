@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 
 from ember.attention.mla_backend import MLABackend, MLAMetadata
-from ember.attention.triton_decode import choose_num_splits
 
 
 class TritonMLABackend(MLABackend):
@@ -28,8 +27,9 @@ class TritonMLABackend(MLABackend):
         return self._num_sms[idx]
 
     def num_splits(self, num_rows: int, max_len: int, device: torch.device) -> int:
-        # One latent "kv head" per row: every query head of a row shares its context.
-        return choose_num_splits(num_rows, 1, max_len, self._sms(device))
+        # Imported here, like the kernels below: the module imports triton.
+        from ember.attention.triton_mla import choose_num_splits
+        return choose_num_splits(num_rows, self.dims.num_heads, max_len, self._sms(device))
 
     def write_cache(self, cache: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
                     slot_mapping: torch.Tensor) -> None:
@@ -38,8 +38,6 @@ class TritonMLABackend(MLABackend):
 
     def attend_latent(self, q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
                       meta: MLAMetadata, scale: float) -> torch.Tensor:
-        # Imported here: the kernel lives in its own module (and branch) and is only
-        # needed once a step has absorbed rows.
         from ember.attention.triton_mla import mla_decode
         return mla_decode(q_lat, q_pe, cache, meta.latent_block_tables, meta.latent_seq_lens,
                           scale, num_splits=meta.num_splits)
