@@ -1,9 +1,9 @@
 """Draft-model proposer: a smaller model with the target's vocabulary drafts k tokens.
 
 KV layout: the draft keeps its own paged KV tensors (shaped by its own layers' KV cache
-specs, in its own attention backend family) but uses the target's block ids, block tables and slots, so preemption, rollback
-and freeing need nothing of their own: whatever the scheduler does to a request's blocks
-applies to both caches.
+specs, read through its own attention backend family) but uses the target's block ids,
+block tables and slots, so preemption, rollback and freeing need nothing of their own:
+whatever the scheduler does to a request's blocks applies to both caches.
 
 Coverage: the proposer remembers, per request, how many leading tokens it has written
 draft K/V for. A drafting step first runs the draft over the tokens from there up to the
