@@ -75,8 +75,29 @@ def build_ckpt(name: str, root, **extra: Any) -> Ckpt:
                 m.e_score_correction_bias.copy_(torch.randn(m.e_score_correction_bias.shape) * 0.1)
     path = str(root / key)
     model.save_pretrained(path, safe_serialization=True)
+    _split_fused_experts(os.path.join(path, "model.safetensors"))
     _built[key] = Ckpt(path, model)
     return _built[key]
+
+
+def _split_fused_experts(file: str) -> None:
+    """Released DeepSeek checkpoints store experts one by one (`experts.{e}.gate_proj.weight`);
+    transformers 5 fuses them in memory and writes them back split (5.24 does). Should a
+    version write the fused form, split it here so the tests load what real checkpoints hold."""
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(file)
+    fused = [k for k in tensors if k.endswith((".experts.gate_up_proj", ".experts.down_proj"))]
+    for k in fused:
+        t, prefix = tensors.pop(k), k.rsplit(".", 1)[0]
+        for e in range(t.shape[0]):
+            if k.endswith("gate_up_proj"):   # [E, 2I, H]: gate rows, then up rows
+                gate, up = t[e].chunk(2)
+                tensors[f"{prefix}.{e}.gate_proj.weight"] = gate.contiguous()
+                tensors[f"{prefix}.{e}.up_proj.weight"] = up.contiguous()
+            else:                            # [E, H, I]
+                tensors[f"{prefix}.{e}.down_proj.weight"] = t[e].contiguous()
+    if fused:
+        save_file(tensors, file, metadata={"format": "pt"})
 
 
 @pytest.fixture(scope="module")
@@ -160,9 +181,10 @@ def test_yarn_tables_match_transformers() -> None:
 DIMS = MLADims(num_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=12)
 
 
-def _mla_batch(seq_lens: list[int], q_lens: list[int], num_decodes: int, seed: int = 0):
+def _mla_batch(seq_lens: list[int], q_lens: list[int], num_decodes: int, seed: int = 0,
+               device: str = "cpu"):
     """Random MLA inputs for sequences with seq_lens[i] keys, the last q_lens[i] of them new;
-    their blocks scattered over a shuffled pool; the cache pre-filled with the old rows."""
+    their blocks scattered over a shuffled pool; the cache pre-filled with old rows."""
     g = torch.Generator().manual_seed(seed)
     d, bs = DIMS, 4
     nblocks = [-(-s // bs) for s in seq_lens]
@@ -181,10 +203,11 @@ def _mla_batch(seq_lens: list[int], q_lens: list[int], num_decodes: int, seed: i
             slots.append(int(tables[i, p // bs]) * bs + p % bs)
     t = qsl[-1]
     fb = ForwardBatch(
-        input_ids=torch.zeros(t, dtype=torch.long), positions=torch.tensor(pos),
-        slot_mapping=torch.tensor(slots), query_start_loc=qsl, seq_lens=torch.tensor(seq_lens),
-        seq_lens_list=list(seq_lens), block_tables=tables, num_decodes=num_decodes,
-        logits_indices=torch.tensor([q - 1 for q in qsl[1:]]), block_size=bs)
+        input_ids=torch.zeros(t, dtype=torch.long, device=device),
+        positions=torch.tensor(pos, device=device), slot_mapping=torch.tensor(slots, device=device),
+        query_start_loc=qsl, seq_lens=torch.tensor(seq_lens, device=device),
+        seq_lens_list=list(seq_lens), block_tables=tables.to(device), num_decodes=num_decodes,
+        logits_indices=torch.tensor([q - 1 for q in qsl[1:]], device=device), block_size=bs)
     h = d.num_heads
     inputs = dict(
         q_nope=torch.randn((t, h, d.qk_nope_head_dim), generator=g),
@@ -192,7 +215,7 @@ def _mla_batch(seq_lens: list[int], q_lens: list[int], num_decodes: int, seed: i
         c_kv=torch.randn((t, d.kv_lora_rank), generator=g),
         k_pe=torch.randn((t, d.qk_rope_head_dim), generator=g),
         kv_b_weight=torch.randn((h * (d.qk_nope_head_dim + d.v_head_dim), d.kv_lora_rank), generator=g) * 0.2)
-    return fb, cache, inputs
+    return fb, cache.to(device), {k: v.to(device) for k, v in inputs.items()}
 
 
 def _run_mla(mode: str, fb: ForwardBatch, cache: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
