@@ -8,7 +8,7 @@ import pytest
 import torch
 from _triton_interpret import DEVICE
 from conftest import random_prompts
-from test_deepseek_v3 import BLOCK_SIZE, DIMS, _mla_batch, build_ckpt, hf_logits, root  # noqa: F401
+from test_deepseek_v3 import BLOCK_SIZE, DIMS, _mla_batch, build_ckpt, hf_logits
 from test_model_parity import ember_logits
 
 from ember import LLM
@@ -53,8 +53,9 @@ def test_triton_backend_matches_torch_backend(mode: str) -> None:
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="tests/test_deepseek_gpu.py runs the model on a GPU")
-def test_model_through_triton_backend_matches_transformers(root) -> None:
-    ckpt = build_ckpt("moe-8e-2groups", root, qk_rope_head_dim=16)
+def test_model_through_triton_backend_matches_transformers(tmp_path_factory) -> None:
+    pytest.importorskip("transformers", reason="transformers is the parity oracle")
+    ckpt = build_ckpt("moe-8e-2groups", tmp_path_factory.mktemp("tiny_deepseek"), qk_rope_head_dim=16)
     llm = LLM(ckpt.path, num_kv_blocks=16, block_size=BLOCK_SIZE, dtype="float32",
               attention_backend="triton")
     assert llm.engine.runner.backend.name == "triton"
