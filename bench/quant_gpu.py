@@ -49,15 +49,26 @@ def timer(fn, device: torch.device, reps: int = 20, iters: int = 10) -> float:
     return graph_replay_ms(g, iters) * 1e3 / reps
 
 
+def quant_config(method: str):
+    """A method name, or `fp8-w8a8`: FP8 with decode rows kept on W8A8 (_scaled_mm) rather
+    than the weight-only GEMV."""
+    from ember.quant.base import QuantConfig
+    if method == "bf16":
+        return None
+    if method == "fp8-w8a8":
+        return QuantConfig("fp8", params={"decode_kernel": "scaled_mm"})
+    return QuantConfig(method)
+
+
 def make_layer(method: str, k: int, n: int, device: torch.device, dtype: torch.dtype):
     """A quantized ember Linear of shape [n, k] from random weights (quantize-on-load path)."""
     from ember.layers.linear import Linear
-    from ember.quant.base import QuantConfig, linear_method_for
+    from ember.quant.base import linear_method_for
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            lin = Linear(k, n, method=linear_method_for(QuantConfig(method) if method != "bf16" else None))
+            lin = Linear(k, n, method=linear_method_for(quant_config(method)))
             lin.weight.data.normal_(0, 0.02)
             lin.method.finalize(lin)
     finally:
@@ -164,7 +175,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="bench/configs/llama-3.1-8b/config.json")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run at tiny shapes")
-    ap.add_argument("--kernel-methods", nargs="*", default=["bf16", "awq", "nvfp4", "fp8", "smoothquant"])
+    ap.add_argument("--kernel-methods", nargs="*", default=["bf16", "awq", "nvfp4", "fp8", "fp8-w8a8", "smoothquant"])
     ap.add_argument("--e2e-methods", nargs="*", default=["bf16", "awq", "fp8", "nvfp4"])
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true")

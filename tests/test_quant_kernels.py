@@ -73,12 +73,48 @@ def test_nvfp4_kernel_decodes_every_code_and_subnormal_scales():
     torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("config", [(16, 128), (128, 32), (64, 64, 4), (128, 64, 4)])
+from ember.quant.kernels.w4a16 import GEMM_CONFIGS, GEMV_CONFIGS  # noqa: E402
+
+
+@pytest.mark.parametrize("config", GEMV_CONFIGS + GEMM_CONFIGS)
 def test_int4_kernel_every_tile_config(config):
-    # The GEMV configs (2-tuples) at 2 rows and the GEMM configs at 17; group 64 caps BLOCK_K.
-    m = 2 if len(config) == 2 else 17
+    # The GEMV configs (3-tuples) at 2 rows and the GEMM configs at 17. Group 64 with
+    # 128- and 256-wide tiles puts several groups in a tile; split-K leaves splits empty.
+    m = 2 if len(config) == 3 else 17
     qw, s, z = _int4_weight(136, 256, 64, seed=9)
     x = torch.randn(m, 256, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     want = int4_linear_ref(x, qw, s, z)
     torch.testing.assert_close(int4_linear_triton(x, qw, s, z, config=config), want,
                                rtol=1e-3, atol=1e-3 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("config", [(16, 128, 2), (32, 64, 4, 2)])
+def test_nvfp4_kernel_split_k(config):
+    # Split-K partials summed by the reduce kernel, GEMV and GEMM, 16-blocks inside a tile.
+    m = 2 if len(config) == 3 else 17
+    w = torch.randn(24, 512, generator=torch.Generator().manual_seed(4)) * 0.05
+    packed, bs, gs = quantize_nvfp4(w)
+    x = torch.randn(m, 512, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    args = (packed.to(DEVICE), bs.to(DEVICE), gs.expand(24).contiguous().to(DEVICE))
+    want = nvfp4_linear_ref(x, *args)
+    torch.testing.assert_close(nvfp4_linear_triton(x, *args, config=config), want,
+                               rtol=1e-3, atol=1e-3 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("config", [(16, 128, 1), (16, 64, 4)])
+def test_fp8_gemv_matches_reference(m, config):
+    from ember.quant.fp8 import quantize_fp8
+    from ember.quant.kernels import fp8_linear_ref
+    from ember.quant.kernels.fp8_gemv import fp8_gemv_triton
+    w = torch.randn(40, 256, generator=torch.Generator().manual_seed(6))
+    q, s = quantize_fp8(w, per_row=True)
+    # Every E4M3 byte but the two NaNs, signs and subnormals included, in the first row.
+    codes = torch.arange(256, dtype=torch.int32)
+    codes = codes[(codes & 0x7F) != 0x7F].to(torch.uint8)
+    q[0, :codes.numel()] = codes.view(torch.float8_e4m3fn)
+    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    args = (q.to(DEVICE), s.reshape(-1).to(DEVICE))
+    want = fp8_linear_ref(x, *args)
+    torch.testing.assert_close(fp8_gemv_triton(x, *args, config=config), want,
+                               rtol=1e-4, atol=1e-4 * want.abs().max().item())

@@ -6,8 +6,9 @@ import torch
 from ember.engine.forward_batch import ForwardBatch
 
 
-class AttentionBackend:
-    """Paged attention over a KV cache laid out as [2, num_blocks, block_size, kv_heads, head_dim]."""
+class AttentionBackendBase:
+    """What the engine calls on any attention backend, whatever KV layout it reads
+    (the runner, the CUDA-graph runner and proposers call only this)."""
 
     name: str = "base"
     # True when a pure-decode forward launches only kernels (no host syncs, no shapes that
@@ -16,6 +17,11 @@ class AttentionBackend:
 
     def prepare(self, fb: ForwardBatch) -> None:
         """Build whatever per-step metadata the kernels need, once per step (not per layer)."""
+
+
+class AttentionBackend(AttentionBackendBase):
+    """Paged attention over a KV cache laid out as [2, num_blocks, block_size, kv_heads, head_dim]
+    (`PagedKVSpec`). MLA models use an `MLABackend` (mla_backend.py) instead."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, fb: ForwardBatch, scale: float) -> torch.Tensor:

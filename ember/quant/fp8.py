@@ -1,5 +1,6 @@
 """FP8 W8A8 (E4M3): weights per output channel (default) or per tensor, activations
-quantized dynamically per token (default) or per tensor, one `torch._scaled_mm` on CUDA.
+quantized dynamically per token (default) or per tensor, one `torch._scaled_mm` on CUDA;
+decode-sized inputs (<= 8 rows) run weight-only through a Triton FP8 GEMV instead.
 On the CPU: the weight-only dequant fallback (activations stay in the run dtype), or with
 `params["emulate_activations"]` the activations are quantized and dequantized too, so the
 CPU measures what the GPU path computes.
@@ -67,7 +68,10 @@ class FP8LinearMethod(QuantLinearMethod):
         return layer.weight.float() * layer.weight_scale[:, None]
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
+        if x.is_cuda and self._decode_gemv(x):
+            from ember.quant.kernels.fp8_gemv import fp8_gemv_triton
+            y = fp8_gemv_triton(x, layer.weight, layer.weight_scale)
+        elif x.is_cuda:
             y = self._scaled_mm(layer, x)
         else:
             if self.cfg.params.get("emulate_activations"):
@@ -76,6 +80,13 @@ class FP8LinearMethod(QuantLinearMethod):
                 x = (q.float() * s).to(x.dtype).reshape(x.shape)
             y = F.linear(x, self.cpu_weight(layer, x.dtype))
         return y if layer.bias is None else y + layer.bias
+
+    def _decode_gemv(self, x: torch.Tensor) -> bool:
+        """Decode-sized inputs run weight-only through the FP8 GEMV (kernels/fp8_gemv.py says
+        why); params["decode_kernel"] = "scaled_mm" keeps them on W8A8."""
+        from ember.quant.kernels.fp8_gemv import GEMV_MAX_ROWS
+        rows = x.numel() // x.shape[-1]
+        return self.cfg.params.get("decode_kernel", "gemv") == "gemv" and rows <= GEMV_MAX_ROWS
 
     def _scaled_mm(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])

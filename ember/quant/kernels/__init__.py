@@ -21,3 +21,9 @@ def nvfp4_linear_ref(x: torch.Tensor, packed: torch.Tensor, block_scale: torch.T
     """x: [..., in]; packed: [out, in // 2] uint8; block_scale: [out, in // 16] e4m3;
     global_scale: [out] fp32 -> [..., out]."""
     return F.linear(x, dequantize_nvfp4(packed, block_scale, global_scale).to(x.dtype))
+
+
+def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x: [..., in]; weight: [out, in] float8_e4m3fn; scale: [out] fp32 -> [..., out]
+    (weight-only: x is not quantized)."""
+    return F.linear(x, (weight.float() * scale[:, None]).to(x.dtype))

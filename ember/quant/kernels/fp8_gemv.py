@@ -1,0 +1,82 @@
+"""Triton FP8 weight-only GEMV for decode rows: y = x @ (W_fp8 * scale)^T, with x kept in
+the run dtype (W8A16). Torch reference: `fp8_linear_ref` in kernels/__init__.py.
+
+At a few rows a linear layer is bound by reading its weights, so 1-byte weights halve the
+time of bf16 ones; quantizing the activations first (W8A8) would only add launches there,
+and leaving them unquantized is the more exact of the two. Larger batches use W8A8
+through torch._scaled_mm (ember/quant/fp8.py).
+
+Grid (N tiles, K splits, rows); the weights are read as E4M3 directly on the GPU, and as
+bytes decoded arithmetically under the CPU interpreter (which has no fp8 loads).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ember.quant.kernels.splitk import choose_config, k_range, split_output, sum_splits
+from ember.quant.kernels.w4a16 import e4m3_from_bits
+
+GEMV_MAX_ROWS = 8
+CONFIGS = ((32, 256, 2), (16, 256, 4), (32, 128, 4), (64, 128, 2), (16, 512, 2))  # (BLOCK_N, BLOCK_K, SPLIT_K)
+
+
+@triton.jit
+def _fp8_gemv_kernel(x_ptr, out_ptr, w_ptr, s_ptr, M, N, K, stride_xm, stride_wn,
+                     NATIVE_FP8: tl.constexpr, SPLIT_K: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    m = tl.program_id(2)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < N
+    start, end = k_range(K, SPLIT_K, BLOCK_K)
+    # Rows past N re-read the last row (an fp8 load has no `other` to fill masked lanes);
+    # their results are never stored.
+    n_safe = tl.minimum(n, N - 1)
+    acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(start, end, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + m * stride_xm + kk).to(tl.float32)
+        w = tl.load(w_ptr + n_safe[:, None] * stride_wn + kk[None, :])
+        if NATIVE_FP8:
+            w = w.to(tl.float32)
+        else:
+            b = w.to(tl.int32)
+            mag = e4m3_from_bits(b & 0x7F)
+            w = tl.where((b & 0x80) != 0, -mag, mag)
+        acc2 += w * x[None, :]
+    acc = tl.sum(acc2, axis=1) * tl.load(s_ptr + n, mask=n_mask, other=0.0)
+    dst = out_ptr + (tl.program_id(1) * M + m) * N + n
+    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+def fp8_gemv_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                    config: tuple | None = None) -> torch.Tensor:
+    """x: [..., K] (at most GEMV_MAX_ROWS rows); weight: [N, K] float8_e4m3fn;
+    scale: [N] fp32 dequant multipliers -> [..., N] in x's dtype."""
+    n_out, k_in = weight.shape
+    x2 = x.reshape(-1, k_in)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if m > GEMV_MAX_ROWS:
+        raise ValueError(f"fp8_gemv_triton serves at most {GEMV_MAX_ROWS} rows, got {m}")
+    y = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y.reshape(*x.shape[:-1], n_out)
+    native = os.environ.get("TRITON_INTERPRET") != "1"
+    w = weight if native else weight.view(torch.uint8)
+    kmax = k_in & -k_in   # BLOCK_K must divide K (masks cover N only)
+
+    def run(c: tuple) -> None:
+        bn, bk, split = c
+        part = split_output(y, split)
+        _fp8_gemv_kernel[(triton.cdiv(n_out, bn), split, m)](
+            x2, part, w, scale, m, n_out, k_in, x2.stride(0), w.stride(0),
+            NATIVE_FP8=native, SPLIT_K=split, BLOCK_N=bn, BLOCK_K=min(bk, kmax), num_warps=4)
+        sum_splits(part, y)
+
+    run(config or choose_config(("fp8_gemv", m, n_out, k_in), list(CONFIGS), run, x))
+    return y.reshape(*x.shape[:-1], n_out)
