@@ -38,6 +38,7 @@ from ember.layers.moe import DeepseekMoE, MoEConfig
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import RotaryEmbedding, rope_type, yarn_mscale
 from ember.models.llama import LlamaMLP
+from ember.models.mtp_block import DecoderLayerBlock
 from ember.quant.base import linear_method_for
 
 # checkpoint projection name -> (merged module name, shard name)
@@ -270,40 +271,57 @@ class DeepseekV3ForCausalLM(nn.Module):
             return torch.nn.functional.linear(hidden, self.model.embed_tokens.weight).float()
         return self.lm_head(hidden).float()
 
+    def mtp_block(self, backend: MLABackend, ops: LayerOps) -> DecoderLayerBlock:
+        """The decoder layer of a DeepSeek-V3 MTP module (ember.spec.mtp): MLA + MoE, built as
+        layer num_hidden_layers (dense or MoE by first_k_dense_replace, as the checkpoint's)."""
+        layer = DeepseekV3DecoderLayer(self.config, self.ds, self.config.num_hidden_layers, backend, ops)
+        return DecoderLayerBlock(layer, self.model.rotary, load_deepseek_tensors)
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load Hugging Face-named tensors (experts one by one, as checkpoints store them);
         raises if any parameter is left unloaded. The MTP layers' tensors (is_mtp_weight)
         are skipped."""
-        modules = dict(self.named_modules())
-        params = dict(self.named_parameters())
-        moe_blocks = {f"{n}.": m for n, m in modules.items() if isinstance(m, DeepseekMoE)}
-        loaded: set[str] = set()
         n_layers = self.config.num_hidden_layers
-        for name, tensor in weights:
-            if name.endswith("rotary_emb.inv_freq") or is_mtp_weight(name, n_layers):
-                continue
+
+        def keep(name: str) -> bool:
             if name == "lm_head.weight" and self.lm_head is None:
-                continue  # tied: the embedding serves as the head
-            block = name[:name.find(".mlp.") + 5] if ".mlp." in name else None
-            if block in moe_blocks:   # the block maps expert names onto its fused weights
-                done = moe_blocks[block].load_tensor(name[len(block):], tensor)
-                loaded.update(block + p for p in done)
-                continue
-            module_name, kind = name.rsplit(".", 1)
-            parent, _, proj = module_name.rpartition(".")
-            shard = None
-            if proj in MERGED_PROJECTIONS:
-                merged, shard = MERGED_PROJECTIONS[proj]
-                module_name = f"{parent}.{merged}"
-            module = modules.get(module_name)
-            if module is None:
-                raise KeyError(f"checkpoint tensor {name!r} matches no module of {type(self).__name__}")
-            if isinstance(module, Linear):
-                kind = module.load_tensor(kind, tensor, shard)  # may name a quantized tensor
-            else:
-                params[name].data.copy_(tensor)
-            if kind is not None:
-                loaded.add(f"{module_name}.{kind}")
-        missing = [n for n in params if n not in loaded]
-        if missing:
-            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+                return False  # tied: the embedding serves as the head
+            return not is_mtp_weight(name, n_layers)
+        load_deepseek_tensors(self, ((name, t) for name, t in weights if keep(name)))
+
+
+def load_deepseek_tensors(root: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Load Hugging Face-named tensors, named relative to `root` (the model, or one decoder
+    layer): MoE experts through their block, merged projections shard by shard. Raises if a
+    tensor fits no module or a parameter is left unloaded."""
+    modules = dict(root.named_modules())
+    params = dict(root.named_parameters())
+    moe_blocks = {f"{n}.": m for n, m in modules.items() if isinstance(m, DeepseekMoE)}
+    loaded: set[str] = set()
+    for name, tensor in weights:
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        i = ("." + name).find(".mlp.")   # the MoE block's prefix, "mlp." at a layer's root
+        block = name[:i + 4] if i >= 0 else None
+        if block in moe_blocks:   # the block maps expert names onto its fused weights
+            done = moe_blocks[block].load_tensor(name[len(block):], tensor)
+            loaded.update(block + p for p in done)
+            continue
+        module_name, kind = name.rsplit(".", 1)
+        parent, _, proj = module_name.rpartition(".")
+        shard = None
+        if proj in MERGED_PROJECTIONS:
+            merged, shard = MERGED_PROJECTIONS[proj]
+            module_name = f"{parent}.{merged}" if parent else merged
+        module = modules.get(module_name)
+        if module is None:
+            raise KeyError(f"checkpoint tensor {name!r} matches no module of {type(root).__name__}")
+        if isinstance(module, Linear):
+            kind = module.load_tensor(kind, tensor, shard)  # may name a quantized tensor
+        else:
+            params[name].data.copy_(tensor)
+        if kind is not None:
+            loaded.add(f"{module_name}.{kind}")
+    missing = [n for n in params if n not in loaded]
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
