@@ -17,8 +17,8 @@ Chained drafts feed the block's own output o (before shared_head.norm, as vLLM d
 the token just drafted: draft j + 1 comes from (d_j, o) at the next position.
 
 The block is the target's decoder-layer type, built by the target (`mtp_block(backend,
-ops)` -> an `MTPBlock`: a Llama layer for Llama-family targets, DeepSeek's MLA + MoE layer
-for DeepSeek-V3).
+ops)` -> an `MTPBlock`, ember.models.mtp_block: a Llama layer for Llama-family targets,
+DeepSeek's MLA + MoE layer for DeepSeek-V3), attending through the target's backend.
 
 Weights use DeepSeek-V3's naming: the MTP layer j is `model.layers.{num_hidden_layers + j}.*`
 with `enorm`, `hnorm`, `eh_proj`, `shared_head.norm`, the decoder layer's usual names, and
