@@ -523,3 +523,21 @@ def test_deepseek_v3_target_with_its_own_mtp_layer(tmp_path) -> None:
     # And without the oracle: the MTP's own drafts, verified.
     tokens, _ = run(LLM(folder, speculative_config=mtp_config(None, 2), **kw), prompts)
     assert tokens == ref_tokens
+
+
+def test_dummy_weights_get_a_random_mtp_layer(tmp_path) -> None:
+    """A config with num_nextn_predict_layers and --load-format dummy (GPU benchmarks at
+    real shapes): the MTP layer is random too, and the output is still the target's."""
+    from test_deepseek_v3 import build_ckpt
+    ckpt = build_ckpt("moe-8e-2groups", tmp_path)
+    with open(os.path.join(ckpt.path, "config.json")) as f:
+        cfg = json.load(f)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(dict(cfg, num_nextn_predict_layers=1)))
+    kw = {"load_format": "dummy", "num_kv_blocks": 32, "block_size": 8, "dtype": "float32"}
+    prompts = random_prompts([9, 14], seed=1)
+    want, _ = run(LLM(str(config), **kw), prompts)
+    llm = LLM(str(config), speculative_config=mtp_config(None, 2), **kw)
+    got, _ = run(llm, prompts)
+    assert got == want
+    assert llm.engine.spec_stats()["num_draft_tokens"] > 0
