@@ -9,7 +9,7 @@ import torch
 from ember.layers.moe import DeepseekMoE, MoEConfig
 from ember.layers.moe_experts import GroupedExperts, ReferenceExperts
 from ember.layers.moe_router import grouped_topk_route
-from ember.models.loader import _randomize
+from ember.models.loader import randomize
 
 hf_ds = pytest.importorskip("transformers.models.deepseek_v3.modeling_deepseek_v3")
 from transformers.models.deepseek_v3.configuration_deepseek_v3 import DeepseekV3Config
@@ -191,7 +191,7 @@ def test_dummy_weights_give_a_sane_router():
     cfg = MoEConfig(64, I, 16, 4, 4, 2, True, 2.5, 1)
     moe = DeepseekMoE(cfg)
     with torch.no_grad():
-        _randomize(moe, seed=0)
+        randomize(moe, seed=0)
         x = torch.randn(20, 64, generator=gen(13))
         w, ids = moe.route(x)
         out = moe(x)

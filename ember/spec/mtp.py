@@ -6,9 +6,10 @@ The module. Given the target's hidden state h_i at position i and the token t_{i
     o_i    = block(x) at position i                               # one decoder layer
     logits = lm_head(shared_head.norm(o_i))                       # scores t_{i+2}
 
-h_i is the target's forward output, i.e. after its final norm: that is what vLLM and
-SGLang hand DeepSeek's MTP layer ("the representation given by the main model" in the
-DeepSeek-V3 report); hnorm then normalizes it with its own weight. The embedding and the
+h_i is the target's forward output, i.e. after its final norm: that is what vLLM hands
+DeepSeek's MTP layer (its DeepSeek-V3 model returns the normed hidden states, which its MTP
+proposer passes on; "the representation given by the main model" in the DeepSeek-V3
+report); hnorm then normalizes it with its own weight. The embedding and the
 LM head are the target's. The report runs the block at position i + 1 (the position of
 t_{i+1}); here the pair (t_{i+1}, h_i) runs at position i, as vLLM's MTP does: RoPE
 attention depends only on position differences, so the output is the same, and the
