@@ -120,6 +120,18 @@ def weight_bytes(llm: LLM) -> int:
     return sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
 
 
+def batch1_bytes_per_token(llm: LLM) -> int:
+    """Weight bytes one batch-1 decode step reads: every dense weight, and of a MoE layer's
+    routed experts only the top-k it picks (k of E)."""
+    hf = llm.engine.model_config.hf_config
+    share = hf.get("num_experts_per_tok", 1) / hf.get("n_routed_experts", 1)
+    total = 0
+    for name, p in llm.engine.runner.model.named_parameters():
+        routed = name.endswith(("experts.w13", "experts.w2"))
+        total += p.numel() * p.element_size() * (share if routed else 1.0)
+    return int(total)
+
+
 def decode_step_breakdown(llm: LLM, prompt: list[int], steps: int = 64) -> dict[str, float]:
     """Wall time of a batch-1 decode step vs the GPU time of its captured forward alone;
     the difference is what the host adds (scheduling, input prep, logits, sampling, output)."""
@@ -195,11 +207,14 @@ def main() -> None:
     result = {"mode": args.mode, "ember_s": t_ember, "ember_tok_s": n_out / t_ember}
     print(f"ember: {n_out} tokens in {t_ember:.2f} s = {n_out / t_ember:.1f} output tok/s")
     if args.mode == "decode" and device.type == "cuda" and args.batch == 1:
-        # Each decode step reads every weight once (the KV read is small at these lengths).
-        gbs = weight_bytes(llm) * n_out / t_ember / 1e9
-        result.update(weight_gb=weight_bytes(llm) / 1e9, achieved_gbs=gbs,
-                      roofline_pct=100 * gbs / (args.roofline_tbs * 1e3))
-        print(f"weights {result['weight_gb']:.2f} GB -> {gbs:.0f} GB/s = "
+        # Each decode step reads every weight it uses once (the KV read is small at these
+        # lengths); a MoE step reads only its chosen experts.
+        step_bytes = batch1_bytes_per_token(llm)
+        gbs = step_bytes * n_out / t_ember / 1e9
+        result.update(weight_gb=weight_bytes(llm) / 1e9, step_read_gb=step_bytes / 1e9,
+                      achieved_gbs=gbs, roofline_pct=100 * gbs / (args.roofline_tbs * 1e3))
+        print(f"weights {result['weight_gb']:.2f} GB, read per step {result['step_read_gb']:.2f} GB "
+              f"-> {gbs:.0f} GB/s = "
               f"{result['roofline_pct']:.1f}% of {args.roofline_tbs} TB/s")
         result.update(decode_step_breakdown(llm, reqs[0][0]))
         print(f"decode step {result['step_ms']:.2f} ms; captured forward "

@@ -97,11 +97,6 @@ class ModelConfig:
         with open(path) as f:
             return cls.from_dict(json.load(f))
 
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        """Bytes of K and V one token occupies across all layers."""
-        elem = torch.tensor([], dtype=dtype).element_size()
-        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * elem
-
 
 @dataclass
 class EngineConfig:

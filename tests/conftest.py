@@ -23,6 +23,13 @@ import torch
 if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)
 
+# Without a GPU, Triton kernels run only in its interpreter, which Triton reads from
+# TRITON_INTERPRET when it is first imported, and importing transformers' models imports
+# triton. Set it here, before any test module is collected, so the Triton tests never
+# depend on which module happened to import triton first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 VOCAB = 256
 BOS, EOS, PAD = 1, 2, 0
 INIT_RANGE = 0.1

@@ -73,18 +73,25 @@ def mtp_dir(tiny_llama, mtp_tensors, tmp_path_factory) -> str:
 
 # ---- a plain-torch rendering of the definition -------------------------------------------
 class ReferenceMTP:
-    """x = eh_proj(cat(enorm(embed(t_{i+1})), hnorm(h_i))), transformers' Llama decoder layer
+    """x = eh_proj(cat(enorm(embed(t_{i+1})), hnorm(h_i))), a transformers decoder layer
     (causal over the pairs so far, RoPE at the pair's index), shared_head.norm, the target's
-    head; h_i is the target's output after its final norm."""
+    head; h_i is the target's output after its final norm.
 
-    def __init__(self, target: TinyCheckpoint, tensors: dict[str, torch.Tensor]) -> None:
+    `tensors` are the MTP's own (enorm, hnorm, eh_proj, shared_head.norm); `layer` is the
+    block as a transformers decoder layer of the target's type (default: a Llama layer
+    loaded from `tensors`)."""
+
+    def __init__(self, target: TinyCheckpoint, tensors: dict[str, torch.Tensor],
+                 layer: torch.nn.Module | None = None) -> None:
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer
         self.hf = target.hf_model
         self.eps = target.config.rms_norm_eps
         self.t = tensors
-        self.layer = LlamaDecoderLayer(target.config, layer_idx=0).eval()
-        self.layer.load_state_dict({k: v for k, v in tensors.items()
-                                    if k.startswith(("self_attn.", "mlp.", "input_", "post_"))})
+        if layer is None:
+            layer = LlamaDecoderLayer(target.config, layer_idx=0)
+            layer.load_state_dict({k: v for k, v in tensors.items()
+                                   if k.startswith(("self_attn.", "mlp.", "input_", "post_"))})
+        self.layer = layer.eval()
 
     def norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return self.t[f"{name}.weight"] * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -155,6 +162,13 @@ def test_greedy_mtp_is_token_identical(tiny_llama, prompts, reference, mtp_dir, 
     assert stats["num_draft_tokens"] > 0
     assert len(stats["acceptance_rate_per_position"]) == k
     assert_no_leaks(llm.engine)
+
+
+def test_only_a_proposer_that_reads_hidden_states_gets_the_hook(tiny_llama, mtp_dir) -> None:
+    for spec in (None, {"method": "ngram"}):
+        assert make_llm(tiny_llama, speculative_config=spec).engine.runner.hidden_states_hook is None
+    llm = make_llm(tiny_llama, speculative_config=mtp_config(mtp_dir))
+    assert llm.engine.runner.hidden_states_hook == llm.engine.speculator.proposer.observe_hidden_states
 
 
 class RecordingOracle(Proposer):
@@ -450,3 +464,80 @@ def test_sampled_tokens_follow_the_target_end_to_end(tmp_path) -> None:
     for pos, p in ((1, p2), (2, p3)):
         counts = torch.bincount(torch.tensor([t[pos] for t in given]), minlength=8).double()
         assert chi2_pvalue(counts, p) > 1e-4, pos
+
+
+# ---- a DeepSeek-V3 target carrying its own MTP layer -------------------------------------
+def test_deepseek_v3_target_with_its_own_mtp_layer(tmp_path) -> None:
+    """A tiny DeepSeek-V3 (MLA, MoE) checkpoint with an MTP layer (MLA + MoE block) as
+    `model.layers.{num_hidden_layers}.*`: with `model` omitted the proposer builds the block
+    from the target, its drafts follow a transformers rendering step by step, and greedy
+    output is the target's."""
+    import shutil
+
+    from safetensors.torch import save_file
+    from test_deepseek_v3 import _split_fused_experts, build_ckpt
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
+        DeepseekV3DecoderLayer,
+    )
+    ckpt = build_ckpt("moe-8e-2groups", tmp_path)   # 2 layers, MoE from layer 1
+    cfg = ckpt.hf_model.config
+    n, h = cfg.num_hidden_layers, cfg.hidden_size
+    torch.manual_seed(11)
+    layer = DeepseekV3DecoderLayer(cfg, layer_idx=n).eval()   # MoE, as layer n of V3 is
+    with torch.no_grad():
+        for name, w in layer.named_parameters():
+            w.normal_(0.0, 0.1) if w.dim() >= 2 else w.uniform_(0.5, 1.5)
+        layer.mlp.gate.e_score_correction_bias.normal_(0.0, 0.1)
+    own = {f"{name}.weight": torch.empty(h).uniform_(0.5, 1.5)
+           for name in ("enorm", "hnorm", "shared_head.norm")}
+    own["eh_proj.weight"] = torch.randn(h, 2 * h) * 0.1
+    tensors = {**own, **{k: v.detach().clone() for k, v in layer.state_dict().items()},
+               "embed_tokens.weight": ckpt.hf_model.model.embed_tokens.weight.detach(),
+               "shared_head.head.weight": ckpt.hf_model.lm_head.weight.detach()}
+    folder = str(tmp_path / "v3-with-mtp")
+    shutil.copytree(ckpt.path, folder)
+    save_file({f"model.layers.{n}.{k}": v.contiguous() for k, v in tensors.items()},
+              os.path.join(folder, "mtp.safetensors"))
+    _split_fused_experts(os.path.join(folder, "mtp.safetensors"))   # experts one by one, as released
+    with open(os.path.join(folder, "config.json")) as f:
+        hf_cfg = json.load(f)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(dict(hf_cfg, num_nextn_predict_layers=1), f)
+
+    prompts = random_prompts([6, 11, 17], seed=9)
+    kw = {"num_kv_blocks": 64, "block_size": 8, "dtype": "float32"}
+    plain = LLM(folder, **kw)
+    llm = LLM(folder, speculative_config=mtp_config(None, 2), **kw)
+    ref_tokens, _ = run(plain, prompts)
+    oracle = RecordingOracle(llm.engine.speculator.proposer,
+                             {tuple(p): t for p, t in zip(prompts, ref_tokens)}, error_rate=0.3)
+    llm.engine.speculator.proposer = oracle
+    tokens, _ = run(llm, prompts)
+    assert tokens == ref_tokens
+    ref = ReferenceMTP(TinyCheckpoint("v3", ckpt.path, cfg, ckpt.hf_model), own, layer)
+    full = {tuple(p): p + t for p, t in zip(prompts, ref_tokens)}
+    for prompt, length, drafts in oracle.records:
+        assert drafts == ref.drafts(full[prompt], length, drafts), (len(prompt), length)
+    assert len(oracle.records) > 10
+    assert_no_leaks(llm.engine)
+    # And without the oracle: the MTP's own drafts, verified.
+    tokens, _ = run(LLM(folder, speculative_config=mtp_config(None, 2), **kw), prompts)
+    assert tokens == ref_tokens
+
+
+def test_dummy_weights_get_a_random_mtp_layer(tmp_path) -> None:
+    """A config with num_nextn_predict_layers and --load-format dummy (GPU benchmarks at
+    real shapes): the MTP layer is random too, and the output is still the target's."""
+    from test_deepseek_v3 import build_ckpt
+    ckpt = build_ckpt("moe-8e-2groups", tmp_path)
+    with open(os.path.join(ckpt.path, "config.json")) as f:
+        cfg = json.load(f)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(dict(cfg, num_nextn_predict_layers=1)))
+    kw = {"load_format": "dummy", "num_kv_blocks": 32, "block_size": 8, "dtype": "float32"}
+    prompts = random_prompts([9, 14], seed=1)
+    want, _ = run(LLM(str(config), **kw), prompts)
+    llm = LLM(str(config), speculative_config=mtp_config(None, 2), **kw)
+    got, _ = run(llm, prompts)
+    assert got == want
+    assert llm.engine.spec_stats()["num_draft_tokens"] > 0

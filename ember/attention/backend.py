@@ -6,16 +6,25 @@ import torch
 from ember.engine.forward_batch import ForwardBatch
 
 
-class AttentionBackend:
-    """Paged attention over a KV cache laid out as [2, num_blocks, block_size, kv_heads, head_dim]."""
+class AttentionBackendBase:
+    """What the engine calls on any attention backend, whatever KV layout it reads
+    (the runner, the CUDA-graph runner and proposers call only this)."""
 
     name: str = "base"
     # True when a pure-decode forward launches only kernels (no host syncs, no shapes that
     # depend on sequence lengths), so it can be captured in a CUDA graph.
     supports_cuda_graphs: bool = False
+    # True when the backend honours ForwardBatch.attn_masks (tree verification and tree
+    # drafting); a backend that would ignore them must not be handed trees.
+    supports_tree_masks: bool = False
 
     def prepare(self, fb: ForwardBatch) -> None:
         """Build whatever per-step metadata the kernels need, once per step (not per layer)."""
+
+
+class AttentionBackend(AttentionBackendBase):
+    """Paged attention over a KV cache laid out as [2, num_blocks, block_size, kv_heads, head_dim]
+    (`PagedKVSpec`). MLA models use an `MLABackend` (mla_backend.py) instead."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, fb: ForwardBatch, scale: float) -> torch.Tensor:

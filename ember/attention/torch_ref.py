@@ -63,6 +63,7 @@ class TorchAttentionBackend(AttentionBackend):
     """Decodes are batched into one masked SDPA; prefill chunks go one sequence at a time."""
 
     name = "torch"
+    supports_tree_masks = True
 
     def prepare(self, fb: ForwardBatch) -> None:
         nd = fb.num_decodes

@@ -55,6 +55,7 @@ class TritonAttentionMetadata:
 
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
+    supports_tree_masks = True
     supports_cuda_graphs = True
 
     def __init__(self) -> None:

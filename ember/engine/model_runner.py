@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ember.attention.backend import get_attention_backend
+from ember.cache.kv_spec import allocate_kv_caches, kv_bytes_per_token
 from ember.config import EngineConfig, ModelConfig
 from ember.engine.cuda_graph import CudaGraphRunner
 from ember.engine.forward_batch import ForwardBatch
@@ -23,6 +23,7 @@ from ember.layers.sampler import (
     sampling_probs,
 )
 from ember.models.loader import ModelSource, build_model
+from ember.models.registry import attention_backend_for
 from ember.spec.rejection import rejection_sample
 from ember.spec.tree import ancestor_mask
 from ember.spec.tree_rejection import tree_rejection_sample
@@ -143,14 +144,16 @@ class ModelRunner:
         self.block_size = cfg.block_size
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.backend = get_attention_backend(cfg.attention_backend, device)
+        # The model's family (paged K/V, or MLA's latent cache) in the chosen implementation.
+        self.backend = attention_backend_for(source.config, cfg.attention_backend, device)
         self.layer_ops = get_layer_ops(cfg.layer_kernels, device)
         self.model = build_model(source, self.backend, device, dtype, cfg.seed, self.layer_ops)
         self.sampler = Sampler()
         self.num_blocks = self._choose_num_blocks()
         mc = self.model_config
-        self.kv_caches = [layer.allocate_kv_cache(self.num_blocks, self.block_size, dtype, device)
-                          for layer in self.model.attention_layers()]
+        # Each layer's cache is shaped as the model says (its KVCacheSpec).
+        self.kv_caches = allocate_kv_caches(self.model.attention_layers(), self.num_blocks,
+                                            self.block_size, dtype, device)
         # Set by the speculator when its proposer reads the target's hidden states; None
         # (the default) costs nothing.
         self.hidden_states_hook: Callable[[TargetHiddenStates], None] | None = None
@@ -174,7 +177,7 @@ class ModelRunner:
 
     # ---- sizing -------------------------------------------------------------------------
     def _block_bytes(self) -> int:
-        return self.block_size * self.model_config.kv_bytes_per_token(self.dtype)
+        return self.block_size * kv_bytes_per_token(self.model.attention_layers(), self.dtype)
 
     def _choose_num_blocks(self) -> int:
         if self.cfg.num_kv_blocks is not None:
@@ -192,11 +195,9 @@ class ModelRunner:
         the peak activations of a forward at the full token budget (measured, not guessed)."""
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        mc = self.model_config
-        scratch = torch.zeros((2, 1, self.block_size, mc.num_key_value_heads, mc.head_dim),
-                              dtype=self.dtype, device=self.device)
-        for layer in self.model.attention_layers():
-            layer.kv_cache = scratch
+        # One block per layer, in the model's own layout: every slot below points at it.
+        scratch = allocate_kv_caches(self.model.attention_layers(), 1, self.block_size,
+                                     self.dtype, self.device)
         n = self.max_num_batched_tokens
         fb = ForwardBatch(
             input_ids=torch.zeros(n, dtype=torch.long, device=self.device),
@@ -224,6 +225,8 @@ class ModelRunner:
         # Single-query sequences first: the attention backend batches them.
         scheduled = sorted(out.scheduled, key=lambda s: s.num_query_tokens != 1)
         trees = {i: s for i, s in enumerate(scheduled) if s.spec_tree is not None}
+        if trees and not getattr(self.backend, "supports_tree_masks", False):
+            raise RuntimeError(f"the {self.backend.name} attention backend cannot verify draft trees")
         positions, masks = tree_layout(trees, self.device)
         fb = build_forward_batch([(s.request.block_ids, s.request.num_computed_tokens,
                                    s.query_token_ids) for s in scheduled],
@@ -378,9 +381,8 @@ class ModelRunner:
         dst_t = torch.tensor(dst, device=self.device)
         src_slots = torch.tensor([slot_of[x] for x in src], device=self.device)
         dst_slots = torch.tensor([slot_of[x] for x in dst], device=self.device)
-        for cache in self.kv_caches:
-            flat = cache.view(cache.shape[0], -1, *cache.shape[3:])    # [2, slots, kv_heads, d]
-            flat[:, dst_slots] = flat[:, src_slots]
+        for layer, cache in zip(self.model.attention_layers(), self.kv_caches):
+            layer.kv_cache_spec(cache.dtype).copy_slots(cache, src_slots, dst_slots)
         hidden[dst_t] = hidden[src_t]
         aux = getattr(self.model.model, "aux_hidden_states", None)
         if aux is not None and aux.shape[0] == hidden.shape[0]:

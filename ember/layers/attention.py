@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ember.attention.backend import AttentionBackend
+from ember.cache.kv_spec import PagedKVSpec
 from ember.engine.forward_batch import ForwardBatch
 
 
@@ -17,17 +18,12 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.backend = backend
-        # [2, num_blocks, block_size, kv_heads, head_dim], bound by the runner once the pool exists.
+        # Shaped by kv_cache_spec(), bound by the runner once the pool exists.
         self.kv_cache: torch.Tensor | None = None
 
-    def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype,
-                          device: torch.device) -> torch.Tensor:
-        """Allocate this layer's slice of a paged KV pool, bind it, and return it. The one
-        place that knows the layout: the runner (the target's pool) and proposers with KV of
-        their own (ember.spec.drafting) both allocate through here."""
-        self.kv_cache = torch.zeros((2, num_blocks, block_size, self.num_kv_heads, self.head_dim),
-                                    dtype=dtype, device=device)
-        return self.kv_cache
+    def kv_cache_spec(self, dtype: torch.dtype) -> PagedKVSpec:
+        """K and V per KV head: [2, num_blocks, block_size, kv_heads, head_dim]."""
+        return PagedKVSpec(self.num_kv_heads, self.head_dim, dtype)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 fb: ForwardBatch) -> torch.Tensor:

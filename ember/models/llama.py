@@ -18,6 +18,7 @@ from ember.layers.layer_ops import TORCH_LAYER_OPS, LayerOps, RopeStep
 from ember.layers.linear import Linear
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import RotaryEmbedding
+from ember.models.mtp_block import DecoderLayerBlock
 from ember.quant.base import linear_method_for
 
 # checkpoint projection name -> (merged module name, shard name)
@@ -97,30 +98,6 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(h), residual
 
 
-class LlamaMTPBlock(nn.Module):
-    """A Llama decoder layer run on its own, as the transformer block of an MTP module
-    (ember.spec.mtp): x [T, hidden] in, the residual stream after the layer out. Rotary
-    tables are the target's."""
-
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, qk_norm: bool, ops: LayerOps,
-                 rotary: RotaryEmbedding) -> None:
-        super().__init__()
-        self.layer = LlamaDecoderLayer(cfg, backend, qk_norm, ops)
-        self._rotary = (rotary,)   # shared with the target, not a submodule of this block
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        """x: [T, hidden], positions: [T] -> [T, hidden]."""
-        h, residual = self.layer(self._rotary[0].lookup(positions), x, None, fb)
-        return h + residual
-
-    def attention_layers(self) -> list[Attention]:
-        return [self.layer.self_attn.attn]
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Decoder-layer tensor names (`self_attn.q_proj.weight`, `mlp.down_proj.weight`, ...)."""
-        load_hf_tensors(self.layer, weights)
-
-
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend, qk_norm: bool,
                  ops: LayerOps) -> None:
@@ -179,9 +156,10 @@ class LlamaForCausalLM(nn.Module):
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]
 
-    def mtp_block(self, backend: AttentionBackend, ops: LayerOps) -> LlamaMTPBlock:
+    def mtp_block(self, backend: AttentionBackend, ops: LayerOps) -> DecoderLayerBlock:
         """A decoder layer of this model's type for an MTP module (ember.spec.mtp)."""
-        return LlamaMTPBlock(self.config, backend, self.qk_norm, ops, self.model.rotary)
+        return DecoderLayerBlock(LlamaDecoderLayer(self.config, backend, self.qk_norm, ops),
+                                 self.model.rotary, load_hf_tensors)
 
     def set_aux_hidden_layers(self, layers: tuple[int, ...]) -> None:
         """Also keep, after every forward, the residual stream entering each of `layers`

@@ -1,8 +1,9 @@
 """Draft-model proposer: a smaller model with the target's vocabulary drafts k tokens.
 
 KV layout and coverage: see ember.spec.drafting (the draft's own paged KV on the target's
-block tables; per request, how many leading tokens it has draft K/V for). A drafting step
-first runs the draft over the tokens from its coverage up to the request's last token
+block tables, shaped by its own layers' KV cache specs and read through its own attention
+backend family; per request, how many leading tokens it has draft K/V for). A drafting
+step first runs the draft over the tokens from its coverage up to the request's last token
 (the catch-up: its prompt the first time, then usually the one or two tokens the last
 step added), whose last row gives draft 0; then k - 1 single-token steps give the rest.
 Steps where no request drafts (adaptive k = 0) cost nothing. After a verification the
@@ -24,6 +25,7 @@ import torch
 from ember.engine.model_runner import build_forward_batch
 from ember.engine.scheduler import SchedulerOutput
 from ember.models.loader import build_model, resolve_model
+from ember.models.registry import attention_backend_for
 from ember.spec.drafting import ProposerKV, draw_drafts
 from ember.spec.proposer import Proposer
 
@@ -46,8 +48,9 @@ class DraftModelProposer(Proposer):
                              f"target's ({target_vocab}); a draft must share the tokenizer")
         self.device = runner.device
         self.block_size = runner.block_size
-        self.backend = runner.backend
-        self.model = build_model(source, runner.backend, runner.device, runner.dtype, engine.cfg.seed,
+        # Its own backend: the draft's architecture may read a different KV layout.
+        self.backend = attention_backend_for(source.config, engine.cfg.attention_backend, self.device)
+        self.model = build_model(source, self.backend, runner.device, runner.dtype, engine.cfg.seed,
                                  runner.layer_ops)
         mc = source.config
         self.kv = ProposerKV(self.model.attention_layers(), runner)

@@ -2,10 +2,11 @@
 a paged KV cache on the target's block tables with per-request coverage, and drawing
 draft tokens under each request's sampling settings.
 
-KV layout: the proposer keeps its own KV tensors (shaped for its own layers and heads)
-but uses the target's block ids, block tables and slots, so preemption, rollback and
-freeing need nothing of their own: whatever the scheduler does to a request's blocks
-applies to both caches. Token p of a request lives in the slot the target uses for p.
+KV layout: the proposer keeps its own KV tensors (one per attention layer, shaped by the
+layer's KV cache spec: paged K/V, MLA's latent rows, ...) but uses the target's block ids,
+block tables and slots, so preemption, rollback and freeing need nothing of their own:
+whatever the scheduler does to a request's blocks applies to both caches. Token p of a
+request lives in the slot the target uses for p.
 
 Coverage: per request, how many leading positions of the proposer's KV are valid, and
 optionally a small state that goes with them (the MTP keeps its last output row). It is
@@ -15,12 +16,13 @@ after it (rejected drafts) get recomputed.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ember.cache.kv_spec import KVCacheLayer, allocate_kv_caches
 from ember.engine.scheduler import ScheduledRequest
-from ember.layers.attention import Attention
 from ember.layers.sampler import SamplingBatch, SamplingRow, sampling_probs
 from ember.spec.rejection import sample_from
 
@@ -32,12 +34,12 @@ Key = tuple[str, float]
 
 
 class ProposerKV:
-    """A proposer's paged KV (one tensor per attention layer, the target pool's block
-    count) and its per-request coverage."""
+    """A proposer's paged KV (one tensor per attention layer, as many blocks as the
+    target's pool) and its per-request coverage."""
 
-    def __init__(self, layers: list[Attention], runner: ModelRunner) -> None:
-        self.caches = [a.allocate_kv_cache(runner.num_blocks, runner.block_size, runner.dtype, runner.device)
-                       for a in layers]
+    def __init__(self, layers: Sequence[KVCacheLayer], runner: ModelRunner) -> None:
+        self.caches = allocate_kv_caches(layers, runner.num_blocks, runner.block_size, runner.dtype,
+                                         runner.device)
         # (request id, arrival) -> (valid leading positions, the request's preemption count
         # then, the proposer's state for those positions)
         self._entries: dict[Key, tuple[int, int, Any]] = {}

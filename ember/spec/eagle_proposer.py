@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ember.attention.backend import get_attention_backend
 from ember.engine.model_runner import TargetHiddenStates, build_forward_batch
 from ember.engine.scheduler import ScheduledRequest, SchedulerOutput
 from ember.spec.drafting import ProposerKV, draw_drafts
@@ -59,9 +60,18 @@ class EagleProposer(Proposer):
 
     def __init__(self, cfg: SpeculativeConfig, engine: Engine) -> None:
         runner = engine.runner
-        self.device, self.block_size, self.backend = runner.device, runner.block_size, runner.backend
+        if not hasattr(runner.model, "set_aux_hidden_layers"):
+            raise ValueError(f"{engine.model_config.architecture} cannot hand its hidden layers to an "
+                             f"EAGLE drafter (no set_aux_hidden_layers)")
+        if cfg.tree is not None and not getattr(runner.backend, "supports_tree_masks", False):
+            raise ValueError(f"the {runner.backend.name} attention backend cannot verify trees; "
+                             f"drop \"tree\" to draft chains")
+        self.device, self.block_size = runner.device, runner.block_size
+        # The drafter is a Llama layer with paged K/V, whatever the target's attention
+        # family: its own backend of the configured kind.
+        self.backend = get_attention_backend(engine.cfg.attention_backend, runner.device)
         self.vocab_size = engine.model_config.vocab_size
-        self.drafter = load_eagle(cfg.model, engine.model_config, runner.backend, runner.layer_ops,
+        self.drafter = load_eagle(cfg.model, engine.model_config, self.backend, runner.layer_ops,
                                   runner.device, runner.dtype)
         if self.parallel and not self.drafter.config.parallel:
             raise ValueError(f"{cfg.model} is not a P-EAGLE drafter (no mask embedding); train one "

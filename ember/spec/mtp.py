@@ -6,9 +6,10 @@ The module. Given the target's hidden state h_i at position i and the token t_{i
     o_i    = block(x) at position i                               # one decoder layer
     logits = lm_head(shared_head.norm(o_i))                       # scores t_{i+2}
 
-h_i is the target's forward output, i.e. after its final norm: that is what vLLM and
-SGLang hand DeepSeek's MTP layer ("the representation given by the main model" in the
-DeepSeek-V3 report); hnorm then normalizes it with its own weight. The embedding and the
+h_i is the target's forward output, i.e. after its final norm: that is what vLLM hands
+DeepSeek's MTP layer (its DeepSeek-V3 model returns the normed hidden states, which its MTP
+proposer passes on; "the representation given by the main model" in the DeepSeek-V3
+report); hnorm then normalizes it with its own weight. The embedding and the
 LM head are the target's. The report runs the block at position i + 1 (the position of
 t_{i+1}); here the pair (t_{i+1}, h_i) runs at position i, as vLLM's MTP does: RoPE
 attention depends only on position differences, so the output is the same, and the
@@ -17,8 +18,8 @@ Chained drafts feed the block's own output o (before shared_head.norm, as vLLM d
 the token just drafted: draft j + 1 comes from (d_j, o) at the next position.
 
 The block is the target's decoder-layer type, built by the target (`mtp_block(backend,
-ops)` -> an `MTPBlock`: a Llama layer for Llama-family targets, DeepSeek's MLA + MoE layer
-for DeepSeek-V3).
+ops)` -> an `MTPBlock`, ember.models.mtp_block: a Llama layer for Llama-family targets,
+DeepSeek's MLA + MoE layer for DeepSeek-V3), attending through the target's backend.
 
 Weights use DeepSeek-V3's naming: the MTP layer j is `model.layers.{num_hidden_layers + j}.*`
 with `enorm`, `hnorm`, `eh_proj`, `shared_head.norm`, the decoder layer's usual names, and
@@ -154,8 +155,9 @@ class MTPModule(nn.Module):
         for name, tensor in weights:
             if name.startswith(MTP_SHARED_WITH_TARGET):
                 continue
-            if name == "eh_proj.weight":
-                self.eh_proj.load_tensor("weight", tensor)
+            if name.startswith("eh_proj."):
+                kind = self.eh_proj.load_tensor(name.split(".", 1)[1], tensor)
+                name = f"eh_proj.{kind}"
             elif name in own:
                 own[name].data.copy_(tensor)
             else:

@@ -10,7 +10,7 @@ per word, nibble j split off by a shift, one scale (and zero) per row per group 
 - GEMV (M <= GEMV_MAX_ROWS, decode): one program per (BLOCK_N outputs, K split, row);
   products accumulate in a [BLOCK_N, BLOCK_K / 8, 8] register tile reduced once at the end
   (tl.dot needs 16 rows).
-- GEMM (batched): eight tl.dot per tile, one per nibble position.
+- GEMM (batched): the tile unpacked to [BLOCK_N, BLOCK_K] for one tl.dot.
 - Split-K (kernels/splitk.py): more programs than output tiles alone give.
 
 Launchers allocate only their outputs, so they are CUDA-graph capturable.
@@ -68,15 +68,6 @@ def _scales(s_ptr, z_ptr, n, n_mask, k0, word, w_mask, stride_sn, G: tl.constexp
     return sc, -zp * sc
 
 
-@triton.jit
-def _nibbles(q, j, NVFP4: tl.constexpr):
-    """Code j (0..7) of each int32 word, as fp32 (NVFP4: its E2M1 value / 2^14)."""
-    c = (q >> (4 * j)) & 0xF
-    if NVFP4:
-        return _e2m1(c)
-    return c.to(tl.float32)
-
-
 # ---- kernels ----------------------------------------------------------------------------------
 # Tiles stay in word form: a [BLOCK_N, WORDS] load of int32 words, nibble j of every word
 # taken by one shift (no reshape of [N, K/8, 8] into [N, K], which costs a layout shuffle
@@ -117,12 +108,19 @@ def _w4_gemv_kernel(x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, M, N, K, stride
 
 
 @triton.jit
+def _expand(v, BLOCK_N: tl.constexpr, PER: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_N, BLOCK_K // PER] -> [BLOCK_N, BLOCK_K]: each value repeated over PER columns."""
+    return tl.reshape(tl.broadcast_to(v[:, :, None], (BLOCK_N, BLOCK_K // PER, PER)), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
 def _w4_gemm_kernel(x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, M, N, K, stride_xm,
                     stride_wn, stride_sn, G: tl.constexpr, NVFP4: tl.constexpr,
                     ONE_GROUP: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Grid (M tiles x N tiles, SPLIT_K). out as in the GEMV. Eight tl.dot per tile, one per
-    nibble position j: x[:, 8w + j] against code j of every word (WORDS >= 16 for the MMA)."""
+    """Grid (M tiles x N tiles, SPLIT_K). out as in the GEMV. The tile is unpacked to
+    [BLOCK_N, BLOCK_K] for one tl.dot: here the reshape's shuffle is amortised over
+    BLOCK_M rows (eight narrower dots, one per nibble position, measured 3x slower)."""
     WORDS: tl.constexpr = BLOCK_K // 8
     num_n = (N + BLOCK_N - 1) // BLOCK_N
     pid_m = tl.program_id(0) // num_n
@@ -131,6 +129,7 @@ def _w4_gemm_kernel(x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, M, N, K, stride
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
     start, end = k_range(K, SPLIT_K, BLOCK_K)
+    j8 = tl.arange(0, 8)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(start, end, BLOCK_K):
         word = k0 // 8 + tl.arange(0, WORDS)
@@ -138,15 +137,18 @@ def _w4_gemm_kernel(x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, M, N, K, stride
         q = tl.load(w_ptr + n[:, None] * stride_wn + word[None, :],
                     mask=n_mask[:, None] & w_mask[None, :], other=0)       # [BN, WORDS]
         sc, off = _scales(s_ptr, z_ptr, n, n_mask, k0, word, w_mask, stride_sn, G, NVFP4, ONE_GROUP)
-        x_mask = (rm < M)[:, None] & w_mask[None, :]
-        for j in tl.static_range(8):
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + word[None, :] * 8 + j,
-                        mask=x_mask, other=0.0)                               # [BM, WORDS]
-            if NVFP4:
-                v = _nibbles(q, j, NVFP4) * sc
-            else:
-                v = _nibbles(q, j, NVFP4) * sc + off
-            acc += tl.dot(x, tl.trans(v.to(x.dtype)))
+        c = tl.reshape((q[:, :, None] >> (4 * j8)[None, None, :]) & 0xF, (BLOCK_N, BLOCK_K))
+        if not ONE_GROUP:
+            sc = _expand(sc, BLOCK_N, 8, BLOCK_K)
+            off = _expand(off, BLOCK_N, 8, BLOCK_K)
+        if NVFP4:
+            v = _e2m1(c) * sc
+        else:
+            v = c.to(tl.float32) * sc + off
+        kk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :],
+                    mask=(rm < M)[:, None] & (kk < K)[None, :], other=0.0)
+        acc += tl.dot(x, tl.trans(v.to(x.dtype)))
     if NVFP4:
         acc *= tl.load(gs_ptr + n, mask=n_mask, other=0.0)[None, :]
     dst = out_ptr + (tl.program_id(1) * M + rm[:, None]) * N + n[None, :]
@@ -158,8 +160,7 @@ def _w4_gemm_kernel(x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, M, N, K, stride
 # them and keeps the fastest (kernels/splitk.py).
 # GEMV: (BLOCK_N, BLOCK_K, SPLIT_K); GEMM: (BLOCK_N, BLOCK_K, warps, SPLIT_K).
 GEMV_CONFIGS = ((32, 256, 2), (16, 256, 4), (32, 128, 4), (64, 128, 2), (16, 128, 8), (32, 256, 1))
-# (GEMM tiles are >= 128 wide: each of their eight dots spans BLOCK_K / 8 >= 16 columns.)
-GEMM_CONFIGS = ((64, 128, 4, 2), (32, 128, 4, 4), (64, 256, 4, 2), (128, 128, 8, 2), (64, 128, 4, 1))
+GEMM_CONFIGS = ((64, 128, 4, 2), (32, 128, 4, 4), (64, 64, 4, 4), (128, 128, 8, 2), (64, 128, 4, 1))
 
 
 def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
