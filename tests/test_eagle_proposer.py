@@ -220,10 +220,11 @@ def test_config_errors(tiny_llama, drafters, tmp_path) -> None:
         make_llm(tiny_llama, speculative_config={"method": "eagle"})
 
 
-def _random_drafter_for(config: ModelConfig, folder: str, draft_vocab: int) -> str:
-    """A random EAGLE-3 drafter shaped for `config` (greedy identity needs no skill)."""
+def _random_drafter_for(config: ModelConfig, folder: str, draft_vocab: int, parallel: bool = False) -> str:
+    """A random EAGLE-3 (or P-EAGLE) drafter shaped for `config` (greedy identity needs no skill)."""
     cfg = dict(config.hf_config)
-    cfg.update(num_hidden_layers=1, draft_vocab_size=draft_vocab, architectures=["LlamaForCausalLMEagle3"])
+    cfg.update(num_hidden_layers=1, draft_vocab_size=draft_vocab, architectures=["LlamaForCausalLMEagle3"],
+               parallel_drafting=parallel, parallel_positions=4 if parallel else 0)
     ecfg = EagleConfig.from_dict(cfg, config)
     torch.manual_seed(0)
     d = EagleDrafter(ecfg)

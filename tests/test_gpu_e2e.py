@@ -57,3 +57,29 @@ def test_triton_matches_torch_bf16_prefix(smollm2_path: str) -> None:
     got = _greedy(smollm2_path, "bfloat16", "triton", False, 16)
     same = sum(r == g for r, g in zip(ref, got))
     assert same >= len(PROMPTS) - 1, (ref, got)
+
+
+@pytest.mark.parametrize("method,tree", [("eagle", None), ("eagle", {"top_k": 3, "budget": 10}),
+                                         ("peagle", {"top_k": 3, "budget": 10})])
+def test_eagle_chains_and_trees_greedy_identical_fp32(smollm2_path: str, tmp_path, method, tree) -> None:
+    """EAGLE / P-EAGLE through the Triton backend (tree kernel, CUDA graphs capturing the
+    aux hidden states): greedy output identical to plain decoding. The drafter is
+    $EMBER_EAGLE_DIR / $EMBER_PEAGLE_DIR when set (trained: real acceptance), else random."""
+    import os
+
+    from test_eagle_proposer import _random_drafter_for
+
+    from ember.models.loader import resolve_model
+    folder = os.environ.get("EMBER_PEAGLE_DIR" if method == "peagle" else "EMBER_EAGLE_DIR")
+    if not folder:
+        folder = _random_drafter_for(resolve_model(smollm2_path).config, str(tmp_path / "d"), 4096,
+                                     parallel=method == "peagle")
+    ref = _greedy(smollm2_path, "float32", "triton", False, 48)
+    spec = {"method": method, "model": folder, "num_speculative_tokens": 3, "adaptive": False}
+    if tree is not None:
+        spec["tree"] = tree
+    llm = LLM(smollm2_path, dtype="float32", max_model_len=1024, num_kv_blocks=512, max_num_seqs=16,
+              speculative_config=spec)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=48, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == ref
+    assert llm.engine.spec_stats()["num_draft_tokens"] > 0
