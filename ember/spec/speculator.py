@@ -77,7 +77,10 @@ class Speculator:
             self.stats.record(k, n_acc, len(result.sampled[rid]), len(s.spec_token_ids))
             if self.controller is not None:
                 self.controller.observe_acceptance(k, n_acc)
-        if self.controller is not None:
+        # The cost fits are for the steps k is chosen for: every request decoding (a prefill
+        # chunk's cost per token is another regime, and at batch 1 it would set the slope of
+        # the line the decode steps are read from).
+        if self.controller is not None and all(s.num_new_tokens == 1 for s in batch.scheduled):
             self.controller.observe_step(batch.num_tokens, seconds, speculative=bool(spec))
 
     def stats_dict(self) -> dict[str, Any]:
