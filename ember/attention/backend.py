@@ -1,6 +1,8 @@
 """The attention backend interface and its registry (`torch` now, `triton` on the GPU path)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ember.engine.forward_batch import ForwardBatch
@@ -47,3 +49,16 @@ def get_attention_backend(name: str, device: torch.device | None = None) -> Atte
         from ember.attention.triton_backend import TritonAttentionBackend
         return TritonAttentionBackend()
     raise ValueError(f"unknown attention backend {name!r}; available: auto, torch, triton")
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (kernels size their split counts by it);
+    4 elsewhere, where Triton runs in its interpreter (tests)."""
+    if device.type != "cuda":
+        return 4
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ember.attention.backend import sm_count
 from ember.attention.mla_backend import MLABackend, MLAMetadata
 
 
@@ -14,22 +15,10 @@ class TritonMLABackend(MLABackend):
     name = "triton"
     supports_cuda_graphs = True
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._num_sms: dict[int, int] = {}
-
-    def _sms(self, device: torch.device) -> int:
-        if device.type != "cuda":
-            return 4
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        if idx not in self._num_sms:
-            self._num_sms[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-        return self._num_sms[idx]
-
     def num_splits(self, num_rows: int, max_len: int, device: torch.device) -> int:
         # Imported here, like the kernels below: the module imports triton.
         from ember.attention.triton_mla import choose_num_splits
-        return choose_num_splits(num_rows, self.dims.num_heads, max_len, self._sms(device))
+        return choose_num_splits(num_rows, self.dims.num_heads, max_len, sm_count(device))
 
     def write_cache(self, cache: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
                     slot_mapping: torch.Tensor) -> None:

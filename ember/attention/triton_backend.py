@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ember.attention.backend import AttentionBackend
+from ember.attention.backend import AttentionBackend, sm_count
 from ember.attention.triton_decode import choose_num_splits, decode_attention
 from ember.attention.triton_kv_write import write_kv_triton
 from ember.attention.triton_prefill import build_prefill_tiles, prefill_attention
@@ -58,17 +58,6 @@ class TritonAttentionBackend(AttentionBackend):
     supports_tree_masks = True
     supports_cuda_graphs = True
 
-    def __init__(self) -> None:
-        self._num_sms: dict[int, int] = {}
-
-    def _sms(self, device: torch.device) -> int:
-        if device.type != "cuda":
-            return 4
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        if idx not in self._num_sms:
-            self._num_sms[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-        return self._num_sms[idx]
-
     def prepare(self, fb: ForwardBatch) -> None:
         dev = fb.block_tables.device
         cfg = CUDA_CONFIG if dev.type == "cuda" else CPU_CONFIG
@@ -110,7 +99,7 @@ class TritonAttentionBackend(AttentionBackend):
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
-            splits = choose_num_splits(nd, kv_cache.shape[3], meta.max_decode_len, self._sms(q.device))
+            splits = choose_num_splits(nd, kv_cache.shape[3], meta.max_decode_len, sm_count(q.device))
             decode_attention(q[:nd], kv_cache, meta.decode_block_tables, meta.decode_seq_lens,
                              scale, splits, out=out[:nd], block_n=cfg.decode_block_n,
                              num_warps=cfg.decode_warps, num_stages=cfg.decode_stages)

@@ -12,16 +12,10 @@ from ember.cache.kv_spec import allocate_kv_caches, kv_bytes_per_token
 from ember.config import EngineConfig, ModelConfig
 from ember.engine.cuda_graph import CudaGraphRunner
 from ember.engine.forward_batch import ForwardBatch
-from ember.engine.scheduler import ScheduledRequest, SchedulerOutput
+from ember.engine.scheduler import SchedulerOutput, ScheduledRequest
 from ember.layers.layer_ops import get_layer_ops
-from ember.layers.sampler import (
-    RowLogprobs,
-    Sampler,
-    SamplingBatch,
-    SamplingRow,
-    compute_token_logprobs,
-    sampling_probs,
-)
+from ember.layers.sampler import (RowLogprobs, Sampler, SamplingBatch, SamplingRow,
+                                  compute_token_logprobs, sampling_probs)
 from ember.models.loader import ModelSource, build_model
 from ember.models.registry import attention_backend_for
 from ember.spec.rejection import rejection_sample

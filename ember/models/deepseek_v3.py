@@ -37,7 +37,7 @@ from ember.layers.linear import Linear
 from ember.layers.moe import DeepseekMoE, MoEConfig
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import RotaryEmbedding, rope_type, yarn_mscale
-from ember.models.llama import LlamaMLP
+from ember.models.llama import LlamaMLP, PreNormDecoderLayer
 from ember.models.mtp_block import DecoderLayerBlock
 from ember.quant.base import linear_method_for
 
@@ -191,7 +191,7 @@ class DeepseekV3Attention(nn.Module):
         return self.o_proj(o.reshape(t, self.num_heads * ds.v_head_dim))
 
 
-class DeepseekV3DecoderLayer(nn.Module):
+class DeepseekV3DecoderLayer(PreNormDecoderLayer):
     def __init__(self, cfg: ModelConfig, ds: DeepseekConfig, layer: int, backend: MLABackend,
                  ops: LayerOps) -> None:
         super().__init__()
@@ -203,17 +203,6 @@ class DeepseekV3DecoderLayer(nn.Module):
             self.mlp = LlamaMLP(cfg, ops)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-
-    def forward(self, rope: RopeStep, h: torch.Tensor, residual: torch.Tensor | None,
-                fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """h: [T, hidden]; residual carries the un-normalized stream between layers."""
-        if residual is None:
-            residual, h = h, self.input_layernorm(h)
-        else:
-            h, residual = self.input_layernorm(h, residual)
-        h = self.self_attn(rope, h, fb)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
 
 
 class DeepseekV3Model(nn.Module):

@@ -77,14 +77,15 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
-class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, qk_norm: bool,
-                 ops: LayerOps) -> None:
-        super().__init__()
-        self.self_attn = LlamaAttention(cfg, backend, qk_norm, ops)
-        self.mlp = LlamaMLP(cfg, ops)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+class PreNormDecoderLayer(nn.Module):
+    """The pre-norm residual block every supported family shares: subclasses set
+    `self_attn` (called as self_attn(rope, h, fb)), `mlp`, `input_layernorm` and
+    `post_attention_layernorm`."""
+
+    self_attn: nn.Module
+    mlp: nn.Module
+    input_layernorm: RMSNorm
+    post_attention_layernorm: RMSNorm
 
     def forward(self, rope: RopeStep, h: torch.Tensor, residual: torch.Tensor | None,
                 fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +97,16 @@ class LlamaDecoderLayer(nn.Module):
         h = self.self_attn(rope, h, fb)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
+
+
+class LlamaDecoderLayer(PreNormDecoderLayer):
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, qk_norm: bool,
+                 ops: LayerOps) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg, backend, qk_norm, ops)
+        self.mlp = LlamaMLP(cfg, ops)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
 
 class LlamaModel(nn.Module):

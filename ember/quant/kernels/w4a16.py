@@ -68,6 +68,19 @@ def _scales(s_ptr, z_ptr, n, n_mask, k0, word, w_mask, stride_sn, G: tl.constexp
     return sc, -zp * sc
 
 
+@triton.jit
+def _word_tile(w_ptr, s_ptr, z_ptr, n, n_mask, k0, K, stride_wn, stride_sn, G: tl.constexpr,
+               NVFP4: tl.constexpr, ONE_GROUP: tl.constexpr, WORDS: tl.constexpr):
+    """The K tile at k0 in word form: word indices and mask [WORDS], the words [BN, WORDS]
+    and their dequantization multiplier and offset (see _scales)."""
+    word = k0 // 8 + tl.arange(0, WORDS)
+    w_mask = word < K // 8
+    q = tl.load(w_ptr + n[:, None] * stride_wn + word[None, :],
+                mask=n_mask[:, None] & w_mask[None, :], other=0)
+    sc, off = _scales(s_ptr, z_ptr, n, n_mask, k0, word, w_mask, stride_sn, G, NVFP4, ONE_GROUP)
+    return word, w_mask, q, sc, off
+
+
 # ---- kernels ----------------------------------------------------------------------------------
 # Tiles stay in word form: a [BLOCK_N, WORDS] load of int32 words, nibble j of every word
 # taken by one shift (no reshape of [N, K/8, 8] into [N, K], which costs a layout shuffle
@@ -87,11 +100,8 @@ def _w4_gemv_kernel(x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, M, N, K, stride
     j8 = tl.arange(0, 8)
     acc3 = tl.zeros((BLOCK_N, WORDS, 8), dtype=tl.float32)
     for k0 in range(start, end, BLOCK_K):
-        word = k0 // 8 + tl.arange(0, WORDS)
-        w_mask = word < K // 8
-        q = tl.load(w_ptr + n[:, None] * stride_wn + word[None, :],
-                    mask=n_mask[:, None] & w_mask[None, :], other=0)       # [BN, WORDS]
-        sc, off = _scales(s_ptr, z_ptr, n, n_mask, k0, word, w_mask, stride_sn, G, NVFP4, ONE_GROUP)
+        word, w_mask, q, sc, off = _word_tile(w_ptr, s_ptr, z_ptr, n, n_mask, k0, K, stride_wn,
+                                              stride_sn, G, NVFP4, ONE_GROUP, WORDS)
         x = tl.load(x_ptr + m * stride_xm + word[:, None] * 8 + j8[None, :],
                     mask=w_mask[:, None], other=0.0).to(tl.float32)      # [WORDS, 8]
         c = (q[:, :, None] >> (4 * j8)[None, None, :]) & 0xF              # [BN, WORDS, 8]
@@ -132,11 +142,8 @@ def _w4_gemm_kernel(x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, M, N, K, stride
     j8 = tl.arange(0, 8)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(start, end, BLOCK_K):
-        word = k0 // 8 + tl.arange(0, WORDS)
-        w_mask = word < K // 8
-        q = tl.load(w_ptr + n[:, None] * stride_wn + word[None, :],
-                    mask=n_mask[:, None] & w_mask[None, :], other=0)       # [BN, WORDS]
-        sc, off = _scales(s_ptr, z_ptr, n, n_mask, k0, word, w_mask, stride_sn, G, NVFP4, ONE_GROUP)
+        word, w_mask, q, sc, off = _word_tile(w_ptr, s_ptr, z_ptr, n, n_mask, k0, K, stride_wn,
+                                              stride_sn, G, NVFP4, ONE_GROUP, WORDS)
         c = tl.reshape((q[:, :, None] >> (4 * j8)[None, None, :]) & 0xF, (BLOCK_N, BLOCK_K))
         if not ONE_GROUP:
             sc = _expand(sc, BLOCK_N, 8, BLOCK_K)

