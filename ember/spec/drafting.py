@@ -27,7 +27,7 @@ from ember.layers.sampler import SamplingBatch, SamplingRow, sampling_probs
 from ember.spec.rejection import sample_from
 
 if TYPE_CHECKING:
-    from ember.engine.model_runner import ModelRunner
+    from ember.engine.model_runner import ModelRunner, TargetHiddenStates
     from ember.engine.request import Request
 
 Key = tuple[str, float]
@@ -94,3 +94,25 @@ def draw_drafts(spec: list[ScheduledRequest], active: list[int],
     for row, i in enumerate(active):
         tokens[i].append(drawn[row])
         probs[i].append(q[row])
+
+
+def known_pairs(step: TargetHiddenStates) -> tuple[list[tuple[list[int], int, list[int]]], list[int], list[int]]:
+    """The pairs (t_{i+1}, h_i) a target step made known, for a proposer that runs over
+    the target's hidden states (MTP, EAGLE): per scheduled request, its positions i whose
+    row stands (a prefill chunk, a decode, the accepted drafts) with t_{i+1} from the
+    prompt or the step's new tokens. Returns the sequences for build_forward_batch
+    (block ids, first position, the t_{i+1}; single-query sequences first), the hidden
+    rows h_i in the same order, and the scheduled index of each sequence."""
+    seqs, rows, owners = [], [], []
+    for i, s in enumerate(step.scheduled):
+        r, n = s.request, step.num_valid[i]
+        start = r.num_computed_tokens
+        if s.samples:   # the last pair's t_{i+1} is the step's first new token
+            nxt = r.token_ids[start + 1:] + step.sampled[r.request_id]
+        else:           # a prefill chunk: the token after its last is a prompt token
+            nxt = r.token_ids[start + 1:start + n + 1]
+        seqs.append((r.block_ids, start, nxt[:n]))
+        rows.append(range(step.row_starts[i], step.row_starts[i] + n))
+        owners.append(i)
+    order = sorted(range(len(seqs)), key=lambda j: len(seqs[j][2]) != 1)   # the backend batches decodes
+    return [seqs[j] for j in order], [x for j in order for x in rows[j]], [owners[j] for j in order]

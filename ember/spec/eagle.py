@@ -39,7 +39,6 @@ is a Llama config (`architectures: ["LlamaForCausalLMEagle3"]`, one layer) plus
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 from dataclasses import dataclass, field
@@ -55,6 +54,7 @@ from ember.layers.linear import Linear
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import RotaryEmbedding
 from ember.models.llama import MERGED_PROJECTIONS, LlamaMLP
+from ember.models.loader import build_context, finalize_linears, safetensors_stream
 
 # q, k, v: [T, heads or kv_heads, head_dim] -> [T, heads, head_dim]
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -351,22 +351,10 @@ def load_eagle(folder: str, target: ModelConfig, backend=None, ops: LayerOps = T
         raise FileNotFoundError(f"EAGLE drafter folder {folder} has no config.json")
     with open(path) as f:
         cfg = EagleConfig.from_dict(json.load(f), target)
-    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors in {folder} (ember never loads pickled .bin weights)")
-    from safetensors import safe_open
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                tensors[name] = f.get_tensor(name)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            drafter = EagleDrafter(cfg, backend, ops)
-    finally:
-        torch.set_default_dtype(previous)
+    stream = safetensors_stream(folder)   # raises on a folder without *.safetensors
+    with build_context(dtype, device):
+        drafter = EagleDrafter(cfg, backend, ops)
     with torch.no_grad():
-        drafter.load_weights({k: v.to(device) for k, v in tensors.items()})
+        drafter.load_weights({k: v.to(device) for k, v in stream(dtype)})
+        finalize_linears(drafter)
     return drafter.eval()

@@ -39,7 +39,7 @@ import torch
 from ember.attention.backend import get_attention_backend
 from ember.engine.model_runner import TargetHiddenStates, build_forward_batch
 from ember.engine.scheduler import ScheduledRequest, SchedulerOutput
-from ember.spec.drafting import ProposerKV, draw_drafts
+from ember.spec.drafting import ProposerKV, draw_drafts, known_pairs
 from ember.spec.eagle import load_eagle
 from ember.spec.proposer import Proposer
 from ember.spec.tree import TreeBuilder
@@ -99,25 +99,11 @@ class EagleProposer(Proposer):
     def observe_hidden_states(self, step: TargetHiddenStates) -> None:
         """Run the drafter over every pair (t_{i+1}, fc(aux_i)) the step made known; keep
         each sampling request's last output for its next draft 1."""
-        seqs, rows, owners = [], [], []
-        for i, s in enumerate(step.scheduled):
-            r, n = s.request, step.num_valid[i]
-            start = r.num_computed_tokens
-            if s.samples:   # the last pair's t_{i+1} is the step's first new token
-                nxt = r.token_ids[start + 1:] + step.sampled[r.request_id]
-            else:           # a prefill chunk: the token after its last is a prompt token
-                nxt = r.token_ids[start + 1:start + n + 1]
-            seqs.append((r.block_ids, start, nxt[:n]))
-            rows.append(list(range(step.row_starts[i], step.row_starts[i] + n)))
-            owners.append(i)
-        order = sorted(range(len(seqs)), key=lambda j: len(seqs[j][2]) != 1)
-        seqs = [seqs[j] for j in order]
-        flat_rows = [x for j in order for x in rows[j]]
-        owners = [owners[j] for j in order]
+        seqs, rows, owners = known_pairs(step)
         fb = build_forward_batch(seqs, self.block_size, self.device)
         self.backend.prepare(fb)
         d = self.drafter
-        hidden = d.fuse(step.aux_hidden[torch.tensor(flat_rows, device=self.device)])   # [N, H]
+        hidden = d.fuse(step.aux_hidden[torch.as_tensor(rows).to(self.device, non_blocking=True)])   # [N, H]
         o = d(d.embed(fb.input_ids), hidden, fb.positions, d.paged(fb))
         last = o[fb.logits_indices]
         for j, i in enumerate(owners):

@@ -72,7 +72,7 @@ from ember.models.loader import (
     randomize,
     safetensors_stream,
 )
-from ember.spec.drafting import ProposerKV, draw_drafts
+from ember.spec.drafting import ProposerKV, draw_drafts, known_pairs
 from ember.spec.proposer import Proposer
 
 if TYPE_CHECKING:
@@ -257,27 +257,7 @@ class MTPProposer(Proposer):
     def observe_hidden_states(self, step: TargetHiddenStates) -> None:
         """Run the MTP over every pair (t_{i+1}, h_i) the step made known; keep each
         sampling request's last output row for its next draft 0."""
-        seqs, rows, owners = [], [], []
-        for i, s in enumerate(step.scheduled):
-            r, n = s.request, step.num_valid[i]
-            start = r.num_computed_tokens
-            if s.samples:   # the last pair's t_{i+1} is the step's first new token
-                nxt = r.token_ids[start + 1:] + step.sampled[r.request_id]
-            else:           # a prefill chunk: the token after its last is a prompt token
-                nxt = r.token_ids[start + 1:start + n + 1]
-            seqs.append((r.block_ids, start, nxt[:n]))
-            rows.extend(range(step.row_starts[i], step.row_starts[i] + n))
-            owners.append(i)
-        # Single-query sequences first (the attention backend batches them); hidden rows
-        # gathered in the same order.
-        order = sorted(range(len(seqs)), key=lambda j: len(seqs[j][2]) != 1)
-        if order != list(range(len(seqs))):
-            offsets = [0]
-            for _, _, ids in seqs:
-                offsets.append(offsets[-1] + len(ids))
-            rows = [rows[k] for j in order for k in range(offsets[j], offsets[j + 1])]
-            seqs = [seqs[j] for j in order]
-            owners = [owners[j] for j in order]
+        seqs, rows, owners = known_pairs(step)
         fb = build_forward_batch(seqs, self.block_size, self.device)
         self.backend.prepare(fb)
         prev = step.hidden[torch.as_tensor(rows).to(self.device, non_blocking=True)]   # [N, H]
