@@ -9,7 +9,7 @@ import random
 
 import pytest
 from conftest import assert_no_leaks, random_prompts
-from test_spec_decode import GREEDY, make_llm, run
+from test_spec_decode import make_llm, run
 
 from ember import SamplingParams
 from ember.engine.scheduler import SchedulerOutput

@@ -11,7 +11,6 @@ import torch
 from conftest import TinyCheckpoint
 
 from ember.attention.torch_ref import TorchAttentionBackend
-from ember.config import ModelConfig
 from ember.engine.model_runner import build_forward_batch
 from ember.spec.eagle import default_aux_layers, load_eagle
 from ember.spec.train_eagle import StepAttention, draft_loss, draft_vocabulary, new_drafter, target_features
