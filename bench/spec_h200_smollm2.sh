@@ -19,7 +19,7 @@ src=.devrun/p$phase
 cp $src/gguf.part.* /tmp/parts/
 for d in $src/*/; do [ -d "$d" ] && cp -r "$d" /tmp/drafters/; done
 ls /tmp/parts /tmp/drafters
-if [ "$phase" = 1 ]; then
+if [ "$phase" = 1 ] && [ "${SKIPQ:-0}" != 1 ]; then
   timeout 60 python3 bench/quant_gpu.py --skip-e2e --out "$OUT/quant_kernels.json" 2>&1 | grep -v "^{" | tee "$OUT/quant_kernels.txt"
   true
 elif [ "$phase" = 3 ]; then
@@ -29,7 +29,7 @@ elif [ "$phase" = 3 ]; then
   DATA=".devrun/data/tinystories_sample.txt .devrun/data/wizard_of_oz.txt"
   if [ "${EGPU:-0}" = 1 ]; then
     EMBER_EAGLE_DIR=/tmp/drafters/eagle-smollm2 EMBER_PEAGLE_DIR=/tmp/drafters/peagle-smollm2 \
-        timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_e2e.py 2>&1 | tee "$OUT/gpu_e2e_eagle.txt" | tail -5
+        timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider tests/test_gpu_e2e.py 2>&1 | tee "$OUT/gpu_e2e_eagle.txt" | tail -5
   fi
   timeout ${SPEC_TIMEOUT:-400} python3 bench/spec_decode.py --device cuda --methods ${METHODS:-ngram,mtp} \
       --mtp /tmp/drafters/mtp-smollm2 ${EXTRA:-} --data $DATA --k ${K:-2} \
