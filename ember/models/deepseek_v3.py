@@ -37,7 +37,7 @@ from ember.layers.linear import Linear
 from ember.layers.moe import DeepseekMoE, MoEConfig
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import RotaryEmbedding, rope_type, yarn_mscale
-from ember.models.llama import LlamaMLP, PreNormDecoderLayer
+from ember.models.llama import LlamaMLP, PreNormDecoderLayer, load_hf_tensors
 from ember.models.mtp_block import DecoderLayerBlock
 from ember.quant.base import linear_method_for
 
@@ -281,36 +281,15 @@ class DeepseekV3ForCausalLM(nn.Module):
 
 def load_deepseek_tensors(root: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Load Hugging Face-named tensors, named relative to `root` (the model, or one decoder
-    layer): MoE experts through their block, merged projections shard by shard. Raises if a
-    tensor fits no module or a parameter is left unloaded."""
-    modules = dict(root.named_modules())
-    params = dict(root.named_parameters())
-    moe_blocks = {f"{n}.": m for n, m in modules.items() if isinstance(m, DeepseekMoE)}
-    loaded: set[str] = set()
-    for name, tensor in weights:
-        if name.endswith("rotary_emb.inv_freq"):
-            continue
+    layer): MoE experts through their block, everything else as load_hf_tensors does. Raises
+    if a tensor fits no module or a parameter is left unloaded."""
+    moe_blocks = {f"{n}.": m for n, m in root.named_modules() if isinstance(m, DeepseekMoE)}
+
+    def experts(name: str, tensor: torch.Tensor) -> list[str] | None:
         i = ("." + name).find(".mlp.")   # the MoE block's prefix, "mlp." at a layer's root
         block = name[:i + 4] if i >= 0 else None
-        if block in moe_blocks:   # the block maps expert names onto its fused weights
-            done = moe_blocks[block].load_tensor(name[len(block):], tensor)
-            loaded.update(block + p for p in done)
-            continue
-        module_name, kind = name.rsplit(".", 1)
-        parent, _, proj = module_name.rpartition(".")
-        shard = None
-        if proj in MERGED_PROJECTIONS:
-            merged, shard = MERGED_PROJECTIONS[proj]
-            module_name = f"{parent}.{merged}" if parent else merged
-        module = modules.get(module_name)
-        if module is None:
-            raise KeyError(f"checkpoint tensor {name!r} matches no module of {type(root).__name__}")
-        if isinstance(module, Linear):
-            kind = module.load_tensor(kind, tensor, shard)  # may name a quantized tensor
-        else:
-            params[name].data.copy_(tensor)
-        if kind is not None:
-            loaded.add(f"{module_name}.{kind}")
-    missing = [n for n in params if n not in loaded]
-    if missing:
-        raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+        if block not in moe_blocks:
+            return None
+        # The block maps expert names onto its fused weights.
+        return [block + p for p in moe_blocks[block].load_tensor(name[len(block):], tensor)]
+    load_hf_tensors(root, weights, experts, MERGED_PROJECTIONS)

@@ -5,7 +5,7 @@ merged into one GEMM each (`qkv_proj`, `gate_up_proj`) and loaded shard by shard
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -214,22 +214,30 @@ class LlamaForCausalLM(nn.Module):
         load_hf_tensors(self, (nt for nt in weights if keep(nt[0])))
 
 
-def load_hf_tensors(root: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+def load_hf_tensors(root: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                    special: Callable[[str, torch.Tensor], list[str] | None] | None = None,
+                    merged_projections: dict[str, tuple[str, str]] = MERGED_PROJECTIONS) -> None:
     """Load Hugging Face-named tensors (names relative to `root`) into root's modules: q/k/v
     and gate/up go into their merged layer shard by shard, Linear layers load through their
-    method (quantized formats). Raises if a tensor fits no module or a parameter is left
-    unloaded."""
+    method (quantized formats); `merged_projections` says which (the family's own map).
+    `special(name, tensor)` may claim a tensor first (returning
+    the parameter names it filled, or None to pass). Raises if a tensor fits no module or a
+    parameter is left unloaded."""
     modules = dict(root.named_modules())
     params = dict(root.named_parameters())
     loaded: set[str] = set()
     for name, tensor in weights:
         if name.endswith("rotary_emb.inv_freq"):
             continue  # a buffer some old checkpoints saved; recomputed here
+        claimed = special(name, tensor) if special is not None else None
+        if claimed is not None:
+            loaded.update(claimed)
+            continue
         module_name, kind = name.rsplit(".", 1)
         parent, _, proj = module_name.rpartition(".")
         shard = None
-        if proj in MERGED_PROJECTIONS:
-            merged, shard = MERGED_PROJECTIONS[proj]
+        if proj in merged_projections:
+            merged, shard = merged_projections[proj]
             module_name = f"{parent}.{merged}" if parent else merged
         module = modules.get(module_name)
         if module is None:

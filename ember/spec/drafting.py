@@ -70,6 +70,20 @@ class ProposerKV:
     def record(self, r: Request, covered: int, state: Any = None) -> None:
         self._entries[self._key(r)] = (covered, r.num_preemptions, state)
 
+    def drafting_states(self, scheduled: list[ScheduledRequest]
+                        ) -> tuple[list[ScheduledRequest], list[Any]]:
+        """The requests that draft this step (num_spec_slots > 0) and have a recorded state
+        at their computed length, with those states; forgets finished requests first."""
+        self.forget_finished(scheduled)
+        spec, states = [], []
+        for s in scheduled:
+            if s.num_spec_slots > 0:
+                state = self.state(s.request, s.request.num_computed_tokens)
+                if state is not None:   # always, unless the request's state moved under us
+                    spec.append(s)
+                    states.append(state)
+        return spec, states
+
     def forget_finished(self, live: list[ScheduledRequest]) -> None:
         """Drop the entries of requests no longer scheduled, once there are many."""
         if len(self._entries) > 4 * len(live) + 256:

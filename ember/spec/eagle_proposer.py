@@ -114,14 +114,7 @@ class EagleProposer(Proposer):
     # ---- drafting ---------------------------------------------------------------------------
     @torch.inference_mode()
     def propose(self, batch: SchedulerOutput) -> None:
-        self.kv.forget_finished(batch.scheduled)
-        spec, kept = [], []
-        for s in batch.scheduled:
-            if s.num_spec_slots > 0:
-                o = self.kv.state(s.request, s.request.num_computed_tokens)
-                if o is not None:   # always, unless the request's state moved under us
-                    spec.append(s)
-                    kept.append(o)
+        spec, kept = self.kv.drafting_states(batch.scheduled)
         if not spec:
             return
         o = torch.stack(kept)   # [B, H] the last pair's output of each request
