@@ -10,6 +10,7 @@ import random
 
 import pytest
 import torch
+from _spec_helpers import mixed_batch_params, record_step_kinds
 from conftest import EOS, TinyCheckpoint, assert_no_leaks, random_prompts
 
 from ember import LLM, SamplingParams
@@ -235,20 +236,12 @@ def test_drafts_follow_the_reference_through_accepts_and_rollbacks(
 def test_batch_mixes_mtp_and_ordinary_requests(tiny_llama, prompts, reference, mtp_dir) -> None:
     llm = make_llm(tiny_llama, speculative_config=mtp_config(mtp_dir, 2),
                    max_num_batched_tokens=24)
-    mixed = []
-    execute = llm.engine.runner.execute
-
-    def recording(batch):
-        mixed.append({bool(s.spec_token_ids) for s in batch.scheduled} == {True, False})
-        return execute(batch)
-    llm.engine.runner.execute = recording
+    kinds = record_step_kinds(llm, lambda s: bool(s.spec_token_ids))
     # Chunked prefills (small budget) and prompt-logprobs requests do not speculate; the
     # others do, in the same batches.
-    params = [SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True,
-                             prompt_logprobs=1 if i % 3 == 0 else None) for i in range(len(prompts))]
-    tokens, _ = run(llm, prompts, params)
+    tokens, _ = run(llm, prompts, mixed_batch_params(len(prompts)))
     assert tokens == reference
-    assert any(mixed)
+    assert frozenset({True, False}) in kinds
     assert_no_leaks(llm.engine)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from _spec_helpers import mixed_batch_params, record_step_kinds
 from conftest import TinyCheckpoint, assert_no_leaks, random_prompts
 
 from ember import LLM, SamplingParams
@@ -124,21 +125,12 @@ def test_rollback_under_preemption_leaks_nothing(tiny_llama, prompts, reference,
 
 def test_batch_mixes_speculating_and_ordinary_requests(tiny_llama, prompts, reference) -> None:
     llm = oracle_llm(tiny_llama, prompts, reference, 0.3, max_num_seqs=8)
-    mixed = []
-    execute = llm.engine.runner.execute
-
-    def recording(batch):
-        kinds = {bool(s.spec_token_ids) for s in batch.scheduled}
-        mixed.append(kinds == {True, False})
-        return execute(batch)
-    llm.engine.runner.execute = recording
+    kinds = record_step_kinds(llm, lambda s: bool(s.spec_token_ids))
     # Staggered lengths: some requests still prefill or have prompt logprobs (never
     # speculate) while others decode with drafts.
-    params = [SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True,
-                             prompt_logprobs=1 if i % 3 == 0 else None) for i in range(len(prompts))]
-    tokens, _ = run(llm, prompts, params)
+    tokens, _ = run(llm, prompts, mixed_batch_params(len(prompts)))
     assert tokens == reference
-    assert any(mixed)
+    assert frozenset({True, False}) in kinds
     assert_no_leaks(llm.engine)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from _spec_helpers import mixed_batch_params, record_step_kinds
 from conftest import assert_no_leaks, random_prompts
 from test_spec_decode import make_llm, run
 
@@ -114,18 +115,9 @@ def test_trees_chains_and_plain_decodes_in_one_batch(tiny_llama, prompts, refere
     # A small token budget: later prompts still prefill while earlier ones speculate.
     llm, oracle = tree_llm(tiny_llama, prompts, reference, 0.2, chains_too=True,
                            max_num_batched_tokens=40)
-    kinds_seen = set()
-    execute = llm.engine.runner.execute
-
-    def recording(batch):
-        kinds = {("tree" if s.spec_tree is not None else "chain" if s.spec_token_ids else "plain")
-                 for s in batch.scheduled}
-        kinds_seen.add(frozenset(kinds))
-        return execute(batch)
-    llm.engine.runner.execute = recording
-    params = [SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True,
-                             prompt_logprobs=1 if i % 3 == 0 else None) for i in range(len(prompts))]
-    tokens, _ = run(llm, prompts, params)
+    kinds_seen = record_step_kinds(
+        llm, lambda s: "tree" if s.spec_tree is not None else "chain" if s.spec_token_ids else "plain")
+    tokens, _ = run(llm, prompts, mixed_batch_params(len(prompts)))
     assert tokens == reference
     assert any({"tree", "chain"} <= k for k in kinds_seen)
     assert any({"tree", "plain"} <= k for k in kinds_seen)

@@ -194,15 +194,13 @@ class DeepseekV3Attention(nn.Module):
 class DeepseekV3DecoderLayer(PreNormDecoderLayer):
     def __init__(self, cfg: ModelConfig, ds: DeepseekConfig, layer: int, backend: MLABackend,
                  ops: LayerOps) -> None:
-        super().__init__()
+        super().__init__(cfg, ops)
         self.self_attn = DeepseekV3Attention(cfg, ds, backend, ops)
         self.mlp: nn.Module
         if ds.is_moe_layer(layer):
             self.mlp = DeepseekMoE(ds.moe_config(cfg.hidden_size), ops, cfg.quantization, "auto")
         else:
             self.mlp = LlamaMLP(cfg, ops)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
 
 class DeepseekV3Model(nn.Module):

@@ -78,14 +78,16 @@ class LlamaMLP(nn.Module):
 
 
 class PreNormDecoderLayer(nn.Module):
-    """The pre-norm residual block every supported family shares: subclasses set
-    `self_attn` (called as self_attn(rope, h, fb)), `mlp`, `input_layernorm` and
-    `post_attention_layernorm`."""
+    """The pre-norm residual block every supported family shares: it owns the two norms;
+    subclasses set `self_attn` (called as self_attn(rope, h, fb)) and `mlp`."""
 
     self_attn: nn.Module
     mlp: nn.Module
-    input_layernorm: RMSNorm
-    post_attention_layernorm: RMSNorm
+
+    def __init__(self, cfg: ModelConfig, ops: LayerOps) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
     def forward(self, rope: RopeStep, h: torch.Tensor, residual: torch.Tensor | None,
                 fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,11 +104,9 @@ class PreNormDecoderLayer(nn.Module):
 class LlamaDecoderLayer(PreNormDecoderLayer):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend, qk_norm: bool,
                  ops: LayerOps) -> None:
-        super().__init__()
+        super().__init__(cfg, ops)
         self.self_attn = LlamaAttention(cfg, backend, qk_norm, ops)
         self.mlp = LlamaMLP(cfg, ops)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
 
 class LlamaModel(nn.Module):
