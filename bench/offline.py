@@ -173,6 +173,9 @@ def main() -> None:
     ap.add_argument("--layer-kernels", default="auto")
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--batch", type=int, default=1, help="decode mode: concurrent requests")
+    ap.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"])
+    ap.add_argument("--also-sync", action="store_true",
+                    help="run ember again with synchronous scheduling and report both")
     ap.add_argument("--hf-batch-size", type=int, default=1)
     ap.add_argument("--hf-num-requests", type=int, default=None,
                     help="run HF on only the first N requests (it is slow); its rate is per token")
@@ -191,7 +194,8 @@ def main() -> None:
     llm = LLM(args.model, dtype=args.dtype, load_format=args.load_format,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               kv_cache_memory=args.kv_cache_memory, attention_backend=args.attention_backend,
-              layer_kernels=args.layer_kernels, enforce_eager=args.enforce_eager, max_model_len=args.max_model_len)
+              layer_kernels=args.layer_kernels, enforce_eager=args.enforce_eager, max_model_len=args.max_model_len,
+              async_scheduling=args.async_scheduling)
     vocab = llm.engine.model_config.vocab_size
     reqs = requests(args, vocab)
     n_out = sum(n for _, n in reqs)
@@ -205,7 +209,15 @@ def main() -> None:
     run_ember(llm, [([warm.randrange(vocab) for _ in ids], 4) for ids, _ in reqs[:8]], device)
     t_ember = run_ember(llm, reqs, device)
     result = {"mode": args.mode, "ember_s": t_ember, "ember_tok_s": n_out / t_ember}
-    print(f"ember: {n_out} tokens in {t_ember:.2f} s = {n_out / t_ember:.1f} output tok/s")
+    print(f"ember: {n_out} tokens in {t_ember:.2f} s = {n_out / t_ember:.1f} output tok/s "
+          f"(async scheduling {'on' if llm.engine.async_scheduling else 'off'})")
+    if args.also_sync and llm.engine.async_scheduling:
+        llm.engine.async_scheduling = False   # the engine is idle between runs
+        t_sync = run_ember(llm, reqs, device)
+        llm.engine.async_scheduling = True
+        result.update(ember_sync_tok_s=n_out / t_sync, async_speedup=t_sync / t_ember)
+        print(f"ember, synchronous scheduling: {n_out / t_sync:.1f} output tok/s; "
+              f"async / sync {t_sync / t_ember:.3f}x")
     if args.mode == "decode" and device.type == "cuda" and args.batch == 1:
         # Each decode step reads every weight it uses once (the KV read is small at these
         # lengths); a MoE step reads only its chosen experts.

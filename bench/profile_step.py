@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from ember import LLM, SamplingParams  # noqa: E402
 from gpu_timing import graph_replay_ms  # noqa: E402
 
-PHASES = ("schedule", "prepare", "forward", "logits", "sampler", "update", "process")
+PHASES = ("schedule", "prepare", "forward", "logits", "sampler", "resolve", "update", "process")
 
 
 def start_decoding(llm: LLM, bs: int, prompt_len: int) -> None:
@@ -64,15 +64,18 @@ def timed(fn: Callable, name: str, acc: dict[str, float]) -> Callable:
 
 
 def host_breakdown(llm: LLM, steps: int) -> dict[str, float]:
-    """ms per step in each engine phase (host wall time; `sampler` includes the wait for the
-    GPU at the one sync of the step), plus the step's wall time."""
+    """ms per step in each engine phase (host wall time; `resolve` is the wait for the
+    step's tokens, the one sync of a step), plus the step's wall time."""
+    import ember.engine.model_runner as model_runner
     eng, runner = llm.engine, llm.engine.runner
     acc: dict[str, float] = defaultdict(float)
-    patched = [(eng.scheduler, "schedule"), (runner, "_prepare"), (runner.model, "compute_logits"),
-               (runner, "sampler"), (eng.scheduler, "update"), (eng.output_processor, "process")]
+    patched = [(eng.scheduler, "schedule"), (model_runner, "build_forward_batch"),
+               (runner.model, "compute_logits"), (runner, "sampler"),
+               (model_runner.LaunchedStep, "resolve"), (eng.scheduler, "update"),
+               (eng.output_processor, "process")]
     if runner.graph_runner is not None:
         patched.append((runner.graph_runner, "run"))
-    names = {"_prepare": "prepare", "run": "forward", "compute_logits": "logits"}
+    names = {"build_forward_batch": "prepare", "run": "forward", "compute_logits": "logits"}
     originals = [getattr(obj, attr) for obj, attr in patched]
     for (obj, attr), fn in zip(patched, originals):
         setattr(obj, attr, timed(fn, names.get(attr, attr), acc))
@@ -175,15 +178,16 @@ def main() -> None:
     ap.add_argument("--model", default="bench/configs/llama-3.1-8b/config.json")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--layer-kernels", nargs="+", default=["torch", "triton"])
+    ap.add_argument("--async-scheduling", nargs="+", default=["on"], choices=["on", "off"])
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--profile-steps", type=int, default=4)
     args = ap.parse_args()
     print(f"# {args.model}, dummy bf16 weights, {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    for lk in args.layer_kernels:
+    for lk, mode in [(lk, m) for lk in args.layer_kernels for m in args.async_scheduling]:
         llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_model_len=4096,
-                  max_num_seqs=max(args.batch_sizes), layer_kernels=lk)
-        if lk == "triton":
+                  max_num_seqs=max(args.batch_sizes), layer_kernels=lk, async_scheduling=mode)
+        if lk == "triton" and mode == args.async_scheduling[0]:
             check_layer_ops_real_shapes(llm)
         for bs in args.batch_sizes:
             start_decoding(llm, bs, args.prompt_len)
@@ -192,7 +196,7 @@ def main() -> None:
             groups, top = kernel_profile(llm, args.profile_steps)
             stop_all(llm, bs)
             share = 1 - fwd / host["step"] if fwd else float("nan")
-            print(f"\n== layer kernels {lk}, batch {bs}: step {host['step']:.3f} ms = "
+            print(f"\n== layer kernels {lk}, async scheduling {mode}, batch {bs}: step {host['step']:.3f} ms = "
                   f"{bs * 1e3 / host['step']:.0f} tok/s; captured forward {fwd:.3f} ms; host share {100 * share:.1f}%")
             print("host wall per step (ms): " + ", ".join(f"{p} {host.get(p, 0):.3f}" for p in PHASES))
             total = sum(v[0] for v in groups.values())

@@ -28,6 +28,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer-kernels", default="auto", choices=["auto", "torch", "triton"],
                    help="RMSNorm, RoPE and SiLU-mul: fused Triton kernels (auto: on CUDA) or torch")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
+                   help="schedule the next step while the device runs this one (auto: on CUDA, "
+                        "without speculation)")
     p.add_argument("--prefix-cache", default="radix", choices=["radix", "none"],
                    help="reuse the KV cache of shared prompt prefixes (RadixAttention) or not")
     p.add_argument("--scheduling-policy", default="lpm", choices=["lpm", "fcfs"],
@@ -51,7 +54,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
                 kv_cache_memory=args.kv_cache_memory, attention_backend=args.attention_backend,
                 layer_kernels=args.layer_kernels,
-                enforce_eager=args.enforce_eager,
+                enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
                 prefix_cache=args.prefix_cache, scheduling_policy=args.scheduling_policy,
                 seed=args.seed, speculative_config=args.speculative_config,
                 quantization=args.quantization)

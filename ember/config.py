@@ -31,6 +31,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+def resolve_async_scheduling(mode: str, device: torch.device, speculating: bool) -> bool:
+    """Whether the engine overlaps steps: `on` / `auto` need no speculation (a proposer
+    drafts from the latest tokens); `auto` also needs CUDA (on the CPU the forward runs on
+    the host thread, so nothing overlaps)."""
+    if mode == "off" or speculating:
+        return False
+    return mode == "on" or device.type == "cuda"
+
+
 @dataclass
 class ModelConfig:
     """The model's shape, read from a Hugging Face config.json (or built from GGUF metadata)."""
@@ -120,6 +129,9 @@ class EngineConfig:
     scheduling_policy: str = "lpm"        # lpm (longest cached prefix first) | fcfs
     seed: int = 0
     enforce_eager: bool = False           # True: no CUDA graphs for decode
+    # auto (on CUDA without speculation) | on | off: overlap a step's host work with the
+    # next step's forward (Engine.step)
+    async_scheduling: str = "auto"
     # Speculative decoding: a dict or JSON string like vLLM's --speculative-config,
     # e.g. {"method": "ngram", "num_speculative_tokens": 3}; parsed to a SpeculativeConfig.
     speculative_config: Any = None
@@ -138,6 +150,8 @@ class EngineConfig:
             raise ValueError(f"unknown prefix_cache {self.prefix_cache!r}; choose radix or none")
         if self.scheduling_policy not in ("lpm", "fcfs"):
             raise ValueError(f"unknown scheduling_policy {self.scheduling_policy!r}; choose lpm or fcfs")
+        if self.async_scheduling not in ("auto", "on", "off"):
+            raise ValueError(f"unknown async_scheduling {self.async_scheduling!r}; choose auto, on or off")
         from ember.spec.config import SpeculativeConfig
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
 

@@ -18,10 +18,10 @@ def record_step_kinds(llm: LLM, kind: Callable) -> list[frozenset]:
     """Wrap the runner so each executed step appends the set of kind(s) of its scheduled
     requests; returns the list it fills."""
     seen: list[frozenset] = []
-    execute = llm.engine.runner.execute
+    launch = llm.engine.runner.launch
 
-    def recording(batch):
+    def recording(batch, *args, **kwargs):
         seen.append(frozenset(kind(s) for s in batch.scheduled))
-        return execute(batch)
-    llm.engine.runner.execute = recording
+        return launch(batch, *args, **kwargs)
+    llm.engine.runner.launch = recording
     return seen

@@ -286,6 +286,7 @@ def test_admission_shares_the_cached_prefix_and_computes_the_rest() -> None:
     out = sched.schedule()
     assert third.num_computed_tokens == 8 and ("c", 4) in [(s.request.request_id, s.num_new_tokens)
                                                            for s in out.scheduled]
+    sched.update(out, {s.request.request_id: 7 for s in out.scheduled if s.samples})
     run_until_done(sched)
     stats = sched.prefix_cache.stats()
     assert (stats.prompt_tokens, stats.cached_prompt_tokens) == (10 + 12 + 12, 16)

@@ -77,6 +77,7 @@ def test_fcfs_order() -> None:
     # though it alone would have fit.
     assert plan(out) == [("0", 6), ("1", 3), ("2", 1)]
     assert [r.request_id for r in sched.waiting] == ["3"]
+    sched.update(out, {s.request.request_id: 7 for s in out.scheduled if s.samples})
     finished_order = []
     while sched.has_unfinished():
         out = step(sched)

@@ -122,3 +122,58 @@ def test_registry():
     assert get_layer_ops("triton", torch.device("cpu")).name == "triton"
     with pytest.raises(ValueError, match="unknown layer kernels"):
         get_layer_ops("fast", torch.device("cpu"))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="programmatic dependent launch needs a CUDA GPU")
+def test_pdl_chain_in_a_graph_matches_plain_launches(monkeypatch):
+    """Norms that let their dependents start early, GEMVs that start early and wait for
+    them (ember.layers.pdl), captured in a CUDA graph and replayed on new inputs: the same
+    bits as with ordinary launches, so no GEMV read its input before it was written."""
+    from ember.layers.pdl import pdl_enabled
+    d, f = 4096, 8192
+    w1, w2 = randn(f, d, dtype=torch.bfloat16, seed=20), randn(d, f, dtype=torch.bfloat16, seed=21)
+    nw1, nw2 = randn(d, dtype=torch.bfloat16, seed=22), randn(f, dtype=torch.bfloat16, seed=23)
+
+    def chain(x, res):
+        h, res = TRITON.add_rms_norm(x, res, nw1, 1e-5)
+        y = gemv(h, w1)
+        return gemv(TRITON.rms_norm(y, nw2, 1e-5), w2), res
+
+    def run_all(inputs):
+        outs = []
+        x_s, r_s = inputs[0][0].clone(), inputs[0][1].clone()
+        chain(x_s, r_s)   # compile
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out_s, _ = chain(x_s, r_s)
+        for x, r in inputs:
+            x_s.copy_(x)
+            r_s.copy_(r)
+            g.replay()
+            outs.append(out_s.clone())
+        return outs
+    inputs = [(randn(1, d, dtype=torch.bfloat16, seed=30 + i), randn(1, d, dtype=torch.bfloat16, seed=40 + i))
+              for i in range(4)]
+    assert pdl_enabled(inputs[0][0]) == (torch.cuda.get_device_capability()[0] >= 9)
+    with_pdl = run_all(inputs)
+    monkeypatch.setenv("EMBER_PDL", "0")
+    assert not pdl_enabled(inputs[0][0])
+    plain = run_all(inputs)
+    for a, b in zip(with_pdl, plain):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,v", [(1, 5000), (3, 8192), (2, 4100)])
+def test_argmax_rows_matches_torch_with_ties(dtype, rows, v):
+    from ember.layers.triton_argmax import argmax_rows
+    x = randn(rows, v, dtype=dtype, seed=50)
+    # Plant ties: each row's max twice (and in different chunks), so the first must win.
+    x[:, 3000] = 9.0
+    x[:, 4097] = 9.0
+    if rows > 1:
+        x[1, 17] = 9.0           # the tie's first index in chunk 0
+        x[-1, v - 1] = 11.0      # a unique max in the last, partial chunk
+    got = argmax_rows(x)
+    assert got.dtype == torch.int64
+    assert torch.equal(got, x.argmax(dim=-1))

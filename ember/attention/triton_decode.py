@@ -12,12 +12,14 @@ Torch reference: `ember.attention.torch_ref.paged_attention_ref` (the decode row
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from ember.attention.triton_common import LOG2E, dot_flags, mma
+from ember.layers.pdl import pdl_trigger
 
 MAX_SPLITS = 64
 
@@ -33,8 +35,10 @@ def _decode_split_kernel(
     NUM_SPLITS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     GROUP: tl.constexpr, GROUP_P2: tl.constexpr,
     HEAD_DIM: tl.constexpr, DIM_P2: tl.constexpr,
-    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:   # the o projection's GEMV follows, or the reduce (ember.layers.pdl)
+        tl.extra.cuda.gdc_launch_dependents()
     s = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -99,8 +103,10 @@ def _decode_reduce_kernel(
     part_o_ptr, part_lse_ptr, out_ptr,
     stride_ot, stride_oh,
     NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
-    HEAD_DIM: tl.constexpr, DIM_P2: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DIM_P2: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:   # the o projection's GEMV follows (ember.layers.pdl)
+        tl.extra.cuda.gdc_launch_dependents()
     s = tl.program_id(0)
     h = tl.program_id(1)
     row = s * tl.num_programs(1) + h
@@ -118,10 +124,17 @@ def _decode_reduce_kernel(
              mask=d < HEAD_DIM)
 
 
+# The shortest split worth its fixed cost. CUDA graphs fix the split count for
+# max_model_len, so at batch 1 a short context uses only its first splits: shorter splits
+# then mean more programs sharing it. EMBER_DECODE_SPLIT_TOKENS overrides it (A/B runs).
+MIN_TOKENS_PER_SPLIT = int(os.environ.get("EMBER_DECODE_SPLIT_TOKENS", "256"))
+
+
 def choose_num_splits(num_seqs: int, kv_heads: int, max_seq_len: int, num_sms: int,
-                      min_tokens_per_split: int = 256) -> int:
+                      min_tokens_per_split: int | None = None) -> int:
     """Enough programs to fill the GPU a few times over, but no split shorter than
     `min_tokens_per_split` (its fixed cost would dominate). Host integers only."""
+    min_tokens_per_split = min_tokens_per_split or MIN_TOKENS_PER_SPLIT
     want = math.ceil(4 * num_sms / max(1, num_seqs * kv_heads))
     most = max(1, max_seq_len // min_tokens_per_split)
     return int(max(1, min(want, most, MAX_SPLITS)))
@@ -162,13 +175,13 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
         NUM_SPLITS=num_splits, BLOCK_SIZE=block_size,
         GROUP=group, GROUP_P2=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=d, DIM_P2=dim_p2, BLOCK_N=block_n,
-        **dot_flags(q),
+        **dot_flags(q), **pdl_trigger(q),
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(s, heads)](
             part_o, part_lse, out, out.stride(0), out.stride(1),
             NUM_SPLITS=num_splits, SPLITS_P2=triton.next_power_of_2(num_splits),
-            HEAD_DIM=d, DIM_P2=dim_p2, num_warps=4 if dim_p2 >= 128 else 1,
+            HEAD_DIM=d, DIM_P2=dim_p2, num_warps=4 if dim_p2 >= 128 else 1, **pdl_trigger(q),
         )
     return out

@@ -7,11 +7,11 @@ import torch
 
 from ember.cache.block_pool import BlockPool
 from ember.cache.prefix import create_prefix_cache
-from ember.config import EngineConfig, resolve_device, resolve_dtype
-from ember.engine.model_runner import ModelRunner
+from ember.config import EngineConfig, resolve_async_scheduling, resolve_device, resolve_dtype
+from ember.engine.model_runner import LaunchedStep, ModelRunner
 from ember.engine.output_processor import OutputProcessor
 from ember.engine.request import Request
-from ember.engine.scheduler import Scheduler
+from ember.engine.scheduler import Scheduler, SchedulerOutput
 from ember.models.loader import resolve_model
 from ember.outputs import RequestOutput
 from ember.sampling_params import SamplingParams
@@ -53,6 +53,12 @@ class Engine:
                                    budget, max_model_len, self.prefix_cache, cfg.scheduling_policy,
                                    self.speculator)
         self.output_processor = OutputProcessor(self.tokenizer, self.scheduler)
+        # Async scheduling (vLLM's --async-scheduling, SGLang's overlap scheduler): schedule
+        # and launch step N + 1 before step N's tokens reach the host. Off with speculation
+        # (drafting reads the latest tokens) and, under `auto`, on the CPU (no overlap there).
+        self.async_scheduling = resolve_async_scheduling(cfg.async_scheduling, device,
+                                                         cfg.speculative_config.enabled)
+        self.in_flight: LaunchedStep | None = None
         self.eos_token_ids = frozenset(
             self.tokenizer.eos_token_ids if self.tokenizer is not None else source.config.eos_token_ids)
         logger.info("ember ready: %s on %s (%s), max_model_len %d, %d KV tokens",
@@ -109,18 +115,33 @@ class Engine:
         return self.output_processor.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self.in_flight is not None
 
     # ---- the loop -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, draft, run one forward, sample / verify, and report what changed."""
+        """Schedule, draft and launch one forward; then apply the step before it (async
+        scheduling: the host's work for one step overlaps the device's for the next) or
+        this one, and report what changed."""
         batch = self.scheduler.schedule()
-        if batch.empty:
-            return []
+        launched = None if batch.empty else self._launch(batch)
+        outputs = self._apply(self.in_flight) if self.in_flight is not None else []
+        self.in_flight = launched
+        if launched is not None and not launched.deferred:
+            outputs += self._apply(launched)
+        return outputs
+
+    def _launch(self, batch: SchedulerOutput) -> LaunchedStep:
         self.speculator.propose(batch)       # drafts into the room the scheduler left
-        result = self.runner.execute(batch)  # one forward: prefill, decode and verify
-        touched = self.scheduler.update(batch, result.sampled)
-        self.speculator.observe(batch, result)
+        # One forward (prefill, decode and verify) and the sampler; deferred under async
+        # scheduling, its pending inputs taken on the device from the step in flight.
+        return self.runner.launch(batch, self.in_flight, defer=self.async_scheduling)
+
+    def _apply(self, step: LaunchedStep) -> list[RequestOutput]:
+        """Wait for a launched step's tokens, apply them, and turn them into outputs."""
+        self.in_flight = None if step is self.in_flight else self.in_flight
+        result = step.resolve()
+        touched = self.scheduler.update(step.batch, result.sampled)
+        self.speculator.observe(step.batch, result)
         return self.output_processor.process(touched, result)
 
     def spec_stats(self) -> dict:

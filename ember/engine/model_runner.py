@@ -14,7 +14,7 @@ from ember.engine.cuda_graph import CudaGraphRunner
 from ember.engine.forward_batch import ForwardBatch
 from ember.engine.scheduler import SchedulerOutput, ScheduledRequest
 from ember.layers.layer_ops import get_layer_ops
-from ember.layers.sampler import (RowLogprobs, Sampler, SamplingBatch, SamplingRow,
+from ember.layers.sampler import (RowLogprobs, Sampler, SamplerOutput, SamplingBatch, SamplingRow,
                                   compute_token_logprobs, sampling_probs)
 from ember.models.loader import ModelSource, build_model
 from ember.models.registry import attention_backend_for
@@ -35,6 +35,35 @@ class StepResult:
     logprobs: dict[str, list[RowLogprobs]] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[RowLogprobs]] = field(default_factory=dict)
     num_accepted: dict[str, int] = field(default_factory=dict)   # speculating requests only
+
+
+class LaunchedStep:
+    """A step queued on the device. Resolved steps carry their StepResult; deferred ones
+    (async scheduling) carry the sampled tokens on the device (the next step's pending
+    inputs) and their copy on the host, ready once `done` has fired."""
+
+    def __init__(self, batch: SchedulerOutput, request_ids: list[str] | None = None,
+                 sampled_ids: torch.Tensor | None = None, host_ids: torch.Tensor | None = None,
+                 done: torch.cuda.Event | None = None, result: StepResult | None = None) -> None:
+        self.batch = batch
+        self.request_ids = request_ids or []
+        self.sampled_ids = sampled_ids                     # [num_sampling] long, on the device
+        self.sample_row = {rid: i for i, rid in enumerate(self.request_ids)}
+        self._host_ids, self._done, self._result = host_ids, done, result
+
+    @property
+    def deferred(self) -> bool:
+        """True while the step's tokens have not been brought back to the host."""
+        return self._result is None
+
+    def resolve(self) -> StepResult:
+        """Wait for the step's tokens (deferred steps) and return its result."""
+        if self._result is None:
+            if self._done is not None:
+                self._done.synchronize()
+            tokens = self._host_ids.tolist()
+            self._result = StepResult(sampled={rid: [t] for rid, t in zip(self.request_ids, tokens)})
+        return self._result
 
 
 @dataclass
@@ -214,24 +243,37 @@ class ModelRunner:
         return total * self.cfg.gpu_memory_utilization - peak - max(used_by_others, 0)
 
     # ---- one step -----------------------------------------------------------------------
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
+        """Run one step to the end: forward, sampling / verification, tokens on the host."""
+        return self.launch(out).resolve()
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, previous: LaunchedStep | None = None,
+               defer: bool = False) -> LaunchedStep:
+        """Queue one step on the device. With `defer`, a step whose sampling rows all
+        sample without history (Request.samples_without_history; no drafts, no prompt
+        logprobs, no hidden-state hook) returns before its tokens reach the host: they are
+        copied back asynchronously and `resolve()` waits for them. Any other step is
+        resolved here. `previous` is the step in flight, whose sampled tokens on the device
+        are this step's pending inputs (ScheduledRequest.num_pending_inputs)."""
         # Single-query sequences first: the attention backend batches them.
         scheduled = sorted(out.scheduled, key=lambda s: s.num_query_tokens != 1)
         trees = {i: s for i, s in enumerate(scheduled) if s.spec_tree is not None}
         if trees and not getattr(self.backend, "supports_tree_masks", False):
             raise RuntimeError(f"the {self.backend.name} attention backend cannot verify draft trees")
         positions, masks = tree_layout(trees, self.device)
-        fb = build_forward_batch([(s.request.block_ids, s.request.num_computed_tokens,
-                                   s.query_token_ids) for s in scheduled],
+        fb = build_forward_batch([(s.request.block_ids, s.start, s.query_token_ids) for s in scheduled],
                                  self.block_size, self.device, positions, masks)
+        self._fill_pending_inputs(scheduled, fb, previous)
         if self.graph_runner is not None and self.graph_runner.can_run(fb):
             hidden = self.graph_runner.run(fb)
         else:
             self.backend.prepare(fb)
             hidden = self.model(fb.input_ids, fb.positions, fb)
-        result = StepResult()
         sampling = [i for i, s in enumerate(scheduled) if s.samples and not s.spec_token_ids]
+        if defer and self._deferrable(scheduled, sampling):
+            return self._launch_sampling(out, scheduled, sampling, fb, hidden)
+        result = StepResult()
         verifying = [i for i, s in enumerate(scheduled) if s.samples and s.spec_token_ids]
         chains = [i for i in verifying if i not in trees]
         if chains:
@@ -241,16 +283,7 @@ class ModelRunner:
             self._verify_trees([scheduled[i] for i in trees],
                                [fb.query_start_loc[i + 1] for i in trees], hidden, result)
         if sampling:
-            # Index with a device tensor only when some rows don't sample (indexing with a
-            # host list would copy it over and wait for the forward).
-            rows = fb.logits_indices if len(sampling) == len(scheduled) else \
-                fb.logits_indices[torch.tensor(sampling, device=self.device)]
-            logits = self.model.compute_logits(hidden[rows])
-            reqs = [scheduled[i].request for i in sampling]
-            rows = [SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator,
-                                r.eos_token_ids) for r in reqs]
-            batch = SamplingBatch.build(rows, logits.shape[-1], self.device)
-            sampler_out = self.sampler(logits, batch)
+            sampler_out, reqs = self._sample(scheduled, sampling, fb, hidden)
             tokens = sampler_out.sampled_token_ids.tolist()
             for r, tok, lp in zip(reqs, tokens, sampler_out.row_logprobs()):
                 result.sampled[r.request_id] = [tok]
@@ -263,7 +296,63 @@ class ModelRunner:
             aux = getattr(self.model.model, "aux_hidden_states", None)
             self.hidden_states_hook(TargetHiddenStates(hidden, scheduled, fb.query_start_loc,
                                                        num_valid, result.sampled, aux))
-        return result
+        return LaunchedStep(out, result=result)
+
+    def _deferrable(self, scheduled: list[ScheduledRequest], sampling: list[int]) -> bool:
+        return (self.hidden_states_hook is None and len(sampling) > 0
+                and all(not s.spec_token_ids and s.request.prompt_logprobs is None for s in scheduled)
+                and all(scheduled[i].request.samples_without_history for i in sampling))
+
+    def _fill_pending_inputs(self, scheduled: list[ScheduledRequest], fb: ForwardBatch,
+                             previous: LaunchedStep | None) -> None:
+        """Put the tokens the step in flight samples (still on the device) into this step's
+        input ids: device to device, so the host never waits for them."""
+        pending = [(fb.query_start_loc[i], s.request.request_id)
+                   for i, s in enumerate(scheduled) if s.num_pending_inputs]
+        if not pending:
+            return
+        if previous is None or previous.sampled_ids is None:
+            raise RuntimeError("a scheduled token is pending but no step is in flight")
+        rows = previous.sample_row
+        dst = [d for d, _ in pending]
+        src = [rows[rid] for _, rid in pending]
+        n = len(pending)
+        if dst == src == list(range(n)):   # the usual decode batch: same requests, same order
+            fb.input_ids[:n].copy_(previous.sampled_ids[:n])
+            return
+        index = torch.from_numpy(np.array((dst, src), dtype=np.int64)).to(self.device, non_blocking=True)
+        fb.input_ids[index[0]] = previous.sampled_ids[index[1]]
+
+    def _sample(self, scheduled: list[ScheduledRequest], sampling: list[int], fb: ForwardBatch,
+                hidden: torch.Tensor) -> tuple[SamplerOutput, list]:
+        """Logits of the sampling rows and one sampler call (queued; nothing read back)."""
+        # Index with a device tensor only when some rows don't sample (indexing with a
+        # host list would copy it over and wait for the forward).
+        if len(sampling) == len(scheduled) == hidden.shape[0]:
+            h = hidden   # a pure decode step: every row samples, in order (no gather)
+        elif len(sampling) == len(scheduled):
+            h = hidden[fb.logits_indices]
+        else:
+            h = hidden[fb.logits_indices[torch.tensor(sampling).to(self.device, non_blocking=True)]]
+        logits = self.model.compute_logits(h)
+        reqs = [scheduled[i].request for i in sampling]
+        rows = [SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator,
+                            r.eos_token_ids) for r in reqs]
+        batch = SamplingBatch.build(rows, logits.shape[-1], self.device)
+        return self.sampler(logits, batch), reqs
+
+    def _launch_sampling(self, out: SchedulerOutput, scheduled: list[ScheduledRequest],
+                         sampling: list[int], fb: ForwardBatch, hidden: torch.Tensor) -> LaunchedStep:
+        """Queue the sampler and an asynchronous copy of its tokens to the host."""
+        sampler_out, reqs = self._sample(scheduled, sampling, fb, hidden)
+        ids = sampler_out.sampled_token_ids
+        if self.device.type != "cuda":
+            return LaunchedStep(out, [r.request_id for r in reqs], ids, ids, None)
+        host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+        host.copy_(ids, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return LaunchedStep(out, [r.request_id for r in reqs], ids, host, done)
 
     def _verify(self, spec: list[ScheduledRequest], ends: list[int], hidden: torch.Tensor,
                 result: StepResult) -> None:

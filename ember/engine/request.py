@@ -32,6 +32,11 @@ class Request:
     eos_token_ids: frozenset[int] = frozenset()
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    # Async scheduling: a step is scheduled before the previous one's tokens reach the
+    # host. Tokens a launched, not yet applied step computes, and tokens it samples (still
+    # on the device); both are 0 between steps when scheduling is synchronous.
+    num_inflight_tokens: int = 0
+    num_pending_samples: int = 0
     block_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None      # "stop" | "length" | "abort"
@@ -70,6 +75,16 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def samples_without_history(self) -> bool:
+        """Its next token can be drawn, and the step applied later, without the host
+        knowing its latest tokens: no penalties or min_tokens read the output, and no
+        logprobs need bringing back. Async scheduling runs ahead only over such requests."""
+        p = self.params
+        return (p.repetition_penalty == 1.0 and p.frequency_penalty == 0.0
+                and p.presence_penalty == 0.0 and self.num_output_tokens >= p.min_tokens
+                and p.logprobs is None and p.prompt_logprobs is None)
 
     @property
     def finished(self) -> bool:

@@ -34,12 +34,21 @@ class ScheduledRequest:
     # A draft tree instead of a chain (ember.spec.tree.DraftTree): spec_token_ids are then
     # its node tokens in node order, verified in one forward under a tree attention mask.
     spec_tree: Any = None
+    # Fixed when scheduled (the request's own counts lag under async scheduling, where a
+    # step is scheduled before the previous one is applied): the first position computed;
+    # whether the step reaches the request's last token, so samples a new one; and the
+    # request's preemption count, so a step applied after a preemption is recognised.
+    start: int = -1
+    samples: bool | None = None
+    preemptions: int = -1
 
-    @property
-    def samples(self) -> bool:
-        """True when this step reaches the request's last token, so a new one is sampled."""
+    def __post_init__(self) -> None:
         r = self.request
-        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+        if self.start < 0:
+            self.start = r.num_computed_tokens + r.num_inflight_tokens
+        if self.samples is None:
+            self.samples = self.start + self.num_new_tokens == r.num_tokens + r.num_pending_samples
+        self.preemptions = r.num_preemptions
 
     @property
     def num_query_tokens(self) -> int:
@@ -47,10 +56,16 @@ class ScheduledRequest:
         return self.num_new_tokens + len(self.spec_token_ids)
 
     @property
+    def num_pending_inputs(self) -> int:
+        """Own tokens of this step not on the host yet (0, or 1: the token the step in
+        flight samples, which the runner takes from the device)."""
+        return max(0, self.start + self.num_new_tokens - self.request.num_tokens)
+
+    @property
     def query_token_ids(self) -> list[int]:
-        r = self.request
-        start = r.num_computed_tokens
-        return r.token_ids[start:start + self.num_new_tokens] + self.spec_token_ids
+        """The tokens to compute; a pending input is a 0 placeholder (see num_pending_inputs)."""
+        own = self.request.token_ids[self.start:self.start + self.num_new_tokens]
+        return own + [0] * self.num_pending_inputs + self.spec_token_ids
 
 
 class SpecPolicy(Protocol):
@@ -124,14 +139,22 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            # Counting the step in flight, if any (async scheduling).
+            computed = req.num_computed_tokens + req.num_inflight_tokens
+            total = req.num_tokens + req.num_pending_samples
+            if req.num_pending_samples and (
+                    req.num_output_tokens + req.num_pending_samples >= req.max_tokens
+                    or total >= self.max_model_len):
+                i += 1   # its pending token ends it by length: nothing more to compute
+                continue
+            n = min(total - computed, budget)
             room = self._spec_room(req, n, k, budget)
-            if room and self._grow(req, req.num_computed_tokens + n + room):
+            if room and self._grow(req, computed + n + room):
                 out.scheduled.append(ScheduledRequest(req, n, num_spec_slots=room))
                 budget -= n + room
                 i += 1
                 continue
-            if self._grow(req, req.num_computed_tokens + n):
+            if self._grow(req, computed + n):
                 out.scheduled.append(ScheduledRequest(req, n))
                 budget -= n
                 i += 1
@@ -164,6 +187,9 @@ class Scheduler:
             budget -= n
             if inflight is not None:
                 inflight.add(req.token_ids, req.num_computed_tokens)
+        for s in out.scheduled:   # until update() applies the step
+            s.request.num_inflight_tokens += s.num_new_tokens
+            s.request.num_pending_samples += s.samples
         return out
 
     def _spec_room(self, req: Request, n: int, k: int, budget: int) -> int:
@@ -185,11 +211,15 @@ class Scheduler:
         touched = []
         for s in out.scheduled:
             req = s.request
-            sample = s.samples
-            req.num_computed_tokens += s.num_new_tokens
-            if s.num_new_tokens > 1:  # a prefill chunk: later requests may share it now
-                self._cache_running(req)
-            if not sample:
+            req.num_inflight_tokens -= s.num_new_tokens
+            req.num_pending_samples -= s.samples
+            if req.finished:
+                continue   # ended (stop, abort) after this step was scheduled: drop its tokens
+            if s.preemptions == req.num_preemptions:   # else its K/V is gone: recomputed later
+                req.num_computed_tokens += s.num_new_tokens
+                if s.num_new_tokens > 1:  # a prefill chunk: later requests may share it now
+                    self._cache_running(req)
+            if not s.samples:
                 continue
             appended = 0
             tokens = sampled[req.request_id]
@@ -234,13 +264,16 @@ class Scheduler:
         if req.finished:
             return
         req.finish(reason, stop_reason)
-        if req in self.waiting:
-            self.waiting.remove(req)
         self._release(req)
 
     def _release(self, req: Request) -> None:
+        """A finished request leaves the queues and lets go of its blocks. A step still in
+        flight may write its last K/V into them: that write is ordered on the device before
+        any later step's, so handing the blocks out again at once is safe."""
         if req in self.running:
             self.running.remove(req)
+        elif req in self.waiting:   # preempted while its last step was in flight
+            self.waiting.remove(req)
         self._give_back(req)
 
     # ---- prefix cache -----------------------------------------------------------------------
@@ -296,8 +329,8 @@ class Scheduler:
             return waiting, None
         inflight = InBatchPrefixes(self.block_size)
         for s in out.scheduled:
-            if s.request.num_computed_tokens < s.request.num_tokens - 1:   # still prefilling
-                inflight.add(s.request.token_ids, s.request.num_computed_tokens)
+            if s.start < s.request.num_tokens - 1:   # still prefilling
+                inflight.add(s.request.token_ids, s.start)
         if len(waiting) < 2 or self.prefix_cache.num_cached_blocks == 0:
             return waiting, inflight
 

@@ -118,7 +118,7 @@ class SamplingBatch:
         float_params: dict[str, torch.Tensor] = {}
         if columns:
             # One host-to-device copy for all float parameters.
-            packed = torch.tensor(list(columns.values()), dtype=torch.float32).to(device)
+            packed = torch.tensor(list(columns.values()), dtype=torch.float32).to(device, non_blocking=True)
             float_params = dict(zip(columns, packed))  # name -> [num_seqs]
 
         top_k = None
@@ -129,16 +129,16 @@ class SamplingBatch:
                 for p, g in zip(params, greedy)
             ]
             max_top_k = max(k_list)
-            top_k = torch.tensor(k_list, dtype=torch.long).to(device)
+            top_k = torch.tensor(k_list, dtype=torch.long).to(device, non_blocking=True)
 
         greedy_mask = None
         if not all_greedy and any(greedy):
-            greedy_mask = torch.tensor(greedy, dtype=torch.bool).to(device)
+            greedy_mask = torch.tensor(greedy, dtype=torch.bool).to(device, non_blocking=True)
 
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         logprob_index = None
         if logprob_rows and len(logprob_rows) < n:
-            logprob_index = torch.tensor(logprob_rows, dtype=torch.long).to(device)
+            logprob_index = torch.tensor(logprob_rows, dtype=torch.long).to(device, non_blocking=True)
 
         return cls(
             num_seqs=n,
@@ -190,7 +190,7 @@ def _build_penalties(
             [r.params.presence_penalty for r in sub],
         ],
         dtype=torch.float32,
-    ).to(device)  # [3, m]
+    ).to(device, non_blocking=True)  # [3, m]
 
     out_tokens, out_rows = _flatten([r.output_token_ids for r in sub], device)
     output_counts = torch.zeros((m, vocab_size), dtype=torch.float32, device=device)
@@ -209,7 +209,7 @@ def _build_penalties(
         seen.view(-1)[prompt_rows * vocab_size + prompt_tokens] = True
 
     return Penalties(
-        rows=None if m == len(rows) else torch.tensor(idx, dtype=torch.long).to(device),
+        rows=None if m == len(rows) else torch.tensor(idx, dtype=torch.long).to(device, non_blocking=True),
         repetition=values[0],
         frequency=values[1],
         presence=values[2],
@@ -246,7 +246,7 @@ def _flatten(
     flat = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=sum(lengths))
     tokens = torch.from_numpy(flat)
     row_ids = torch.repeat_interleave(torch.arange(len(lists)), torch.tensor(lengths))
-    return tokens.to(device), row_ids.to(device)
+    return tokens.to(device, non_blocking=True), row_ids.to(device, non_blocking=True)
 
 
 @dataclass
@@ -369,7 +369,7 @@ def apply_top_k_top_p(
     at least ``top_p``, always at least the top token; ``top_p == 1`` keeps everything.
     Ties with a boundary token are kept (see the module docstring).
     """
-    neg_inf = torch.tensor(float("-inf"), device=logits.device)
+    neg_inf = logits.new_full((), float("-inf"))
     if top_p is None:
         assert top_k is not None
         top_values = torch.topk(logits, max_top_k, dim=-1).values  # [num_seqs, max_top_k]
@@ -434,11 +434,15 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
             f"({batch.num_seqs}, {batch.vocab_size})."
         )
     if batch.plain_greedy:
-        sampled = logits.argmax(dim=-1)
+        if logits.is_cuda:   # a two-pass Triton argmax: torch's reduces a row in one block
+            from ember.layers.triton_argmax import greedy_argmax
+            sampled = greedy_argmax(logits)
+        else:
+            sampled = logits.argmax(dim=-1)
     else:
         x = logits.float()  # [num_seqs, vocab]
         if batch.banned is not None:
-            x = x.index_put(batch.banned, torch.tensor(float("-inf"), device=x.device))
+            x = x.index_put(batch.banned, x.new_full((), float("-inf")))
         if batch.penalties is not None:
             x = apply_penalties(x, batch.penalties)
         if batch.all_greedy:
@@ -475,7 +479,7 @@ def sampling_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         )
     x = logits.float()  # [num_seqs, vocab]
     if batch.banned is not None:
-        x = x.index_put(batch.banned, torch.tensor(float("-inf"), device=x.device))
+        x = x.index_put(batch.banned, x.new_full((), float("-inf")))
     if batch.penalties is not None:
         x = apply_penalties(x, batch.penalties)
     one_hot = torch.zeros_like(x).scatter_(1, x.argmax(dim=-1, keepdim=True), 1.0)

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ember.layers.pdl import pdl_launch
+
 
 @dataclass(frozen=True)
 class GemvConfig:
@@ -45,13 +47,25 @@ def choose_config(n: int, k: int) -> GemvConfig:
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn,
                  HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     n_mask = rn < N
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for k in range(0, K, BLOCK_K):
+    if PDL:
+        # Launched early (ember.layers.pdl): the first weight tile is requested before
+        # waiting for the kernel that writes x. (PDL launches only with EVEN_K.)
+        w = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0, eviction_policy="evict_first")
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+        x = tl.load(x_ptr + rk)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        w_ptrs += BLOCK_K
+        k_start = BLOCK_K
+    else:
+        k_start = 0
+    for k in range(k_start, K, BLOCK_K):
         if EVEN_K:
             x = tl.load(x_ptr + k + rk)
             w = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0, eviction_policy="evict_first")
@@ -78,10 +92,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     assert xv.numel() == k, "gemv takes a single activation row"
     xv = xv.contiguous()
     out = torch.empty(n, dtype=x.dtype, device=x.device)
+    even_k = k % config.block_k == 0
     _gemv_kernel[(triton.cdiv(n, config.block_n),)](
         xv, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
-        HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0,
-        BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps)
+        HAS_BIAS=bias is not None, EVEN_K=even_k,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
+        **(pdl_launch(x) if even_k else {"PDL": False}))
     return out.view(*x.shape[:-1], n)
 
 

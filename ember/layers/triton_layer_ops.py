@@ -17,11 +17,14 @@ import triton
 import triton.language as tl
 
 from ember.layers.layer_ops import LayerOps, RopeStep
+from ember.layers.pdl import pdl_trigger
 
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, n_cols, eps,
-                    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:   # a GEMV follows: let it start (ember.layers.pdl)
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -80,7 +83,9 @@ def _rope_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, eps,
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, d, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, d, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:   # the down projection's GEMV follows (ember.layers.pdl)
+        tl.extra.cuda.gdc_launch_dependents()
     t = tl.program_id(0)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = c < d
@@ -111,7 +116,7 @@ class TritonLayerOps(LayerOps):
         block = triton.next_power_of_2(x2.shape[1])
         _rmsnorm_kernel[(x2.shape[0],)](x2, x2, weight, out, x2.stride(0), x2.stride(0),
                                         out.stride(0), x2.shape[1], eps, HAS_RESIDUAL=False,
-                                        BLOCK=block, num_warps=_norm_warps(block))
+                                        BLOCK=block, num_warps=_norm_warps(block), **pdl_trigger(x2))
         return out.view(x.shape)
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -121,7 +126,7 @@ class TritonLayerOps(LayerOps):
         block = triton.next_power_of_2(x.shape[1])
         _rmsnorm_kernel[(x.shape[0],)](x, residual, weight, x, x.stride(0), residual.stride(0),
                                        x.stride(0), x.shape[1], eps, HAS_RESIDUAL=True,
-                                       BLOCK=block, num_warps=_norm_warps(block))
+                                       BLOCK=block, num_warps=_norm_warps(block), **pdl_trigger(x))
         return x, residual
 
     def rope_step(self, cos_table: torch.Tensor, sin_table: torch.Tensor,
@@ -152,5 +157,5 @@ class TritonLayerOps(LayerOps):
         out = torch.empty((x2.shape[0], d), dtype=x.dtype, device=x.device)
         block = min(1024, triton.next_power_of_2(d))
         _silu_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
-            x2, out, x2.stride(0), out.stride(0), d, BLOCK=block, num_warps=4)
+            x2, out, x2.stride(0), out.stride(0), d, BLOCK=block, num_warps=4, **pdl_trigger(x2))
         return out.view(*x.shape[:-1], d)

@@ -17,17 +17,34 @@ import torch
 import triton
 import triton.language as tl
 
+from ember.layers.pdl import pdl_launch
 from ember.quant.kernels.splitk import choose_config, k_range, split_output, sum_splits
 from ember.quant.kernels.w4a16 import e4m3_from_bits
 
 GEMV_MAX_ROWS = 8
-CONFIGS = ((32, 256, 2), (16, 256, 4), (32, 128, 4), (64, 128, 2), (16, 512, 2))  # (BLOCK_N, BLOCK_K, SPLIT_K)
+# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps). Long K wants few rows per program with long
+# tiles and splits (the down projection: K = 14336, N = 4096); wide N wants many programs.
+CONFIGS = ((32, 256, 2, 4), (16, 256, 4, 4), (32, 128, 4, 4), (64, 128, 2, 4), (16, 512, 2, 4),
+           (8, 1024, 1, 2), (8, 1024, 2, 2), (16, 512, 4, 4), (8, 512, 4, 2), (16, 1024, 2, 4),
+           (4, 1024, 4, 2), (32, 256, 1, 4), (16, 512, 1, 4))
+
+
+@triton.jit
+def _e4m3_to_f32(w, NATIVE_FP8: tl.constexpr):
+    # (An else, not an early return: Triton compiles the statements after a constexpr if.)
+    if NATIVE_FP8:
+        out = w.to(tl.float32)
+    else:
+        b = w.to(tl.int32)
+        mag = e4m3_from_bits(b & 0x7F)
+        out = tl.where((b & 0x80) != 0, -mag, mag)
+    return out
 
 
 @triton.jit
 def _fp8_gemv_kernel(x_ptr, out_ptr, w_ptr, s_ptr, M, N, K, stride_xm, stride_wn,
                      NATIVE_FP8: tl.constexpr, SPLIT_K: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     m = tl.program_id(2)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
@@ -36,17 +53,23 @@ def _fp8_gemv_kernel(x_ptr, out_ptr, w_ptr, s_ptr, M, N, K, stride_xm, stride_wn
     # their results are never stored.
     n_safe = tl.minimum(n, N - 1)
     acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(start, end, BLOCK_K):
+    k_first = start
+    if PDL:
+        # Launched early (ember.layers.pdl): request the first weight tile, then wait for
+        # the kernel that writes x. An empty split (start >= end) adds zeros.
+        kk = start + tl.arange(0, BLOCK_K)
+        live = kk < end
+        w = tl.load(w_ptr + n_safe[:, None] * stride_wn + kk[None, :], mask=live[None, :])
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+        x = tl.load(x_ptr + m * stride_xm + kk, mask=live, other=0.0).to(tl.float32)
+        acc2 += tl.where(live[None, :], _e4m3_to_f32(w, NATIVE_FP8), 0.0) * x[None, :]
+        k_first = start + BLOCK_K
+    for k0 in range(k_first, end, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m * stride_xm + kk).to(tl.float32)
         w = tl.load(w_ptr + n_safe[:, None] * stride_wn + kk[None, :])
-        if NATIVE_FP8:
-            w = w.to(tl.float32)
-        else:
-            b = w.to(tl.int32)
-            mag = e4m3_from_bits(b & 0x7F)
-            w = tl.where((b & 0x80) != 0, -mag, mag)
-        acc2 += w * x[None, :]
+        acc2 += _e4m3_to_f32(w, NATIVE_FP8) * x[None, :]
     acc = tl.sum(acc2, axis=1) * tl.load(s_ptr + n, mask=n_mask, other=0.0)
     dst = out_ptr + (tl.program_id(1) * M + m) * N + n
     tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
@@ -71,11 +94,12 @@ def fp8_gemv_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     kmax = k_in & -k_in   # BLOCK_K must divide K (masks cover N only)
 
     def run(c: tuple) -> None:
-        bn, bk, split = c
+        bn, bk, split, warps = c
         part = split_output(y, split)
         _fp8_gemv_kernel[(triton.cdiv(n_out, bn), split, m)](
             x2, part, w, scale, m, n_out, k_in, x2.stride(0), w.stride(0),
-            NATIVE_FP8=native, SPLIT_K=split, BLOCK_N=bn, BLOCK_K=min(bk, kmax), num_warps=4)
+            NATIVE_FP8=native, SPLIT_K=split, BLOCK_N=bn, BLOCK_K=min(bk, kmax), num_warps=warps,
+            **pdl_launch(x2))
         sum_splits(part, y)
 
     run(config or choose_config(("fp8_gemv", m, n_out, k_in), list(CONFIGS), run, x))

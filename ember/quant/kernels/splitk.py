@@ -50,21 +50,32 @@ def sum_splits(part: torch.Tensor, y: torch.Tensor) -> None:
 
 
 # On CUDA the first call per shape key (eager, e.g. CUDA-graph warm-up) times every
-# candidate and keeps the fastest. EMBER_QUANT_AUTOTUNE=0 uses the first candidate.
+# candidate (replayed from a CUDA graph, cold L2) and keeps the fastest.
+# EMBER_QUANT_AUTOTUNE=0 uses the first candidate.
 AUTOTUNE = os.environ.get("EMBER_QUANT_AUTOTUNE", "1") == "1"
 _TUNED: dict[tuple, tuple] = {}
 
 
-def _time_ms(fn: Callable[[], None], reps: int = 10) -> float:
+def _time_ms(fn: Callable[[], None], reps: int = 8) -> float:
+    """Device time of fn(), replayed from a CUDA graph with L2 flushed before each replay:
+    a decode step replays these kernels from a graph with cold weights, and timing eager
+    calls would mostly measure Python launch overhead (~20 us against 5-60 us kernels)."""
     fn()  # compile
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
         fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+    flush = torch.empty(64 << 20, dtype=torch.int32, device="cuda")   # 256 MB > L2
+    total = 0.0
+    for _ in range(reps):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        total += start.elapsed_time(end)
+    return total / reps
 
 
 def choose_config(key: tuple, candidates: list[tuple], run: Callable[[tuple], None],
