@@ -233,18 +233,21 @@ def test_drafts_follow_the_reference_through_accepts_and_rollbacks(
     assert_no_leaks(llm.engine)
 
 
-@pytest.mark.parametrize("engine_args", [{}, {"num_kv_blocks": 40, "prefix_cache": "radix"}],
-                         ids=["roomy", "preempt-radix"])
+@pytest.mark.parametrize("engine_args", [{}, {"num_kv_blocks": 40, "prefix_cache": "radix"},
+                                         {"max_num_batched_tokens": 16}],
+                         ids=["roomy", "preempt-radix", "small-budget"])
 def test_steps_without_drafts_run_no_mtp_forward(tiny_llama, prompts, reference, mtp_tensors, mtp_dir,
                                                  engine_args) -> None:
     """k forced to 0 on most steps: those steps never reach the proposer (no propose call,
     no MTP forward; the hook only keeps hidden rows). A step that drafts again first
     catches up over every token since the request last drafted, and its drafts still
-    equal the reference computed from scratch; the output is the target's."""
+    equal the reference computed from scratch; the output is the target's. With a small
+    token budget, catch-ups longer than it run in several forwards."""
     llm = make_llm(tiny_llama, speculative_config=mtp_config(mtp_dir, 3), **engine_args)
     ctl = force_k(llm, [0, 0, 0, 2, 0, 3, 0, 0, 0, 0, 1])
     proposer = llm.engine.speculator.proposer
     forwards = steps_of_forwards(proposer.mtp, ctl)
+    catch_up_forwards = steps_of_calls(proposer, "_catch_up_forward", ctl)
     gaps = []   # per drafting request after its first draft: the tokens it catches up over
     propose = proposer.propose
 
@@ -264,8 +267,11 @@ def test_steps_without_drafts_run_no_mtp_forward(tiny_llama, prompts, reference,
     assert len(set(forwards)) >= 4 and len(oracle.records) > 20
     # Drafting resumed after steps off: catch-ups longer than one verification (<= 4 tokens).
     assert max(gaps) > 4
-    if engine_args:
+    if "num_kv_blocks" in engine_args:
         assert llm.engine.scheduler.num_preemptions > 0
+    # One catch-up forward per drafting step, unless it exceeds the token budget.
+    several = len(catch_up_forwards) - len(set(catch_up_forwards))
+    assert several > 0 if "max_num_batched_tokens" in engine_args else several == 0
     ref = ReferenceMTP(tiny_llama, mtp_tensors)
     full = {tuple(p): p + t for p, t in zip(prompts, reference)}
     for prompt, n, drafts in oracle.records:

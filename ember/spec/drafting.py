@@ -23,7 +23,7 @@ same block tables), and the catch-up reads them back.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -127,37 +127,71 @@ class TargetRows:
         self.rows.index_copy_(0, dst_t, kept.to(self.rows.dtype))
 
 
-def catch_up_batch(kv: ProposerKV, scheduled: list[ScheduledRequest], block_size: int,
-                   device: torch.device) -> tuple[list[ScheduledRequest], ForwardBatch | None, int]:
-    """The catch-up forward of a proposer that reads the target's hidden states: for each
-    request that drafts this step, the pairs (t_{i+1}, h_i) at the positions i from its
-    coverage to its last computed one (at least that last one, whose output gives the
-    first draft). Returns those requests in the forward's sequence order (single pairs
-    first), its ForwardBatch (fb.slot_mapping are the positions' slots: where TargetRows
-    holds their h_i; fb.logits_indices each request's last pair), and the number of pairs;
-    records the new coverage. (No requests: ([], None, 0).)
+def catch_up(kv: ProposerKV, scheduled: list[ScheduledRequest], block_size: int, device: torch.device,
+             max_tokens: int, forward: Callable[[ForwardBatch], torch.Tensor]
+             ) -> tuple[list[ScheduledRequest], torch.Tensor | None, int]:
+    """The catch-up of a proposer that reads the target's hidden states: for each request
+    that drafts this step, run `forward` over the pairs (t_{i+1}, h_i) at the positions i
+    from its coverage to its last computed one (at least that last one, whose output gives
+    the first draft), and record the new coverage.
+
+    forward(fb) -> o [T, H] runs the proposer's network over a ForwardBatch of pairs
+    (fb.input_ids are the t_{i+1}; fb.slot_mapping the positions' slots, where TargetRows
+    holds their h_i). Forwards hold at most max_tokens pairs (the target's step budget): a
+    longer catch-up (every request's first draft after many steps without) runs in
+    several, each request's pairs in order. Returns the drafting requests, the output of
+    each one's last pair ([B, H], in that order; None if none drafts) and the pairs run.
 
     A request drafts when the scheduler left it slots and every token before its last has
-    been computed (the hidden state h_{n-2} exists; always so when the step decodes one
-    token, which is what the scheduler gives drafting requests)."""
-    spec, seqs = [], []
+    been computed (so h_{n-2} exists; always so when its step computes one token, which is
+    what the scheduler gives drafting requests)."""
+    spec, spans = [], []
     for s in scheduled:
         r = s.request
         end = r.num_computed_tokens
         if s.num_spec_slots <= 0 or end == 0 or end + 1 != r.num_tokens:
             continue
-        start = min(kv.covered(r), end - 1)
         spec.append(s)
-        seqs.append((r.block_ids, start, r.token_ids[start + 1:end + 1]))
+        spans.append((min(kv.covered(r), end - 1), end))
     if not spec:
         return [], None, 0
     kv.forget_finished(scheduled)
-    order = sorted(range(len(spec)), key=lambda i: len(seqs[i][2]) != 1)   # the backend batches single queries
+    order = sorted(range(len(spec)), key=lambda i: spans[i][1] - spans[i][0] != 1)   # single pairs first
     spec = [spec[i] for i in order]
-    seqs = [seqs[i] for i in order]
+    spans = [spans[i] for i in order]
     for s in spec:
         kv.record(s.request, s.request.num_computed_tokens)
-    return spec, build_forward_batch(seqs, block_size, device), sum(len(t) for _, _, t in seqs)
+    total = sum(end - start for start, end in spans)
+
+    def pairs(i: int, start: int, end: int) -> tuple[list[int], int, list[int]]:
+        r = spec[i].request
+        return r.block_ids, start, r.token_ids[start + 1:end + 1]
+
+    if total <= max_tokens:   # one forward: its sequences' last rows are the requests', in order
+        fb = build_forward_batch([pairs(i, *span) for i, span in enumerate(spans)], block_size, device)
+        return spec, forward(fb)[fb.logits_indices], total
+    last = None
+    done = [start for start, _ in spans]   # per request, its pairs run so far end here
+    while True:
+        seqs, owners, room = [], [], max_tokens
+        for i, (_, end) in enumerate(spans):
+            if done[i] < end and room > 0:
+                n = min(end - done[i], room)
+                seqs.append(pairs(i, done[i], done[i] + n))
+                owners.append(i)
+                done[i] += n
+                room -= n
+        if not seqs:
+            return spec, last, total
+        order = sorted(range(len(seqs)), key=lambda j: len(seqs[j][2]) != 1)
+        fb = build_forward_batch([seqs[j] for j in order], block_size, device)
+        o = forward(fb)[fb.logits_indices]   # [S, H] each sequence's last row
+        if last is None:
+            last = o.new_empty((len(spec), o.shape[-1]))
+        final = [(row, owners[j]) for row, j in enumerate(order) if done[owners[j]] == spans[owners[j]][1]]
+        if final:
+            rows, reqs = zip(*final)
+            last[torch.tensor(reqs, device=device)] = o[torch.tensor(rows, device=device)]
 
 
 def draw_drafts(spec: list[ScheduledRequest], active: list[int],

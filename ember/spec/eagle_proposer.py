@@ -41,9 +41,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from ember.attention.backend import get_attention_backend
+from ember.engine.forward_batch import ForwardBatch
 from ember.engine.model_runner import TargetHiddenStates, build_forward_batch
 from ember.engine.scheduler import ScheduledRequest, SchedulerOutput
-from ember.spec.drafting import ProposerKV, TargetRows, catch_up_batch, draw_drafts
+from ember.spec.drafting import ProposerKV, TargetRows, catch_up, draw_drafts
 from ember.spec.eagle import load_eagle
 from ember.spec.proposer import Proposer
 from ember.spec.tree import TreeBuilder
@@ -85,6 +86,7 @@ class EagleProposer(Proposer):
         self.kv = ProposerKV(self.drafter.attention_layers(), runner)
         cfg_d = self.drafter.config
         self.aux = TargetRows(len(cfg_d.aux_layers) * cfg_d.target_hidden_size, runner)
+        self.max_catch_up = runner.max_num_batched_tokens
         self.tree = cfg.tree
         logger.info("%s drafter %s: draft vocabulary %d, aux layers %s, KV %.1f MiB, aux rows %.1f MiB",
                     self.name, cfg.model, cfg_d.draft_vocab_size, cfg_d.aux_layers,
@@ -106,18 +108,20 @@ class EagleProposer(Proposer):
         drafter forward)."""
         self.aux.write(step, step.aux_hidden)
 
+    def _catch_up_forward(self, fb: ForwardBatch) -> torch.Tensor:
+        """The drafter over pairs (t_{i+1}, fc(aux_i)), aux_i from the kept rows -> o [T, H]."""
+        self.backend.prepare(fb)
+        d = self.drafter
+        return d(d.embed(fb.input_ids), d.fuse(self.aux.rows[fb.slot_mapping]), fb.positions, d.paged(fb))
+
     # ---- drafting ---------------------------------------------------------------------------
     @torch.inference_mode()
     def propose(self, batch: SchedulerOutput) -> None:
-        spec, fb, self.catch_up_tokens = catch_up_batch(self.kv, batch.scheduled, self.block_size, self.device)
+        spec, o, self.catch_up_tokens = catch_up(self.kv, batch.scheduled, self.block_size, self.device,
+                                                 self.max_catch_up, self._catch_up_forward)
         if not spec:
             return
-        # Catch-up: the pairs (t_{i+1}, fc(aux_i)) since each request's coverage; the last
-        # one's o scores draft 1.
-        self.backend.prepare(fb)
-        d = self.drafter
-        o = d(d.embed(fb.input_ids), d.fuse(self.aux.rows[fb.slot_mapping]), fb.positions, d.paged(fb))
-        o = o[fb.logits_indices]   # [B, H] the last pair's output of each request
+        # o: [B, H] the output of each request's last pair: it scores draft 1.
         if self.tree is None:
             self._chains(spec, o)
         else:

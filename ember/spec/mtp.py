@@ -75,7 +75,7 @@ from ember.models.loader import (
     randomize,
     safetensors_stream,
 )
-from ember.spec.drafting import ProposerKV, TargetRows, catch_up_batch, draw_drafts
+from ember.spec.drafting import ProposerKV, TargetRows, catch_up, draw_drafts
 from ember.spec.proposer import Proposer
 
 if TYPE_CHECKING:
@@ -254,6 +254,7 @@ class MTPProposer(Proposer):
         self.mtp = build_mtp(runner.model, cfg, engine)
         self.kv = ProposerKV(self.mtp.attention_layers(), runner)
         self.hidden = TargetRows(engine.model_config.hidden_size, runner)
+        self.max_catch_up = runner.max_num_batched_tokens
         logger.info("MTP module %s: KV %.1f MiB, target hidden rows %.1f MiB",
                     cfg.model or "from the target checkpoint", self.kv.nbytes / 2**20,
                     self.hidden.nbytes / 2**20)
@@ -262,16 +263,18 @@ class MTPProposer(Proposer):
         """Keep the hidden state of every token the step computed that stands (no MTP forward)."""
         self.hidden.write(step, step.hidden)
 
+    def _catch_up_forward(self, fb: ForwardBatch) -> torch.Tensor:
+        """The MTP over pairs (t_{i+1}, h_i), h_i from the kept hidden rows -> o [T, H]."""
+        self.backend.prepare(fb)
+        return self.mtp(fb.input_ids, fb.positions, self.hidden.rows[fb.slot_mapping], fb)
+
     @torch.inference_mode()
     def propose(self, batch: SchedulerOutput) -> None:
-        spec, fb, self.catch_up_tokens = catch_up_batch(self.kv, batch.scheduled, self.block_size, self.device)
+        spec, o, self.catch_up_tokens = catch_up(self.kv, batch.scheduled, self.block_size, self.device,
+                                                 self.max_catch_up, self._catch_up_forward)
         if not spec:
             return
-        # Catch-up: the pairs (t_{i+1}, h_i) since each request's coverage; the last one's o
-        # scores draft 0.
-        self.backend.prepare(fb)
-        o = self.mtp(fb.input_ids, fb.positions, self.hidden.rows[fb.slot_mapping], fb)
-        o = o[fb.logits_indices]                # [B, H] outputs of each request's last pair
+        # o: [B, H] the output of each request's last pair: it scores draft 0.
         logits = self.mtp.compute_logits(o)
         tokens: list[list[int]] = [[] for _ in spec]
         probs: list[list[torch.Tensor]] = [[] for _ in spec]
