@@ -118,3 +118,12 @@ def test_off_until_a_plain_step_of_about_the_batch_size_was_timed() -> None:
     assert ctl.choose(16) == 0
     ctl.observe_step(16, 0.03 + 0.017 * 16)    # the plain step it chose: the true cost
     assert ctl.choose(16) == 0
+
+
+def test_a_step_without_drafts_now_and_then_while_speculating() -> None:
+    """Plain steps are timed only while off; speculating for good must not freeze their
+    cost: one step in probe_every goes without drafts."""
+    ctl = AdaptiveK(4, probe_every=10)
+    feed(ctl, memory_bound, lambda b: 0.2 + 0.01 * b, accept_prob=0.9)
+    picks = [ctl.choose(1) for _ in range(30)]
+    assert picks.count(0) == 3 and all(k == 4 for k in picks if k)

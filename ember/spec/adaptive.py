@@ -21,7 +21,8 @@ corrected, since plain steps are not timed while speculating. At
 large batch the forward is compute-bound (b * B dominates), so the extra k * B verify
 tokens cost about what they gain and k falls to 0; at batch 1 a forward costs about the
 same for 1 or k + 1 tokens and speculation wins whenever drafts get accepted. While off,
-a rare one-draft probe keeps the acceptance estimate current (see `probe_every`).
+a rare one-draft probe keeps the acceptance estimate current (see `probe_every`), and
+while on, a rare step without drafts keeps the plain step's cost current.
 """
 from __future__ import annotations
 
@@ -82,6 +83,11 @@ class AdaptiveK:
         # even good drafts lose), letting a recovered acceptance turn speculation back on.
         self.probe_every = probe_every
         self.steps_off = 0
+        # Likewise plain steps are only timed while off: after probe_every steps on, one
+        # step goes without drafts, so a plain cost timed under other conditions (another
+        # load on a shared machine, a warm-up at another batch size) cannot keep
+        # speculation on for good.
+        self.steps_on = 0
         self.margin = margin
         self.ema = ema
         self.accept = [prior_acceptance] * k_max   # conditional acceptance per position
@@ -116,7 +122,12 @@ class AdaptiveK:
                 best_k, best = k, rate
         if best_k > 0:
             self.steps_off = 0
+            self.steps_on += 1
+            if self.steps_on >= self.probe_every:
+                self.steps_on = 0
+                best_k = 0
         else:
+            self.steps_on = 0
             self.steps_off += 1
             optimistic = batch_size * 1.9 / self._step_cost(batch_size, 1, plain, spec)
             if self.steps_off >= self.probe_every and optimistic > base * self.margin:
