@@ -1,7 +1,7 @@
 """Pieces shared by the proposers that run a network of their own (draft model, MTP,
 EAGLE): a paged KV cache on the target's block tables with per-request coverage, a paged
-store of the target's hidden rows (for the proposers that read them), the catch-up
-forward's inputs, and drawing draft tokens under each request's sampling settings.
+store of the target's hidden rows (for the proposers that read them), their lazy
+catch-up, and drawing draft tokens under each request's sampling settings.
 
 KV layout: the proposer keeps its own KV tensors (one per attention layer, shaped by the
 layer's KV cache spec: paged K/V, MLA's latent rows, ...) but uses the target's block ids,
@@ -183,12 +183,12 @@ def catch_up(kv: ProposerKV, scheduled: list[ScheduledRequest], block_size: int,
                 room -= n
         if not seqs:
             return spec, last, total
-        order = sorted(range(len(seqs)), key=lambda j: len(seqs[j][2]) != 1)
-        fb = build_forward_batch([seqs[j] for j in order], block_size, device)
+        seq_order = sorted(range(len(seqs)), key=lambda j: len(seqs[j][2]) != 1)
+        fb = build_forward_batch([seqs[j] for j in seq_order], block_size, device)
         o = forward(fb)[fb.logits_indices]   # [S, H] each sequence's last row
         if last is None:
             last = o.new_empty((len(spec), o.shape[-1]))
-        final = [(row, owners[j]) for row, j in enumerate(order) if done[owners[j]] == spans[owners[j]][1]]
+        final = [(row, owners[j]) for row, j in enumerate(seq_order) if done[owners[j]] == spans[owners[j]][1]]
         if final:
             rows, reqs = zip(*final)
             last[torch.tensor(reqs, device=device)] = o[torch.tensor(rows, device=device)]

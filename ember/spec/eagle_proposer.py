@@ -7,7 +7,7 @@ the accepted drafts, whose rows the runner has put in order) into `TargetRows`
 (ember.spec.drafting: one row per slot of the target's pool, on its block tables), with
 no drafter forward. `propose`, for the requests that draft this step only, first runs the
 drafter over the pairs (t_{i+1}, fc(aux_i)) from its coverage of the request to its last
-computed position (the one or two pairs of the last step, or every token since the
+computed position (the pairs the last step made valid, or every token since the
 request last drafted), which writes its K/V (its own paged cache on the target's block
 tables) for those positions; the last pair's output o scores draft 1. A step where no
 request drafts (adaptive k = 0) runs no drafter forward.
