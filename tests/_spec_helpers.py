@@ -1,8 +1,11 @@
-"""Pieces the speculative-decoding tests share: the mixed-batch sampling parameters and a
-recorder of what kinds of requests each engine step ran together."""
+"""Pieces the speculative-decoding tests share: the mixed-batch sampling parameters, a
+recorder of what kinds of requests each engine step ran together, a controller stand-in
+that forces k per step, and a recorder of the steps a module or method ran on."""
 from __future__ import annotations
 
 from typing import Callable
+
+import torch
 
 from ember import LLM, SamplingParams
 
@@ -25,3 +28,47 @@ def record_step_kinds(llm: LLM, kind: Callable) -> list[frozenset]:
         return launch(batch, *args, **kwargs)
     llm.engine.runner.launch = recording
     return seen
+
+
+class ForcedK:
+    """Stands in for the adaptive controller: k per engine step from `pattern` (cycled);
+    `ks` holds the k of every step so far (the scheduler asks once per step)."""
+
+    def __init__(self, pattern: list[int]) -> None:
+        self.pattern = pattern
+        self.ks: list[int] = []
+
+    def choose(self, batch_size: int) -> int:
+        k = self.pattern[len(self.ks) % len(self.pattern)]
+        self.ks.append(k)
+        return k
+
+    def observe_draft(self, *args, **kw) -> None:
+        pass
+
+    observe_acceptance = observe_step = observe_draft
+
+
+def force_k(llm: LLM, pattern: list[int]) -> ForcedK:
+    ctl = ForcedK(pattern)
+    llm.engine.speculator.controller = ctl
+    return ctl
+
+
+def steps_of_forwards(module: torch.nn.Module, ctl: ForcedK) -> list[int]:
+    """The step index (into ctl.ks) of every forward of `module` from now on."""
+    steps: list[int] = []
+    module.register_forward_hook(lambda *_: steps.append(len(ctl.ks) - 1))
+    return steps
+
+
+def steps_of_calls(obj: object, method: str, ctl: ForcedK) -> list[int]:
+    """The step index (into ctl.ks) of every call of obj.method from now on."""
+    steps: list[int] = []
+    inner = getattr(obj, method)
+
+    def recording(*args, **kw):
+        steps.append(len(ctl.ks) - 1)
+        return inner(*args, **kw)
+    setattr(obj, method, recording)
+    return steps

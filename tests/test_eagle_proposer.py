@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from _spec_helpers import force_k, steps_of_calls, steps_of_forwards
 from conftest import TinyCheckpoint, assert_no_leaks, random_prompts
 from test_spec_decode import make_llm, run
 
@@ -99,27 +100,34 @@ def test_greedy_identical_and_no_leaks(tiny_llama, drafters, prompts, reference,
     assert_no_leaks(llm.engine)
 
 
-def test_k1_acceptance_is_the_teacher_forced_agreement(tiny_llama, drafters, prompts, reference) -> None:
-    """With k = 1 and greedy decoding, a draft is the drafter's argmax for the pair
-    (t_{N-1}, fc(aux_{N-2})) over the cache of every earlier pair: exactly its first
-    training row at base N - 2 on the final sequence. So the engine must accept exactly
-    where that row's argmax is the target's next token: a check of the hook's pairs,
-    positions, aux layers and draft vocabulary against the training computation."""
+def _row1_drafts(tiny_llama: TinyCheckpoint, folder: str, seq: list[int]) -> list[int]:
+    """The drafter's greedy first draft at every length of seq, teacher-forced (the training
+    computation): entry b is its argmax for the pair (t_{b+1}, fc(aux_b)) over the cache of
+    every earlier pair, i.e. its guess of token b + 2."""
     from ember.models.loader import resolve_model
     from ember.spec.eagle import load_eagle
     from ember.spec.train_eagle import StepAttention
     target = tiny_llama.hf_model
-    d = load_eagle(drafters["eagle"], resolve_model(tiny_llama.path).config)
+    d = load_eagle(folder, resolve_model(tiny_llama.path).config)
     d.share_embedding(target.model.embed_tokens)
+    t = torch.tensor([seq])
+    f = target_features(target, t, d.config.aux_layers, 1, 1, log=lambda *_: None)
+    n = t.shape[1]
+    with torch.no_grad():   # row 1 at every base: (t_{b+1}, fc(aux_b))
+        o = d(d.embed(t[0, 1:]), d.fuse(f["aux"][0, :n - 1].float()), torch.arange(n - 1),
+              StepAttention(1, n - 1, d.midlayer.self_attn.attn.scale))
+        return d.to_target_ids(d.compute_logits(o).argmax(-1)).tolist()
+
+
+def test_k1_acceptance_is_the_teacher_forced_agreement(tiny_llama, drafters, prompts, reference) -> None:
+    """With k = 1 and greedy decoding, a draft is the drafter's argmax for the pair
+    (t_{N-1}, fc(aux_{N-2})) over the cache of every earlier pair: exactly its first
+    training row at base N - 2 on the final sequence. So the engine must accept exactly
+    where that row's argmax is the target's next token: a check of the catch-up's pairs,
+    positions, aux layers and draft vocabulary against the training computation."""
     expected = 0
     for p, out in zip(prompts, reference):
-        seq = torch.tensor([p + out])
-        f = target_features(target, seq, d.config.aux_layers, 1, 1, log=lambda *_: None)
-        n = seq.shape[1]
-        with torch.no_grad():   # row 1 at every base: (t_{b+1}, fc(aux_b))
-            o = d(d.embed(seq[0, 1:]), d.fuse(f["aux"][0, :n - 1].float()), torch.arange(n - 1),
-                  StepAttention(1, n - 1, d.midlayer.self_attn.attn.scale))
-            draft = d.to_target_ids(d.compute_logits(o).argmax(-1)).tolist()   # draft[b] guesses token b + 2
+        draft = _row1_drafts(tiny_llama, drafters["eagle"], p + out)   # draft[b] guesses token b + 2
         j = 1   # outputs so far: the prefill step sampled one, without drafts
         while j < len(out):
             if len(out) - j - 1 == 0:   # the last token: no room for a draft
@@ -134,6 +142,54 @@ def test_k1_acceptance_is_the_teacher_forced_agreement(tiny_llama, drafters, pro
     assert tokens == reference
     got = llm.engine.spec_stats()["num_accepted_tokens"]
     assert expected > 10 and got == expected
+
+
+def test_k1_drafts_after_steps_off_are_the_teacher_forced_ones(tiny_llama, drafters, prompts, reference) -> None:
+    """k forced to 0 on most steps: a request that drafts again catches up over every token
+    since it last drafted (from the aux rows the hook kept), and its draft is still the
+    teacher-forced row-1 argmax at its length."""
+    llm = make_llm(tiny_llama, speculative_config=spec("eagle", drafters["eagle"], k=1))
+    force_k(llm, [0, 0, 1, 0, 0, 0, 1, 1, 0])
+    proposer = llm.engine.speculator.proposer
+    made, gaps = [], []
+    propose = proposer.propose
+
+    def recording(batch):
+        gaps.extend(s.request.num_computed_tokens - proposer.kv.covered(s.request)
+                    for s in batch.scheduled if s.num_spec_slots and proposer.kv.covered(s.request))
+        propose(batch)
+        made.extend((tuple(s.request.prompt_token_ids), s.request.num_tokens, s.spec_token_ids[0])
+                    for s in batch.scheduled if s.spec_token_ids)
+    proposer.propose = recording
+    tokens, _ = run(llm, prompts)
+    assert tokens == reference
+    assert len(made) > 20 and max(gaps) > 2   # a verification of one draft makes at most 2 valid
+    rows = {tuple(p): _row1_drafts(tiny_llama, drafters["eagle"], p + out) for p, out in zip(prompts, reference)}
+    assert [d for _, _, d in made] == [rows[p][n - 2] for p, n, _ in made]
+    assert llm.engine.spec_stats()["num_accepted_tokens"] > 5
+    assert_no_leaks(llm.engine)
+
+
+@pytest.mark.parametrize("method,tree", CASES, ids=["eagle-chain", "eagle-tree", "peagle-chain", "peagle-tree"])
+def test_steps_without_drafts_run_no_drafter_forward(tiny_llama, drafters, prompts, reference, method,
+                                                     tree) -> None:
+    """With k forced to 0 on most steps, those steps never reach the proposer and run no
+    drafter forward; drafting resumes with a catch-up, and the output stays the target's."""
+    llm = make_llm(tiny_llama, speculative_config=spec(method, drafters[method], tree=tree),
+                   num_kv_blocks=40, prefix_cache="radix")
+    ctl = force_k(llm, [0, 0, 0, 3, 0, 2, 0, 0, 0, 0, 1])
+    proposer = llm.engine.speculator.proposer
+    forwards = steps_of_forwards(proposer.drafter, ctl)
+    proposes = steps_of_calls(proposer, "propose", ctl)
+    tokens, _ = run(llm, prompts)
+    assert tokens == reference
+    off = {i for i, k in enumerate(ctl.ks) if k == 0}
+    assert len(off) >= 10 and len(ctl.ks) - len(off) >= 5
+    assert not off & set(forwards) and not off & set(proposes)
+    assert len(set(forwards)) >= 4
+    assert llm.engine.spec_stats()["num_accepted_tokens"] > 0
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert_no_leaks(llm.engine)
 
 
 def test_trees_accept_more_than_chains(tiny_llama, drafters, prompts, reference) -> None:
@@ -201,7 +257,8 @@ def test_adaptive_sizes_trees_down_to_off(tiny_llama, drafters, prompts, referen
     assert tokens == reference
     sp = llm.engine.speculator
     assert sp.proposer.slots_for(4) == 12 and sp.proposer.slots_for(2) == 6
-    assert sp.proposer.forwards_for(4) == 3
+    # The catch-up (which gives depth 1) and one forward per further depth.
+    assert sp.proposer.forwards_for(4) == 4 and sp.proposer.forwards_for(1) == 1
     # On this CPU a verify token costs about a target token: the controller weighs the
     # tree's 12 + 1 tokens per request against its expected gain and often turns it off.
     hist = llm.engine.spec_stats()["k_histogram"]

@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from _spec_helpers import mixed_batch_params, record_step_kinds
+from _spec_helpers import force_k, mixed_batch_params, record_step_kinds, steps_of_calls, steps_of_forwards
 from conftest import EOS, TinyCheckpoint, assert_no_leaks, random_prompts
 
 from ember import LLM, SamplingParams
@@ -211,8 +211,8 @@ class RecordingOracle(Proposer):
 def test_drafts_follow_the_reference_through_accepts_and_rollbacks(
         tiny_llama, prompts, reference, mtp_tensors, mtp_dir, engine_args) -> None:
     """Every draft chain the MTP makes equals the reference computed from scratch on the
-    request's tokens: its K/V and kept output are right after prefill chunks, accepted and
-    rejected drafts, and recomputation after preemption."""
+    request's tokens: its K/V and its catch-up (from the kept hidden rows) are right after
+    prefill chunks, accepted and rejected drafts, and recomputation after preemption."""
     llm = make_llm(tiny_llama, speculative_config=mtp_config(mtp_dir, 3), **engine_args)
     oracle = RecordingOracle(llm.engine.speculator.proposer,
                              {tuple(p): t for p, t in zip(prompts, reference)}, error_rate=0.3)
@@ -230,6 +230,76 @@ def test_drafts_follow_the_reference_through_accepts_and_rollbacks(
         assert drafts == ref.drafts(full[prompt], n, drafts), (len(prompt), n)
         checked += 1
     assert checked > 20
+    assert_no_leaks(llm.engine)
+
+
+@pytest.mark.parametrize("engine_args", [{}, {"num_kv_blocks": 40, "prefix_cache": "radix"},
+                                         {"max_num_batched_tokens": 16}],
+                         ids=["roomy", "preempt-radix", "small-budget"])
+def test_steps_without_drafts_run_no_mtp_forward(tiny_llama, prompts, reference, mtp_tensors, mtp_dir,
+                                                 engine_args) -> None:
+    """k forced to 0 on most steps: those steps never reach the proposer (no propose call,
+    no MTP forward; the hook only keeps hidden rows). A step that drafts again first
+    catches up over every token since the request last drafted, and its drafts still
+    equal the reference computed from scratch; the output is the target's. With a small
+    token budget, catch-ups longer than it run in several forwards."""
+    llm = make_llm(tiny_llama, speculative_config=mtp_config(mtp_dir, 3), **engine_args)
+    ctl = force_k(llm, [0, 0, 0, 2, 0, 3, 0, 0, 0, 0, 1])
+    proposer = llm.engine.speculator.proposer
+    forwards = steps_of_forwards(proposer.mtp, ctl)
+    catch_up_forwards = steps_of_calls(proposer, "_catch_up_forward", ctl)
+    gaps = []   # per drafting request after its first draft: the tokens it catches up over
+    propose = proposer.propose
+
+    def recording(batch):
+        gaps.extend(s.request.num_computed_tokens - proposer.kv.covered(s.request)
+                    for s in batch.scheduled if s.num_spec_slots and proposer.kv.covered(s.request))
+        propose(batch)
+    proposer.propose = recording
+    oracle = RecordingOracle(proposer, {tuple(p): t for p, t in zip(prompts, reference)}, error_rate=0.3)
+    llm.engine.speculator.proposer = oracle
+    proposes = steps_of_calls(oracle, "propose", ctl)
+    tokens, _ = run(llm, prompts)
+    assert tokens == reference
+    off = {i for i, k in enumerate(ctl.ks) if k == 0}
+    assert len(off) >= 10 and len(ctl.ks) - len(off) >= 5
+    assert not off & set(forwards) and not off & set(proposes)
+    assert len(set(forwards)) >= 4 and len(oracle.records) > 20
+    # Drafting resumed after steps off: catch-ups longer than one verification (<= 4 tokens).
+    assert max(gaps) > 4
+    if "num_kv_blocks" in engine_args:
+        assert llm.engine.scheduler.num_preemptions > 0
+    # One catch-up forward per drafting step, unless it exceeds the token budget.
+    several = len(catch_up_forwards) - len(set(catch_up_forwards))
+    assert several > 0 if "max_num_batched_tokens" in engine_args else several == 0
+    ref = ReferenceMTP(tiny_llama, mtp_tensors)
+    full = {tuple(p): p + t for p, t in zip(prompts, reference)}
+    for prompt, n, drafts in oracle.records:
+        assert drafts == ref.drafts(full[prompt], n, drafts), (len(prompt), n)
+    assert_no_leaks(llm.engine)
+
+
+def test_catch_up_reads_the_hidden_rows_of_a_cached_prefix(tiny_llama, mtp_tensors, mtp_dir) -> None:
+    """A request whose prompt starts with another's, admitted after that one finished,
+    takes the cached blocks: the target never computes their tokens for it, and its first
+    catch-up reads the hidden rows the first request left there. Its drafts equal the
+    reference's."""
+    a = random_prompts([37], seed=11)[0]
+    b = a[:29] + random_prompts([9], seed=12)[0][1:]
+    plain = make_llm(tiny_llama)
+    ref_tokens = [run(plain, [p])[0][0] for p in (a, b)]
+    llm = make_llm(tiny_llama, speculative_config=mtp_config(mtp_dir, 2), prefix_cache="radix")
+    oracle = RecordingOracle(llm.engine.speculator.proposer,
+                             {tuple(a): ref_tokens[0], tuple(b): ref_tokens[1]}, error_rate=0.3)
+    llm.engine.speculator.proposer = oracle
+    assert run(llm, [a])[0] == [ref_tokens[0]]
+    tokens, outs = run(llm, [b])
+    assert tokens == [ref_tokens[1]] and outs[0].num_cached_tokens >= 24
+    ref = ReferenceMTP(tiny_llama, mtp_tensors)
+    records = [r for r in oracle.records if r[0] == tuple(b)]
+    assert len(records) > 5
+    for prompt, n, drafts in records:
+        assert drafts == ref.drafts(b + ref_tokens[1], n, drafts), n
     assert_no_leaks(llm.engine)
 
 

@@ -98,3 +98,32 @@ def test_probes_after_a_long_off_stretch_only_where_drafts_could_pay() -> None:
     ctl = AdaptiveK(4, probe_every=10)
     feed(ctl, compute_bound, lambda b: 0.1 * b, accept_prob=0.0)
     assert all(ctl.choose(64) == 0 for _ in range(50))
+
+
+def test_off_until_a_plain_step_of_about_the_batch_size_was_timed() -> None:
+    """A CPU-like step costs 0.03 + 0.017 s a token (verify steps 0.1 s more). Plain steps
+    timed only at 1 and 2 tokens, with noise that makes their line steep: extrapolated to
+    16 tokens it says 1.05 s where a step costs 0.3 s, so verify steps look cheap beside
+    it. The controller must time a plain step at this batch size before it speculates
+    (while it speculates no plain step is timed, so it would never learn better), and
+    then stay off: drafts accepted a third of the time do not pay here."""
+    ctl = AdaptiveK(3)
+    for _ in range(3):
+        ctl.observe_step(1, 0.093)
+        ctl.observe_step(2, 0.157)
+        for tokens in (4, 8):
+            ctl.observe_step(tokens, 0.13 + 0.017 * tokens, speculative=True)
+        ctl.observe_draft(1, 0.016)
+        ctl.observe_acceptance(3, 1)
+    assert ctl.choose(16) == 0
+    ctl.observe_step(16, 0.03 + 0.017 * 16)    # the plain step it chose: the true cost
+    assert ctl.choose(16) == 0
+
+
+def test_a_step_without_drafts_now_and_then_while_speculating() -> None:
+    """Plain steps are timed only while off; speculating for good must not freeze their
+    cost: one step in probe_every goes without drafts."""
+    ctl = AdaptiveK(4, probe_every=10)
+    feed(ctl, memory_bound, lambda b: 0.2 + 0.01 * b, accept_prob=0.9)
+    picks = [ctl.choose(1) for _ in range(30)]
+    assert picks.count(0) == 3 and all(k == 4 for k in picks if k)

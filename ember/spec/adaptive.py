@@ -13,11 +13,16 @@ Two online estimates drive the choice:
 For a batch of B decoding requests, k maximises B * E(k) / (t(B (k + 1)) + k t_draft(B))
 (for a tree of depth k, B (k + 1) becomes B (budget(k) + 1), and k t_draft the proposer's
 forwards for it).
-Speculation runs only when the best k beats k = 0 by a margin; otherwise it is off. At
+Speculation runs only when the best k beats k = 0 by a margin; otherwise it is off. It
+is also off until a step without drafts of about the batch's size has been timed: the
+plain step's cost is what speculation must beat, a line fitted on much smaller steps
+extrapolates it badly (its slope is mostly noise), and a wrong estimate would never be
+corrected, since plain steps are not timed while speculating. At
 large batch the forward is compute-bound (b * B dominates), so the extra k * B verify
 tokens cost about what they gain and k falls to 0; at batch 1 a forward costs about the
 same for 1 or k + 1 tokens and speculation wins whenever drafts get accepted. While off,
-a rare one-draft probe keeps the acceptance estimate current (see `probe_every`).
+a rare one-draft probe keeps the acceptance estimate current (see `probe_every`), and
+while on, a rare step without drafts keeps the plain step's cost current.
 """
 from __future__ import annotations
 
@@ -78,6 +83,11 @@ class AdaptiveK:
         # even good drafts lose), letting a recovered acceptance turn speculation back on.
         self.probe_every = probe_every
         self.steps_off = 0
+        # Likewise plain steps are only timed while off: after probe_every steps on, one
+        # step goes without drafts, so a plain cost timed under other conditions (another
+        # load on a shared machine, a warm-up at another batch size) cannot keep
+        # speculation on for good.
+        self.steps_on = 0
         self.margin = margin
         self.ema = ema
         self.accept = [prior_acceptance] * k_max   # conditional acceptance per position
@@ -88,6 +98,7 @@ class AdaptiveK:
         self.target = _LinearFit(0.97, 1.0, 1.0 / 64)        # steps without drafts
         self.target_spec = _LinearFit(0.97, 1.0, 1.0 / 64)   # steps with drafts
         self.draft = _LinearFit(0.97, 0.2, 1.0 / 256)
+        self.plain_max_tokens = 0   # the largest step without drafts timed so far
         self.last_k = 0
 
     def expected_tokens(self, k: int) -> float:
@@ -98,9 +109,10 @@ class AdaptiveK:
         return total
 
     def choose(self, batch_size: int) -> int:
-        if batch_size <= 0:
+        if batch_size <= 0 or 2 * self.plain_max_tokens < batch_size:
+            self.last_k = 0   # plain steps of this size not timed yet: this one will be
             return 0
-        plain = self.target if self.target.has_data or not self.target_spec.has_data else self.target_spec
+        plain = self.target
         spec = self.target_spec if self.target_spec.has_data else plain
         base = batch_size / max(plain(batch_size), 1e-12)
         best_k, best = 0, base * self.margin
@@ -110,7 +122,12 @@ class AdaptiveK:
                 best_k, best = k, rate
         if best_k > 0:
             self.steps_off = 0
+            self.steps_on += 1
+            if self.steps_on >= self.probe_every:
+                self.steps_on = 0
+                best_k = 0
         else:
+            self.steps_on = 0
             self.steps_off += 1
             optimistic = batch_size * 1.9 / self._step_cost(batch_size, 1, plain, spec)
             if self.steps_off >= self.probe_every and optimistic > base * self.margin:
@@ -138,6 +155,8 @@ class AdaptiveK:
 
     def observe_step(self, num_tokens: int, seconds: float, speculative: bool = False) -> None:
         (self.target_spec if speculative else self.target).add(num_tokens, seconds)
+        if not speculative:
+            self.plain_max_tokens = max(self.plain_max_tokens, num_tokens)
 
     def observe_draft(self, batch_size: int, seconds_per_step: float) -> None:
         self.draft.add(batch_size, seconds_per_step)

@@ -71,6 +71,7 @@ class DraftModelProposer(Proposer):
         spec = [spec[i] for i in order]
         starts = [starts[i] for i in order]
         spans = [spans[i] for i in order]
+        self.catch_up_tokens = sum(len(span) for span in spans)
         fb = build_forward_batch([(s.request.block_ids, start, span)
                                   for s, start, span in zip(spec, starts, spans)],
                                  self.block_size, self.device)

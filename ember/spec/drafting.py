@@ -1,6 +1,7 @@
-"""Pieces shared by the proposers that run a network of their own (draft model, MTP):
-a paged KV cache on the target's block tables with per-request coverage, and drawing
-draft tokens under each request's sampling settings.
+"""Pieces shared by the proposers that run a network of their own (draft model, MTP,
+EAGLE): a paged KV cache on the target's block tables with per-request coverage, a paged
+store of the target's hidden rows (for the proposers that read them), their lazy
+catch-up, and drawing draft tokens under each request's sampling settings.
 
 KV layout: the proposer keeps its own KV tensors (one per attention layer, shaped by the
 layer's KV cache spec: paged K/V, MLA's latent rows, ...) but uses the target's block ids,
@@ -8,20 +9,29 @@ block tables and slots, so preemption, rollback and freeing need nothing of thei
 whatever the scheduler does to a request's blocks applies to both caches. Token p of a
 request lives in the slot the target uses for p.
 
-Coverage: per request, how many leading positions of the proposer's KV are valid, and
-optionally a small state that goes with them (the MTP keeps its last output row). It is
+Coverage: per request, how many leading positions of the proposer's KV are valid. It is
 trusted only while the request keeps its blocks: a preemption gives them back, so the
 request starts from 0 again; and never past `num_computed_tokens`, because positions
 after it (rejected drafts) get recomputed.
+
+Lazy catch-up: a proposer runs its network only for the requests that draft, when they
+draft, first over the positions from its coverage to the request's last computed one.
+Steps where nobody drafts (adaptive k = 0) run no proposer forward at all. A proposer that
+reads the target's hidden states (MTP, EAGLE) needs them for those positions: the runner's
+hook copies every computed token's row into `TargetRows` (one index copy per step, on the
+same block tables), and the catch-up reads them back.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from ember.cache.kv_spec import KVCacheLayer, allocate_kv_caches
+from ember.engine.forward_batch import ForwardBatch
+from ember.engine.model_runner import build_forward_batch
 from ember.engine.scheduler import ScheduledRequest
 from ember.layers.sampler import SamplingBatch, SamplingRow, sampling_probs
 from ember.spec.rejection import sample_from
@@ -40,9 +50,8 @@ class ProposerKV:
     def __init__(self, layers: Sequence[KVCacheLayer], runner: ModelRunner) -> None:
         self.caches = allocate_kv_caches(layers, runner.num_blocks, runner.block_size, runner.dtype,
                                          runner.device)
-        # (request id, arrival) -> (valid leading positions, the request's preemption count
-        # then, the proposer's state for those positions)
-        self._entries: dict[Key, tuple[int, int, Any]] = {}
+        # (request id, arrival) -> (valid leading positions, the request's preemption count then)
+        self._entries: dict[Key, tuple[int, int]] = {}
 
     @property
     def nbytes(self) -> int:
@@ -54,41 +63,135 @@ class ProposerKV:
 
     def covered(self, r: Request) -> int:
         """Leading positions of r with valid proposer K/V."""
-        covered, preemptions, _ = self._entries.get(self._key(r), (0, r.num_preemptions, None))
+        covered, preemptions = self._entries.get(self._key(r), (0, r.num_preemptions))
         if preemptions != r.num_preemptions:
             return 0   # its blocks were given back; whatever it has now was not ours
         return min(covered, r.num_computed_tokens)
 
-    def state(self, r: Request, covered: int) -> Any:
-        """The state recorded with exactly `covered` positions, or None if r's entry is
-        another (older, newer, or from before a preemption)."""
-        entry = self._entries.get(self._key(r))
-        if entry is None or entry[0] != covered or entry[1] != r.num_preemptions:
-            return None
-        return entry[2]
-
-    def record(self, r: Request, covered: int, state: Any = None) -> None:
-        self._entries[self._key(r)] = (covered, r.num_preemptions, state)
-
-    def drafting_states(self, scheduled: list[ScheduledRequest]
-                        ) -> tuple[list[ScheduledRequest], list[Any]]:
-        """The requests that draft this step (num_spec_slots > 0) and have a recorded state
-        at their computed length, with those states; forgets finished requests first."""
-        self.forget_finished(scheduled)
-        spec, states = [], []
-        for s in scheduled:
-            if s.num_spec_slots > 0:
-                state = self.state(s.request, s.request.num_computed_tokens)
-                if state is not None:   # always, unless the request's state moved under us
-                    spec.append(s)
-                    states.append(state)
-        return spec, states
+    def record(self, r: Request, covered: int) -> None:
+        self._entries[self._key(r)] = (covered, r.num_preemptions)
 
     def forget_finished(self, live: list[ScheduledRequest]) -> None:
         """Drop the entries of requests no longer scheduled, once there are many."""
         if len(self._entries) > 4 * len(live) + 256:
             keep = {self._key(s.request) for s in live}
             self._entries = {k: e for k, e in self._entries.items() if k in keep}
+
+
+class TargetRows:
+    """One row per token the target computed (MTP: its hidden state after the final norm;
+    EAGLE-3: the aux residual streams), paged like ProposerKV: position p of a request in
+    the slot the target uses for p. A row is valid wherever the target's K/V is: for every
+    position below num_computed_tokens, prefix-cache hits included (a cached block's rows
+    were written by the request that computed it, and depend only on the prefix), and
+    preemption, rollback and freeing need nothing of their own.
+
+    Memory: width * dtype bytes per slot of the pool, beside the target's KV (SmolLM2,
+    width = 576 for MTP: 5% of its 30 layers' K/V per token; 1,728 for EAGLE-3's three
+    streams: 15%)."""
+
+    def __init__(self, width: int, runner: ModelRunner) -> None:
+        self.block_size = runner.block_size
+        self.device = runner.device
+        self.rows = torch.zeros((runner.num_blocks * runner.block_size, width), dtype=runner.dtype,
+                                device=runner.device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.numel() * self.rows.element_size()
+
+    def write(self, step: TargetHiddenStates, rows: torch.Tensor) -> None:
+        """The hook's whole work: copy the rows that stand (own tokens and accepted drafts;
+        rows: [T, width], the step's, in its row order) to their positions' slots."""
+        bs, num_rows = self.block_size, step.row_starts[-1]
+        if len(step.scheduled) == num_rows:
+            # One row per request (decodes without drafts): every row stands, in order.
+            reqs = [s.request for s in step.scheduled]
+            dst = [r.block_ids[r.num_computed_tokens // bs] * bs + r.num_computed_tokens % bs for r in reqs]
+            kept = rows[:num_rows]
+        else:
+            dst, src = [], []
+            for s, n, a in zip(step.scheduled, step.num_valid, step.row_starts):
+                r, c = s.request, s.request.num_computed_tokens
+                if n == 1:
+                    dst.append(r.block_ids[c // bs] * bs + c % bs)
+                    src.append(a)
+                elif n > 1:
+                    p = np.arange(c, c + n)
+                    dst += (np.asarray(r.block_ids, dtype=np.int64)[p // bs] * bs + p % bs).tolist()
+                    src += range(a, a + n)
+            # Every row stands (no rejected drafts): they are in order already.
+            kept = rows[:num_rows] if len(src) == num_rows else \
+                rows[torch.tensor(src, dtype=torch.long).to(self.device, non_blocking=True)]
+        dst_t = torch.tensor(dst, dtype=torch.long).to(self.device, non_blocking=True)
+        self.rows.index_copy_(0, dst_t, kept.to(self.rows.dtype))
+
+
+def catch_up(kv: ProposerKV, scheduled: list[ScheduledRequest], block_size: int, device: torch.device,
+             max_tokens: int, forward: Callable[[ForwardBatch], torch.Tensor]
+             ) -> tuple[list[ScheduledRequest], torch.Tensor | None, int]:
+    """The catch-up of a proposer that reads the target's hidden states: for each request
+    that drafts this step, run `forward` over the pairs (t_{i+1}, h_i) at the positions i
+    from its coverage to its last computed one (at least that last one, whose output gives
+    the first draft), and record the new coverage.
+
+    forward(fb) -> o [T, H] runs the proposer's network over a ForwardBatch of pairs
+    (fb.input_ids are the t_{i+1}; fb.slot_mapping the positions' slots, where TargetRows
+    holds their h_i). Forwards hold at most max_tokens pairs (the target's step budget): a
+    longer catch-up (every request's first draft after many steps without) runs in
+    several, each request's pairs in order. Returns the drafting requests, the output of
+    each one's last pair ([B, H], in that order; None if none drafts) and the pairs run.
+
+    A request drafts when the scheduler left it slots and every token before its last has
+    been computed (so h_{n-2} exists; always so when its step computes one token, which is
+    what the scheduler gives drafting requests)."""
+    spec, spans = [], []
+    for s in scheduled:
+        r = s.request
+        end = r.num_computed_tokens
+        if s.num_spec_slots <= 0 or end == 0 or end + 1 != r.num_tokens:
+            continue
+        spec.append(s)
+        spans.append((min(kv.covered(r), end - 1), end))
+    if not spec:
+        return [], None, 0
+    kv.forget_finished(scheduled)
+    order = sorted(range(len(spec)), key=lambda i: spans[i][1] - spans[i][0] != 1)   # single pairs first
+    spec = [spec[i] for i in order]
+    spans = [spans[i] for i in order]
+    for s in spec:
+        kv.record(s.request, s.request.num_computed_tokens)
+    total = sum(end - start for start, end in spans)
+
+    def pairs(i: int, start: int, end: int) -> tuple[list[int], int, list[int]]:
+        r = spec[i].request
+        return r.block_ids, start, r.token_ids[start + 1:end + 1]
+
+    if total <= max_tokens:   # one forward: its sequences' last rows are the requests', in order
+        fb = build_forward_batch([pairs(i, *span) for i, span in enumerate(spans)], block_size, device)
+        return spec, forward(fb)[fb.logits_indices], total
+    last = None
+    done = [start for start, _ in spans]   # per request, its pairs run so far end here
+    while True:
+        seqs, owners, room = [], [], max_tokens
+        for i, (_, end) in enumerate(spans):
+            if done[i] < end and room > 0:
+                n = min(end - done[i], room)
+                seqs.append(pairs(i, done[i], done[i] + n))
+                owners.append(i)
+                done[i] += n
+                room -= n
+        if not seqs:
+            return spec, last, total
+        seq_order = sorted(range(len(seqs)), key=lambda j: len(seqs[j][2]) != 1)
+        fb = build_forward_batch([seqs[j] for j in seq_order], block_size, device)
+        o = forward(fb)[fb.logits_indices]   # [S, H] each sequence's last row
+        if last is None:
+            last = o.new_empty((len(spec), o.shape[-1]))
+        final = [(row, owners[j]) for row, j in enumerate(seq_order) if done[owners[j]] == spans[owners[j]][1]]
+        if final:
+            rows, reqs = zip(*final)
+            last[torch.tensor(reqs, device=device)] = o[torch.tensor(rows, device=device)]
 
 
 def draw_drafts(spec: list[ScheduledRequest], active: list[int],
@@ -108,25 +211,3 @@ def draw_drafts(spec: list[ScheduledRequest], active: list[int],
     for row, i in enumerate(active):
         tokens[i].append(drawn[row])
         probs[i].append(q[row])
-
-
-def known_pairs(step: TargetHiddenStates) -> tuple[list[tuple[list[int], int, list[int]]], list[int], list[int]]:
-    """The pairs (t_{i+1}, h_i) a target step made known, for a proposer that runs over
-    the target's hidden states (MTP, EAGLE): per scheduled request, its positions i whose
-    row stands (a prefill chunk, a decode, the accepted drafts) with t_{i+1} from the
-    prompt or the step's new tokens. Returns the sequences for build_forward_batch
-    (block ids, first position, the t_{i+1}; single-query sequences first), the hidden
-    rows h_i in the same order, and the scheduled index of each sequence."""
-    seqs, rows, owners = [], [], []
-    for i, s in enumerate(step.scheduled):
-        r, n = s.request, step.num_valid[i]
-        start = r.num_computed_tokens
-        if s.samples:   # the last pair's t_{i+1} is the step's first new token
-            nxt = r.token_ids[start + 1:] + step.sampled[r.request_id]
-        else:           # a prefill chunk: the token after its last is a prompt token
-            nxt = r.token_ids[start + 1:start + n + 1]
-        seqs.append((r.block_ids, start, nxt[:n]))
-        rows.append(range(step.row_starts[i], step.row_starts[i] + n))
-        owners.append(i)
-    order = sorted(range(len(seqs)), key=lambda j: len(seqs[j][2]) != 1)   # the backend batches decodes
-    return [seqs[j] for j in order], [x for j in order for x in rows[j]], [owners[j] for j in order]

@@ -1,20 +1,24 @@
 """Proposers `eagle` (EAGLE-3) and `peagle` (P-EAGLE): chains or EAGLE-2 dynamic trees
 from a drafter that reads the target's hidden states (ember.spec.eagle).
 
-Catch-up, after every target forward (`observe_hidden_states`, the runner's hook): the
-drafter runs over every pair (t_{i+1}, fc(aux_i)) the step made known (a prefill chunk,
-a decode, the accepted drafts, whose rows the runner has put in order), which writes its
-K/V for those positions (its own paged cache on the target's block tables:
-ember.spec.drafting) and keeps, per sampling request, the last pair's output o: it scores
-draft 1. `propose` then needs no catch-up.
+Catch-up, lazily. After every target forward the runner's hook hands over the aux
+hidden states; the proposer only copies the rows that stand (a prefill chunk, a decode,
+the accepted drafts, whose rows the runner has put in order) into `TargetRows`
+(ember.spec.drafting: one row per slot of the target's pool, on its block tables), with
+no drafter forward. `propose`, for the requests that draft this step only, first runs the
+drafter over the pairs (t_{i+1}, fc(aux_i)) from its coverage of the request to its last
+computed position (the pairs the last step made valid, or every token since the
+request last drafted), which writes its K/V (its own paged cache on the target's block
+tables) for those positions; the last pair's output o scores draft 1. A step where no
+request drafts (adaptive k = 0) runs no drafter forward.
 
 Chains. EAGLE: draft j + 1 from (d_j, o_j) at the next position, one single-token forward
 per draft, each drawn under the request's sampling settings (q recorded for the
 verifier). P-EAGLE: drafts 2..k from one forward of k - 1 mask rows (the learned mask
 embedding and hidden state) at the positions after the last pair, attending causally to
 each other and to the cache; their inputs do not depend on the drafts, so one pass gives
-every position. Both run the drafter twice per step at most for P-EAGLE (the hook, the
-mask rows), k times for EAGLE.
+every position. A drafting step runs the drafter twice at most for P-EAGLE (the catch-up,
+the mask rows), k times for EAGLE (the catch-up, then one forward per further draft).
 
 Trees (`"tree": {...}`). The scheduler leaves `TreeShape.budget_for(k)` slots; the tree's
 depth and node budget follow from them (`TreeShape.for_room`). EAGLE expands a depth per
@@ -27,7 +31,7 @@ node of a depth: a Medusa-style product tree), with no further forward. Children
 drafter's top_k under its own distribution (temperature 1: a greedy target still benefits
 from second choices); they are deterministic given the drafter's outputs, so the tree
 verifier treats each as a one-hot draft and stays exact (ember.spec.tree_rejection).
-K/V written for candidates past the cache's valid part is overwritten by the next hook.
+K/V written for candidates past the cache's valid part is overwritten by the next catch-up.
 """
 from __future__ import annotations
 
@@ -37,9 +41,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from ember.attention.backend import get_attention_backend
+from ember.engine.forward_batch import ForwardBatch
 from ember.engine.model_runner import TargetHiddenStates, build_forward_batch
 from ember.engine.scheduler import ScheduledRequest, SchedulerOutput
-from ember.spec.drafting import ProposerKV, draw_drafts, known_pairs
+from ember.spec.drafting import ProposerKV, TargetRows, catch_up, draw_drafts
 from ember.spec.eagle import load_eagle
 from ember.spec.proposer import Proposer
 from ember.spec.tree import TreeBuilder
@@ -79,45 +84,44 @@ class EagleProposer(Proposer):
         self.drafter.share_embedding(runner.model.model.embed_tokens)
         runner.keep_aux_hidden_states(self.drafter.config.aux_layers)
         self.kv = ProposerKV(self.drafter.attention_layers(), runner)
+        cfg_d = self.drafter.config
+        self.aux = TargetRows(len(cfg_d.aux_layers) * cfg_d.target_hidden_size, runner)
+        self.max_catch_up = runner.max_num_batched_tokens
         self.tree = cfg.tree
-        logger.info("%s drafter %s: draft vocabulary %d, aux layers %s, KV %.1f MiB", self.name, cfg.model,
-                    self.drafter.config.draft_vocab_size, self.drafter.config.aux_layers,
-                    self.kv.nbytes / 2**20)
+        logger.info("%s drafter %s: draft vocabulary %d, aux layers %s, KV %.1f MiB, aux rows %.1f MiB",
+                    self.name, cfg.model, cfg_d.draft_vocab_size, cfg_d.aux_layers,
+                    self.kv.nbytes / 2**20, self.aux.nbytes / 2**20)
 
     def slots_for(self, k: int) -> int:
         return k if self.tree is None else self.tree.budget_for(k)
 
     def forwards_for(self, k: int) -> int:
-        # Draft 1 comes from the hook (paid in the target's step); P-EAGLE's other
-        # positions from one forward, EAGLE's from one per draft (chains) or per depth.
+        # The catch-up gives draft 1; P-EAGLE's other positions come from one more forward,
+        # EAGLE's from one per draft (chains) or per depth (trees).
         if k <= 1:
-            return 0
-        return 1 if self.parallel else k - 1
+            return k
+        return 2 if self.parallel else k
 
     # ---- catch-up ---------------------------------------------------------------------------
-    @torch.inference_mode()
     def observe_hidden_states(self, step: TargetHiddenStates) -> None:
-        """Run the drafter over every pair (t_{i+1}, fc(aux_i)) the step made known; keep
-        each sampling request's last output for its next draft 1."""
-        seqs, rows, owners = known_pairs(step)
-        fb = build_forward_batch(seqs, self.block_size, self.device)
+        """Keep the aux hidden states of every token the step computed that stands (no
+        drafter forward)."""
+        self.aux.write(step, step.aux_hidden)
+
+    def _catch_up_forward(self, fb: ForwardBatch) -> torch.Tensor:
+        """The drafter over pairs (t_{i+1}, fc(aux_i)), aux_i from the kept rows -> o [T, H]."""
         self.backend.prepare(fb)
         d = self.drafter
-        hidden = d.fuse(step.aux_hidden[torch.as_tensor(rows).to(self.device, non_blocking=True)])   # [N, H]
-        o = d(d.embed(fb.input_ids), hidden, fb.positions, d.paged(fb))
-        last = o[fb.logits_indices]
-        for j, i in enumerate(owners):
-            s = step.scheduled[i]
-            self.kv.record(s.request, s.request.num_computed_tokens + step.num_valid[i],
-                           last[j] if s.samples else None)
+        return d(d.embed(fb.input_ids), d.fuse(self.aux.rows[fb.slot_mapping]), fb.positions, d.paged(fb))
 
     # ---- drafting ---------------------------------------------------------------------------
     @torch.inference_mode()
     def propose(self, batch: SchedulerOutput) -> None:
-        spec, kept = self.kv.drafting_states(batch.scheduled)
+        spec, o, self.catch_up_tokens = catch_up(self.kv, batch.scheduled, self.block_size, self.device,
+                                                 self.max_catch_up, self._catch_up_forward)
         if not spec:
             return
-        o = torch.stack(kept)   # [B, H] the last pair's output of each request
+        # o: [B, H] the output of each request's last pair: it scores draft 1.
         if self.tree is None:
             self._chains(spec, o)
         else:

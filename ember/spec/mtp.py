@@ -28,23 +28,26 @@ with `enorm`, `hnorm`, `eh_proj`, `shared_head.norm`, the decoder layer's usual 
 when it carries MTP layers (`num_nextn_predict_layers`). Only the first MTP layer is used;
 k > 1 chains it, as vLLM does for DeepSeek-V3.
 
-The proposer. The MTP's input at position i needs h_i, so the MTP must see the target
-hidden state of every token the target computes: the runner hands each step's hidden
-states over after verification (`observe_hidden_states`), and the proposer runs the
-MTP over every pair that became known (t_{i+1} from the prompt or the step's new tokens,
-h_i from a row that stands: a prefill chunk, a decode, an accepted draft). That writes
-the MTP's K/V (ember.spec.drafting: its own paged KV on the target's block tables) for
-every computed position, and the request's last pair (t_n, h_{n-1}), whose output o
-scores draft 0 of the next step, is kept per request. `propose` then needs no catch-up:
-draft 0 from the kept o, then k - 1 chained single-token steps. The K/V those chained
-steps write sits past num_computed_tokens and is overwritten by the next hook with the
-target's hidden states (the chain's inputs were the MTP's own outputs, never reusable).
+The proposer. The MTP's input at position i needs h_i, the target's hidden state there.
+The runner's hook hands over each step's hidden states after verification
+(`observe_hidden_states`); the proposer only copies the rows that stand (a prefill chunk,
+a decode, the accepted drafts) into `TargetRows` (ember.spec.drafting: one row per slot of
+the target's pool, on its block tables), with no MTP forward. `propose`, for the requests
+that draft this step only, first catches up: one MTP forward over the pairs (t_{i+1}, h_i)
+from the MTP's coverage of the request to its last computed position (usually the one or
+two pairs the last step made known; the whole prompt the first time, or every token since
+the request last drafted), which writes the MTP's K/V (its own paged KV on the target's
+block tables, `ProposerKV`) for those positions; the last pair's output o scores draft 0.
+Then k - 1 chained single-token steps. The K/V those chained steps write sits past
+num_computed_tokens and is overwritten by the next catch-up with the target's hidden
+states (the chain's inputs were the MTP's own outputs, never reusable).
 
-Costs: one MTP layer over every computed token, every step, even when adaptive k is 0
-(for SmolLM2 one extra layer on 30; DeepSeek-V3 one on 61). Stale MTP K/V can only lower
-acceptance, never change the output: a request that takes a cached prefix finds the MTP
-K/V its first computer wrote, whose pair at the prefix's last position used that
-request's next token.
+Costs: a step where no request drafts (adaptive k = 0) runs no MTP forward: the hook's
+index copy is its whole cost. A drafting step runs the catch-up plus k - 1 chained
+forwards (`forwards_for(k) = k`), the catch-up over every token the request computed
+since it last drafted. Stale MTP K/V can only lower acceptance, never change the output:
+requests that share a cached prefix write the pair at its last position with their own
+next token, and the verifier makes the output the target's whatever the drafts are.
 """
 from __future__ import annotations
 
@@ -72,7 +75,7 @@ from ember.models.loader import (
     randomize,
     safetensors_stream,
 )
-from ember.spec.drafting import ProposerKV, draw_drafts, known_pairs
+from ember.spec.drafting import ProposerKV, TargetRows, catch_up, draw_drafts
 from ember.spec.proposer import Proposer
 
 if TYPE_CHECKING:
@@ -250,30 +253,28 @@ class MTPProposer(Proposer):
         self.vocab_size = engine.model_config.vocab_size
         self.mtp = build_mtp(runner.model, cfg, engine)
         self.kv = ProposerKV(self.mtp.attention_layers(), runner)
-        logger.info("MTP module %s: KV %.1f MiB", cfg.model or "from the target checkpoint",
-                    self.kv.nbytes / 2**20)
+        self.hidden = TargetRows(engine.model_config.hidden_size, runner)
+        self.max_catch_up = runner.max_num_batched_tokens
+        logger.info("MTP module %s: KV %.1f MiB, target hidden rows %.1f MiB",
+                    cfg.model or "from the target checkpoint", self.kv.nbytes / 2**20,
+                    self.hidden.nbytes / 2**20)
 
-    @torch.inference_mode()
     def observe_hidden_states(self, step: TargetHiddenStates) -> None:
-        """Run the MTP over every pair (t_{i+1}, h_i) the step made known; keep each
-        sampling request's last output row for its next draft 0."""
-        seqs, rows, owners = known_pairs(step)
-        fb = build_forward_batch(seqs, self.block_size, self.device)
+        """Keep the hidden state of every token the step computed that stands (no MTP forward)."""
+        self.hidden.write(step, step.hidden)
+
+    def _catch_up_forward(self, fb: ForwardBatch) -> torch.Tensor:
+        """The MTP over pairs (t_{i+1}, h_i), h_i from the kept hidden rows -> o [T, H]."""
         self.backend.prepare(fb)
-        prev = step.hidden[torch.as_tensor(rows).to(self.device, non_blocking=True)]   # [N, H]
-        o = self.mtp(fb.input_ids, fb.positions, prev, fb)             # [N, H]
-        last = o[fb.logits_indices]                                    # [S, H] each sequence's last pair
-        for j, i in enumerate(owners):
-            s = step.scheduled[i]
-            covered = s.request.num_computed_tokens + step.num_valid[i]
-            self.kv.record(s.request, covered, last[j] if s.samples else None)
+        return self.mtp(fb.input_ids, fb.positions, self.hidden.rows[fb.slot_mapping], fb)
 
     @torch.inference_mode()
     def propose(self, batch: SchedulerOutput) -> None:
-        spec, kept = self.kv.drafting_states(batch.scheduled)
+        spec, o, self.catch_up_tokens = catch_up(self.kv, batch.scheduled, self.block_size, self.device,
+                                                 self.max_catch_up, self._catch_up_forward)
         if not spec:
             return
-        o = torch.stack(kept)                   # [B, H] outputs of each request's last pair
+        # o: [B, H] the output of each request's last pair: it scores draft 0.
         logits = self.mtp.compute_logits(o)
         tokens: list[list[int]] = [[] for _ in spec]
         probs: list[list[torch.Tensor]] = [[] for _ in spec]

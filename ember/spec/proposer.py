@@ -5,8 +5,10 @@ draft tokens and (optionally) the draft distribution each was drawn from. The sh
 verifier (ember.spec.rejection) then makes the output exactly the target's. New
 drafting schemes are new proposers (EAGLE next); tree drafts add parent indices.
 
-A proposer that reads the target's hidden states (MTP) sets `needs_hidden_states`: the
-runner then hands it every step's hidden states through `observe_hidden_states`.
+A proposer that reads the target's hidden states (MTP, EAGLE) sets `needs_hidden_states`:
+the runner then hands it every step's hidden states through `observe_hidden_states`. That
+runs every step, drafting or not, so it should only keep what a later catch-up needs (an
+index copy), never run the proposer's network: steps without drafts must stay free.
 """
 from __future__ import annotations
 
@@ -34,6 +36,11 @@ class Proposer:
     # True: the runner calls observe_hidden_states after every forward. False (the default)
     # leaves the runner's path untouched.
     needs_hidden_states = False
+    # Tokens the last propose() ran the proposer's network over to catch up with the target
+    # (each drafting request from its coverage to its last token); 0 for proposers without
+    # a network. A large catch-up (a request's first draft, or its first after steps
+    # without drafting) is left out of the adaptive controller's draft-cost fit.
+    catch_up_tokens = 0
 
     def propose(self, batch: SchedulerOutput) -> None:
         raise NotImplementedError
@@ -41,7 +48,8 @@ class Proposer:
     def observe_hidden_states(self, step: TargetHiddenStates) -> None:
         """The target's hidden states of every token it computed this step (prefill chunks,
         decodes, drafts), which rows are whose, and which of them stand (own tokens and
-        accepted drafts). Called after verification, before the scheduler's update."""
+        accepted drafts). Called after verification, before the scheduler's update, every
+        step (keep it cheap; the rows are only valid during the call)."""
         raise NotImplementedError
 
     def slots_for(self, k: int) -> int:
@@ -50,7 +58,8 @@ class Proposer:
         return k
 
     def forwards_for(self, k: int) -> int:
-        """Proposer forwards a step of k drafts costs (the adaptive controller's cost model)."""
+        """Proposer forwards a step of k drafts costs, its catch-up included (the adaptive
+        controller's cost model)."""
         return k
 
 

@@ -2,8 +2,9 @@
 
 The engine calls `propose(batch)` between scheduling and the forward, and
 `observe(batch, result)` after the scheduler has applied the verified tokens. The
-scheduler asks `num_spec_tokens(num_running)` how much room to leave for drafts. A
-proposer that reads the target's hidden states (MTP) is given the runner's hook.
+scheduler asks `num_spec_tokens(num_running)` how much room to leave for drafts; a step
+where that is 0 never reaches the proposer. A proposer that reads the target's hidden
+states (MTP, EAGLE) is given the runner's hook.
 """
 from __future__ import annotations
 
@@ -46,13 +47,21 @@ class Speculator:
         return self.proposer.slots_for(k) if k else 0
 
     def propose(self, batch: SchedulerOutput) -> None:
-        # Called every step, drafting or not: a proposer with its own KV cache must see
-        # every token the target computes.
+        if self._k == 0:
+            # No request has draft slots, so there is nothing to fill; proposers with a
+            # network of their own catch up lazily when a request next drafts, so a step
+            # without speculation costs them nothing here.
+            self._t_forward = time.perf_counter()
+            return
         drafting = sum(1 for s in batch.scheduled if s.num_spec_slots > 0)
         start = time.perf_counter()
         self.proposer.propose(batch)
-        forwards = self.proposer.forwards_for(self._k) if self._k else 0
-        if self.controller is not None and drafting and forwards > 0:
+        forwards = self.proposer.forwards_for(self._k)
+        # A catch-up longer than one verification can make valid per request (a first
+        # draft after the prompt, or after steps without drafting) is not what a drafting
+        # step costs in steady state: it stays out of the draft-cost fit.
+        steady = self.proposer.catch_up_tokens <= drafting * (self.cfg.num_speculative_tokens + 1)
+        if self.controller is not None and drafting and forwards > 0 and steady:
             per_step = (time.perf_counter() - start) / forwards
             self.controller.observe_draft(drafting, per_step)
         self._t_forward = time.perf_counter()
@@ -63,7 +72,7 @@ class Speculator:
         self.stats.num_steps += 1
         if not self.cfg.enabled:
             return
-        spec = [s for s in batch.scheduled if s.spec_token_ids]
+        spec = [s for s in batch.scheduled if s.spec_token_ids] if self._k else []
         if spec:
             self.stats.num_spec_steps += 1
         self.stats.k_histogram[self._k] = self.stats.k_histogram.get(self._k, 0) + 1
@@ -80,8 +89,12 @@ class Speculator:
         # The cost fits are for the steps k is chosen for: every request decoding (a prefill
         # chunk's cost per token is another regime, and at batch 1 it would set the slope of
         # the line the decode steps are read from).
-        if self.controller is not None and all(s.num_new_tokens == 1 for s in batch.scheduled):
-            self.controller.observe_step(batch.num_tokens, seconds, speculative=bool(spec))
+        if self.controller is not None:
+            num_tokens = batch.num_tokens
+            # Without drafts, one token per request means every request decodes.
+            if num_tokens == len(batch.scheduled) if not spec else \
+                    all(s.num_new_tokens == 1 for s in batch.scheduled):
+                self.controller.observe_step(num_tokens, seconds, speculative=bool(spec))
 
     def stats_dict(self) -> dict[str, Any]:
         d = self.stats.as_dict()
