@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ember.attention.triton_common import LOG2E, dot_flags, mma
-from ember.layers.pdl import pdl_trigger
+from ember.layers.pdl import pdl_launch
 
 MAX_SPLITS = 64
 
@@ -37,7 +37,8 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr, DIM_P2: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):
-    if PDL:   # the o projection's GEMV follows, or the reduce (ember.layers.pdl)
+    if PDL:   # launched early (ember.layers.pdl): wait for the kernel before, let the next start
+        tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     s = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -105,7 +106,8 @@ def _decode_reduce_kernel(
     NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
     HEAD_DIM: tl.constexpr, DIM_P2: tl.constexpr, PDL: tl.constexpr,
 ):
-    if PDL:   # the o projection's GEMV follows (ember.layers.pdl)
+    if PDL:   # launched early (ember.layers.pdl): wait for the kernel before, let the next start
+        tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     s = tl.program_id(0)
     h = tl.program_id(1)
@@ -175,13 +177,13 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
         NUM_SPLITS=num_splits, BLOCK_SIZE=block_size,
         GROUP=group, GROUP_P2=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=d, DIM_P2=dim_p2, BLOCK_N=block_n,
-        **dot_flags(q), **pdl_trigger(q),
+        **dot_flags(q), **pdl_launch(q),
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(s, heads)](
             part_o, part_lse, out, out.stride(0), out.stride(1),
             NUM_SPLITS=num_splits, SPLITS_P2=triton.next_power_of_2(num_splits),
-            HEAD_DIM=d, DIM_P2=dim_p2, num_warps=4 if dim_p2 >= 128 else 1, **pdl_trigger(q),
+            HEAD_DIM=d, DIM_P2=dim_p2, num_warps=4 if dim_p2 >= 128 else 1, **pdl_launch(q),
         )
     return out

@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ember.layers.pdl import pdl_launch
+
 
 @triton.jit
 def _kv_write_kernel(
@@ -15,8 +17,11 @@ def _kv_write_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_c_kv, stride_c_slot, stride_c_head,
     KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HEADS_P2: tl.constexpr, DIM_P2: tl.constexpr, BLOCK_T: tl.constexpr,
+    HEADS_P2: tl.constexpr, DIM_P2: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:   # launched early (ember.layers.pdl): wait for the kernel before, let the next start
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     # One program per BLOCK_T new tokens, all of their kv heads at once: [BLOCK_T, heads, d].
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = t < num_tokens
@@ -51,5 +56,5 @@ def write_kv_triton(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kv_cache.stride(0), kv_cache.stride(2), kv_cache.stride(3),
         KV_HEADS=kvh, HEAD_DIM=d, HEADS_P2=heads_p2, DIM_P2=dim_p2, BLOCK_T=block_t,
-        num_warps=4,
+        num_warps=4, **pdl_launch(k),
     )

@@ -3,12 +3,13 @@
 A decode step at batch 1 is ~330 short kernels, each of which normally starts only after
 the one before it has fully finished, and then waits a DRAM round trip for its first
 weights. With PDL, a kernel launched with `launch_pdl=True` may start while its
-predecessor drains: ember's GEMV then requests its first weight tile (weights are never
-written by an earlier kernel) before `gdc_wait()`, which blocks until the predecessor has
-finished and its writes are visible, and only then reads the activations. The kernels
-that precede a GEMV (RMSNorm, SiLU-mul, decode attention) call `gdc_launch_dependents()`
-as they start, so the GEMV may be scheduled as soon as they are all running.
-Both instructions are no-ops for kernels launched without PDL.
+predecessor drains: every Triton kernel of a decode layer (RMSNorm, RoPE, the KV write,
+decode attention and its reduce, SiLU-mul, the GEMVs) is launched so, and calls
+`gdc_launch_dependents()` as it starts (its successor may then be scheduled as soon as all
+of its programs run) and `gdc_wait()`, which blocks until the predecessor has finished and
+its writes are visible, before touching memory the predecessor may write. The GEMVs wait
+only after requesting their first weight tile (weights are never written by an earlier
+kernel). Both instructions are no-ops for kernels launched without PDL.
 
 `EMBER_PDL=0` turns it off (A/B runs); it is never used by the CPU interpreter.
 """
@@ -36,8 +37,3 @@ def pdl_launch(t: torch.Tensor) -> dict[str, object]:
     """Launch options and the PDL constexpr for a kernel that waits on its predecessor."""
     on = pdl_enabled(t)
     return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
-
-
-def pdl_trigger(t: torch.Tensor) -> dict[str, object]:
-    """The PDL constexpr for a kernel that lets its dependents start early."""
-    return {"PDL": pdl_enabled(t)}

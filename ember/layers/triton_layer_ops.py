@@ -17,13 +17,14 @@ import triton
 import triton.language as tl
 
 from ember.layers.layer_ops import LayerOps, RopeStep
-from ember.layers.pdl import pdl_trigger
+from ember.layers.pdl import pdl_launch
 
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, n_cols, eps,
                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    if PDL:   # a GEMV follows: let it start (ember.layers.pdl)
+    if PDL:   # launched early (ember.layers.pdl): wait for the kernel before, let the next start
+        tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -68,7 +69,10 @@ def _rope_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, eps,
                  stride_qt, stride_qh, stride_kt, stride_kh,
                  Q_HEADS: tl.constexpr, Q_HEADS_P2: tl.constexpr,
                  K_HEADS: tl.constexpr, K_HEADS_P2: tl.constexpr,
-                 HALF: tl.constexpr, HALF_P2: tl.constexpr, HAS_NORM: tl.constexpr):
+                 HALF: tl.constexpr, HALF_P2: tl.constexpr, HAS_NORM: tl.constexpr, PDL: tl.constexpr):
+    if PDL:   # launched early (ember.layers.pdl): wait for the kernel before, let the next start
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     t = tl.program_id(0)
     i = tl.arange(0, HALF_P2)[None, :]
     pos = tl.load(pos_ptr + t)
@@ -84,7 +88,8 @@ def _rope_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, eps,
 
 @triton.jit
 def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, d, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    if PDL:   # the down projection's GEMV follows (ember.layers.pdl)
+    if PDL:   # launched early (ember.layers.pdl): wait for the kernel before, let the next start
+        tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     t = tl.program_id(0)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -116,7 +121,7 @@ class TritonLayerOps(LayerOps):
         block = triton.next_power_of_2(x2.shape[1])
         _rmsnorm_kernel[(x2.shape[0],)](x2, x2, weight, out, x2.stride(0), x2.stride(0),
                                         out.stride(0), x2.shape[1], eps, HAS_RESIDUAL=False,
-                                        BLOCK=block, num_warps=_norm_warps(block), **pdl_trigger(x2))
+                                        BLOCK=block, num_warps=_norm_warps(block), **pdl_launch(x2))
         return out.view(x.shape)
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -126,7 +131,7 @@ class TritonLayerOps(LayerOps):
         block = triton.next_power_of_2(x.shape[1])
         _rmsnorm_kernel[(x.shape[0],)](x, residual, weight, x, x.stride(0), residual.stride(0),
                                        x.stride(0), x.shape[1], eps, HAS_RESIDUAL=True,
-                                       BLOCK=block, num_warps=_norm_warps(block), **pdl_trigger(x))
+                                       BLOCK=block, num_warps=_norm_warps(block), **pdl_launch(x))
         return x, residual
 
     def rope_step(self, cos_table: torch.Tensor, sin_table: torch.Tensor,
@@ -148,7 +153,8 @@ class TritonLayerOps(LayerOps):
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             Q_HEADS=qh, Q_HEADS_P2=triton.next_power_of_2(qh),
             K_HEADS=kh, K_HEADS_P2=triton.next_power_of_2(kh),
-            HALF=half, HALF_P2=triton.next_power_of_2(half), HAS_NORM=has_norm, num_warps=4)
+            HALF=half, HALF_P2=triton.next_power_of_2(half), HAS_NORM=has_norm, num_warps=4,
+            **pdl_launch(q))
         return q, k
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,5 +163,5 @@ class TritonLayerOps(LayerOps):
         out = torch.empty((x2.shape[0], d), dtype=x.dtype, device=x.device)
         block = min(1024, triton.next_power_of_2(d))
         _silu_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
-            x2, out, x2.stride(0), out.stride(0), d, BLOCK=block, num_warps=4, **pdl_trigger(x2))
+            x2, out, x2.stride(0), out.stride(0), d, BLOCK=block, num_warps=4, **pdl_launch(x2))
         return out.view(*x.shape[:-1], d)
