@@ -10,7 +10,13 @@ import random
 
 import pytest
 import torch
-from _spec_helpers import force_k, mixed_batch_params, record_step_kinds, steps_of_calls, steps_of_forwards
+from _spec_helpers import (
+    force_k,
+    mixed_batch_params,
+    record_step_kinds,
+    steps_of_calls,
+    steps_of_forwards,
+)
 from conftest import EOS, TinyCheckpoint, assert_no_leaks, random_prompts
 
 from ember import LLM, SamplingParams
