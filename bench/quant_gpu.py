@@ -49,15 +49,40 @@ def timer(fn, device: torch.device, reps: int = 20, iters: int = 10) -> float:
     return graph_replay_ms(g, iters) * 1e3 / reps
 
 
+# Variants of a method: its QuantConfig params (A/B runs of the small-batch kernels).
+VARIANTS = {
+    "fp8-w8a8": ("fp8", {"decode_kernel": "scaled_mm"}),   # decode rows on W8A8 (_scaled_mm)
+    "fp8-gemv": ("fp8", {"decode_kernel": "gemv"}),        # CUDA-core GEMV, no tensor cores
+    "awq-gemv": ("awq", {"small_batch_kernel": "gemv"}),   # CUDA-core GEMV / GEMM
+}
+
+
 def quant_config(method: str):
-    """A method name, or `fp8-w8a8`: FP8 with decode rows kept on W8A8 (_scaled_mm) rather
-    than the weight-only GEMV."""
+    """A method name or one of VARIANTS."""
     from ember.quant.base import QuantConfig
     if method == "bf16":
         return None
-    if method == "fp8-w8a8":
-        return QuantConfig("fp8", params={"decode_kernel": "scaled_mm"})
-    return QuantConfig(method)
+    name, params = VARIANTS.get(method, (method, {}))
+    return QuantConfig(name, params=dict(params))
+
+
+def use_variant(method: str) -> str | None:
+    """The `quantization` argument for LLM(); a variant's params are added by wrapping the
+    config resolution the loader calls (LLM takes only a method name)."""
+    import ember.quant as quant
+    from ember.quant.base import resolve_quant_config
+    if method == "bf16":
+        quant.resolve_quant_config = resolve_quant_config
+        return None
+    name, params = VARIANTS.get(method, (method, {}))
+
+    def resolve(q, hf):
+        cfg = resolve_quant_config(q, hf)
+        if cfg is not None:
+            cfg.params.update(params)
+        return cfg
+    quant.resolve_quant_config = resolve
+    return name
 
 
 def make_layer(method: str, k: int, n: int, device: torch.device, dtype: torch.dtype):
@@ -128,7 +153,7 @@ def bench_e2e(model: str, methods: list[str], prompt_len: int, decode_len: int, 
             continue
         t0 = time.perf_counter()
         llm = LLM(model, load_format="dummy", dtype="bfloat16" if torch.cuda.is_available() else "float32", max_num_seqs=batch,
-                  max_model_len=max_model_len, quantization=None if method == "bf16" else method,
+                  max_model_len=max_model_len, quantization=use_variant(method),
                   prefix_cache="none")
         load_s = time.perf_counter() - t0
         vocab = llm.engine.model_config.vocab_size

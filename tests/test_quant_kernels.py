@@ -88,6 +88,24 @@ def test_int4_kernel_every_tile_config(config):
                                rtol=1e-3, atol=1e-3 * want.abs().max().item())
 
 
+def _int4_decoder_configs() -> list[tuple]:
+    from ember.quant.kernels.w4a16 import INT4_GEMV_CONFIGS
+    return list(INT4_GEMV_CONFIGS) if DEVICE == "cuda" else [(16, 128, 8, 4), (32, 32, 4, 4)]
+
+
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("config", _int4_decoder_configs())
+def test_int4_decoder_gemv_every_tile_config(m, config):
+    # The register-decoder GEMV (tiles inside one group): group 128 over K = 512 with
+    # splits, or SmolLM2's group 96 for 32-wide tiles; N = 72 is no multiple of BLOCK_N.
+    group, k = (96, 192) if config[1] == 32 else (128, 512)
+    qw, s, z = _int4_weight(72, k, group, seed=m + 11)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEVICE)
+    want = int4_linear_ref(x, qw, s, z)
+    torch.testing.assert_close(int4_linear_triton(x, qw, s, z, config=config), want,
+                               rtol=1e-3, atol=1e-3 * want.abs().max().item())
+
+
 @pytest.mark.parametrize("config", [(16, 128, 2), (32, 64, 4, 2)])
 def test_nvfp4_kernel_split_k(config):
     # Split-K partials summed by the reduce kernel, GEMV and GEMM, 16-blocks inside a tile.
@@ -124,3 +142,67 @@ def test_fp8_gemv_matches_reference(m, config):
     want = fp8_linear_ref(x, *args)
     torch.testing.assert_close(fp8_gemv_triton(x, *args, config=config), want,
                                rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+# ---- the tensor-core skinny kernels (skinny_dot.py) -------------------------------------------
+# On a GPU they take bf16 inputs and multiply in bf16 (fp32 accumulation); under the
+# interpreter the same program runs with fp32 parts.
+def _skinny_x(m: int, k: int, seed: int) -> torch.Tensor:
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    return x.to(torch.bfloat16) if DEVICE == "cuda" else x
+
+
+def _skinny_tol() -> float:
+    return 1e-2 if DEVICE == "cuda" else 1e-4
+
+
+def _skinny_configs(kind: str) -> list[tuple]:
+    from ember.quant.kernels.skinny_dot import FP8_CONFIGS, INT4_CONFIGS
+    configs = INT4_CONFIGS if kind == "int4" else FP8_CONFIGS
+    return list(configs) if DEVICE == "cuda" else [configs[-1]]
+
+
+# m = 1 and 5 (one 16-row tile), 20 (32-row tile), 70 rows would exceed MAX_ROWS; N = 72
+# is not a multiple of any BLOCK_N; K = 512 with 2 splits ends tiles on group borders.
+@pytest.mark.parametrize("m", [1, 5, 20])
+@pytest.mark.parametrize("config", _skinny_configs("int4"))
+def test_int4_skinny_matches_reference(m, config):
+    from ember.quant.kernels.skinny_dot import int4_skinny
+    qw, s, z = _int4_weight(72, 512, 128, seed=m)
+    x = _skinny_x(m, 512, seed=m + 1)
+    s = s.to(x.dtype)
+    want = int4_linear_ref(x.float(), qw, s.float(), z)
+    got = int4_skinny(x, qw, s, z, config=config).float()
+    tol = _skinny_tol()
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("m", [1, 20])
+@pytest.mark.parametrize("config", _skinny_configs("fp8"))
+def test_fp8_skinny_matches_reference(m, config):
+    from ember.quant.fp8 import quantize_fp8
+    from ember.quant.kernels import fp8_linear_ref
+    from ember.quant.kernels.skinny_dot import fp8_skinny
+    w = torch.randn(72, 512, generator=torch.Generator().manual_seed(8))
+    q, s = quantize_fp8(w, per_row=True)
+    # Every E4M3 byte but the two NaNs, signs and subnormals included, in the first row
+    # (the bit-moving decode must place each of them).
+    codes = torch.arange(256, dtype=torch.int32)
+    codes = codes[(codes & 0x7F) != 0x7F].to(torch.uint8)
+    q[0, :codes.numel()] = codes.view(torch.float8_e4m3fn)
+    x = _skinny_x(m, 512, seed=9)
+    args = (q.to(DEVICE), s.reshape(-1).to(DEVICE))
+    want = fp8_linear_ref(x.float(), *args)
+    got = fp8_skinny(x, *args, config=config).float()
+    tol = _skinny_tol()
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
+    # Row 0 alone (every code once) against its exact value: a misplaced bit shows here.
+    exact = (x.double() @ (q[0].to(torch.float64) * s.reshape(-1)[0].double()).to(DEVICE))
+    torch.testing.assert_close(got[:, 0].double(), exact, rtol=tol, atol=tol * exact.abs().max().item())
+
+
+def test_skinny_kernels_refuse_too_many_rows():
+    from ember.quant.kernels.skinny_dot import MAX_ROWS, int4_skinny
+    qw, s, z = _int4_weight(16, 256, 128, seed=3)
+    with pytest.raises(ValueError, match="at most"):
+        int4_skinny(torch.zeros(MAX_ROWS + 1, 256, device=DEVICE), qw, s, z)

@@ -46,12 +46,26 @@ class Int4LinearMethod(QuantLinearMethod):
         return dequantize_int4(layer.qweight, layer.scales, layer.qzeros)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
+        if x.is_cuda and self._skinny(layer, x):
+            from ember.quant.kernels.skinny_dot import int4_skinny
+            y = int4_skinny(x, layer.qweight, layer.scales, layer.qzeros)
+        elif x.is_cuda:
             from ember.quant.kernels.w4a16 import int4_linear_triton
             y = int4_linear_triton(x, layer.qweight, layer.scales, layer.qzeros)
         else:
             y = F.linear(x, self.cpu_weight(layer, x.dtype))
         return y if layer.bias is None else y + layer.bias
+
+    def _skinny(self, layer: Linear, x: torch.Tensor) -> bool:
+        """bf16 inputs of 2..MAX_ROWS rows take the tensor-core kernel (kernels/skinny_dot.py);
+        one row is faster on the CUDA-core GEMV (w4a16.py), more on the GEMM (H200, Llama-8B
+        shapes: bench/skinny_gpu.py). params["small_batch_kernel"] = "gemv" keeps every size
+        on the w4a16.py kernels."""
+        from ember.quant.kernels.skinny_dot import MAX_ROWS, int4_fits
+        rows = x.numel() // x.shape[-1]
+        return (self.cfg.params.get("small_batch_kernel", "skinny") == "skinny"
+                and x.dtype == torch.bfloat16 and 2 <= rows <= MAX_ROWS
+                and int4_fits(layer.in_features, self.group_size(layer)))
 
 
 __all__ = ["Int4LinearMethod", "QuantConfig"]

@@ -68,7 +68,11 @@ class FP8LinearMethod(QuantLinearMethod):
         return layer.weight.float() * layer.weight_scale[:, None]
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and self._decode_gemv(x):
+        kernel = self._small_batch_kernel(layer, x) if x.is_cuda else None
+        if kernel == "skinny":
+            from ember.quant.kernels.skinny_dot import fp8_skinny
+            y = fp8_skinny(x, layer.weight, layer.weight_scale)
+        elif kernel == "gemv":
             from ember.quant.kernels.fp8_gemv import fp8_gemv_triton
             y = fp8_gemv_triton(x, layer.weight, layer.weight_scale)
         elif x.is_cuda:
@@ -81,12 +85,23 @@ class FP8LinearMethod(QuantLinearMethod):
             y = F.linear(x, self.cpu_weight(layer, x.dtype))
         return y if layer.bias is None else y + layer.bias
 
-    def _decode_gemv(self, x: torch.Tensor) -> bool:
-        """Decode-sized inputs run weight-only through the FP8 GEMV (kernels/fp8_gemv.py says
-        why); params["decode_kernel"] = "scaled_mm" keeps them on W8A8."""
+    def _small_batch_kernel(self, layer: Linear, x: torch.Tensor) -> str | None:
+        """Which weight-only kernel serves a few rows (kernels/fp8_gemv.py says why
+        weight-only), or None for W8A8 through torch._scaled_mm. One row: the CUDA-core
+        GEMV; bf16 inputs of 2..skinny_dot.MAX_ROWS rows: the tensor-core kernel; other
+        inputs of at most GEMV_MAX_ROWS: the GEMV (H200, Llama-8B shapes:
+        bench/skinny_gpu.py). params["decode_kernel"]: "skinny" (default), "gemv" (no
+        tensor cores) or "scaled_mm" (W8A8 at every size)."""
         from ember.quant.kernels.fp8_gemv import GEMV_MAX_ROWS
+        from ember.quant.kernels.skinny_dot import MAX_ROWS, fp8_fits
+        choice = self.cfg.params.get("decode_kernel", "skinny")
         rows = x.numel() // x.shape[-1]
-        return self.cfg.params.get("decode_kernel", "gemv") == "gemv" and rows <= GEMV_MAX_ROWS
+        if choice == "skinny" and x.dtype == torch.bfloat16 and 2 <= rows <= MAX_ROWS \
+                and fp8_fits(layer.in_features):
+            return "skinny"
+        if choice in ("skinny", "gemv") and rows <= GEMV_MAX_ROWS:
+            return "gemv"
+        return None
 
     def _scaled_mm(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])

@@ -86,5 +86,15 @@ def choose_config(key: tuple, candidates: list[tuple], run: Callable[[tuple], No
         return _TUNED[key]
     if not (AUTOTUNE and x.is_cuda) or torch.cuda.is_current_stream_capturing():
         return candidates[0]
-    _TUNED[key] = min(candidates, key=lambda c: _time_ms(lambda: run(c)))
+    _TUNED[key] = min(candidates, key=lambda c: _time_or_inf(lambda: run(c)))
     return _TUNED[key]
+
+
+def _time_or_inf(fn: Callable[[], None]) -> float:
+    """_time_ms, or infinity for a tile this GPU cannot run (too much shared memory: the
+    compile fails on the first, eager call, before any graph capture)."""
+    from triton.runtime.errors import OutOfResources
+    try:
+        return _time_ms(fn)
+    except OutOfResources:
+        return float("inf")

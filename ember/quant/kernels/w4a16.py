@@ -7,9 +7,12 @@ little-endian int32, put column 8w + j in nibble j exactly as INT4 packs them): 
 per word, nibble j split off by a shift, one scale (and zero) per row per group (INT4) or
 16-column block (NVFP4). Tiles stay in word form, [BLOCK_N, BLOCK_K / 8] words.
 
-- GEMV (M <= GEMV_MAX_ROWS, decode): one program per (BLOCK_N outputs, K split, row);
-  products accumulate in a [BLOCK_N, BLOCK_K / 8, 8] register tile reduced once at the end
-  (tl.dot needs 16 rows).
+- INT4 GEMV (M <= GEMV_MAX_ROWS, decode), tiles inside one group: the register decoder
+  (kernels/decode.py) gives each nibble as fp32 code + 128 in a few integer operations;
+  per word column, sum_j x_j (c_j + 128) less (zero + 128) sum_j x_j, times the scale.
+- GEMV otherwise (NVFP4, tiles across groups): one program per (BLOCK_N outputs, K split,
+  row); products accumulate in a [BLOCK_N, BLOCK_K / 8, 8] register tile reduced once at
+  the end (tl.dot needs 16 rows).
 - GEMM (batched): the tile unpacked to [BLOCK_N, BLOCK_K] for one tl.dot.
 - Split-K (kernels/splitk.py): more programs than output tiles alone give.
 
@@ -21,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ember.layers.pdl import pdl_launch
+from ember.quant.kernels.decode import INT4_OFFSET, e4m3_from_bits, int4_parts, native_decode
 from ember.quant.kernels.splitk import choose_config, k_range, split_output, sum_splits
 
 GEMV_MAX_ROWS = 8
@@ -34,15 +39,6 @@ def _e2m1(code):
     2^(e-15) (1 + m/2), both exactly the E2M1 value times 2^-14 (folded into the scale)."""
     bits = ((code & 7) << 9) | ((code & 8) << 12)
     return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-
-
-@triton.jit
-def e4m3_from_bits(byte):
-    """Positive E4M3 bytes (int32; bias 7; e == 0 subnormal m * 2^-9) -> fp32. Read as
-    bytes: portable, and the interpreter has no fp8."""
-    e = (byte >> 3) & 0xF
-    m = (byte & 7).to(tl.float32)
-    return tl.where(e == 0, m * 0.001953125, (8.0 + m) * tl.exp2((e - 10).to(tl.float32)))
 
 
 @triton.jit
@@ -118,6 +114,54 @@ def _w4_gemv_kernel(x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, M, N, K, stride
 
 
 @triton.jit
+def _int4_tile(acc2, q, sc, zp, x_row, col, NATIVE: tl.constexpr):
+    """acc2 [BN, WORDS] += sc * (sum_j x_j (c_j + 128) - zp * sum_j x_j) for the tile's
+    words q [BN, WORDS] (one group: sc, zp [BN] with zp = zero + 128), x at col + j."""
+    p = int4_parts(q, NATIVE, tl.float32)
+    x0 = tl.load(x_row + col).to(tl.float32)
+    x1 = tl.load(x_row + col + 1).to(tl.float32)
+    x2 = tl.load(x_row + col + 2).to(tl.float32)
+    x3 = tl.load(x_row + col + 3).to(tl.float32)
+    x4 = tl.load(x_row + col + 4).to(tl.float32)
+    x5 = tl.load(x_row + col + 5).to(tl.float32)
+    x6 = tl.load(x_row + col + 6).to(tl.float32)
+    x7 = tl.load(x_row + col + 7).to(tl.float32)
+    t = p[0] * x0[None, :] + p[1] * x1[None, :] + p[2] * x2[None, :] + p[3] * x3[None, :]
+    t += p[4] * x4[None, :] + p[5] * x5[None, :] + p[6] * x6[None, :] + p[7] * x7[None, :]
+    xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+    return acc2 + sc[:, None] * (t - zp[:, None] * xs[None, :])
+
+
+@triton.jit
+def _int4_gemv_kernel(x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_xm, stride_wn,
+                      stride_sn, G: tl.constexpr, NATIVE: tl.constexpr, SPLIT_K: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """INT4 GEMV with the register decoder (kernels/decode.py), for tiles inside one
+    group (G % BLOCK_K == 0): the scale and zero apply once per word column of the tile.
+    Grid (N tiles, SPLIT_K, M); out as in _w4_gemv_kernel."""
+    WORDS: tl.constexpr = BLOCK_K // 8
+    m = tl.program_id(2)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < N
+    n_safe = tl.minimum(n, N - 1)     # rows past N re-read the last row; never stored
+    start, end = k_range(K, SPLIT_K, BLOCK_K)
+    wi = tl.arange(0, WORDS)
+    x_row = x_ptr + m * stride_xm
+    acc2 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+    if PDL:
+        tl.extra.cuda.gdc_wait()      # x is written by the kernel before
+        tl.extra.cuda.gdc_launch_dependents()
+    for k0 in range(start, end, BLOCK_K):
+        q = tl.load(w_ptr + n_safe[:, None] * stride_wn + (k0 // 8 + wi)[None, :])
+        g = k0 // G
+        sc = tl.load(s_ptr + n_safe * stride_sn + g).to(tl.float32)
+        zp = tl.load(z_ptr + n_safe * stride_sn + g).to(tl.float32) + INT4_OFFSET
+        acc2 = _int4_tile(acc2, q, sc, zp, x_row, k0 + 8 * wi, NATIVE)
+    dst = out_ptr + (tl.program_id(1) * M + m) * N + n
+    tl.store(dst, tl.sum(acc2, axis=1).to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
 def _expand(v, BLOCK_N: tl.constexpr, PER: tl.constexpr, BLOCK_K: tl.constexpr):
     """[BLOCK_N, BLOCK_K // PER] -> [BLOCK_N, BLOCK_K]: each value repeated over PER columns."""
     return tl.reshape(tl.broadcast_to(v[:, :, None], (BLOCK_N, BLOCK_K // PER, PER)), (BLOCK_N, BLOCK_K))
@@ -167,6 +211,10 @@ def _w4_gemm_kernel(x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, M, N, K, stride
 # them and keeps the fastest (kernels/splitk.py).
 # GEMV: (BLOCK_N, BLOCK_K, SPLIT_K); GEMM: (BLOCK_N, BLOCK_K, warps, SPLIT_K).
 GEMV_CONFIGS = ((32, 256, 2), (16, 256, 4), (32, 128, 4), (64, 128, 2), (16, 128, 8), (32, 256, 1))
+# The INT4 GEMV with the register decoder: (BLOCK_N, BLOCK_K, SPLIT_K, num_warps); BLOCK_K
+# must divide the group (32 serves groups like SmolLM2's 96).
+INT4_GEMV_CONFIGS = ((32, 128, 4, 4), (16, 128, 8, 4), (64, 128, 2, 4), (32, 128, 8, 4), (16, 128, 4, 2),
+                     (8, 128, 8, 2), (64, 128, 4, 8), (128, 128, 2, 8), (32, 64, 4, 4), (32, 32, 4, 4))
 GEMM_CONFIGS = ((64, 128, 4, 2), (32, 128, 4, 4), (64, 64, 4, 4), (128, 128, 8, 2), (64, 128, 4, 1))
 
 
@@ -188,7 +236,20 @@ def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor |
         """INT4 tiles that never leave a group read one scale and zero per row."""
         return not nvfp4 and group % bk == 0
 
-    if m <= GEMV_MAX_ROWS:
+    decoder_tiles = [c for c in INT4_GEMV_CONFIGS if one_group(c[1]) and k_in % c[1] == 0]
+    # A 3-tuple config asks for the plain GEMV (tests); at GEMV sizes a 4-tuple is a decoder tile.
+    if m <= GEMV_MAX_ROWS and decoder_tiles and (config is None or len(config) == 4):
+        def run(c: tuple) -> None:
+            bn, bk, split, warps = c
+            part = split_output(y, split)
+            _int4_gemv_kernel[(triton.cdiv(n_out, bn), split, m)](
+                x2, part, w, s, z, m, n_out, k_in, x2.stride(0), w.stride(0), s.stride(0),
+                G=group, NATIVE=native_decode(), SPLIT_K=split, BLOCK_N=bn, BLOCK_K=bk,
+                num_warps=warps, **pdl_launch(x2))
+            sum_splits(part, y)
+        cands = decoder_tiles
+        key = ("int4_gemv", m, n_out, k_in, group)
+    elif m <= GEMV_MAX_ROWS:
         def run(c: tuple) -> None:
             bn, bk, split = c
             part = split_output(y, split)

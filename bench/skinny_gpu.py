@@ -1,0 +1,132 @@
+"""A/B of the small-batch quantized kernels on the GPU: per decoder layer of the
+Llama-3.1-8B shape (qkv, o, gate_up, down), for M rows, the CUDA-core kernels
+(w4a16.py GEMV (M <= 8) / GEMM, fp8_gemv.py (M <= 8) / torch._scaled_mm W8A8) against the
+tensor-core skinny kernels (skinny_dot.py), beside bf16 cuBLAS. Four distinct layers' weights are chained in
+one CUDA graph (their weights exceed L2, as in a decode step), timed per layer.
+
+  PYTHONPATH=$PWD python bench/skinny_gpu.py [--rows 1 16 64] [--configs]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import triton
+import torch.nn.functional as F
+from triton.runtime.errors import OutOfResources
+from gpu_timing import graph_replay_ms
+
+from ember.quant.fp8 import quantize_fp8
+from ember.quant.int4 import pack_int4, quantize_int4
+from ember.quant.kernels import fp8_linear_ref, int4_linear_ref
+from ember.quant.kernels.fp8_gemv import CONFIGS as FP8_GEMV_CONFIGS
+from ember.quant.kernels.fp8_gemv import fp8_gemv_triton
+from ember.quant.kernels.skinny_dot import fp8_skinny, int4_skinny
+from ember.quant.kernels.w4a16 import INT4_GEMV_CONFIGS, int4_linear_triton
+
+SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
+LAYERS = 4
+
+
+def layer_weights(seed: int) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    out = {}
+    for name, (k, n) in SHAPES.items():
+        w = torch.randn(n, k, device="cuda", generator=g) * 0.02
+        q, s, z = quantize_int4(w, 128)
+        f8, s8 = quantize_fp8(w, per_row=True)
+        out[name] = {"bf16": w.to(torch.bfloat16), "int4": (pack_int4(q), s.to(torch.bfloat16), z),
+                     "fp8": (f8, s8.reshape(-1).contiguous())}
+        del w
+    return out
+
+
+def fp8_w8a8(x, w, s):
+    q, sx = quantize_fp8(x, True)
+    return torch._scaled_mm(q, w.t(), scale_a=sx, scale_b=s.reshape(1, -1), out_dtype=torch.bfloat16)
+
+
+KERNELS = {
+    "bf16": lambda x, w: F.linear(x, w["bf16"]),
+    "int4-gemv/gemm": lambda x, w: int4_linear_triton(x, *w["int4"]),
+    "int4-skinny": lambda x, w: int4_skinny(x, *w["int4"]),
+    "fp8-gemv/w8a8": lambda x, w: fp8_gemv_triton(x, *w["fp8"]) if x.shape[0] <= 8 else fp8_w8a8(x, *w["fp8"]),
+    "fp8-skinny": lambda x, w: fp8_skinny(x, *w["fp8"]),
+}
+
+
+def time_layers(fn, xs: dict, layers: list, shapes=tuple(SHAPES)) -> float:
+    """Microseconds per layer of fn over `shapes` of every layer, graph-replayed."""
+    def step():
+        for w in layers:
+            for name in shapes:
+                fn(xs[name], w[name])
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    return graph_replay_ms(g, 20) * 1e3 / len(layers)
+
+
+def check(layers: list, m: int) -> None:
+    w = layers[0]["gate_up"]
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    for name, ref in (("int4-gemv/gemm", int4_linear_ref(x.float(), w["int4"][0], w["int4"][1].float(), w["int4"][2])),
+                      ("fp8-gemv/w8a8", fp8_linear_ref(x.float(), *w["fp8"])),
+                      ("int4-skinny", int4_linear_ref(x.float(), w["int4"][0], w["int4"][1].float(), w["int4"][2])),
+                      ("fp8-skinny", fp8_linear_ref(x.float(), *w["fp8"]))):
+        if name == "fp8-gemv/w8a8" and m > 8:
+            continue   # W8A8 quantizes x too: not the weight-only reference
+        y = KERNELS[name](x, w).float()
+        err = ((y - ref).norm() / ref.norm()).item()
+        print(json.dumps({"check": name, "m": m, "rel_err": err}), flush=True)
+        assert err < 2e-2, (name, m, err)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="*", default=[1, 2, 4, 8, 16, 64])
+    ap.add_argument("--configs", action="store_true", help="also time every GEMV tile config at M=1")
+    args = ap.parse_args()
+    print("#", json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}), flush=True)
+    layers = [layer_weights(i) for i in range(LAYERS)]
+    rows = []
+    for m in args.rows:
+        check(layers, m)
+        xs = {name: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for name, (k, n) in SHAPES.items()}
+        for kname, fn in KERNELS.items():
+            us = time_layers(fn, xs, layers)
+            rows.append({"m": m, "kernel": kname, "us_per_layer": round(us, 1)})
+            print(json.dumps(rows[-1]), flush=True)
+    print("\n| M | " + " | ".join(KERNELS) + " |")
+    print("| --- | " + " | ".join("---" for _ in KERNELS) + " |")
+    for m in args.rows:
+        base = next(r["us_per_layer"] for r in rows if r["m"] == m and r["kernel"] == "bf16")
+        cells = [f"{r['us_per_layer']:.1f} us ({base / r['us_per_layer']:.2f}x)"
+                 for r in rows if r["m"] == m]
+        print(f"| {m} | " + " | ".join(cells) + " |")
+    if args.configs:
+        x = {name: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for name, (k, n) in SHAPES.items()}
+        for fmt, cfgs, fn in (("int4", INT4_GEMV_CONFIGS, int4_linear_triton),
+                              ("fp8", FP8_GEMV_CONFIGS, fp8_gemv_triton)):
+            for name in SHAPES:
+                cells = []
+                for c in cfgs:
+                    try:
+                        us = time_layers(lambda xx, w, c=c: fn(xx, *w[fmt], config=c), x, layers, (name,))
+                        cells.append(f"{c}: {us:.1f}")
+                    except OutOfResources:
+                        cells.append(f"{c}: out of shared memory")
+                print(f"# {fmt} {name} M=1 us per config: " + ", ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()

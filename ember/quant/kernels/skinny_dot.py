@@ -1,0 +1,143 @@
+"""Tensor-core kernels for quantized weights at few rows (small batches, verify steps):
+y = x @ dequant(W)^T computed as y^T = dequant(W) @ x^T ("swap AB"), so the weight tile
+[BLOCK_N, BLOCK_K] is the MMA's left operand and the few rows of x (padded to
+BLOCK_M >= 16) its right one. The multiply-adds cost no CUDA-core work; what remains per
+weight is its decode (kernels/decode.py: bits moved into bf16 by inline PTX), and the
+decoded parts are interleaved back into column order for one dot per tile.
+
+- INT4 (AWQ / RTN): a tile lies inside one quantization group, so the zero point and the
+  scale apply once per tile: sum_k x_k s (c_k - z) = s (sum_k x_k c_k - z sum_k x_k),
+  with the decoder's +128 offset folded into z.
+- FP8 (E4M3, weight-only): the decoder's 2^-120 factor is folded into the per-row scale.
+
+Under the CPU interpreter (tests) the parts come from plain integer ops and the dot runs
+in fp32. Torch references: `int4_linear_ref`, `fp8_linear_ref` in kernels/__init__.py.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ember.layers.pdl import pdl_launch
+from ember.quant.kernels.decode import (E4M3_FACTOR_HALF, INT4_OFFSET, e4m3_parts, int4_parts,
+                                        native_decode)
+from ember.quant.kernels.splitk import choose_config, k_range, split_output, sum_splits
+
+MAX_ROWS = 64   # above this, the GEMM kernels (w4a16.py) / torch._scaled_mm
+
+
+@triton.jit
+def _skinny_kernel(x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
+                   G: tl.constexpr, FP8: tl.constexpr, NATIVE: tl.constexpr, DOT: tl.constexpr,
+                   SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """Grid (N tiles, SPLIT_K, M tiles). w: [N, K / PER] int32 words (PER = 8 INT4 codes or
+    4 E4M3 bytes). INT4: s, z [N, K / G] (G a multiple of BLOCK_K); FP8: s [N].
+    out: y [M, N], or fp32 partials [SPLIT_K, M, N]."""
+    PER: tl.constexpr = 4 if FP8 else 8
+    WORDS: tl.constexpr = BLOCK_K // PER
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < N
+    n_safe = tl.minimum(n, N - 1)       # rows past N re-read the last row; never stored
+    rm = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_mask = rm < M
+    start, end = k_range(K, SPLIT_K, BLOCK_K)
+    wi = tl.arange(0, WORDS)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if PDL:
+        tl.extra.cuda.gdc_wait()        # x is written by the kernel before
+        tl.extra.cuda.gdc_launch_dependents()
+    for k0 in range(start, end, BLOCK_K):
+        q = tl.load(w_ptr + n_safe[:, None] * stride_wn + (k0 // PER + wi)[None, :])
+        kk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rm[None, :] * stride_xm + kk[:, None], mask=r_mask[None, :], other=0.0)
+        x = x.to(DOT)                                                       # [BLOCK_K, BM]
+        if FP8:
+            p = e4m3_parts(q, NATIVE, DOT)
+            # Interleave the parts back into column order: [BN, BLOCK_K], column PER*w + j.
+            w = tl.interleave(tl.interleave(p[0], p[2]), tl.interleave(p[1], p[3]))
+            acc = tl.dot(w, x, acc)
+        else:
+            p = int4_parts(q, NATIVE, DOT)
+            w = tl.interleave(tl.interleave(tl.interleave(p[0], p[4]), tl.interleave(p[2], p[6])),
+                              tl.interleave(tl.interleave(p[1], p[5]), tl.interleave(p[3], p[7])))
+            raw = tl.dot(w, x)
+            xsum = tl.sum(x.to(tl.float32), axis=0)
+            g = k0 // G
+            sc = tl.load(s_ptr + n_safe * stride_sn + g).to(tl.float32)
+            zp = tl.load(z_ptr + n_safe * stride_sn + g).to(tl.float32)
+            acc += sc[:, None] * (raw - (zp + INT4_OFFSET)[:, None] * xsum[None, :])
+    if FP8:
+        acc = acc * (tl.load(s_ptr + n_safe) * E4M3_FACTOR_HALF)[:, None] * E4M3_FACTOR_HALF
+    dst = out_ptr + (tl.program_id(1) * M + rm[None, :]) * N + n[:, None]
+    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & r_mask[None, :])
+
+
+# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps). An INT4 BLOCK_K divides the group and gives
+# WORDS >= 16 (an MMA's K).
+INT4_CONFIGS = ((64, 128, 4, 4), (32, 128, 4, 4), (64, 128, 2, 4), (128, 128, 1, 4), (64, 128, 8, 4),
+                (32, 128, 8, 4), (128, 128, 2, 8), (16, 128, 4, 1), (16, 128, 8, 1))
+FP8_CONFIGS = ((64, 256, 4, 4), (64, 128, 4, 4), (64, 256, 2, 4), (64, 128, 2, 4), (32, 256, 4, 4),
+               (64, 256, 8, 4), (32, 512, 4, 4), (16, 256, 4, 1),
+               (128, 128, 2, 8))
+
+
+def _launch(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
+            n_out: int, k_in: int, group: int, fp8: bool, config: tuple | None) -> torch.Tensor:
+    x2 = x.reshape(-1, k_in)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if m > MAX_ROWS:
+        raise ValueError(f"the skinny kernels serve at most {MAX_ROWS} rows, got {m}")
+    y = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y.reshape(*x.shape[:-1], n_out)
+    native = native_decode()
+    dot = tl.bfloat16 if native else tl.float32
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+
+    def run(c: tuple) -> None:
+        bn, bk, split, warps = c
+        part = split_output(y, split)
+        _skinny_kernel[(triton.cdiv(n_out, bn), split, triton.cdiv(m, bm))](
+            x2, part, words, s, z if z is not None else s, m, n_out, k_in, x2.stride(0),
+            words.stride(0), s.stride(0) if s.dim() > 1 else 0, G=group, FP8=fp8, NATIVE=native,
+            DOT=dot, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+            **pdl_launch(x2))
+        sum_splits(part, y)
+
+    cands = [c for c in (FP8_CONFIGS if fp8 else INT4_CONFIGS)
+             if k_in % c[1] == 0 and (fp8 or group % c[1] == 0)]
+    if not cands:
+        raise ValueError(f"no skinny tile fits K = {k_in}, group {group}")
+    run(config or choose_config(("skinny", fp8, bm, n_out, k_in, group), cands, run, x))
+    return y.reshape(*x.shape[:-1], n_out)
+
+
+def int4_fits(k_in: int, group: int) -> bool:
+    """Whether an INT4 layer's shape suits the skinny kernel (a tile inside one group)."""
+    return any(k_in % c[1] == 0 and group % c[1] == 0 for c in INT4_CONFIGS)
+
+
+def fp8_fits(k_in: int) -> bool:
+    return any(k_in % c[1] == 0 for c in FP8_CONFIGS)
+
+
+def int4_skinny(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
+                config: tuple | None = None) -> torch.Tensor:
+    """x: [..., K] (at most MAX_ROWS rows); qweight: [N, K // 8] int32; scales, qzeros:
+    [N, K // G] -> [..., N] in x's dtype (bf16 products on the GPU)."""
+    n_out, k_in = qweight.shape[0], qweight.shape[1] * 8
+    group = k_in // scales.shape[1]
+    return _launch(x, qweight, scales, qzeros, n_out, k_in, group, False, config)
+
+
+def fp8_skinny(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+               config: tuple | None = None) -> torch.Tensor:
+    """x: [..., K] (at most MAX_ROWS rows); weight: [N, K] float8_e4m3fn (K % 4 == 0);
+    scale: [N] fp32 -> [..., N] in x's dtype (bf16 products on the GPU)."""
+    n_out, k_in = weight.shape
+    words = weight.view(torch.uint8).view(torch.int32)   # [N, K // 4], little-endian bytes
+    return _launch(x, words, scale, None, n_out, k_in, 1, True, config)
