@@ -95,15 +95,18 @@ def _int4_decoder_configs() -> list[tuple]:
 
 @pytest.mark.parametrize("m", [1, 3])
 @pytest.mark.parametrize("config", _int4_decoder_configs())
-def test_int4_decoder_gemv_every_tile_config(m, config):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_decoder_gemv_every_tile_config(m, config, dtype):
     # The register-decoder GEMV (tiles inside one group): group 128 over K = 512 with
     # splits, or SmolLM2's group 96 for 32-wide tiles; N = 72 is no multiple of BLOCK_N.
+    # bf16 activations are read as int32 pairs (decode.x_pair).
     group, k = (96, 192) if config[1] == 32 else (128, 512)
     qw, s, z = _int4_weight(72, k, group, seed=m + 11)
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEVICE)
-    want = int4_linear_ref(x, qw, s, z)
-    torch.testing.assert_close(int4_linear_triton(x, qw, s, z, config=config), want,
-                               rtol=1e-3, atol=1e-3 * want.abs().max().item())
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEVICE, dtype)
+    want = int4_linear_ref(x.float(), qw, s, z)
+    got = int4_linear_triton(x, qw, s, z, config=config).float()
+    tol = 1e-3 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
 
 
 @pytest.mark.parametrize("config", [(16, 128, 2), (32, 64, 4, 2)])
@@ -127,7 +130,8 @@ def _fp8_gemv_configs() -> list[tuple]:
 
 @pytest.mark.parametrize("m", [1, 3])
 @pytest.mark.parametrize("config", _fp8_gemv_configs())
-def test_fp8_gemv_matches_reference(m, config):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_gemv_matches_reference(m, config, dtype):
     from ember.quant.fp8 import quantize_fp8
     from ember.quant.kernels import fp8_linear_ref
     from ember.quant.kernels.fp8_gemv import fp8_gemv_triton
@@ -137,11 +141,12 @@ def test_fp8_gemv_matches_reference(m, config):
     codes = torch.arange(256, dtype=torch.int32)
     codes = codes[(codes & 0x7F) != 0x7F].to(torch.uint8)
     q[0, :codes.numel()] = codes.view(torch.float8_e4m3fn)
-    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(7)).to(DEVICE, dtype)
     args = (q.to(DEVICE), s.reshape(-1).to(DEVICE))
-    want = fp8_linear_ref(x, *args)
-    torch.testing.assert_close(fp8_gemv_triton(x, *args, config=config), want,
-                               rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    want = fp8_linear_ref(x.float(), *args)
+    tol = 1e-4 if dtype == torch.float32 else 1e-2   # bf16: the output's rounding
+    torch.testing.assert_close(fp8_gemv_triton(x, *args, config=config).float(), want,
+                               rtol=tol, atol=tol * want.abs().max().item())
 
 
 # ---- the tensor-core skinny kernels (skinny_dot.py) -------------------------------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -139,6 +140,24 @@ def e4m3_parts(q, NATIVE: tl.constexpr, DTYPE: tl.constexpr):
         p = (_e4m3_part(q, 0, DTYPE), _e4m3_part(q, 8, DTYPE), _e4m3_part(q, 16, DTYPE),
              _e4m3_part(q, 24, DTYPE))
     return p
+
+
+@triton.jit
+def x_pair(ptr, mask):
+    """Two bf16 activations read as one int32 (ptr: int32 pointers, x_operand) -> their fp32
+    values, low column first: bf16 widens to fp32 by a shift or a mask, where the cast
+    is a conversion instruction (a quarter of the integer rate), once per weight in a GEMV
+    whose threads each hold different columns."""
+    v = tl.load(ptr, mask=mask, other=0)
+    return (v << 16).to(tl.float32, bitcast=True), (v & -65536).to(tl.float32, bitcast=True)
+
+
+def x_operand(x2: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """A GEMV's activations [M, K]: bf16 rows with even K as int32 pairs [M, K // 2] (read
+    with x_pair), others as they are. Returns (tensor, pairs)."""
+    if x2.dtype == torch.bfloat16 and x2.shape[-1] % 2 == 0 and x2.stride(0) % 2 == 0:
+        return x2.view(torch.int32), True
+    return x2, False
 
 
 def native_decode() -> bool:

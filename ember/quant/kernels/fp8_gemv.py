@@ -17,32 +17,39 @@ import triton
 import triton.language as tl
 
 from ember.layers.pdl import pdl_launch
-from ember.quant.kernels.decode import E4M3_FACTOR_HALF, e4m3_parts, native_decode
+from ember.quant.kernels.decode import E4M3_FACTOR_HALF, e4m3_parts, native_decode, x_operand, x_pair
 from ember.quant.kernels.splitk import choose_config, k_range, split_output, sum_splits
 
 GEMV_MAX_ROWS = 8
 # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps). Long K wants few rows per program with long
 # tiles and splits (the down projection: K = 14336, N = 4096); wide N wants many programs.
-CONFIGS = ((32, 256, 2, 4), (16, 256, 4, 4), (32, 128, 4, 4), (64, 128, 2, 4), (16, 512, 2, 4),
-           (8, 1024, 1, 2), (8, 1024, 2, 2), (16, 512, 4, 4), (8, 512, 4, 2), (16, 1024, 2, 4),
-           (4, 1024, 4, 2), (32, 256, 1, 4), (16, 512, 1, 4))
+CONFIGS = ((32, 256, 2, 4), (16, 256, 4, 4), (32, 128, 4, 4), (16, 512, 2, 4), (8, 1024, 1, 2),
+           (16, 512, 4, 4), (8, 512, 4, 2), (4, 1024, 4, 2), (32, 256, 1, 4), (16, 512, 1, 4),
+           (64, 256, 4, 4), (32, 512, 4, 4), (64, 128, 8, 4), (32, 256, 8, 4), (64, 256, 4, 8))
 
 
 @triton.jit
-def _fp8_tile(acc2, q, x_row, col, live, NATIVE: tl.constexpr):
+def _fp8_tile(acc2, q, x_row, col, live, NATIVE: tl.constexpr, X_PAIRS: tl.constexpr):
     """acc2 [BN, WORDS] += each word's 4 weights (q [BN, WORDS]) times x at columns
-    col + j (col [WORDS] = first column of each word)."""
+    col + j (col [WORDS] = first column of each word). X_PAIRS: x_row points at x's bf16
+    pairs as int32 (decode_x_pairs)."""
     p = e4m3_parts(q, NATIVE, tl.float32)
-    acc2 += p[0] * tl.load(x_row + col, mask=live, other=0.0).to(tl.float32)[None, :]
-    acc2 += p[1] * tl.load(x_row + col + 1, mask=live, other=0.0).to(tl.float32)[None, :]
-    acc2 += p[2] * tl.load(x_row + col + 2, mask=live, other=0.0).to(tl.float32)[None, :]
-    acc2 += p[3] * tl.load(x_row + col + 3, mask=live, other=0.0).to(tl.float32)[None, :]
+    if X_PAIRS:
+        x0, x1 = x_pair(x_row + col // 2, live)
+        x2, x3 = x_pair(x_row + col // 2 + 1, live)
+    else:
+        x0 = tl.load(x_row + col, mask=live, other=0.0).to(tl.float32)
+        x1 = tl.load(x_row + col + 1, mask=live, other=0.0).to(tl.float32)
+        x2 = tl.load(x_row + col + 2, mask=live, other=0.0).to(tl.float32)
+        x3 = tl.load(x_row + col + 3, mask=live, other=0.0).to(tl.float32)
+    acc2 += p[0] * x0[None, :] + p[1] * x1[None, :]
+    acc2 += p[2] * x2[None, :] + p[3] * x3[None, :]
     return acc2
 
 
 @triton.jit
 def _fp8_gemv_kernel(x_ptr, out_ptr, w_ptr, s_ptr, M, N, K, stride_xm, stride_wn,
-                     NATIVE: tl.constexpr, SPLIT_K: tl.constexpr,
+                     NATIVE: tl.constexpr, X_PAIRS: tl.constexpr, SPLIT_K: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Grid (N tiles, SPLIT_K, M). w: [N, K / 4] int32 words of 4 E4M3 bytes."""
     WORDS: tl.constexpr = BLOCK_K // 4
@@ -64,11 +71,11 @@ def _fp8_gemv_kernel(x_ptr, out_ptr, w_ptr, s_ptr, M, N, K, stride_xm, stride_wn
                     mask=live[None, :], other=0)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-        acc2 = _fp8_tile(acc2, q, x_row, start + 4 * wi, live, NATIVE)
+        acc2 = _fp8_tile(acc2, q, x_row, start + 4 * wi, live, NATIVE, X_PAIRS)
         k_first = start + BLOCK_K
     for k0 in range(k_first, end, BLOCK_K):
         q = tl.load(w_ptr + n_safe[:, None] * stride_wn + (k0 // 4 + wi)[None, :])
-        acc2 = _fp8_tile(acc2, q, x_row, k0 + 4 * wi, wi < WORDS, NATIVE)
+        acc2 = _fp8_tile(acc2, q, x_row, k0 + 4 * wi, wi < WORDS, NATIVE, X_PAIRS)
     scale = tl.load(s_ptr + n_safe) * E4M3_FACTOR_HALF
     acc = tl.sum(acc2, axis=1) * scale * E4M3_FACTOR_HALF
     dst = out_ptr + (tl.program_id(1) * M + m) * N + n
@@ -94,12 +101,14 @@ def fp8_gemv_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     w = weight.view(torch.uint8).view(torch.int32)   # [N, K // 4], little-endian bytes
     kmax = k_in & -k_in   # BLOCK_K must divide K (masks cover N only)
 
+    xk, pairs = x_operand(x2)
+
     def run(c: tuple) -> None:
         bn, bk, split, warps = c
         part = split_output(y, split)
         _fp8_gemv_kernel[(triton.cdiv(n_out, bn), split, m)](
-            x2, part, w, scale, m, n_out, k_in, x2.stride(0), w.stride(0),
-            NATIVE=native_decode(), SPLIT_K=split, BLOCK_N=bn, BLOCK_K=min(bk, kmax), num_warps=warps,
+            xk, part, w, scale, m, n_out, k_in, xk.stride(0), w.stride(0),
+            NATIVE=native_decode(), X_PAIRS=pairs, SPLIT_K=split, BLOCK_N=bn, BLOCK_K=min(bk, kmax), num_warps=warps,
             **pdl_launch(x2))
         sum_splits(part, y)
 

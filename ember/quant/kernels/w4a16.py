@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from ember.layers.pdl import pdl_launch
-from ember.quant.kernels.decode import INT4_OFFSET, e4m3_from_bits, int4_parts, native_decode
+from ember.quant.kernels.decode import (INT4_OFFSET, e4m3_from_bits, int4_parts, native_decode,
+                                        x_operand, x_pair)
 from ember.quant.kernels.splitk import choose_config, k_range, split_output, sum_splits
 
 GEMV_MAX_ROWS = 8
@@ -114,18 +115,25 @@ def _w4_gemv_kernel(x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, M, N, K, stride
 
 
 @triton.jit
-def _int4_tile(acc2, q, sc, zp, x_row, col, NATIVE: tl.constexpr):
+def _int4_tile(acc2, q, sc, zp, x_row, col, NATIVE: tl.constexpr, X_PAIRS: tl.constexpr):
     """acc2 [BN, WORDS] += sc * (sum_j x_j (c_j + 128) - zp * sum_j x_j) for the tile's
-    words q [BN, WORDS] (one group: sc, zp [BN] with zp = zero + 128), x at col + j."""
+    words q [BN, WORDS] (one group: sc, zp [BN] with zp = zero + 128), x at col + j.
+    X_PAIRS: x_row points at x's bf16 pairs as int32 (decode.x_operand)."""
     p = int4_parts(q, NATIVE, tl.float32)
-    x0 = tl.load(x_row + col).to(tl.float32)
-    x1 = tl.load(x_row + col + 1).to(tl.float32)
-    x2 = tl.load(x_row + col + 2).to(tl.float32)
-    x3 = tl.load(x_row + col + 3).to(tl.float32)
-    x4 = tl.load(x_row + col + 4).to(tl.float32)
-    x5 = tl.load(x_row + col + 5).to(tl.float32)
-    x6 = tl.load(x_row + col + 6).to(tl.float32)
-    x7 = tl.load(x_row + col + 7).to(tl.float32)
+    if X_PAIRS:
+        x0, x1 = x_pair(x_row + col // 2, col >= 0)
+        x2, x3 = x_pair(x_row + col // 2 + 1, col >= 0)
+        x4, x5 = x_pair(x_row + col // 2 + 2, col >= 0)
+        x6, x7 = x_pair(x_row + col // 2 + 3, col >= 0)
+    else:
+        x0 = tl.load(x_row + col).to(tl.float32)
+        x1 = tl.load(x_row + col + 1).to(tl.float32)
+        x2 = tl.load(x_row + col + 2).to(tl.float32)
+        x3 = tl.load(x_row + col + 3).to(tl.float32)
+        x4 = tl.load(x_row + col + 4).to(tl.float32)
+        x5 = tl.load(x_row + col + 5).to(tl.float32)
+        x6 = tl.load(x_row + col + 6).to(tl.float32)
+        x7 = tl.load(x_row + col + 7).to(tl.float32)
     t = p[0] * x0[None, :] + p[1] * x1[None, :] + p[2] * x2[None, :] + p[3] * x3[None, :]
     t += p[4] * x4[None, :] + p[5] * x5[None, :] + p[6] * x6[None, :] + p[7] * x7[None, :]
     xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
@@ -134,7 +142,8 @@ def _int4_tile(acc2, q, sc, zp, x_row, col, NATIVE: tl.constexpr):
 
 @triton.jit
 def _int4_gemv_kernel(x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_xm, stride_wn,
-                      stride_sn, G: tl.constexpr, NATIVE: tl.constexpr, SPLIT_K: tl.constexpr,
+                      stride_sn, G: tl.constexpr, NATIVE: tl.constexpr, X_PAIRS: tl.constexpr,
+                      SPLIT_K: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """INT4 GEMV with the register decoder (kernels/decode.py), for tiles inside one
     group (G % BLOCK_K == 0): the scale and zero apply once per word column of the tile.
@@ -156,7 +165,7 @@ def _int4_gemv_kernel(x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_xm, s
         g = k0 // G
         sc = tl.load(s_ptr + n_safe * stride_sn + g).to(tl.float32)
         zp = tl.load(z_ptr + n_safe * stride_sn + g).to(tl.float32) + INT4_OFFSET
-        acc2 = _int4_tile(acc2, q, sc, zp, x_row, k0 + 8 * wi, NATIVE)
+        acc2 = _int4_tile(acc2, q, sc, zp, x_row, k0 + 8 * wi, NATIVE, X_PAIRS)
     dst = out_ptr + (tl.program_id(1) * M + m) * N + n
     tl.store(dst, tl.sum(acc2, axis=1).to(out_ptr.dtype.element_ty), mask=n_mask)
 
@@ -213,8 +222,9 @@ def _w4_gemm_kernel(x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, M, N, K, stride
 GEMV_CONFIGS = ((32, 256, 2), (16, 256, 4), (32, 128, 4), (64, 128, 2), (16, 128, 8), (32, 256, 1))
 # The INT4 GEMV with the register decoder: (BLOCK_N, BLOCK_K, SPLIT_K, num_warps); BLOCK_K
 # must divide the group (32 serves groups like SmolLM2's 96).
-INT4_GEMV_CONFIGS = ((32, 128, 4, 4), (16, 128, 8, 4), (64, 128, 2, 4), (32, 128, 8, 4), (16, 128, 4, 2),
-                     (8, 128, 8, 2), (64, 128, 4, 8), (128, 128, 2, 8), (32, 64, 4, 4), (32, 32, 4, 4))
+INT4_GEMV_CONFIGS = ((32, 128, 4, 4), (16, 128, 8, 4), (32, 128, 8, 4), (16, 128, 4, 2), (8, 128, 8, 2),
+                     (64, 128, 4, 8), (64, 128, 8, 4), (128, 128, 8, 4), (128, 128, 4, 8), (64, 128, 8, 8),
+                     (32, 64, 4, 4), (32, 32, 4, 4))
 GEMM_CONFIGS = ((64, 128, 4, 2), (32, 128, 4, 4), (64, 64, 4, 4), (128, 128, 8, 2), (64, 128, 4, 1))
 
 
@@ -239,12 +249,14 @@ def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor |
     decoder_tiles = [c for c in INT4_GEMV_CONFIGS if one_group(c[1]) and k_in % c[1] == 0]
     # A 3-tuple config asks for the plain GEMV (tests); at GEMV sizes a 4-tuple is a decoder tile.
     if m <= GEMV_MAX_ROWS and decoder_tiles and (config is None or len(config) == 4):
+        xk, pairs = x_operand(x2)
+
         def run(c: tuple) -> None:
             bn, bk, split, warps = c
             part = split_output(y, split)
             _int4_gemv_kernel[(triton.cdiv(n_out, bn), split, m)](
-                x2, part, w, s, z, m, n_out, k_in, x2.stride(0), w.stride(0), s.stride(0),
-                G=group, NATIVE=native_decode(), SPLIT_K=split, BLOCK_N=bn, BLOCK_K=bk,
+                xk, part, w, s, z, m, n_out, k_in, xk.stride(0), w.stride(0), s.stride(0),
+                G=group, NATIVE=native_decode(), X_PAIRS=pairs, SPLIT_K=split, BLOCK_N=bn, BLOCK_K=bk,
                 num_warps=warps, **pdl_launch(x2))
             sum_splits(part, y)
         cands = decoder_tiles
