@@ -11,6 +11,8 @@ import pytest
 import torch
 from _spec_helpers import force_k, random_mtp_tensors
 from conftest import TinyCheckpoint, assert_no_leaks, random_prompts
+from test_async_scheduling import mixed_params
+from test_async_scheduling import run as run_detailed
 from test_eagle_proposer import _random_drafter_for
 
 from ember import LLM, SamplingParams
@@ -79,15 +81,16 @@ def reference(tiny_llama, prompts) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def learned(tiny_llama, tmp_path_factory) -> dict[str, dict]:
-    """Configs of the learned proposers with random weights: an MTP layer, and an EAGLE-3
-    drafter (aux hidden rows) drafting trees."""
+    """Configs of the proposers with a network: an MTP layer and an EAGLE-3 drafter (aux
+    hidden rows) drafting trees, both random; the target as its own draft model."""
     root = tmp_path_factory.mktemp("learned")
     config = ModelConfig.from_file(os.path.join(tiny_llama.path, "config.json"))
     save_mtp_checkpoint(str(root / "mtp"), random_mtp_tensors(tiny_llama, seed=7), config)
     eagle = _random_drafter_for(config, str(root / "eagle"), draft_vocab=64)
     return {"mtp": {"method": "mtp", "num_speculative_tokens": 3, "model": str(root / "mtp")},
             "eagle-tree": {"method": "eagle", "num_speculative_tokens": 3, "model": eagle,
-                           "tree": {"top_k": 2, "budget": 6}}}
+                           "tree": {"top_k": 2, "budget": 6}},
+            "self-draft": {"method": "draft", "num_speculative_tokens": 3, "model": tiny_llama.path}}
 
 
 def spec_config(method: str, learned: dict[str, dict]) -> dict:
@@ -99,7 +102,7 @@ def spec_config(method: str, learned: dict[str, dict]) -> dict:
                                          {"num_kv_blocks": 40, "prefix_cache": "none"},
                                          {"max_num_seqs": 3, "max_num_batched_tokens": 16}],
                          ids=["roomy", "preempt-radix", "preempt-no-cache", "few-seqs-chunked"])
-@pytest.mark.parametrize("method", ["ngram", "mtp", "eagle-tree"])
+@pytest.mark.parametrize("method", ["ngram", "mtp", "eagle-tree", "self-draft"])
 def test_greedy_equals_plain_decoding(tiny_llama, prompts, reference, learned, method,
                                       engine_args) -> None:
     """k alternates between 0 and k > 0 step by step: the k = 0 steps run ahead, the others
@@ -111,11 +114,14 @@ def test_greedy_equals_plain_decoding(tiny_llama, prompts, reference, learned, m
     launches = record_launches(llm)
     assert run(llm, prompts) == reference
     assert sum(s["drafted"] for s in launches) >= 20   # requests that drafted, over all steps
-    assert sum(s["deferred"] and s["in_flight"] for s in launches) >= 5   # ran ahead
+    assert sum(s["deferred"] and s["in_flight"] for s in launches) >= 3   # ran ahead
     if "num_kv_blocks" in engine_args:
         assert llm.engine.scheduler.num_preemptions > 0
+    stats = llm.engine.spec_stats()
     if method == "ngram":   # (random learned proposers' drafts are rejected)
-        assert llm.engine.spec_stats()["num_accepted_tokens"] > 0
+        assert stats["num_accepted_tokens"] > 0
+    if method == "self-draft":   # any draft K/V wrongly believed valid would be rejected
+        assert stats["acceptance_rate"] == 1.0 and stats["num_accepted_tokens"] > 0
     assert_no_leaks(llm.engine)
 
 
@@ -135,6 +141,22 @@ def test_seeded_sampling_equals_sync_speculation(tiny_llama, prompts, learned, m
         assert_no_leaks(llm.engine)
     assert outs[0] == outs[1]
     assert drafts[0] == drafts[1] and len(drafts[0]) >= 5
+
+
+@pytest.mark.parametrize("method", ["ngram", "mtp"])
+def test_mixed_requests_equal_sync_speculation(tiny_llama, prompts, reference, learned, method) -> None:
+    """Greedy, seeded, a stop token, max_tokens 1, penalties with min_tokens (steps that
+    run synchronously), logprobs, side by side: tokens, finish reasons and logprobs equal
+    synchronous speculation's with the same k on each step."""
+    params = mixed_params(len(prompts), stop_token=reference[2][4])
+    outs = []
+    for mode in ("off", "on"):
+        llm = make_llm(tiny_llama, mode, speculative_config=spec_config(method, learned))
+        force_k(llm, PATTERN)
+        outs.append(run_detailed(llm, prompts, params))
+        assert_no_leaks(llm.engine)
+    assert outs[0] == outs[1]
+    assert outs[1][2][1] == "stop"   # the stop token fired
 
 
 def test_adaptive_controller_under_async(tiny_llama, prompts, reference) -> None:

@@ -136,6 +136,8 @@ class Scheduler:
     def schedule(self, spec_k: int = 0) -> SchedulerOutput:
         """The next step. spec_k > 0 (speculation planned for it, Speculator.plan): decoding
         requests get room for drafts; the step in flight, if any, must have been applied."""
+        if spec_k and any(r.num_inflight_tokens for r in self.running):
+            raise RuntimeError("a step that drafts is scheduled while a step is in flight")
         out = SchedulerOutput(spec_k=spec_k)
         budget = self.max_num_batched_tokens
         k = self.spec.slots_for(spec_k) if spec_k and self.spec is not None else 0
