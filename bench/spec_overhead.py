@@ -6,6 +6,7 @@ Prints each variant's median step time and the time spent inside the speculator'
 per-step calls and the hook (the overhead itself, less exposed to a busy machine's noise).
 
   OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/spec_overhead.py [--variants none,ngram-k0,mtp-k0,eagle-k0]
+      [--async-scheduling auto|on|off]
 """
 import argparse
 import os
@@ -27,6 +28,7 @@ from ember.config import ModelConfig
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--variants", default="none,ngram-k0,mtp-k0,eagle-k0")
 ap.add_argument("--repeats", type=int, default=3)
+ap.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"])
 cli = ap.parse_args()
 
 root = Path(tempfile.mkdtemp())
@@ -40,7 +42,7 @@ def spec_config(variant: str) -> dict | None:
     method = variant.split("-")[0]
     cfg = {"method": method, "num_speculative_tokens": 3}
     if method == "mtp":
-        from test_mtp import random_mtp_tensors
+        from _spec_helpers import random_mtp_tensors
 
         from ember.spec.mtp import save_mtp_checkpoint
         cfg["model"] = str(root / "mtp")
@@ -67,8 +69,9 @@ def time_spec_calls(llm: LLM) -> dict[str, float]:
             return out
         return wrapper
     sp, runner = llm.engine.speculator, llm.engine.runner
-    sp.num_spec_tokens = timed(sp.num_spec_tokens)
+    sp.plan = timed(sp.plan)
     sp.propose = timed(sp.propose)
+    sp.launched = timed(sp.launched)
     sp.observe = timed(sp.observe, count_step=True)
     if runner.hidden_states_hook is not None:
         runner.hidden_states_hook = timed(runner.hidden_states_hook)
@@ -79,7 +82,8 @@ prompts = [{"prompt_token_ids": p} for p in random_prompts([16] * 64, seed=1)]
 p = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
 llms = {}
 for v in cli.variants.split(","):
-    llms[v] = LLM(ck.path, dtype="float32", num_kv_blocks=2048, block_size=16, speculative_config=spec_config(v))
+    llms[v] = LLM(ck.path, dtype="float32", num_kv_blocks=2048, block_size=16, speculative_config=spec_config(v),
+                  async_scheduling=cli.async_scheduling)
     if v != "none":   # k forced to 0: a controller that never speculates isolates the cost
         llms[v].engine.speculator.controller.choose = lambda b: 0
 spent = {name: time_spec_calls(llm) for name, llm in llms.items()}

@@ -29,8 +29,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="RMSNorm, RoPE and SiLU-mul: fused Triton kernels (auto: on CUDA) or torch")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     p.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
-                   help="schedule the next step while the device runs this one (auto: on CUDA, "
-                        "without speculation)")
+                   help="schedule the next step while the device runs this one (auto: on CUDA; "
+                        "with speculation, steps that draft run synchronously)")
     p.add_argument("--prefix-cache", default="radix", choices=["radix", "none"],
                    help="reuse the KV cache of shared prompt prefixes (RadixAttention) or not")
     p.add_argument("--scheduling-policy", default="lpm", choices=["lpm", "fcfs"],

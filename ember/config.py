@@ -31,11 +31,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def resolve_async_scheduling(mode: str, device: torch.device, speculating: bool) -> bool:
-    """Whether the engine overlaps steps: `on` / `auto` need no speculation (a proposer
-    drafts from the latest tokens); `auto` also needs CUDA (on the CPU the forward runs on
-    the host thread, so nothing overlaps)."""
-    if mode == "off" or speculating:
+def resolve_async_scheduling(mode: str, device: torch.device) -> bool:
+    """Whether the engine overlaps steps: `on`, or `auto` on CUDA (on the CPU the forward
+    runs on the host thread, so nothing overlaps). With speculative decoding only steps
+    without drafts run ahead: a drafting step first applies the step in flight
+    (Engine.step)."""
+    if mode == "off":
         return False
     return mode == "on" or device.type == "cuda"
 
@@ -129,8 +130,8 @@ class EngineConfig:
     scheduling_policy: str = "lpm"        # lpm (longest cached prefix first) | fcfs
     seed: int = 0
     enforce_eager: bool = False           # True: no CUDA graphs for decode
-    # auto (on CUDA without speculation) | on | off: overlap a step's host work with the
-    # next step's forward (Engine.step)
+    # auto (on CUDA) | on | off: overlap a step's host work with the next step's forward
+    # (Engine.step; with speculation, steps without drafts)
     async_scheduling: str = "auto"
     # Speculative decoding: a dict or JSON string like vLLM's --speculative-config,
     # e.g. {"method": "ngram", "num_speculative_tokens": 3}; parsed to a SpeculativeConfig.

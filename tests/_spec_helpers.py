@@ -1,13 +1,17 @@
 """Pieces the speculative-decoding tests share: the mixed-batch sampling parameters, a
 recorder of what kinds of requests each engine step ran together, a controller stand-in
-that forces k per step, and a recorder of the steps a module or method ran on."""
+that forces k per step, a recorder of the steps a module or method ran on, and random MTP
+weights for a tiny target."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from ember import LLM, SamplingParams
+
+if TYPE_CHECKING:
+    from conftest import TinyCheckpoint
 
 
 def mixed_batch_params(n: int) -> list[SamplingParams]:
@@ -32,7 +36,7 @@ def record_step_kinds(llm: LLM, kind: Callable) -> list[frozenset]:
 
 class ForcedK:
     """Stands in for the adaptive controller: k per engine step from `pattern` (cycled);
-    `ks` holds the k of every step so far (the scheduler asks once per step)."""
+    `ks` holds the k of every step so far (the engine asks once per step)."""
 
     def __init__(self, pattern: list[int]) -> None:
         self.pattern = pattern
@@ -46,7 +50,7 @@ class ForcedK:
     def observe_draft(self, *args, **kw) -> None:
         pass
 
-    observe_acceptance = observe_step = observe_draft
+    observe_acceptance = observe_step = observe_applied = observe_draft
 
 
 def force_k(llm: LLM, pattern: list[int]) -> ForcedK:
@@ -72,3 +76,20 @@ def steps_of_calls(obj: object, method: str, ctl: ForcedK) -> list[int]:
         return inner(*args, **kw)
     setattr(obj, method, recording)
     return steps
+
+
+def random_mtp_tensors(target: TinyCheckpoint, seed: int) -> dict[str, torch.Tensor]:
+    """One MTP layer's tensors (names inside the layer): a random decoder layer, norms away
+    from 1 so that each one matters, a random eh_proj."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    torch.manual_seed(seed)
+    cfg = target.config
+    h = cfg.hidden_size
+    layer = LlamaDecoderLayer(cfg, layer_idx=0)
+    for w in layer.parameters():
+        w.data.normal_(0.0, 0.1) if w.dim() == 2 else w.data.uniform_(0.5, 1.5)
+    tensors = {k: v.detach().clone() for k, v in layer.state_dict().items()}
+    for name in ("enorm", "hnorm", "shared_head.norm"):
+        tensors[f"{name}.weight"] = torch.empty(h).uniform_(0.5, 1.5)
+    tensors["eh_proj.weight"] = torch.randn(h, 2 * h) * 0.1
+    return tensors

@@ -156,7 +156,8 @@ def test_abort_while_in_flight(tiny_llama, prompts) -> None:
 
 def test_async_scheduling_config(tiny_llama) -> None:
     assert not make_llm(tiny_llama, "auto").engine.async_scheduling   # CPU: nothing to overlap
+    # With speculation, steps without drafts run ahead (tests/test_spec_async.py).
     spec = make_llm(tiny_llama, "on", speculative_config={"method": "ngram", "num_speculative_tokens": 2})
-    assert not spec.engine.async_scheduling
+    assert spec.engine.async_scheduling
     with pytest.raises(ValueError, match="async_scheduling"):
         make_llm(tiny_llama, "sometimes")

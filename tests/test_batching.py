@@ -37,8 +37,8 @@ def record_steps(engine: Engine) -> list[list[StepRecord]]:
     steps: list[list[StepRecord]] = []
     schedule = engine.scheduler.schedule
 
-    def recording_schedule():
-        out = schedule()
+    def recording_schedule(*args, **kw):
+        out = schedule(*args, **kw)
         if not out.empty:
             steps.append([StepRecord(s.request.request_id, s.request.num_computed_tokens,
                                      s.num_new_tokens, s.request.num_prompt_tokens)

@@ -13,6 +13,7 @@ import torch
 from _spec_helpers import (
     force_k,
     mixed_batch_params,
+    random_mtp_tensors,
     record_step_kinds,
     steps_of_calls,
     steps_of_forwards,
@@ -47,23 +48,6 @@ def run(llm: LLM, prompts: list[list[int]], params=GREEDY):
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert all(o.finished for o in outs)
     return [o.outputs[0].token_ids for o in outs], outs
-
-
-def random_mtp_tensors(target: TinyCheckpoint, seed: int) -> dict[str, torch.Tensor]:
-    """One MTP layer's tensors (names inside the layer): a random decoder layer, norms away
-    from 1 so that each one matters, a random eh_proj."""
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-    torch.manual_seed(seed)
-    cfg = target.config
-    h = cfg.hidden_size
-    layer = LlamaDecoderLayer(cfg, layer_idx=0)
-    for w in layer.parameters():
-        w.data.normal_(0.0, 0.1) if w.dim() == 2 else w.data.uniform_(0.5, 1.5)
-    tensors = {k: v.detach().clone() for k, v in layer.state_dict().items()}
-    for name in ("enorm", "hnorm", "shared_head.norm"):
-        tensors[f"{name}.weight"] = torch.empty(h).uniform_(0.5, 1.5)
-    tensors["eh_proj.weight"] = torch.randn(h, 2 * h) * 0.1
-    return tensors
 
 
 @pytest.fixture(scope="module")

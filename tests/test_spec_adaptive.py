@@ -1,9 +1,12 @@
 """Adaptive speculation: k from measured acceptance and step cost, off at large batch;
+step timing under async scheduling (the pipeline's transitions charged to drafting steps);
 and the acceptance statistics."""
 from __future__ import annotations
 
+from ember.spec import step_clock
 from ember.spec.adaptive import AdaptiveK
 from ember.spec.stats import SpecStats
+from ember.spec.step_clock import StepClock
 
 
 def feed(ctl: AdaptiveK, cost, draft_cost, accept_prob: float, k: int = 4, n: int = 400) -> None:
@@ -127,3 +130,117 @@ def test_a_step_without_drafts_now_and_then_while_speculating() -> None:
     feed(ctl, memory_bound, lambda b: 0.2 + 0.01 * b, accept_prob=0.9)
     picks = [ctl.choose(1) for _ in range(30)]
     assert picks.count(0) == 3 and all(k == 4 for k in picks if k)
+
+
+def test_re_timing_under_async_scheduling_takes_three_plain_steps_in_a_row() -> None:
+    """Under async scheduling a steady plain step needs one before and one after it (the
+    pipeline refills, then drains): the step without drafts becomes three."""
+    ctl = AdaptiveK(4, probe_every=10, retime_steps=3)
+    feed(ctl, memory_bound, lambda b: 0.2 + 0.01 * b, accept_prob=0.9)
+    picks = [ctl.choose(1) for _ in range(36)]
+    assert picks.count(0) == 9 and all(k == 4 for k in picks if k)
+    off = [i for i, k in enumerate(picks) if k == 0]
+    assert off == [j + d for j in off[::3] for d in range(3)]   # in runs of three
+
+
+# ---- step timing under async scheduling -------------------------------------------------------
+class FakeClock:
+    def __init__(self, monkeypatch) -> None:
+        self.now = 0.0
+        monkeypatch.setattr(step_clock.time, "perf_counter", lambda: self.now)
+
+
+def test_step_clock_tells_steady_intervals_from_pipeline_transitions(monkeypatch) -> None:
+    """Launches and applies in Engine.step's order. Steady: exactly one launch in the
+    interval, the step's own for a synchronous step, the next deferred one's for a deferred
+    step. A drain (no launch) and a refill (two) are transitions, as are the neighbours of a
+    synchronous plain step inside a deferred stream."""
+    fake = FakeClock(monkeypatch)
+    clock = StepClock()
+    got = []
+
+    def apply() -> None:
+        fake.now += 1.0
+        got.append(clock.applied()[1])
+    # Synchronous steps: launch, apply.
+    for _ in range(3):
+        clock.launched(False)
+        apply()
+    assert got == [True, True, True]
+    got.clear()
+    # Deferred stream: launch N + 1, then apply N; a drafting step drains (apply with no
+    # launch), runs synchronously, and the stream restarts (launch, no apply; launch, apply).
+    clock.launched(True)
+    for _ in range(3):
+        clock.launched(True)
+        apply()
+    apply()                                   # drained
+    clock.launched(False)
+    apply()                                   # the drafting step
+    clock.launched(True)                      # refill: nothing to apply yet
+    for _ in range(2):
+        clock.launched(True)
+        apply()
+    assert got == [False, True, True, False, True, False, True]
+    got.clear()
+    # A synchronous plain step (penalties) launched while a deferred one is in flight.
+    clock.launched(False)
+    apply()                                   # the deferred one: its interval held a sync forward
+    apply()                                   # the synchronous one: no launch in its interval
+    clock.launched(True)
+    for _ in range(2):
+        clock.launched(True)
+        apply()
+    assert got == [False, False, False, True]
+    apply()                                   # the last one in flight
+    clock.restart()
+    clock.launched(False)
+    assert clock.applied() == (None, True)   # nothing timed across an idle gap
+
+
+def plain_history(ctl: AdaptiveK) -> None:
+    """Steady plain steps: 8 decoding requests, 1 s a step."""
+    for _ in range(20):
+        ctl.observe_applied(8, 1.0, speculative=False, steady=True)
+
+
+def test_pipeline_transitions_count_against_speculation() -> None:
+    """A k = 1 step for 8 requests takes 1.5 s (drafts included) against 1.0 s for a plain
+    step, with acceptance 0.9: synchronously that pays (8 * 1.9 / 1.6 s > 1.1 * 8 / 1 s).
+    Under async scheduling the step in flight was applied early (0.6 s instead of 1.0) and
+    the pipeline refilled after it (1.9 s): 0.5 s more, charged to the drafting step, and
+    then it does not pay."""
+    sync, pipelined = AdaptiveK(1), AdaptiveK(1)
+    for ctl in (sync, pipelined):
+        plain_history(ctl)
+        ctl.accept = [0.9]
+    sync.observe_applied(16, 1.5, speculative=True, steady=True)
+    sync.observe_applied(8, 1.0, speculative=False, steady=True)
+    assert abs(sync.target_spec(16) - 1.5) < 1e-9 and sync.choose(8) == 1
+    pipelined.observe_applied(8, 0.6, speculative=False, steady=False)   # drained
+    pipelined.observe_applied(16, 1.5, speculative=True, steady=True)
+    assert not pipelined.target_spec.has_data                             # held: refill unknown
+    pipelined.observe_applied(8, 1.9, speculative=False, steady=False)   # refilled
+    assert abs(pipelined.target_spec(16) - 2.0) < 1e-9 and pipelined.choose(8) == 0
+    # The plain fit saw only steady steps.
+    assert abs(pipelined.target(8) - 1.0) < 1e-9
+
+
+def test_drafting_steps_in_a_row_pay_for_the_transitions_once() -> None:
+    ctl = AdaptiveK(1)
+    plain_history(ctl)
+    ctl.observe_applied(8, 0.6, speculative=False, steady=False)   # drained: -0.4
+    for _ in range(3):
+        ctl.observe_applied(16, 1.5, speculative=True, steady=True)
+    ctl.observe_applied(8, 1.9, speculative=False, steady=False)   # refilled: +0.9
+    # 1.1 + 1.5 + 2.4, weighted by the fit's decay (0.97): the mean is about 1.67.
+    w = [0.97 ** 2, 0.97, 1.0]
+    mean = (w[0] * 1.1 + w[1] * 1.5 + w[2] * 2.4) / sum(w)
+    assert abs(ctl.target_spec(16) - mean) < 1e-9
+    # A transition whose cost cannot be measured (a prefill in it) leaves the step out.
+    ctl = AdaptiveK(1)
+    plain_history(ctl)
+    ctl.observe_applied(None, 3.0, speculative=False, steady=False)
+    ctl.observe_applied(16, 1.5, speculative=True, steady=True)
+    ctl.observe_applied(8, 1.0, speculative=False, steady=True)
+    assert not ctl.target_spec.has_data

@@ -47,18 +47,17 @@ class Engine:
         self.block_pool = BlockPool(self.runner.num_blocks)
         # prefix_cache.stats(): hit rate, evictions, cached tokens.
         self.prefix_cache = create_prefix_cache(cfg.prefix_cache, self.block_pool, cfg.block_size)
+        # Async scheduling (vLLM's --async-scheduling, SGLang's overlap scheduler): schedule
+        # and launch step N + 1 before step N's tokens reach the host. Under `auto`, off on
+        # the CPU (no overlap there). With speculation only steps without drafts run ahead.
+        self.async_scheduling = resolve_async_scheduling(cfg.async_scheduling, device)
+        self.in_flight: LaunchedStep | None = None
         # Speculative decoding (proposer `none` when off); spec_stats() reports on it.
         self.speculator = Speculator(cfg.speculative_config, self)
         self.scheduler = Scheduler(self.block_pool, cfg.block_size, cfg.max_num_seqs,
                                    budget, max_model_len, self.prefix_cache, cfg.scheduling_policy,
                                    self.speculator)
         self.output_processor = OutputProcessor(self.tokenizer, self.scheduler)
-        # Async scheduling (vLLM's --async-scheduling, SGLang's overlap scheduler): schedule
-        # and launch step N + 1 before step N's tokens reach the host. Off with speculation
-        # (drafting reads the latest tokens) and, under `auto`, on the CPU (no overlap there).
-        self.async_scheduling = resolve_async_scheduling(cfg.async_scheduling, device,
-                                                         cfg.speculative_config.enabled)
-        self.in_flight: LaunchedStep | None = None
         self.eos_token_ids = frozenset(
             self.tokenizer.eos_token_ids if self.tokenizer is not None else source.config.eos_token_ids)
         logger.info("ember ready: %s on %s (%s), max_model_len %d, %d KV tokens",
@@ -121,10 +120,14 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Schedule, draft and launch one forward; then apply the step before it (async
         scheduling: the host's work for one step overlaps the device's for the next) or
-        this one, and report what changed."""
-        batch = self.scheduler.schedule()
+        this one, and report what changed. A step that drafts (k > 0) reads its requests'
+        latest tokens: the step in flight is applied before it is scheduled."""
+        k = self.speculator.plan(len(self.scheduler.running))
+        outputs = self._apply(self.in_flight) if k and self.in_flight is not None else []
+        batch = self.scheduler.schedule(k)
         launched = None if batch.empty else self._launch(batch)
-        outputs = self._apply(self.in_flight) if self.in_flight is not None else []
+        if self.in_flight is not None:
+            outputs += self._apply(self.in_flight)
         self.in_flight = launched
         if launched is not None and not launched.deferred:
             outputs += self._apply(launched)
@@ -134,7 +137,9 @@ class Engine:
         self.speculator.propose(batch)       # drafts into the room the scheduler left
         # One forward (prefill, decode and verify) and the sampler; deferred under async
         # scheduling, its pending inputs taken on the device from the step in flight.
-        return self.runner.launch(batch, self.in_flight, defer=self.async_scheduling)
+        step = self.runner.launch(batch, self.in_flight, defer=self.async_scheduling)
+        self.speculator.launched(step)
+        return step
 
     def _apply(self, step: LaunchedStep) -> list[RequestOutput]:
         """Wait for a launched step's tokens, apply them, and turn them into outputs."""

@@ -68,17 +68,16 @@ class LaunchedStep:
 
 @dataclass
 class TargetHiddenStates:
-    """One step's target hidden states, for proposers that read them (MTP, EAGLE). The
-    runner hands them over after sampling and verification, before the scheduler applies
-    the step, so the requests still show the step's starting state (num_computed_tokens,
-    token_ids, block_ids); request i's rows score positions num_computed_tokens + j (a
-    verified tree's accepted nodes have been moved into those rows)."""
+    """One step's target hidden states, for proposers that read them (MTP, EAGLE), and the
+    KV slot of each row's position. Handed over on the device only, so that a deferred
+    step (async scheduling) gives them at launch, without waiting for anything: then the
+    rows are its requests' own tokens; a resolved step gives them after verification (a
+    verified tree's accepted nodes moved into the rows a chain would have had). Every row
+    stands except those of rejected drafts, whose positions lie past the request's
+    computed tokens, as their K/V does, and are computed again before anything reads them."""
 
     hidden: torch.Tensor                # [T, hidden] the model's forward output (after its final norm)
-    scheduled: list[ScheduledRequest]   # in row order
-    row_starts: list[int]               # [S + 1] request i owns rows [row_starts[i], row_starts[i + 1])
-    num_valid: list[int]                # [S] leading rows of request i that stand: its own tokens + accepted drafts
-    sampled: dict[str, list[int]]       # request id -> the step's new tokens (sampling requests only)
+    slot_mapping: torch.Tensor          # [T] long, on the device: each row's position's KV slot
     # [T, n_aux * hidden] the residual streams the model keeps on request (EAGLE-3:
     # ModelRunner.keep_aux_hidden_states), else None. Rows as `hidden`'s.
     aux_hidden: torch.Tensor | None = None
@@ -252,10 +251,11 @@ class ModelRunner:
                defer: bool = False) -> LaunchedStep:
         """Queue one step on the device. With `defer`, a step whose sampling rows all
         sample without history (Request.samples_without_history; no drafts, no prompt
-        logprobs, no hidden-state hook) returns before its tokens reach the host: they are
-        copied back asynchronously and `resolve()` waits for them. Any other step is
-        resolved here. `previous` is the step in flight, whose sampled tokens on the device
-        are this step's pending inputs (ScheduledRequest.num_pending_inputs)."""
+        logprobs) returns before its tokens reach the host: they are copied back
+        asynchronously and `resolve()` waits for them. Any other step is resolved here.
+        `previous` is the step in flight, whose sampled tokens on the device are this
+        step's pending inputs (ScheduledRequest.num_pending_inputs). The hidden-state hook
+        gets a deferred step's rows at once, a resolved step's after verification."""
         # Single-query sequences first: the attention backend batches them.
         scheduled = sorted(out.scheduled, key=lambda s: s.num_query_tokens != 1)
         trees = {i: s for i, s in enumerate(scheduled) if s.spec_tree is not None}
@@ -272,6 +272,7 @@ class ModelRunner:
             hidden = self.model(fb.input_ids, fb.positions, fb)
         sampling = [i for i, s in enumerate(scheduled) if s.samples and not s.spec_token_ids]
         if defer and self._deferrable(scheduled, sampling):
+            self._hand_hidden_states(fb, hidden)
             return self._launch_sampling(out, scheduled, sampling, fb, hidden)
         result = StepResult()
         verifying = [i for i, s in enumerate(scheduled) if s.samples and s.spec_token_ids]
@@ -290,18 +291,19 @@ class ModelRunner:
                 if lp is not None:
                     result.logprobs[r.request_id] = [lp]
         self._prompt_logprobs(scheduled, fb, hidden, result)
-        if self.hidden_states_hook is not None:
-            num_valid = [s.num_new_tokens + result.num_accepted.get(s.request.request_id, 0)
-                         for s in scheduled]
-            aux = getattr(self.model.model, "aux_hidden_states", None)
-            self.hidden_states_hook(TargetHiddenStates(hidden, scheduled, fb.query_start_loc,
-                                                       num_valid, result.sampled, aux))
+        self._hand_hidden_states(fb, hidden)
         return LaunchedStep(out, result=result)
 
     def _deferrable(self, scheduled: list[ScheduledRequest], sampling: list[int]) -> bool:
-        return (self.hidden_states_hook is None and len(sampling) > 0
+        return (len(sampling) > 0
                 and all(not s.spec_token_ids and s.request.prompt_logprobs is None for s in scheduled)
                 and all(scheduled[i].request.samples_without_history for i in sampling))
+
+    def _hand_hidden_states(self, fb: ForwardBatch, hidden: torch.Tensor) -> None:
+        """The hidden-state hook, if set: device tensors only, nothing read back."""
+        if self.hidden_states_hook is not None:
+            aux = getattr(self.model.model, "aux_hidden_states", None)
+            self.hidden_states_hook(TargetHiddenStates(hidden, fb.slot_mapping, aux))
 
     def _fill_pending_inputs(self, scheduled: list[ScheduledRequest], fb: ForwardBatch,
                              previous: LaunchedStep | None) -> None:

@@ -73,14 +73,15 @@ class SpecPolicy(Protocol):
 
     kv_lag: int
 
-    def num_spec_tokens(self, num_running: int) -> int:
-        """Draft tokens to make room for per decoding request this step (0 = off)."""
+    def slots_for(self, k: int) -> int:
+        """Draft slots per decoding request for a step of k drafts (a tree: more)."""
 
 
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    spec_k: int = 0   # the drafts per request (a tree's depth) the step was planned with
 
     @property
     def num_tokens(self) -> int:
@@ -132,10 +133,14 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+    def schedule(self, spec_k: int = 0) -> SchedulerOutput:
+        """The next step. spec_k > 0 (speculation planned for it, Speculator.plan): decoding
+        requests get room for drafts; the step in flight, if any, must have been applied."""
+        if spec_k and any(r.num_inflight_tokens for r in self.running):
+            raise RuntimeError("a step that drafts is scheduled while a step is in flight")
+        out = SchedulerOutput(spec_k=spec_k)
         budget = self.max_num_batched_tokens
-        k = self.spec.num_spec_tokens(len(self.running)) if self.spec is not None else 0
+        k = self.spec.slots_for(spec_k) if spec_k and self.spec is not None else 0
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]

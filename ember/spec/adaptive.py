@@ -23,6 +23,17 @@ tokens cost about what they gain and k falls to 0; at batch 1 a forward costs ab
 same for 1 or k + 1 tokens and speculation wins whenever drafts get accepted. While off,
 a rare one-draft probe keeps the acceptance estimate current (see `probe_every`), and
 while on, a rare step without drafts keeps the plain step's cost current.
+
+What a step costs is its share of the engine's wall time: the interval between the end of
+the previous step's apply and the end of its own (ember.spec.step_clock), so both fits
+count everything the loop does per step, scheduling and outputs included. Under async
+scheduling a plain step's steady interval is the pipelined cost (its host work hidden
+behind the device's), while a drafting step runs synchronously: the step in flight is
+applied first (the pipeline drains) and the steps after it start the pipeline again. The
+intervals of those transitions differ from a plain step's cost by what leaving the
+pipeline cost; that difference is added to the drafting step's cost (`observe_applied`),
+so the comparison is between what a plain step costs when none drafts and everything a
+drafting step costs.
 """
 from __future__ import annotations
 
@@ -71,7 +82,7 @@ class AdaptiveK:
     def __init__(self, k_max: int, margin: float = 1.1, ema: float = 0.1,
                  prior_acceptance: float = 0.6, probe_every: int = 64,
                  slots: Callable[[int], int] = lambda k: k,
-                 forwards: Callable[[int], int] = lambda k: k) -> None:
+                 forwards: Callable[[int], int] = lambda k: k, retime_steps: int = 1) -> None:
         self.k_max = k_max
         # A step of k drafts (a tree: of depth k) costs slots(k) verified tokens per request
         # and forwards(k) proposer forwards (a chain: k and k; an EAGLE tree: its node
@@ -86,8 +97,11 @@ class AdaptiveK:
         # Likewise plain steps are only timed while off: after probe_every steps on, one
         # step goes without drafts, so a plain cost timed under other conditions (another
         # load on a shared machine, a warm-up at another batch size) cannot keep
-        # speculation on for good.
+        # speculation on for good. Under async scheduling that takes 3 plain steps in a
+        # row (the pipeline refills, one steady step, it drains): `retime_steps`.
         self.steps_on = 0
+        self.retime_steps = retime_steps
+        self.retime_left = 0
         self.margin = margin
         self.ema = ema
         self.accept = [prior_acceptance] * k_max   # conditional acceptance per position
@@ -100,6 +114,11 @@ class AdaptiveK:
         self.draft = _LinearFit(0.97, 0.2, 1.0 / 256)
         self.plain_max_tokens = 0   # the largest step without drafts timed so far
         self.last_k = 0
+        # observe_applied: a drafting step's (tokens, seconds) until the step after it
+        # shows whether the pipeline refilled, and the pipeline transitions' extra cost so
+        # far, for the next drafting step (None: some was not measurable).
+        self._held: tuple[int, float] | None = None
+        self._entry: float | None = 0.0
 
     def expected_tokens(self, k: int) -> float:
         total, alpha = 1.0, 1.0
@@ -109,8 +128,10 @@ class AdaptiveK:
         return total
 
     def choose(self, batch_size: int) -> int:
-        if batch_size <= 0 or 2 * self.plain_max_tokens < batch_size:
-            self.last_k = 0   # plain steps of this size not timed yet: this one will be
+        if batch_size <= 0 or 2 * self.plain_max_tokens < batch_size or self.retime_left > 0:
+            # Plain steps of this size not timed yet (this one will be), or re-timing them.
+            self.retime_left = max(0, self.retime_left - 1)
+            self.last_k = 0
             return 0
         plain = self.target
         spec = self.target_spec if self.target_spec.has_data else plain
@@ -125,6 +146,7 @@ class AdaptiveK:
             self.steps_on += 1
             if self.steps_on >= self.probe_every:
                 self.steps_on = 0
+                self.retime_left = self.retime_steps - 1
                 best_k = 0
         else:
             self.steps_on = 0
@@ -157,6 +179,42 @@ class AdaptiveK:
         (self.target_spec if speculative else self.target).add(num_tokens, seconds)
         if not speculative:
             self.plain_max_tokens = max(self.plain_max_tokens, num_tokens)
+
+    def observe_applied(self, num_tokens: int | None, seconds: float | None, speculative: bool,
+                        steady: bool) -> None:
+        """One applied step's interval (ember.spec.step_clock): num_tokens in its forward if
+        every request decoded (None: another regime, not fitted), seconds (a drafting step's
+        without its proposer's time; None: not timed), and whether the interval was steady.
+        Steady plain steps go to the plain fit. A drafting step goes to its fit with the
+        extra cost of the transitions next to it (interval minus the plain fit's estimate):
+        those before it (the pipeline drained) and the one after it (it refilled), so it
+        is held until the next step is applied; without a measurable transition cost it is
+        left out."""
+        timed = num_tokens is not None and seconds is not None
+        if speculative:
+            self._release(0.0)   # a drafting step after it: no refill to charge
+            if timed and steady and self._entry is not None:
+                self._held = (num_tokens, seconds + self._entry)
+            self._entry = 0.0
+            return
+        if steady:
+            self._release(0.0)
+            self._entry = 0.0
+            if timed:
+                self.observe_step(num_tokens, seconds)
+            return
+        extra = seconds - self.target(num_tokens) if timed and self.target.has_data else None
+        if self._held is not None:
+            self._release(extra)
+        elif self._entry is not None:
+            self._entry = None if extra is None else self._entry + extra
+
+    def _release(self, extra: float | None) -> None:
+        """Fit the held drafting step with `extra` seconds added (None: leave it out)."""
+        if self._held is not None and extra is not None:
+            tokens, seconds = self._held
+            self.observe_step(tokens, seconds + extra, speculative=True)
+        self._held = None
 
     def observe_draft(self, batch_size: int, seconds_per_step: float) -> None:
         self.draft.add(batch_size, seconds_per_step)

@@ -26,7 +26,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from ember.cache.kv_spec import KVCacheLayer, allocate_kv_caches
@@ -101,30 +100,12 @@ class TargetRows:
         return self.rows.numel() * self.rows.element_size()
 
     def write(self, step: TargetHiddenStates, rows: torch.Tensor) -> None:
-        """The hook's whole work: copy the rows that stand (own tokens and accepted drafts;
-        rows: [T, width], the step's, in its row order) to their positions' slots."""
-        bs, num_rows = self.block_size, step.row_starts[-1]
-        if len(step.scheduled) == num_rows:
-            # One row per request (decodes without drafts): every row stands, in order.
-            reqs = [s.request for s in step.scheduled]
-            dst = [r.block_ids[r.num_computed_tokens // bs] * bs + r.num_computed_tokens % bs for r in reqs]
-            kept = rows[:num_rows]
-        else:
-            dst, src = [], []
-            for s, n, a in zip(step.scheduled, step.num_valid, step.row_starts):
-                r, c = s.request, s.request.num_computed_tokens
-                if n == 1:
-                    dst.append(r.block_ids[c // bs] * bs + c % bs)
-                    src.append(a)
-                elif n > 1:
-                    p = np.arange(c, c + n)
-                    dst += (np.asarray(r.block_ids, dtype=np.int64)[p // bs] * bs + p % bs).tolist()
-                    src += range(a, a + n)
-            # Every row stands (no rejected drafts): they are in order already.
-            kept = rows[:num_rows] if len(src) == num_rows else \
-                rows[torch.tensor(src, dtype=torch.long).to(self.device, non_blocking=True)]
-        dst_t = torch.tensor(dst, dtype=torch.long).to(self.device, non_blocking=True)
-        self.rows.index_copy_(0, dst_t, kept.to(self.rows.dtype))
+        """The hook's whole work: one index copy of the step's rows ([>= T, width], in
+        its row order) to their positions' slots, on the device (nothing read back, so a
+        deferred step hands its rows over at launch). Rows of rejected drafts land past
+        their request's computed tokens, invalid like their K/V until recomputed."""
+        slots = step.slot_mapping
+        self.rows.index_copy_(0, slots, rows[:slots.shape[0]].to(self.rows.dtype))
 
 
 def catch_up(kv: ProposerKV, scheduled: list[ScheduledRequest], block_size: int, device: torch.device,

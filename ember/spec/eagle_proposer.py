@@ -2,15 +2,15 @@
 from a drafter that reads the target's hidden states (ember.spec.eagle).
 
 Catch-up, lazily. After every target forward the runner's hook hands over the aux
-hidden states; the proposer only copies the rows that stand (a prefill chunk, a decode,
-the accepted drafts, whose rows the runner has put in order) into `TargetRows`
-(ember.spec.drafting: one row per slot of the target's pool, on its block tables), with
-no drafter forward. `propose`, for the requests that draft this step only, first runs the
-drafter over the pairs (t_{i+1}, fc(aux_i)) from its coverage of the request to its last
-computed position (the pairs the last step made valid, or every token since the
-request last drafted), which writes its K/V (its own paged cache on the target's block
-tables) for those positions; the last pair's output o scores draft 1. A step where no
-request drafts (adaptive k = 0) runs no drafter forward.
+hidden states and their KV slots (a verified tree's accepted rows put in order); the
+proposer only copies the rows into `TargetRows` (ember.spec.drafting: one row per slot of
+the target's pool, on its block tables), with no drafter forward. `propose`, for the
+requests that draft this step only, first runs the drafter over the pairs
+(t_{i+1}, fc(aux_i)) from its coverage of the request to its last computed position (the
+pairs the last step made valid, or every token since the request last drafted), which
+writes its K/V (its own paged cache on the target's block tables) for those positions;
+the last pair's output o scores draft 1. A step where no request drafts (adaptive k = 0)
+runs no drafter forward.
 
 Chains. EAGLE: draft j + 1 from (d_j, o_j) at the next position, one single-token forward
 per draft, each drawn under the request's sampling settings (q recorded for the
@@ -104,8 +104,7 @@ class EagleProposer(Proposer):
 
     # ---- catch-up ---------------------------------------------------------------------------
     def observe_hidden_states(self, step: TargetHiddenStates) -> None:
-        """Keep the aux hidden states of every token the step computed that stands (no
-        drafter forward)."""
+        """Keep the aux hidden states of every token the step computed (no drafter forward)."""
         self.aux.write(step, step.aux_hidden)
 
     def _catch_up_forward(self, fb: ForwardBatch) -> torch.Tensor:

@@ -29,10 +29,10 @@ when it carries MTP layers (`num_nextn_predict_layers`). Only the first MTP laye
 k > 1 chains it, as vLLM does for DeepSeek-V3.
 
 The proposer. The MTP's input at position i needs h_i, the target's hidden state there.
-The runner's hook hands over each step's hidden states after verification
-(`observe_hidden_states`); the proposer only copies the rows that stand (a prefill chunk,
-a decode, the accepted drafts) into `TargetRows` (ember.spec.drafting: one row per slot of
-the target's pool, on its block tables), with no MTP forward. `propose`, for the requests
+The runner's hook hands over each step's hidden states and their KV slots, on the device
+(`observe_hidden_states`: after verification, or at launch for a step deferred by async
+scheduling); the proposer only copies the rows into `TargetRows` (ember.spec.drafting: one
+row per slot of the target's pool, on its block tables), with no MTP forward. `propose`, for the requests
 that draft this step only, first catches up: one MTP forward over the pairs (t_{i+1}, h_i)
 from the MTP's coverage of the request to its last computed position (usually the one or
 two pairs the last step made known; the whole prompt the first time, or every token since
@@ -260,7 +260,7 @@ class MTPProposer(Proposer):
                     self.hidden.nbytes / 2**20)
 
     def observe_hidden_states(self, step: TargetHiddenStates) -> None:
-        """Keep the hidden state of every token the step computed that stands (no MTP forward)."""
+        """Keep the hidden state of every token the step computed (no MTP forward)."""
         self.hidden.write(step, step.hidden)
 
     def _catch_up_forward(self, fb: ForwardBatch) -> torch.Tensor:

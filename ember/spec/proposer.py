@@ -47,9 +47,11 @@ class Proposer:
 
     def observe_hidden_states(self, step: TargetHiddenStates) -> None:
         """The target's hidden states of every token it computed this step (prefill chunks,
-        decodes, drafts), which rows are whose, and which of them stand (own tokens and
-        accepted drafts). Called after verification, before the scheduler's update, every
-        step (keep it cheap; the rows are only valid during the call)."""
+        decodes, drafts) and the KV slot of each, on the device. Called every step, before
+        the scheduler's update: after verification, or at launch for a step that async
+        scheduling defers, when the host knows neither its tokens nor the step before's.
+        So keep it cheap and on the device (no .item(), .tolist(), .cpu()); the rows are
+        only valid during the call."""
         raise NotImplementedError
 
     def slots_for(self, k: int) -> int:

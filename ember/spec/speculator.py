@@ -1,10 +1,13 @@
 """The engine's one handle on speculative decoding: proposer + adaptive k + stats.
 
-The engine calls `propose(batch)` between scheduling and the forward, and
-`observe(batch, result)` after the scheduler has applied the verified tokens. The
-scheduler asks `num_spec_tokens(num_running)` how much room to leave for drafts; a step
-where that is 0 never reaches the proposer. A proposer that reads the target's hidden
-states (MTP, EAGLE) is given the runner's hook.
+Each engine step starts with `plan(num_running)`: the step's k (0: no drafts). A step
+with k > 0 reads its requests' latest tokens, so the engine applies the step in flight
+first; a step with k = 0 may run ahead under async scheduling. The scheduler leaves
+`slots_for(k)` draft slots per decoding request; the engine calls `propose(batch)`
+between scheduling and the forward (a step whose k is 0 never reaches the proposer),
+`launched(step)` after the launch and `observe(batch, result)` after the scheduler has
+applied the verified tokens. A proposer that reads the target's hidden states (MTP,
+EAGLE) is given the runner's hook.
 """
 from __future__ import annotations
 
@@ -15,10 +18,11 @@ from ember.spec.adaptive import AdaptiveK
 from ember.spec.config import SpeculativeConfig
 from ember.spec.proposer import create_proposer
 from ember.spec.stats import SpecStats
+from ember.spec.step_clock import StepClock
 
 if TYPE_CHECKING:
     from ember.engine.engine import Engine
-    from ember.engine.model_runner import StepResult
+    from ember.engine.model_runner import LaunchedStep, StepResult
     from ember.engine.scheduler import SchedulerOutput
 
 
@@ -30,52 +34,64 @@ class Speculator:
             engine.runner.hidden_states_hook = self.proposer.observe_hidden_states
         self.kv_lag = self.proposer.kv_lag
         self.stats = SpecStats()
+        # Re-timing plain steps while speculating takes a steady one, which under async
+        # scheduling needs three in a row (ember.spec.step_clock).
         self.controller = AdaptiveK(cfg.num_speculative_tokens, slots=self.proposer.slots_for,
-                                    forwards=self.proposer.forwards_for) \
+                                    forwards=self.proposer.forwards_for,
+                                    retime_steps=3 if engine.async_scheduling else 1) \
             if cfg.adaptive and cfg.enabled else None
-        self._t_forward = 0.0
-        self._k = 0
+        self.clock = StepClock()
+        self._draft_seconds = 0.0   # the last propose()'s
 
-    def num_spec_tokens(self, num_running: int) -> int:
+    def plan(self, num_running: int) -> int:
+        """The next step's k: draft tokens per decoding request (a tree's depth); 0 = none."""
+        if num_running == 0:
+            self.clock.restart()   # only new requests (or none): no step to time against
         if not self.cfg.enabled:
-            k = 0
-        elif self.controller is not None:
-            k = self.controller.choose(num_running)
-        else:
-            k = self.cfg.num_speculative_tokens
-        self._k = k
-        return self.proposer.slots_for(k) if k else 0
+            return 0
+        if self.controller is not None:
+            return self.controller.choose(num_running)
+        return self.cfg.num_speculative_tokens
+
+    def slots_for(self, k: int) -> int:
+        """Draft slots per decoding request the scheduler leaves for a step of k drafts."""
+        return self.proposer.slots_for(k)
 
     def propose(self, batch: SchedulerOutput) -> None:
-        if self._k == 0:
+        k = batch.spec_k
+        self._draft_seconds = 0.0
+        if k == 0:
             # No request has draft slots, so there is nothing to fill; proposers with a
             # network of their own catch up lazily when a request next drafts, so a step
             # without speculation costs them nothing here.
-            self._t_forward = time.perf_counter()
             return
         drafting = sum(1 for s in batch.scheduled if s.num_spec_slots > 0)
         start = time.perf_counter()
         self.proposer.propose(batch)
-        forwards = self.proposer.forwards_for(self._k)
+        self._draft_seconds = time.perf_counter() - start
+        forwards = self.proposer.forwards_for(k)
         # A catch-up longer than one verification can make valid per request (a first
         # draft after the prompt, or after steps without drafting) is not what a drafting
         # step costs in steady state: it stays out of the draft-cost fit.
         steady = self.proposer.catch_up_tokens <= drafting * (self.cfg.num_speculative_tokens + 1)
         if self.controller is not None and drafting and forwards > 0 and steady:
-            per_step = (time.perf_counter() - start) / forwards
-            self.controller.observe_draft(drafting, per_step)
-        self._t_forward = time.perf_counter()
+            self.controller.observe_draft(drafting, self._draft_seconds / forwards)
+
+    def launched(self, step: LaunchedStep) -> None:
+        """A step was launched (deferred or resolved already): the clock's count."""
+        if self.controller is not None:
+            self.clock.launched(step.deferred)
 
     def observe(self, batch: SchedulerOutput, result: StepResult) -> None:
-        """Record acceptance and the step's cost (forward + verify + bookkeeping)."""
-        seconds = time.perf_counter() - self._t_forward
+        """Record acceptance and the step's cost (its interval, see ember.spec.step_clock)."""
         self.stats.num_steps += 1
         if not self.cfg.enabled:
             return
-        spec = [s for s in batch.scheduled if s.spec_token_ids] if self._k else []
+        spec = [s for s in batch.scheduled if s.spec_token_ids]
         if spec:
             self.stats.num_spec_steps += 1
-        self.stats.k_histogram[self._k] = self.stats.k_histogram.get(self._k, 0) + 1
+        hist = self.stats.k_histogram
+        hist[batch.spec_k] = hist.get(batch.spec_k, 0) + 1
         for s in spec:
             rid = s.request.request_id
             n_acc = result.num_accepted.get(rid)
@@ -86,15 +102,19 @@ class Speculator:
             self.stats.record(k, n_acc, len(result.sampled[rid]), len(s.spec_token_ids))
             if self.controller is not None:
                 self.controller.observe_acceptance(k, n_acc)
+        if self.controller is None:
+            return
+        seconds, steady = self.clock.applied()
+        if spec and seconds is not None:
+            seconds -= self._draft_seconds   # a drafting step is applied right after its drafts
         # The cost fits are for the steps k is chosen for: every request decoding (a prefill
         # chunk's cost per token is another regime, and at batch 1 it would set the slope of
         # the line the decode steps are read from).
-        if self.controller is not None:
-            num_tokens = batch.num_tokens
-            # Without drafts, one token per request means every request decodes.
-            if num_tokens == len(batch.scheduled) if not spec else \
-                    all(s.num_new_tokens == 1 for s in batch.scheduled):
-                self.controller.observe_step(num_tokens, seconds, speculative=bool(spec))
+        num_tokens = batch.num_tokens
+        # Without drafts, one token per request means every request decodes.
+        decode = num_tokens == len(batch.scheduled) if not spec else \
+            all(s.num_new_tokens == 1 for s in batch.scheduled)
+        self.controller.observe_applied(num_tokens if decode else None, seconds, bool(spec), steady)
 
     def stats_dict(self) -> dict[str, Any]:
         d = self.stats.as_dict()
