@@ -29,6 +29,7 @@ ap.add_argument("--peagle", default=None)
 ap.add_argument("--tree-top-k", type=int, default=3)
 ap.add_argument("--tree-budget", type=int, default=10)
 ap.add_argument("--output-len", type=int, default=24)
+ap.add_argument("--data", nargs="+", default=sd.DATA, help="the texts whose held-out part gives the prompts")
 cli = ap.parse_args()
 args = argparse.Namespace(model="smollm2-135m", dtype="auto", device=None, load_format="auto", prompt_len=64,
                           output_len=cli.output_len, quality_output_len=cli.output_len, enforce_eager=False,
@@ -49,7 +50,7 @@ def build(variant: str):
 
 variants = cli.variants.split(",")
 llms = {v: build(v) for v in variants}
-prompts = sd.held_out_prompts(next(iter(llms.values())).get_tokenizer(), sd.DATA, 64, 64, 0.8)
+prompts = sd.held_out_prompts(next(iter(llms.values())).get_tokenizer(), cli.data, 64, 64, 0.8)
 p = SamplingParams(temperature=0, max_tokens=cli.output_len, ignore_eos=True)
 for llm in llms.values():
     sd.generate(llm, prompts[:2], SamplingParams(max_tokens=8, ignore_eos=True))
