@@ -18,7 +18,8 @@ import triton.language as tl
 
 from ember.layers.pdl import pdl_launch
 from ember.quant.kernels.decode import E4M3_FACTOR_HALF, e4m3_parts, native_decode, x_operand, x_pair
-from ember.quant.kernels.splitk import choose_config, k_range, split_output, sum_splits
+from ember.quant.kernels.splitk import (choose_config, k_range, rows_and_output, split_output,
+                                        sum_splits)
 
 GEMV_MAX_ROWS = 8
 # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps). Long K wants few rows per program with long
@@ -87,13 +88,8 @@ def fp8_gemv_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     """x: [..., K] (at most GEMV_MAX_ROWS rows); weight: [N, K] float8_e4m3fn;
     scale: [N] fp32 dequant multipliers -> [..., N] in x's dtype."""
     n_out, k_in = weight.shape
-    x2 = x.reshape(-1, k_in)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2, y = rows_and_output(x, k_in, n_out, GEMV_MAX_ROWS)
     m = x2.shape[0]
-    if m > GEMV_MAX_ROWS:
-        raise ValueError(f"fp8_gemv_triton serves at most {GEMV_MAX_ROWS} rows, got {m}")
-    y = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*x.shape[:-1], n_out)
     if k_in % 4:

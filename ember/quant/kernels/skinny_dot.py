@@ -22,7 +22,8 @@ import triton.language as tl
 from ember.layers.pdl import pdl_launch
 from ember.quant.kernels.decode import (E4M3_FACTOR_HALF, INT4_OFFSET, e4m3_parts, int4_parts,
                                         native_decode)
-from ember.quant.kernels.splitk import choose_config, k_range, split_output, sum_splits
+from ember.quant.kernels.splitk import (choose_config, k_range, rows_and_output, split_output,
+                                        sum_splits)
 
 MAX_ROWS = 64   # above this, the GEMM kernels (w4a16.py) / torch._scaled_mm
 
@@ -85,13 +86,8 @@ FP8_CONFIGS = ((64, 256, 4, 4), (64, 128, 4, 4), (64, 256, 2, 4), (64, 128, 2, 4
 
 def _launch(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
             n_out: int, k_in: int, group: int, fp8: bool, config: tuple | None) -> torch.Tensor:
-    x2 = x.reshape(-1, k_in)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2, y = rows_and_output(x, k_in, n_out, MAX_ROWS)
     m = x2.shape[0]
-    if m > MAX_ROWS:
-        raise ValueError(f"the skinny kernels serve at most {MAX_ROWS} rows, got {m}")
-    y = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*x.shape[:-1], n_out)
     native = native_decode()

@@ -35,6 +35,19 @@ def _sum_splits_kernel(part_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.con
     tl.store(y_ptr + i, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+def rows_and_output(x: torch.Tensor, k_in: int, n_out: int,
+                    max_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear kernel's input as rows [M, K] with unit column stride, and its output
+    [M, N] in x's dtype (allocated only: launchers stay CUDA-graph capturable). Raises if
+    the kernel serves at most `max_rows` rows and x has more."""
+    x2 = x.reshape(-1, k_in)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if max_rows is not None and x2.shape[0] > max_rows:
+        raise ValueError(f"this kernel serves at most {max_rows} rows, got {x2.shape[0]}")
+    return x2, torch.empty((x2.shape[0], n_out), dtype=x.dtype, device=x.device)
+
+
 def split_output(y: torch.Tensor, split: int) -> torch.Tensor:
     """Where split kernels write: y itself with one split, else fp32 partials
     [split, *y.shape]."""

@@ -27,7 +27,8 @@ import triton.language as tl
 from ember.layers.pdl import pdl_launch
 from ember.quant.kernels.decode import (INT4_OFFSET, e4m3_from_bits, int4_parts, native_decode,
                                         x_operand, x_pair)
-from ember.quant.kernels.splitk import choose_config, k_range, split_output, sum_splits
+from ember.quant.kernels.splitk import (choose_config, k_range, rows_and_output, split_output,
+                                        sum_splits)
 
 GEMV_MAX_ROWS = 8
 
@@ -232,11 +233,8 @@ def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor |
             gs: torch.Tensor | None, n_out: int, k_in: int, group: int, nvfp4: bool,
             config: tuple | None) -> torch.Tensor:
     """w: [N, K // 8] int32 words; s (and z): per-group (or per-16-block) scales [N, K // G]."""
-    x2 = x.reshape(-1, k_in)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2, y = rows_and_output(x, k_in, n_out)
     m = x2.shape[0]
-    y = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*x.shape[:-1], n_out)
     dummy = s  # placeholder for the pointer a format does not use
