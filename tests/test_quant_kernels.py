@@ -211,3 +211,35 @@ def test_skinny_kernels_refuse_too_many_rows():
     qw, s, z = _int4_weight(16, 256, 128, seed=3)
     with pytest.raises(ValueError, match="at most"):
         int4_skinny(torch.zeros(MAX_ROWS + 1, 256, device=DEVICE), qw, s, z)
+
+
+# ---- which kernel serves which batch size (the linear methods' dispatch) -----------------------
+def _linear(method: str, k: int, params: dict | None = None):
+    """A quantized Linear [64, k] (weights never read: only the dispatch is asked)."""
+    from ember.layers.linear import Linear
+    from ember.quant.base import QuantConfig, linear_method_for
+    return Linear(k, 64, method=linear_method_for(QuantConfig(method, params=params or {})))
+
+
+@pytest.mark.parametrize("rows,dtype,want", [
+    (1, torch.bfloat16, False),     # one row: the decoder GEMV
+    (2, torch.bfloat16, True), (64, torch.bfloat16, True),
+    (65, torch.bfloat16, False),    # the GEMM
+    (8, torch.float32, False),      # the skinny kernels multiply in bf16
+])
+def test_awq_small_batch_dispatch(rows, dtype, want):
+    lin = _linear("awq", 256)
+    assert lin.method._skinny(lin, torch.zeros(rows, 256, dtype=dtype)) is want
+    gemv_only = _linear("awq", 256, {"small_batch_kernel": "gemv"})
+    assert gemv_only.method._skinny(gemv_only, torch.zeros(rows, 256, dtype=dtype)) is False
+
+
+@pytest.mark.parametrize("rows,dtype,want", [
+    (1, torch.bfloat16, "gemv"), (2, torch.bfloat16, "skinny"), (64, torch.bfloat16, "skinny"),
+    (65, torch.bfloat16, None), (4, torch.float16, "gemv"), (9, torch.float16, None),
+])
+def test_fp8_small_batch_dispatch(rows, dtype, want):
+    lin = _linear("fp8", 256)
+    assert lin.method._small_batch_kernel(lin, torch.zeros(rows, 256, dtype=dtype)) == want
+    w8a8 = _linear("fp8", 256, {"decode_kernel": "scaled_mm"})
+    assert w8a8.method._small_batch_kernel(w8a8, torch.zeros(rows, 256, dtype=dtype)) is None
