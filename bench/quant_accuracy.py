@@ -108,10 +108,10 @@ def main() -> None:
     for row in results:
         inc = share = ""
         if base is not None:
-            inc = " / ".join("%+.3f" % (row[t]["ppl"] - base[t]["ppl"]) for t in texts)
+            inc = " / ".join(f"{row[t]['ppl'] - base[t]['ppl']:+.3f}" for t in texts)
             if rtn is not None and row is not base:
-                share = " / ".join("%.0f%%" % (100 * (row[t]["ppl"] - base[t]["ppl"])
-                                               / (rtn[t]["ppl"] - base[t]["ppl"])) for t in texts)
+                share = " / ".join(f"{(row[t]['ppl'] - base[t]['ppl']) / (rtn[t]['ppl'] - base[t]['ppl']):.0%}"
+                                   for t in texts)
         print(f"| {row['config']} | " + " | ".join(f"{row[t]['ppl']:.3f}" for t in texts)
               + f" | {inc} | {share} |")
     if args.json:

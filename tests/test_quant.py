@@ -168,8 +168,8 @@ def test_awq_block_loss_search_beats_identity_on_the_block_output(tiny_llama):
     held = collect_input_stats(llm, random_prompts([48] * 4, seed=12), rows_per_seq=48)
     for i, layer in enumerate(model.model.layers):
         qkv, gu = f"model.layers.{i}.self_attn.qkv_proj", f"model.layers.{i}.mlp.gate_up_proj"
-        for make, name in ((lambda st: attention_loss(model, layer, st.seqs, GROUP), qkv),
-                           (lambda st: mlp_loss(layer, st.sample, GROUP), gu)):
+        for make, name in ((lambda st, L=layer: attention_loss(model, L, st.seqs, GROUP), qkv),
+                           (lambda st, L=layer: mlp_loss(L, st.sample, GROUP), gu)):
             s, alpha, loss, rtn = search_scale(make(calib[name]), calib[name].mean_abs)
             assert alpha is not None and loss < rtn
             held_loss = make(held[name])

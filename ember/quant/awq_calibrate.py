@@ -18,7 +18,7 @@ then clamps each (row, group) of the folded weights; the model is then quantized
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

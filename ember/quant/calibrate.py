@@ -3,7 +3,7 @@ forward hooks while the full-precision model runs them."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Collection
+from collections.abc import Collection
 
 import torch
 from torch import nn
