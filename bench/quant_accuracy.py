@@ -77,7 +77,8 @@ def main() -> None:
     if any(CONFIGS[c][0] in ("awq", "smoothquant") for c in args.configs):
         t = time.perf_counter()
         seqs = calibration_sequences(tok, args.texts, args.calib_seqs, args.calib_len, args.split)
-        stats = collect_input_stats(llm, seqs)
+        block = any(CONFIGS[c][2].get("loss") == "block" for c in args.configs)
+        stats = collect_input_stats(llm, seqs, full_seqs=16 if block else 0)
         print(f"# calibration statistics: {len(seqs)} sequences in {time.perf_counter() - t:.0f} s",
               flush=True)
 

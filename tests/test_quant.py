@@ -124,7 +124,7 @@ def test_awq_beats_rtn_with_planted_outliers(tiny_llama, options):
         llm = load(tiny_llama.path)
         plant_outliers(llm)
         ref = logits_of(llm, held_out)
-        stats = collect_input_stats(llm, calib, rows_per_seq=16)
+        stats = collect_input_stats(llm, calib, rows_per_seq=16, full_seqs=8)
         quantize_llm(llm, method, [], group_size=GROUP, stats=stats, awq_options=options)
         return rel_err(logits_of(llm, held_out), ref)
 
@@ -144,7 +144,7 @@ def test_awq_block_forwards_match_the_engine(tiny_llama):
     hooks = [layer.self_attn.register_forward_hook(lambda m, a, out: seen.__setitem__("attn", out.clone())),
              layer.mlp.register_forward_hook(lambda m, a, out: seen.__setitem__("mlp", out.clone())),
              layer.mlp.register_forward_pre_hook(lambda m, a: seen.__setitem__("mlp_in", a[0].clone()))]
-    stats = collect_input_stats(llm, random_prompts([37], seed=7))
+    stats = collect_input_stats(llm, random_prompts([37], seed=7), full_seqs=1)
     for h in hooks:
         h.remove()
     x = stats["model.layers.1.self_attn.qkv_proj"].seqs[0]                  # [37, hidden]
@@ -164,8 +164,8 @@ def test_awq_block_loss_search_beats_identity_on_the_block_output(tiny_llama):
     llm = load(tiny_llama.path)
     plant_outliers(llm)
     model = llm.engine.runner.model
-    calib = collect_input_stats(llm, random_prompts([64] * 8, seed=11), rows_per_seq=16)
-    held = collect_input_stats(llm, random_prompts([48] * 4, seed=12), rows_per_seq=48)
+    calib = collect_input_stats(llm, random_prompts([64] * 8, seed=11), rows_per_seq=16, full_seqs=8)
+    held = collect_input_stats(llm, random_prompts([48] * 4, seed=12), rows_per_seq=48, full_seqs=4)
     for i, layer in enumerate(model.model.layers):
         qkv, gu = f"model.layers.{i}.self_attn.qkv_proj", f"model.layers.{i}.mlp.gate_up_proj"
         for make, name in ((lambda st, L=layer: attention_loss(model, L, st.seqs, GROUP), qkv),

@@ -65,13 +65,14 @@ def attention_input_linears(model: nn.Module) -> list[str]:
 
 @torch.inference_mode()
 def collect_input_stats(llm, sequences: list[list[int]], rows_per_seq: int = 32, seed: int = 0,
-                        full_seqs: int = 16, full_inputs_of: Collection[str] | None = None
+                        full_seqs: int = 0, full_inputs_of: Collection[str] | None = None
                         ) -> dict[str, InputStats]:
     """Run every sequence through the model; for each quantizable linear keep per-channel
     mean/max |x| over all tokens and `rows_per_seq` rows of each sequence (its first token and
-    random others); for the
-    linears in `full_inputs_of` (default: attention_input_linears) also the whole input of
-    the first `full_seqs` sequences."""
+    random others); for the linears in `full_inputs_of` (default: attention_input_linears)
+    also the whole input of
+    the first `full_seqs` sequences (only AWQ's block loss needs them; they cost
+    layers x full_seqs x seq_len x hidden floats)."""
     from ember.eval.forward import sequence_logits
     model = llm.engine.runner.model
     if full_inputs_of is None:

@@ -40,7 +40,8 @@ def quantize_llm(llm, method: str, calib: list[str], calib_split: float = 0.8, c
             if not calib:
                 raise ValueError(f"--method {method} needs --calib text files")
             seqs = calibration_sequences(llm.get_tokenizer(), calib, calib_seqs, calib_len, calib_split)
-            stats = collect_input_stats(llm, seqs)
+            block = (awq_options or {}).get("loss") == "block"   # whole sequences only for it
+            stats = collect_input_stats(llm, seqs, full_seqs=16 if block else 0)
         if method == "awq":
             from ember.quant.awq_calibrate import apply_awq
             apply_awq(model, stats, group_size, **(awq_options or {}))
