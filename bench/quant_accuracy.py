@@ -23,16 +23,19 @@ from ember.quant.base import effective_group_size
 from ember.quant.calibrate import calibration_sequences, collect_input_stats
 from ember.quant.cli import quantize_llm
 
-# name -> (ember quantize method, extra QuantConfig params)
+# name -> (ember quantize method, extra QuantConfig params, AWQ search options)
 CONFIGS = {
-    "fp32": (None, {}),
-    "RTN-INT4 g128": ("rtn", {}),
-    "AWQ-INT4 g128": ("awq", {}),
-    "NVFP4 weight-only": ("nvfp4", {}),
-    "NVFP4 W4A4 (emulated)": ("nvfp4", {"activations": "nvfp4"}),
-    "SmoothQuant W8A8 a=0.5": ("smoothquant", {}),
-    "FP8 W8A8 (emulated on CPU)": ("fp8", {"emulate_activations": True}),
-    "FP8 weight-only (CPU path)": ("fp8", {}),
+    "fp32": (None, {}, {}),
+    "RTN-INT4 g128": ("rtn", {}, {}),
+    "AWQ-INT4 g128": ("awq", {}, {}),                       # the default: linear loss + clipping
+    "AWQ-INT4 g128 no clip": ("awq", {}, {"clip": False}),
+    "AWQ-INT4 g128 block loss": ("awq", {}, {"loss": "block"}),
+    "AWQ-INT4 g128 duo": ("awq", {}, {"duo": True}),
+    "NVFP4 weight-only": ("nvfp4", {}, {}),
+    "NVFP4 W4A4 (emulated)": ("nvfp4", {"activations": "nvfp4"}, {}),
+    "SmoothQuant W8A8 a=0.5": ("smoothquant", {}, {}),
+    "FP8 W8A8 (emulated on CPU)": ("fp8", {"emulate_activations": True}, {}),
+    "FP8 weight-only (CPU path)": ("fp8", {}, {}),
 }
 
 
@@ -47,7 +50,7 @@ def main() -> None:
     ap.add_argument("--calib-seqs", type=int, default=16)
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    ap.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
 
@@ -74,17 +77,19 @@ def main() -> None:
     if any(CONFIGS[c][0] in ("awq", "smoothquant") for c in args.configs):
         t = time.perf_counter()
         seqs = calibration_sequences(tok, args.texts, args.calib_seqs, args.calib_len, args.split)
-        stats = collect_input_stats(llm, seqs)
+        block = any(CONFIGS[c][2].get("loss") == "block" for c in args.configs)
+        stats = collect_input_stats(llm, seqs, full_seqs=16 if block else 0)
         print(f"# calibration statistics: {len(seqs)} sequences in {time.perf_counter() - t:.0f} s",
               flush=True)
 
     results = []
     for name in args.configs:
-        method, extra = CONFIGS[name]
+        method, extra, awq_options = CONFIGS[name]
         if method is not None:
             llm = load()
             t = time.perf_counter()
-            quantize_llm(llm, method, [], group_size=args.group_size, extra_params=extra, stats=stats)
+            quantize_llm(llm, method, [], group_size=args.group_size, extra_params=extra, stats=stats,
+                         awq_options=awq_options)
             qtime = time.perf_counter() - t
         else:
             qtime = 0.0
@@ -95,13 +100,21 @@ def main() -> None:
         results.append(row)
         print(json.dumps(row), flush=True)
 
-    base = results[0] if results[0]["config"] == "fp32" else None
+    base = next((r for r in results if r["config"] == "fp32"), None)
+    rtn = next((r for r in results if r["config"] == "RTN-INT4 g128"), None)
     texts = [p.rsplit("/", 1)[-1] for p in args.texts]
-    print("\n| config | " + " | ".join(f"{t} ppl" for t in texts) + " | mean increase vs fp32 |")
-    print("| --- | " + " | ".join("---" for _ in texts) + " | --- |")
+    print("\n| config | " + " | ".join(f"{t} ppl" for t in texts)
+          + " | increase over fp32 | share of RTN-INT4's increase |")
+    print("| --- | " + " | ".join("---" for _ in texts) + " | --- | --- |")
     for row in results:
-        inc = "" if base is None else "%+.3f" % (sum(row[t]["ppl"] - base[t]["ppl"] for t in texts) / len(texts))
-        print(f"| {row['config']} | " + " | ".join(f"{row[t]['ppl']:.3f}" for t in texts) + f" | {inc} |")
+        inc = share = ""
+        if base is not None:
+            inc = " / ".join(f"{row[t]['ppl'] - base[t]['ppl']:+.3f}" for t in texts)
+            if rtn is not None and row is not base:
+                share = " / ".join(f"{(row[t]['ppl'] - base[t]['ppl']) / (rtn[t]['ppl'] - base[t]['ppl']):.0%}"
+                                   for t in texts)
+        print(f"| {row['config']} | " + " | ".join(f"{row[t]['ppl']:.3f}" for t in texts)
+              + f" | {inc} | {share} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -114,7 +114,9 @@ def plant_outliers(llm: LLM, factor: float = 30.0) -> None:
             lin.weight.data[:, OUTLIERS] /= factor
 
 
-def test_awq_beats_rtn_with_planted_outliers(tiny_llama):
+@pytest.mark.parametrize("options", [{}, {"clip": False}, {"loss": "block"}, {"duo": True}],
+                         ids=["default", "no-clip", "block-loss", "duo"])
+def test_awq_beats_rtn_with_planted_outliers(tiny_llama, options):
     calib = random_prompts([64] * 8, seed=11)
     held_out = random_prompts([48, 48], seed=12)
 
@@ -122,12 +124,84 @@ def test_awq_beats_rtn_with_planted_outliers(tiny_llama):
         llm = load(tiny_llama.path)
         plant_outliers(llm)
         ref = logits_of(llm, held_out)
-        stats = collect_input_stats(llm, calib, rows_per_seq=16)
-        quantize_llm(llm, method, [], group_size=GROUP, stats=stats)
+        stats = collect_input_stats(llm, calib, rows_per_seq=16, full_seqs=8)
+        quantize_llm(llm, method, [], group_size=GROUP, stats=stats, awq_options=options)
         return rel_err(logits_of(llm, held_out), ref)
 
     rtn, awq = quantized_error("rtn"), quantized_error("awq")
     assert awq < 0.5 * rtn, (awq, rtn)
+
+
+@torch.no_grad()
+def test_awq_block_forwards_match_the_engine(tiny_llama):
+    # The block-output loss recomputes the attention and MLP outside the engine: they must be
+    # the engine's own forward (causal GQA attention with RoPE, o_proj; silu-gated MLP).
+    from ember.quant.awq_calibrate import attention_rows, mlp_rows
+    llm = load(tiny_llama.path)
+    model = llm.engine.runner.model
+    layer = model.model.layers[1]
+    seen = {}
+    hooks = [layer.self_attn.register_forward_hook(lambda m, a, out: seen.__setitem__("attn", out.clone())),
+             layer.mlp.register_forward_hook(lambda m, a, out: seen.__setitem__("mlp", out.clone())),
+             layer.mlp.register_forward_pre_hook(lambda m, a: seen.__setitem__("mlp_in", a[0].clone()))]
+    stats = collect_input_stats(llm, random_prompts([37], seed=7), full_seqs=1)
+    for h in hooks:
+        h.remove()
+    x = stats["model.layers.1.self_attn.qkv_proj"].seqs[0]                  # [37, hidden]
+    rows = torch.tensor([0, 5, 36])
+    rope = model.model.rotary.lookup(torch.arange(x.shape[0]))
+    got = attention_rows(layer, rope, x, layer.self_attn.qkv_proj.weight, rows)
+    torch.testing.assert_close(got, seen["attn"][rows], rtol=1e-4, atol=1e-5)
+    got = mlp_rows(layer, seen["mlp_in"], layer.mlp.gate_up_proj.weight)
+    torch.testing.assert_close(got, seen["mlp"], rtol=1e-4, atol=1e-5)
+
+
+def test_awq_block_loss_search_beats_identity_on_the_block_output(tiny_llama):
+    # Planted outliers: the search on the calibration prompts must pick scales whose block
+    # output (attention output with qkv quantized; MLP output with gate_up quantized) on
+    # held-out prompts is much closer to full precision than plain RTN's (scale 1).
+    from ember.quant.awq_calibrate import attention_loss, mlp_loss, search_scale
+    llm = load(tiny_llama.path)
+    plant_outliers(llm)
+    model = llm.engine.runner.model
+    calib = collect_input_stats(llm, random_prompts([64] * 8, seed=11), rows_per_seq=16, full_seqs=8)
+    held = collect_input_stats(llm, random_prompts([48] * 4, seed=12), rows_per_seq=48, full_seqs=4)
+    for i, layer in enumerate(model.model.layers):
+        qkv, gu = f"model.layers.{i}.self_attn.qkv_proj", f"model.layers.{i}.mlp.gate_up_proj"
+        for make, name in ((lambda st, L=layer: attention_loss(model, L, st.seqs, GROUP), qkv),
+                           (lambda st, L=layer: mlp_loss(L, st.sample, GROUP), gu)):
+            s, alpha, loss, rtn = search_scale(make(calib[name]), calib[name].mean_abs)
+            assert alpha is not None and loss < rtn
+            held_loss = make(held[name])
+            assert held_loss(s) < 0.5 * held_loss(torch.ones_like(s)), name
+
+
+def test_awq_clip_search_lowers_the_output_error():
+    # One large weight per row in the first group, read by a small input channel: RTN spends
+    # its levels on it; clipping it costs little output error and refines the rest.
+    from ember.quant.awq_calibrate import search_clip
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 64, generator=gen)
+    w[:, 5] = 8.0
+    x = torch.randn(512, 64, generator=gen)
+    x[:, 5] *= 0.02
+    held = torch.randn(512, 64, generator=gen)
+    held[:, 5] *= 0.02
+    wc = search_clip(w, x, GROUP)
+
+    def delta(src: torch.Tensor) -> torch.Tensor:   # w minus src as the checkpoint quantizes it
+        q, s, z = quantize_int4(src, GROUP)
+        return w - dequantize_int4(pack_int4(q), s, z)
+
+    def group_err(src: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:   # [out, groups]
+        d = delta(src).reshape(16, 2, GROUP)
+        return torch.einsum("nkg,okg->nok", inp.reshape(-1, 2, GROUP), d).pow(2).mean(0)
+
+    assert (wc[:, 5] < 8.0).all() and (wc[:, 5] >= 0.55 * 8.0 - 1e-5).all()   # clipped, within the grid
+    assert (group_err(wc, x) <= group_err(w, x) * (1 + 1e-5)).all()   # never worse per (row, group)
+    # On held-out inputs, the first groups' output error drops well below RTN's.
+    clipped, rtn = group_err(wc, held)[:, 0].sum(), group_err(w, held)[:, 0].sum()
+    assert clipped < 0.5 * rtn, (clipped, rtn)
 
 
 def test_smoothquant_folding_preserves_the_function(tiny_llama, fp):

@@ -3,6 +3,7 @@ forward hooks while the full-precision model runs them."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Collection
 
 import torch
 from torch import nn
@@ -37,6 +38,7 @@ class InputStats:
     abs_max: torch.Tensor          # [in] max of |x| per input channel
     count: int = 0
     samples: list[torch.Tensor] = field(default_factory=list)  # rows kept for the AWQ loss
+    seqs: list[torch.Tensor] = field(default_factory=list)     # whole sequences [T, in] (AWQ's attention loss)
 
     @property
     def mean_abs(self) -> torch.Tensor:
@@ -53,13 +55,28 @@ def quantizable_linears(model: nn.Module) -> dict[str, Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, Linear) and m is not head}
 
 
+def attention_input_linears(model: nn.Module) -> list[str]:
+    """The names of the linears that read each decoder layer's attention input (a Llama-style
+    layer's `self_attn.qkv_proj`): an attention-output loss needs whole sequences of them."""
+    layers = getattr(getattr(model, "model", None), "layers", [])
+    return [f"model.layers.{i}.self_attn.qkv_proj" for i, layer in enumerate(layers)
+            if isinstance(getattr(getattr(layer, "self_attn", None), "qkv_proj", None), Linear)]
+
+
 @torch.inference_mode()
-def collect_input_stats(llm, sequences: list[list[int]], rows_per_seq: int = 32,
-                        seed: int = 0) -> dict[str, InputStats]:
+def collect_input_stats(llm, sequences: list[list[int]], rows_per_seq: int = 32, seed: int = 0,
+                        full_seqs: int = 0, full_inputs_of: Collection[str] | None = None
+                        ) -> dict[str, InputStats]:
     """Run every sequence through the model; for each quantizable linear keep per-channel
-    mean/max |x| over all tokens and `rows_per_seq` random rows of each sequence."""
+    mean/max |x| over all tokens and `rows_per_seq` rows of each sequence (its first token and
+    random others); for the linears in `full_inputs_of` (default: attention_input_linears)
+    also the whole input of
+    the first `full_seqs` sequences (only AWQ's block loss needs them; they cost
+    layers x full_seqs x seq_len x hidden floats)."""
     from ember.eval.forward import sequence_logits
     model = llm.engine.runner.model
+    if full_inputs_of is None:
+        full_inputs_of = set(attention_input_linears(model))
     stats: dict[str, InputStats] = {}
     gen = torch.Generator().manual_seed(seed)
     picks: list[torch.Tensor] = []
@@ -75,12 +92,17 @@ def collect_input_stats(llm, sequences: list[list[int]], rows_per_seq: int = 32,
             s.abs_max = torch.maximum(s.abs_max, a.amax(0))
             s.count += x.shape[0]
             s.samples.append(x[picks[-1].to(x.device)].cpu())
+            if name in full_inputs_of and len(picks) <= full_seqs:
+                s.seqs.append(x.to("cpu", copy=True))  # the engine may reuse its buffer
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in quantizable_linears(model).items()]
     try:
         for seq in sequences:
-            picks.append(torch.randperm(len(seq), generator=gen)[:rows_per_seq])
+            # The first token always: the attention-sink token, whose massive activations the
+            # clipping search must see (sampled at random it is missed in most sequences).
+            picks.append(torch.cat([torch.zeros(1, dtype=torch.long),
+                                    1 + torch.randperm(len(seq) - 1, generator=gen)[:rows_per_seq - 1]]))
             sequence_logits(llm, seq, torch.tensor([len(seq) - 1]))
     finally:
         for h in handles:

@@ -26,10 +26,11 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
 
 def quantize_llm(llm, method: str, calib: list[str], calib_split: float = 0.8, calib_seqs: int = 64,
                  calib_len: int = 512, group_size: int = 128, alpha: float = 0.5,
-                 extra_params: dict | None = None, stats=None):
+                 extra_params: dict | None = None, stats=None, awq_options: dict | None = None):
     """Calibrate (awq, smoothquant) and quantize a full-precision LLM in place; returns its
     QuantConfig. `stats` (from collect_input_stats on the same model) skips the calibration
-    forwards; `extra_params` go into the QuantConfig (e.g. nvfp4 activations="nvfp4")."""
+    forwards; `extra_params` go into the QuantConfig (e.g. nvfp4 activations="nvfp4");
+    `awq_options` are apply_awq's search options (e.g. clip=True)."""
     from ember.quant.base import QuantConfig
     from ember.quant.calibrate import calibration_sequences, collect_input_stats
     from ember.quant.checkpoint import quantize_model
@@ -39,10 +40,11 @@ def quantize_llm(llm, method: str, calib: list[str], calib_split: float = 0.8, c
             if not calib:
                 raise ValueError(f"--method {method} needs --calib text files")
             seqs = calibration_sequences(llm.get_tokenizer(), calib, calib_seqs, calib_len, calib_split)
-            stats = collect_input_stats(llm, seqs)
+            block = (awq_options or {}).get("loss") == "block"   # whole sequences only for it
+            stats = collect_input_stats(llm, seqs, full_seqs=16 if block else 0)
         if method == "awq":
             from ember.quant.awq_calibrate import apply_awq
-            apply_awq(model, stats, group_size)
+            apply_awq(model, stats, group_size, **(awq_options or {}))
         else:
             from ember.quant.smoothquant_calibrate import apply_smoothquant
             apply_smoothquant(model, stats, alpha)
