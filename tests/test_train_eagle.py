@@ -13,7 +13,8 @@ from conftest import TinyCheckpoint
 from ember.attention.torch_ref import TorchAttentionBackend
 from ember.engine.model_runner import build_forward_batch
 from ember.spec.eagle import default_aux_layers, load_eagle
-from ember.spec.train_eagle import StepAttention, draft_loss, draft_vocabulary, new_drafter, target_features
+from ember.spec.train_eagle import (StepAttention, draft_loss, draft_vocabulary, greedy_features, new_drafter,
+                                    spread_prefixes, target_features)
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +111,35 @@ def test_a_few_steps_lower_the_loss(setup, parallel: bool) -> None:
     assert all(p.grad is None for p in setup[0].parameters())   # the target stays frozen
 
 
+def test_greedy_features_are_the_targets_own_continuation(setup) -> None:
+    """Self-distillation: the prefix is kept, every later token is the target's argmax after
+    the tokens before it, and the features collected while generating equal one full
+    forward over the finished sequences (what target_features gives for text)."""
+    target, cfg, chunks, _ = setup
+    aux_layers = default_aux_layers(cfg["num_hidden_layers"])
+    prefixes = chunks[:5, :7]
+    feats = greedy_features(target, prefixes, 20, aux_layers, 2, 8, log=lambda *_: None)
+    tokens = feats["tokens"]
+    assert tokens.shape == (5, 20) and torch.equal(tokens[:, :7], prefixes)
+    full = target_features(target, tokens, aux_layers, 5, 8, log=lambda *_: None)
+    with torch.no_grad():
+        argmax = target(tokens).logits.argmax(-1)          # [5, 20]
+    assert torch.equal(tokens[:, 7:], argmax[:, 6:-1])
+    assert torch.equal(feats["ids"][..., 0], full["ids"][..., 0])
+    torch.testing.assert_close(feats["aux"].float(), full["aux"].float(), atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(feats["probs"].float(), full["probs"].float(), atol=2e-3, rtol=2e-3)
+    with pytest.raises(ValueError):
+        greedy_features(target, prefixes, 7, aux_layers, 2, 8, log=lambda *_: None)
+
+
+def test_spread_prefixes_cover_the_stream() -> None:
+    ids = torch.arange(100)
+    p = spread_prefixes(ids, 4, 10)
+    assert p[:, 0].tolist() == [0, 30, 60, 90] and torch.equal(p[1], torch.arange(30, 40))
+    with pytest.raises(ValueError):
+        spread_prefixes(torch.arange(5), 1, 10)
+
+
 def test_draft_vocabulary_prefers_frequent_then_low_ids() -> None:
     tokens = torch.tensor([[5, 5, 5, 9, 9, 7]])
     ids = torch.tensor([[[9]], [[9]], [[9]], [[1]], [[1]], [[1]]]).view(1, 6, 1)
@@ -145,3 +175,11 @@ def test_cli_trains_and_writes_a_loadable_folder(smollm2_gguf_path, tmp_path) ->
         with open(os.path.join(out, "config.json")) as f:
             assert json.load(f)["architectures"] == ["LlamaForCausalLMEagle3"]
     assert any(line.startswith("features from") for line in logs)   # the second run reused them
+    out = str(tmp_path / "sd")
+    args = build_parser().parse_args(["train-eagle", "--out", out, "--steps", "1", "--self-distill",
+                                      "--prompt-len", "8"] + common)
+    logs.clear()
+    report = train(args, log=logs.append)
+    assert report["self_distill"] and report["train_tokens"] == 128
+    assert not any(line.startswith("features from") for line in logs)   # text features do not fit
+    assert any("greedy tokens" in line for line in logs)

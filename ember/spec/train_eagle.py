@@ -5,6 +5,11 @@ the target's own hidden states over a text.
    per position its aux hidden states (the residual stream entering the drafter's low /
    middle / high layers, fp16) and its top-k next-token probabilities (the labels). They
    can be cached in a safetensors file (--features-cache) and reused by the other mode.
+   With --self-distill the sequences are not the text but --prompt-len-token prefixes of it
+   continued by the target's own greedy tokens (features collected while generating):
+   what the verifier accepts is the target's argmax, so the inputs of the unrolled rows
+   are then exactly the drafts that get accepted, in generated context like the drafter
+   sees when it serves.
 2. Draft vocabulary. The `draft_vocab_size` target tokens seen most often in the text and
    in the target's argmax predictions (ties: the lower id, i.e. the earlier BPE merge);
    d2t maps them back. The head starts as the target's (tied) head rows for them.
@@ -59,6 +64,49 @@ def target_features(target, chunks: torch.Tensor, aux_layers: tuple[int, ...], b
         probs.append(top.values.half().cpu())
         log(f"features {min(i + batch, len(chunks))}/{len(chunks)} chunks, {time.time() - start:.0f} s")
     return {"aux": torch.cat(aux), "ids": torch.cat(ids), "probs": torch.cat(probs), "tokens": chunks}
+
+
+@torch.no_grad()
+def greedy_features(target, prefixes: torch.Tensor, seq_len: int, aux_layers: tuple[int, ...], batch: int,
+                    top_k: int, log=print) -> dict[str, torch.Tensor]:
+    """Self-distillation: each prefix [n, P] continued by the target's own greedy tokens to
+    seq_len, with the features of target_features over the whole sequence, collected while
+    generating (the prefix in one forward, then one cached forward per new token), so no
+    second pass over the text is needed. What the verifier accepts is the target's argmax,
+    so these sequences are what the drafter sees at inference: generated context, and a
+    next token that always equals the label's argmax."""
+    n, p = prefixes.shape
+    if not 0 < p < seq_len:
+        raise ValueError(f"the prefix ({p} tokens) must be shorter than the sequence ({seq_len})")
+    aux, ids, probs, tokens = [], [], [], []
+    start = time.time()
+    dev = next(target.parameters()).device
+    for i in range(0, n, batch):
+        seq = prefixes[i:i + batch].to(dev)
+        out = target(seq, use_cache=True, output_hidden_states=True)
+        parts = [(out.hidden_states, out.logits)]
+        while True:
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)       # [b, 1]
+            if seq.shape[1] == seq_len:
+                break
+            seq = torch.cat([seq, nxt], 1)
+            out = target(nxt, cache=out.cache, use_cache=True, output_hidden_states=True)
+            parts.append((out.hidden_states, out.logits))
+        aux.append(torch.cat([torch.cat([hs[j] for j in aux_layers], -1) for hs, _ in parts], 1).half().cpu())
+        top = torch.softmax(torch.cat([lg for _, lg in parts], 1).float(), -1).topk(top_k, dim=-1)
+        ids.append(top.indices.int().cpu())
+        probs.append(top.values.half().cpu())
+        tokens.append(seq.cpu())
+        log(f"greedy continuations {min(i + batch, n)}/{n}, {time.time() - start:.0f} s")
+    return {"aux": torch.cat(aux), "ids": torch.cat(ids), "probs": torch.cat(probs), "tokens": torch.cat(tokens)}
+
+
+def spread_prefixes(ids: torch.Tensor, n: int, length: int) -> torch.Tensor:
+    """n windows of `length` tokens [n, length], evenly spaced over the token stream ids [N]."""
+    if ids.numel() < length:
+        raise ValueError(f"{ids.numel()} training tokens cannot give a {length}-token prefix")
+    starts = torch.linspace(0, ids.numel() - length, n).long()
+    return torch.stack([ids[s:s + length] for s in starts.tolist()])
 
 
 def draft_vocabulary(tokens: torch.Tensor, ids: torch.Tensor, vocab: int, size: int) -> torch.Tensor:
@@ -185,18 +233,35 @@ def draft_loss(drafter: EagleDrafter, batch: dict[str, torch.Tensor], vocab_map:
 
 
 # ---- the loop -------------------------------------------------------------------------------
-def _features(args, target, chunks, aux_layers, log) -> dict[str, torch.Tensor]:
+def _features(args, target, train_ids: torch.Tensor, aux_layers: tuple[int, ...],
+              log) -> dict[str, torch.Tensor]:
+    """The training features: over text chunks of train_ids [N], or (--self-distill) over
+    text prefixes continued by the target's greedy tokens; from --features-cache when it
+    holds the same ones."""
     from safetensors.torch import load_file, save_file
+    n_max = max(1, (args.max_train_tokens or train_ids.numel()) // args.seq_len)
+    if args.self_distill:
+        source = spread_prefixes(train_ids, n_max, args.prompt_len)
+        compute = lambda: greedy_features(target, source, args.seq_len, aux_layers, args.generate_batch,
+                                          args.top_k, log)
+        same = lambda f: (f["tokens"].shape == (len(source), args.seq_len)
+                          and torch.equal(f["tokens"][:, :args.prompt_len], source))
+    else:
+        source = split_chunks(train_ids, args.seq_len)[:n_max]
+        compute = lambda: target_features(target, source, aux_layers, args.batch_size, args.top_k, log)
+        same = lambda f: torch.equal(f["tokens"], source)
+    prompt_len = args.prompt_len if args.self_distill else 0
     path = args.features_cache
     if path and os.path.isfile(path):
         feats = load_file(path)
-        if torch.equal(feats["tokens"], chunks) and feats["aux_layers"].tolist() == list(aux_layers):
+        if (same(feats) and feats["aux_layers"].tolist() == list(aux_layers)
+                and int(feats.get("prompt_len", torch.tensor(0))) == prompt_len):
             log(f"features from {path}")
             return feats
         log(f"{path} holds other features; recomputing")
-    feats = target_features(target, chunks, aux_layers, args.batch_size, args.top_k, log)
+    feats = compute()
     if path:
-        save_file(dict(feats, aux_layers=torch.tensor(aux_layers)), path)
+        save_file(dict(feats, aux_layers=torch.tensor(aux_layers), prompt_len=torch.tensor(prompt_len)), path)
     return feats
 
 
@@ -214,14 +279,13 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
     aux_layers = default_aux_layers(tcfg.num_hidden_layers)
     enc = lambda held: torch.tensor([t for p in args.text
                                      for t in tokenizer.encode(read_split(p, args.train_fraction, held))])
-    chunks = split_chunks(enc(False), args.seq_len)
-    if args.max_train_tokens:
-        chunks = chunks[: max(1, args.max_train_tokens // args.seq_len)]
     # Held-out chunks spread over the held-out text (every file), not its first ones.
     held = split_chunks(enc(True), args.seq_len)
     held = held[torch.linspace(0, len(held) - 1, min(args.eval_chunks, len(held))).long()]
-    log(f"{chunks.numel()} training tokens in {len(chunks)} chunks; {held.numel()} held-out tokens")
-    feats = _features(args, target, chunks, aux_layers, log)
+    feats = _features(args, target, enc(False), aux_layers, log)
+    chunks = feats["tokens"]
+    kind = f"{args.prompt_len}-token text prefixes + the target's greedy tokens" if args.self_distill else "text"
+    log(f"{chunks.numel()} training tokens in {len(chunks)} chunks ({kind}); {held.numel()} held-out tokens")
     held_feats = target_features(target, held, aux_layers, args.batch_size, args.top_k, lambda *_: None)
     draft_ids = draft_vocabulary(chunks, feats["ids"], tcfg.vocab_size, args.draft_vocab_size)
     vocab_map = torch.full((tcfg.vocab_size,), -1, dtype=torch.long)
@@ -280,7 +344,8 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
     save_eagle(drafter, args.out)
     report = {"target": args.target, "text": args.text, "mode": "peagle" if args.parallel else "eagle3",
               "rows_trained": steps, "train_fraction": args.train_fraction,
-              "train_tokens": int(chunks.numel()), "steps": step, "epochs": epoch,
+              "train_tokens": int(chunks.numel()), "self_distill": args.self_distill,
+              "prompt_len": args.prompt_len if args.self_distill else 0, "steps": step, "epochs": epoch,
               "draft_vocab_size": len(draft_ids), "draft_vocab_heldout_coverage": cover,
               "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1),
               "heldout_agreement_before": before, "heldout_agreement_after": after,
@@ -310,6 +375,12 @@ def add_train_eagle_parser(sub) -> None:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--features-cache", default=None,
                    help="safetensors file for the target's features (reused when it matches)")
+    p.add_argument("--self-distill", action="store_true",
+                   help="train on text prefixes continued by the target's own greedy tokens (what the "
+                        "verifier accepts) instead of on the text; --max-train-tokens / --seq-len of them")
+    p.add_argument("--prompt-len", type=int, default=64, help="text prefix per sequence (--self-distill)")
+    p.add_argument("--generate-batch", type=int, default=32,
+                   help="sequences generated together (--self-distill)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads (0: torch's default; 1 is faster on a CPU shared with other jobs)")
     p.set_defaults(func=lambda a: print(json.dumps(train(a), indent=1)))
