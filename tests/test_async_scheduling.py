@@ -129,15 +129,13 @@ def test_async_preemption_matches(tiny_llama, prompts, prefix_cache) -> None:
     assert_no_leaks(llm.engine)
 
 
-def test_abort_while_in_flight(tiny_llama, prompts) -> None:
-    """Aborting a request whose step is in flight drops its late tokens; the others are
-    unaffected and every block comes back."""
-    greedy = SamplingParams(temperature=0.0, max_tokens=15, ignore_eos=True)
-    ref = run(make_llm(tiny_llama, "off"), prompts[:3], greedy)
-    llm = make_llm(tiny_llama, "on")
-    eng = llm.engine
-    for i, p in enumerate(prompts[:3]):
-        eng.add_request(str(i), p, greedy)
+def run_aborting_in_flight(eng, prompts: list[list[int]], params: SamplingParams, abort_id: str,
+                           after_steps: int) -> dict[str, list[int]]:
+    """Run prompts (request ids "0", "1", ...) to the end, aborting `abort_id` after
+    `after_steps` steps, when a deferred step must be in flight; returns the finished
+    requests' token ids."""
+    for i, p in enumerate(prompts):
+        eng.add_request(str(i), p, params)
     finals: dict[str, list[int]] = {}
     steps = 0
     while eng.has_unfinished_requests():
@@ -145,10 +143,20 @@ def test_abort_while_in_flight(tiny_llama, prompts) -> None:
             if out.finished:
                 finals[out.request_id] = out.outputs[0].token_ids
         steps += 1
-        if steps == 4:
+        if steps == after_steps:
             assert eng.in_flight is not None and eng.in_flight.deferred
-            aborted = eng.abort_request("1")
+            aborted = eng.abort_request(abort_id)
             assert aborted is not None and aborted.outputs[0].finish_reason == "abort"
+    return finals
+
+
+def test_abort_while_in_flight(tiny_llama, prompts) -> None:
+    """Aborting a request whose step is in flight drops its late tokens; the others are
+    unaffected and every block comes back."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=15, ignore_eos=True)
+    ref = run(make_llm(tiny_llama, "off"), prompts[:3], greedy)
+    eng = make_llm(tiny_llama, "on").engine
+    finals = run_aborting_in_flight(eng, prompts[:3], greedy, abort_id="1", after_steps=4)
     assert finals["0"] == ref[0][0] and finals["2"] == ref[2][0]
     assert "1" not in finals
     assert_no_leaks(eng)

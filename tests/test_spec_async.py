@@ -11,7 +11,7 @@ import pytest
 import torch
 from _spec_helpers import force_k, random_mtp_tensors
 from conftest import TinyCheckpoint, assert_no_leaks, random_prompts
-from test_async_scheduling import mixed_params
+from test_async_scheduling import mixed_params, run_aborting_in_flight
 from test_async_scheduling import run as run_detailed
 from test_eagle_proposer import _random_drafter_for
 
@@ -174,18 +174,7 @@ def test_abort_while_a_plain_step_is_in_flight(tiny_llama, prompts, reference) -
     llm = make_llm(tiny_llama, "on", speculative_config=NGRAM)
     force_k(llm, [0, 0, 0, 2])
     eng = llm.engine
-    for i, p in enumerate(prompts[:3]):
-        eng.add_request(str(i), p, GREEDY)
-    finals: dict[str, list[int]] = {}
-    steps = 0
-    while eng.has_unfinished_requests():
-        for out in eng.step():
-            if out.finished:
-                finals[out.request_id] = out.outputs[0].token_ids
-        steps += 1
-        if steps == 6:
-            assert eng.in_flight is not None and eng.in_flight.deferred
-            assert eng.abort_request("1").outputs[0].finish_reason == "abort"
+    finals = run_aborting_in_flight(eng, prompts[:3], GREEDY, abort_id="1", after_steps=6)
     assert finals["0"] == reference[0] and finals["2"] == reference[2] and "1" not in finals
     assert_no_leaks(eng)
 
