@@ -3,14 +3,7 @@
 # dummy weights, carry .whl): GPU tests of async scheduling, batch-1 and batch-64 decode of
 # the Llama-3.1-8B shape with async scheduling on and off in the same run (HF peer at
 # batch 1), the per-phase host profile, and the quantized formats' decode speed.
-set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-  date -u; } | tee "$OUT/gpu.txt"
-LLAMA="--model bench/configs/llama-3.1-8b/config.json --load-format dummy --max-model-len 4096"
+source "$(dirname "$0")/h200_env.sh"   # $OUT, wheels, versions in $OUT/gpu.txt, $LLAMA
 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_async.py 2>&1 | tail -15 | tee "$OUT/gpu_async_tests.txt"
 python3 bench/offline.py --mode decode $LLAMA --prompt-len 128 --output-len 512 --max-num-seqs 64 \
     --async-scheduling on --also-sync 2>&1 | grep -v Warning | tee "$OUT/decode_llama8b_async.txt"
