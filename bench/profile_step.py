@@ -105,7 +105,9 @@ def kernel_group(name: str) -> str:
         return "attention"
     if "kv_write" in n or "_write_kv" in n:
         return "kv write"
-    if any(s in n for s in ("gemm", "gemv", "nvjet", "cutlass", "sm90", "xmma", "cublas")):
+    if "sum_splits" in n:
+        return "split-k reduce"
+    if any(s in n for s in ("gemm", "gemv", "nvjet", "skinny", "int4", "fp8", "w4_", "cutlass", "sm90", "xmma", "cublas")):
         return "gemm"
     if any(s in n for s in ("rmsnorm", "rope", "silu")):
         return "layer ops (fused)"
@@ -182,11 +184,16 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--profile-steps", type=int, default=4)
+    ap.add_argument("--quantization", nargs="+", default=["bf16"],
+                    help="bf16 or quant methods / variants as in bench/quant_gpu.py (awq, fp8, awq-gemv, ...)")
     args = ap.parse_args()
+    from quant_gpu import use_variant
     print(f"# {args.model}, dummy bf16 weights, {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    for lk, mode in [(lk, m) for lk in args.layer_kernels for m in args.async_scheduling]:
+    for q, lk, mode in [(q, lk, m) for q in args.quantization for lk in args.layer_kernels
+                        for m in args.async_scheduling]:
         llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_model_len=4096,
-                  max_num_seqs=max(args.batch_sizes), layer_kernels=lk, async_scheduling=mode)
+                  max_num_seqs=max(args.batch_sizes), layer_kernels=lk, async_scheduling=mode,
+                  quantization=use_variant(q), prefix_cache="none")
         if lk == "triton" and mode == args.async_scheduling[0]:
             check_layer_ops_real_shapes(llm)
         for bs in args.batch_sizes:
@@ -196,7 +203,7 @@ def main() -> None:
             groups, top = kernel_profile(llm, args.profile_steps)
             stop_all(llm, bs)
             share = 1 - fwd / host["step"] if fwd else float("nan")
-            print(f"\n== layer kernels {lk}, async scheduling {mode}, batch {bs}: step {host['step']:.3f} ms = "
+            print(f"\n== {q}, layer kernels {lk}, async scheduling {mode}, batch {bs}: step {host['step']:.3f} ms = "
                   f"{bs * 1e3 / host['step']:.0f} tok/s; captured forward {fwd:.3f} ms; host share {100 * share:.1f}%")
             print("host wall per step (ms): " + ", ".join(f"{p} {host.get(p, 0):.3f}" for p in PHASES))
             total = sum(v[0] for v in groups.values())

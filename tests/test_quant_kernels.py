@@ -243,3 +243,32 @@ def test_fp8_small_batch_dispatch(rows, dtype, want):
     assert lin.method._small_batch_kernel(lin, torch.zeros(rows, 256, dtype=dtype)) == want
     w8a8 = _linear("fp8", 256, {"decode_kernel": "scaled_mm"})
     assert w8a8.method._small_batch_kernel(w8a8, torch.zeros(rows, 256, dtype=dtype)) is None
+
+
+@pytest.mark.parametrize("kernel", ["int4_gemv", "fp8_gemv", "int4_skinny"])
+def test_split_k_partials_summed_in_kernel_equal_the_reduce_kernel(monkeypatch, kernel):
+    # With FIXUP each output tile's last split sums the partials (in split order) and
+    # re-zeroes its counter; without, sum_splits runs after the kernel. Same numbers, and
+    # the in-kernel path launches no reduce kernel.
+    from ember.quant.fp8 import quantize_fp8
+    from ember.quant.kernels import splitk
+    from ember.quant.kernels.fp8_gemv import fp8_gemv_triton
+    from ember.quant.kernels.skinny_dot import int4_skinny
+    qw, s, z = _int4_weight(72, 512, 128, seed=5)
+    q8, s8 = quantize_fp8(torch.randn(72, 512, generator=torch.Generator().manual_seed(6)), per_row=True)
+    x = _skinny_x(2, 512, seed=7)
+    run = {"int4_gemv": lambda: int4_linear_triton(x[:1], qw, s.to(x.dtype), z, config=(16, 128, 4, 4)),
+           "fp8_gemv": lambda: fp8_gemv_triton(x[:1], q8.to(DEVICE), s8.reshape(-1).to(DEVICE),
+                                               config=(16, 64, 4, 2)),
+           "int4_skinny": lambda: int4_skinny(x, qw, s.to(x.dtype), z, config=(16, 128, 4, 1))}[kernel]
+    reduces = []
+    sum_splits = splitk.sum_splits
+    monkeypatch.setattr(splitk, "sum_splits", lambda p, y: (reduces.append(1), sum_splits(p, y)))
+    results = {}
+    for fixup in (False, True):
+        monkeypatch.setattr(splitk, "FIXUP", fixup)
+        reduces.clear()
+        results[fixup] = run()
+        assert len(reduces) == (0 if fixup else 1)
+    assert torch.equal(results[True], results[False])
+    assert not splitk._COUNTERS[results[True].device].any(), "a tile counter was left non-zero"

@@ -18,8 +18,8 @@ import triton.language as tl
 
 from ember.layers.pdl import pdl_launch
 from ember.quant.kernels.decode import E4M3_FACTOR_HALF, e4m3_parts, native_decode, x_operand, x_pair
-from ember.quant.kernels.splitk import (choose_config, k_range, rows_and_output, split_output,
-                                        sum_splits)
+from ember.quant.kernels.splitk import (EVICT, PREFETCH, choose_config, finish_splits, k_range, rows_and_output,
+                                        split_buffers, store_split)
 
 GEMV_MAX_ROWS = 8
 # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps). Long K wants few rows per program with long
@@ -49,10 +49,19 @@ def _fp8_tile(acc2, q, x_row, col, live, NATIVE: tl.constexpr, X_PAIRS: tl.const
 
 
 @triton.jit
-def _fp8_gemv_kernel(x_ptr, out_ptr, w_ptr, s_ptr, M, N, K, stride_xm, stride_wn,
+def _fp8_tile_load(w_ptr, n_safe, wi, k0, live, stride_wn, EVICT: tl.constexpr):
+    """The words [BN, WORDS] of the tile at column k0 (zeros when not live)."""
+    return tl.load(w_ptr + n_safe[:, None] * stride_wn + (k0 // 4 + wi)[None, :], mask=live, other=0,
+                   eviction_policy="evict_first" if EVICT else "")
+
+
+@triton.jit
+def _fp8_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, M, N, K, stride_xm, stride_wn,
                      NATIVE: tl.constexpr, X_PAIRS: tl.constexpr, SPLIT_K: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    """Grid (N tiles, SPLIT_K, M). w: [N, K / 4] int32 words of 4 E4M3 bytes."""
+                     FIXUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PDL: tl.constexpr, PREFETCH: tl.constexpr, EVICT: tl.constexpr):
+    """Grid (N tiles, SPLIT_K, M). w: [N, K / 4] int32 words of 4 E4M3 bytes; y [M, N],
+    split partials and counters as splitk.store_split."""
     WORDS: tl.constexpr = BLOCK_K // 4
     m = tl.program_id(2)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -63,24 +72,24 @@ def _fp8_gemv_kernel(x_ptr, out_ptr, w_ptr, s_ptr, M, N, K, stride_xm, stride_wn
     wi = tl.arange(0, WORDS)
     x_row = x_ptr + m * stride_xm
     acc2 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-    k_first = start
+    # The first weight tile is requested before waiting for the kernel that writes x
+    # (launched early under PDL, ember.layers.pdl); an empty split adds nothing.
+    q = _fp8_tile_load(w_ptr, n_safe, wi, start, start < end, stride_wn, EVICT)
     if PDL:
-        # Launched early (ember.layers.pdl): request the first weight tile, then wait for
-        # the kernel that writes x. An empty split (start >= end) adds zeros.
-        live = start + 4 * wi < end
-        q = tl.load(w_ptr + n_safe[:, None] * stride_wn + (start // 4 + wi)[None, :],
-                    mask=live[None, :], other=0)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-        acc2 = _fp8_tile(acc2, q, x_row, start + 4 * wi, live, NATIVE, X_PAIRS)
-        k_first = start + BLOCK_K
-    for k0 in range(k_first, end, BLOCK_K):
-        q = tl.load(w_ptr + n_safe[:, None] * stride_wn + (k0 // 4 + wi)[None, :])
-        acc2 = _fp8_tile(acc2, q, x_row, k0 + 4 * wi, wi < WORDS, NATIVE, X_PAIRS)
+    for k0 in range(start, end, BLOCK_K):
+        if PREFETCH:    # the next tile's loads in flight while this one is decoded
+            nq = _fp8_tile_load(w_ptr, n_safe, wi, k0 + BLOCK_K, k0 + BLOCK_K < end, stride_wn, EVICT)
+            acc2 = _fp8_tile(acc2, q, x_row, k0 + 4 * wi, wi < WORDS, NATIVE, X_PAIRS)
+            q = nq
+        else:
+            acc2 = _fp8_tile(acc2, q, x_row, k0 + 4 * wi, wi < WORDS, NATIVE, X_PAIRS)
+            q = _fp8_tile_load(w_ptr, n_safe, wi, k0 + BLOCK_K, k0 + BLOCK_K < end, stride_wn, EVICT)
     scale = tl.load(s_ptr + n_safe) * E4M3_FACTOR_HALF
     acc = tl.sum(acc2, axis=1) * scale * E4M3_FACTOR_HALF
-    dst = out_ptr + (tl.program_id(1) * M + m) * N + n
-    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+    store_split(acc, y_ptr, part_ptr, cnt_ptr, m * N + n, n_mask, M * N,
+                tl.program_id(0) + tl.num_programs(0) * m, SPLIT_K, FIXUP)
 
 
 def fp8_gemv_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -101,12 +110,13 @@ def fp8_gemv_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
 
     def run(c: tuple) -> None:
         bn, bk, split, warps = c
-        part = split_output(y, split)
+        part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, bn) * m)
         _fp8_gemv_kernel[(triton.cdiv(n_out, bn), split, m)](
-            xk, part, w, scale, m, n_out, k_in, xk.stride(0), w.stride(0),
-            NATIVE=native_decode(), X_PAIRS=pairs, SPLIT_K=split, BLOCK_N=bn, BLOCK_K=min(bk, kmax), num_warps=warps,
+            xk, y, part, cnt, w, scale, m, n_out, k_in, xk.stride(0), w.stride(0),
+            NATIVE=native_decode(), X_PAIRS=pairs, SPLIT_K=split, FIXUP=fixup, BLOCK_N=bn,
+            BLOCK_K=min(bk, kmax), PREFETCH=PREFETCH, EVICT=EVICT, num_warps=warps,
             **pdl_launch(x2))
-        sum_splits(part, y)
+        finish_splits(part, y, fixup)
 
     run(config or choose_config(("fp8_gemv", m, n_out, k_in), list(CONFIGS), run, x))
     return y.reshape(*x.shape[:-1], n_out)

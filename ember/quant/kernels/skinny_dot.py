@@ -22,20 +22,21 @@ import triton.language as tl
 from ember.layers.pdl import pdl_launch
 from ember.quant.kernels.decode import (E4M3_FACTOR_HALF, INT4_OFFSET, e4m3_parts, int4_parts,
                                         native_decode)
-from ember.quant.kernels.splitk import (choose_config, k_range, rows_and_output, split_output,
-                                        sum_splits)
+from ember.quant.kernels.splitk import (choose_config, finish_splits, k_range, rows_and_output,
+                                        split_buffers, store_split)
 
 MAX_ROWS = 64   # above this, the GEMM kernels (w4a16.py) / torch._scaled_mm
 
 
 @triton.jit
-def _skinny_kernel(x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
-                   G: tl.constexpr, FP8: tl.constexpr, NATIVE: tl.constexpr, DOT: tl.constexpr,
-                   SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_xm,
+                   stride_wn, stride_sn, G: tl.constexpr, FP8: tl.constexpr, NATIVE: tl.constexpr,
+                   DOT: tl.constexpr, SPLIT_K: tl.constexpr, FIXUP: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   PDL: tl.constexpr):
     """Grid (N tiles, SPLIT_K, M tiles). w: [N, K / PER] int32 words (PER = 8 INT4 codes or
     4 E4M3 bytes). INT4: s, z [N, K / G] (G a multiple of BLOCK_K); FP8: s [N].
-    out: y [M, N], or fp32 partials [SPLIT_K, M, N]."""
+    y [M, N], split partials and counters as splitk.store_split."""
     PER: tl.constexpr = 4 if FP8 else 8
     WORDS: tl.constexpr = BLOCK_K // PER
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -71,8 +72,9 @@ def _skinny_kernel(x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_xm, stri
             acc += sc[:, None] * (raw - (zp + INT4_OFFSET)[:, None] * xsum[None, :])
     if FP8:
         acc = acc * (tl.load(s_ptr + n_safe) * E4M3_FACTOR_HALF)[:, None] * E4M3_FACTOR_HALF
-    dst = out_ptr + (tl.program_id(1) * M + rm[None, :]) * N + n[:, None]
-    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & r_mask[None, :])
+    store_split(acc, y_ptr, part_ptr, cnt_ptr, rm[None, :] * N + n[:, None],
+                n_mask[:, None] & r_mask[None, :], M * N,
+                tl.program_id(0) + tl.num_programs(0) * tl.program_id(2), SPLIT_K, FIXUP)
 
 
 # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps). An INT4 BLOCK_K divides the group and gives
@@ -96,13 +98,13 @@ def _launch(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, z: torch.Tens
 
     def run(c: tuple) -> None:
         bn, bk, split, warps = c
-        part = split_output(y, split)
+        part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, bn) * triton.cdiv(m, bm))
         _skinny_kernel[(triton.cdiv(n_out, bn), split, triton.cdiv(m, bm))](
-            x2, part, words, s, z if z is not None else s, m, n_out, k_in, x2.stride(0),
+            x2, y, part, cnt, words, s, z if z is not None else s, m, n_out, k_in, x2.stride(0),
             words.stride(0), s.stride(0) if s.dim() > 1 else 0, G=group, FP8=fp8, NATIVE=native,
-            DOT=dot, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-            **pdl_launch(x2))
-        sum_splits(part, y)
+            DOT=dot, SPLIT_K=split, FIXUP=fixup, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            num_warps=warps, **pdl_launch(x2))
+        finish_splits(part, y, fixup)
 
     cands = [c for c in (FP8_CONFIGS if fp8 else INT4_CONFIGS)
              if k_in % c[1] == 0 and (fp8 or group % c[1] == 0)]

@@ -3,7 +3,11 @@ split partials, and the per-shape choice of tile configs.
 
 Split-K: a 4096-wide layer has only a few hundred output tiles, too few programs to keep
 an H200's 132 SMs streaming weights; splitting K multiplies them. Each split writes fp32
-partials [SPLIT_K, M, N] that `sum_splits` adds up and casts in one small kernel.
+partials [SPLIT_K, M, N]; the last split of each tile to finish adds them up in split
+order and writes the output (`store_split`, counting arrivals in a per-device counter
+array), so no reduce kernel follows: at batch 1 the 96-128 small reduce launches per step
+cost ~5-9% of a decode step. EMBER_SPLITK_FIXUP=0 (and graph capture before the counters
+exist) falls back to `sum_splits`, one small kernel after the split kernel.
 """
 from __future__ import annotations
 
@@ -33,6 +37,61 @@ def _sum_splits_kernel(part_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.con
     for s in range(SPLIT_K):
         acc += tl.load(part_ptr + s * MN + i, mask=mask, other=0.0)
     tl.store(y_ptr + i, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def store_split(acc, y_ptr, part_ptr, cnt_ptr, offs, mask, MN, tile, SPLIT_K: tl.constexpr,
+                FIXUP: tl.constexpr):
+    """Store this program's fp32 result `acc` for output offsets `offs` (into y [M, N],
+    MN = M * N) of output tile `tile`: into y with one split; else as split
+    program_id(1)'s partial, and with FIXUP the tile's last split to arrive sums all
+    partials (in split order, as sum_splits does) into y and re-zeroes the tile's counter
+    for the next launch."""
+    if SPLIT_K == 1:
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(part_ptr + tl.program_id(1) * MN + offs, acc, mask=mask)
+        if FIXUP:
+            tl.debug_barrier()    # every thread's partial is written before the release
+            arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT_K - 1:
+                # .cg: read at L2, where the other programs' partials are, not a stale L1
+                total = tl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                for s in range(1, SPLIT_K):
+                    total += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0,
+                                     cache_modifier=".cg")
+                tl.store(y_ptr + offs, total.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(cnt_ptr + tile, 0)
+
+
+FIXUP = os.environ.get("EMBER_SPLITK_FIXUP", "1") == "1"
+# A/B switches for the decode GEMVs' weight stream (bench/skinny_gpu.py): register
+# double-buffering of the next tile, and evict-first loads (weights are read once a step).
+PREFETCH = os.environ.get("EMBER_QUANT_PREFETCH", "1") == "1"
+EVICT = os.environ.get("EMBER_QUANT_EVICT", "1") == "1"
+COUNTER_SLOTS = 1 << 16          # output tiles per launch (a 28672-wide GEMV at 8 rows: 29k)
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def split_buffers(y: torch.Tensor, split: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(partials, arrival counters, fixup) for a launch of `tiles` output tiles writing y
+    with `split` splits:
+    partials as split_output; fixup True when the kernel reduces them itself
+    (store_split), False when the caller must sum_splits. The counters (zeroed int32,
+    one array per device) are made on the first eager call; counters is a placeholder
+    pointer when unused."""
+    part = split_output(y, split)
+    cnt = _COUNTERS.get(y.device)
+    if split > 1 and FIXUP and cnt is None and not (y.is_cuda and torch.cuda.is_current_stream_capturing()):
+        cnt = _COUNTERS[y.device] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=y.device)
+    fixup = split > 1 and FIXUP and cnt is not None and tiles <= COUNTER_SLOTS
+    return part, cnt if fixup else part, fixup
+
+
+def finish_splits(part: torch.Tensor, y: torch.Tensor, fixup: bool) -> None:
+    """After a split kernel: sum the partials unless the kernel did (fixup)."""
+    if not fixup:
+        sum_splits(part, y)
 
 
 def rows_and_output(x: torch.Tensor, k_in: int, n_out: int,

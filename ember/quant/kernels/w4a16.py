@@ -7,9 +7,10 @@ little-endian int32, put column 8w + j in nibble j exactly as INT4 packs them): 
 per word, nibble j split off by a shift, one scale (and zero) per row per group (INT4) or
 16-column block (NVFP4). Tiles stay in word form, [BLOCK_N, BLOCK_K / 8] words.
 
-- INT4 GEMV (M <= GEMV_MAX_ROWS, decode), tiles inside one group: the register decoder
-  (kernels/decode.py) gives each nibble as fp32 code + 128 in a few integer operations;
-  per word column, sum_j x_j (c_j + 128) less (zero + 128) sum_j x_j, times the scale.
+- INT4 GEMV (M <= GEMV_MAX_ROWS, decode), tiles inside one group: with bf16 x, each word's
+  sum_j (c_j - z) x_j in packed bf16 math (decode.int4_word_dot), times the scale in fp32;
+  otherwise the register decoder's fp32 parts code + 128, as sum_j x_j (c_j + 128) less
+  (zero + 128) sum_j x_j.
 - GEMV otherwise (NVFP4, tiles across groups): one program per (BLOCK_N outputs, K split,
   row); products accumulate in a [BLOCK_N, BLOCK_K / 8, 8] register tile reduced once at
   the end (tl.dot needs 16 rows).
@@ -25,9 +26,10 @@ import triton
 import triton.language as tl
 
 from ember.layers.pdl import pdl_launch
-from ember.quant.kernels.decode import (INT4_OFFSET, e4m3_from_bits, int4_parts, native_decode,
-                                        x_operand, x_pair)
-from ember.quant.kernels.splitk import (choose_config, k_range, rows_and_output, split_output,
+from ember.quant.kernels.decode import (INT4_OFFSET, e4m3_from_bits, int4_parts, int4_word_dot,
+                                        int4_zero_pair, native_decode, x_operand)
+from ember.quant.kernels.splitk import (EVICT, PREFETCH, choose_config, finish_splits, k_range,
+                                        rows_and_output, split_buffers, split_output, store_split,
                                         sum_splits)
 
 GEMV_MAX_ROWS = 8
@@ -116,39 +118,57 @@ def _w4_gemv_kernel(x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, M, N, K, stride
 
 
 @triton.jit
-def _int4_tile(acc2, q, sc, zp, x_row, col, NATIVE: tl.constexpr, X_PAIRS: tl.constexpr):
-    """acc2 [BN, WORDS] += sc * (sum_j x_j (c_j + 128) - zp * sum_j x_j) for the tile's
-    words q [BN, WORDS] (one group: sc, zp [BN] with zp = zero + 128), x at col + j.
-    X_PAIRS: x_row points at x's bf16 pairs as int32 (decode.x_operand)."""
-    p = int4_parts(q, NATIVE, tl.float32)
+def _int4_tile(acc2, q, sc, z, x_row, col, NATIVE: tl.constexpr, X_PAIRS: tl.constexpr):
+    """acc2 [BN, WORDS] += sc * sum_j (c_j - z) x_j for the tile's words q [BN, WORDS] (one
+    group: sc, z [BN]), x at columns col + j. X_PAIRS (bf16 x read as int32 pairs,
+    decode.x_operand): packed bf16 math (decode.int4_word_dot); otherwise fp32 parts, as
+    sc * (sum_j x_j (c_j + 128) - (z + 128) sum_j x_j)."""
     if X_PAIRS:
-        x0, x1 = x_pair(x_row + col // 2, col >= 0)
-        x2, x3 = x_pair(x_row + col // 2 + 1, col >= 0)
-        x4, x5 = x_pair(x_row + col // 2 + 2, col >= 0)
-        x6, x7 = x_pair(x_row + col // 2 + 3, col >= 0)
-    else:
-        x0 = tl.load(x_row + col).to(tl.float32)
-        x1 = tl.load(x_row + col + 1).to(tl.float32)
-        x2 = tl.load(x_row + col + 2).to(tl.float32)
-        x3 = tl.load(x_row + col + 3).to(tl.float32)
-        x4 = tl.load(x_row + col + 4).to(tl.float32)
-        x5 = tl.load(x_row + col + 5).to(tl.float32)
-        x6 = tl.load(x_row + col + 6).to(tl.float32)
-        x7 = tl.load(x_row + col + 7).to(tl.float32)
+        xw = tl.load(x_row + col[:, None] // 2 + tl.arange(0, 4)[None, :])     # [WORDS, 4]
+        x02, x13 = tl.split(tl.reshape(xw, (xw.shape[0], 2, 2)))
+        x01, x45 = tl.split(x02)
+        x23, x67 = tl.split(x13)
+        d = int4_word_dot(q, int4_zero_pair(z)[:, None], x01[None, :], x23[None, :], x45[None, :],
+                          x67[None, :], NATIVE)
+        return acc2 + sc[:, None] * d
+    p = int4_parts(q, NATIVE, tl.float32)
+    x0 = tl.load(x_row + col).to(tl.float32)
+    x1 = tl.load(x_row + col + 1).to(tl.float32)
+    x2 = tl.load(x_row + col + 2).to(tl.float32)
+    x3 = tl.load(x_row + col + 3).to(tl.float32)
+    x4 = tl.load(x_row + col + 4).to(tl.float32)
+    x5 = tl.load(x_row + col + 5).to(tl.float32)
+    x6 = tl.load(x_row + col + 6).to(tl.float32)
+    x7 = tl.load(x_row + col + 7).to(tl.float32)
     t = p[0] * x0[None, :] + p[1] * x1[None, :] + p[2] * x2[None, :] + p[3] * x3[None, :]
     t += p[4] * x4[None, :] + p[5] * x5[None, :] + p[6] * x6[None, :] + p[7] * x7[None, :]
     xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
-    return acc2 + sc[:, None] * (t - zp[:, None] * xs[None, :])
+    return acc2 + sc[:, None] * (t - (z.to(tl.float32) + INT4_OFFSET)[:, None] * xs[None, :])
 
 
 @triton.jit
-def _int4_gemv_kernel(x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_xm, stride_wn,
-                      stride_sn, G: tl.constexpr, NATIVE: tl.constexpr, X_PAIRS: tl.constexpr,
-                      SPLIT_K: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+def _int4_gemv_tile_load(w_ptr, s_ptr, z_ptr, n_safe, wi, k0, live, stride_wn, stride_sn,
+                         G: tl.constexpr, EVICT: tl.constexpr):
+    """The GEMV's tile at column k0: words [BN, WORDS], scales (fp32) and zeros [BN]; all
+    zero when not live (a zero scale makes the tile add nothing)."""
+    q = tl.load(w_ptr + n_safe[:, None] * stride_wn + (k0 // 8 + wi)[None, :], mask=live, other=0,
+                eviction_policy="evict_first" if EVICT else "")
+    g = k0 // G
+    sc = tl.load(s_ptr + n_safe * stride_sn + g, mask=live, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + n_safe * stride_sn + g, mask=live, other=0)
+    return q, sc, z
+
+
+@triton.jit
+def _int4_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_xm,
+                      stride_wn, stride_sn, G: tl.constexpr, NATIVE: tl.constexpr,
+                      X_PAIRS: tl.constexpr, SPLIT_K: tl.constexpr, FIXUP: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                      PREFETCH: tl.constexpr, EVICT: tl.constexpr):
     """INT4 GEMV with the register decoder (kernels/decode.py), for tiles inside one
     group (G % BLOCK_K == 0): the scale and zero apply once per word column of the tile.
-    Grid (N tiles, SPLIT_K, M); out as in _w4_gemv_kernel."""
+    Grid (N tiles, SPLIT_K, M); y [M, N], split partials and counters as
+    splitk.store_split."""
     WORDS: tl.constexpr = BLOCK_K // 8
     m = tl.program_id(2)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -158,17 +178,29 @@ def _int4_gemv_kernel(x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_xm, s
     wi = tl.arange(0, WORDS)
     x_row = x_ptr + m * stride_xm
     acc2 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-    if PDL:
-        tl.extra.cuda.gdc_wait()      # x is written by the kernel before
-        tl.extra.cuda.gdc_launch_dependents()
-    for k0 in range(start, end, BLOCK_K):
-        q = tl.load(w_ptr + n_safe[:, None] * stride_wn + (k0 // 8 + wi)[None, :])
-        g = k0 // G
-        sc = tl.load(s_ptr + n_safe * stride_sn + g).to(tl.float32)
-        zp = tl.load(z_ptr + n_safe * stride_sn + g).to(tl.float32) + INT4_OFFSET
-        acc2 = _int4_tile(acc2, q, sc, zp, x_row, k0 + 8 * wi, NATIVE, X_PAIRS)
-    dst = out_ptr + (tl.program_id(1) * M + m) * N + n
-    tl.store(dst, tl.sum(acc2, axis=1).to(out_ptr.dtype.element_ty), mask=n_mask)
+    if PREFETCH:
+        # Registers double-buffer the weight stream: the next tile's loads are in flight
+        # while this one is decoded (and the first before waiting on x's producer).
+        q, sc, z = _int4_gemv_tile_load(w_ptr, s_ptr, z_ptr, n_safe, wi, start, start < end,
+                                        stride_wn, stride_sn, G, EVICT)
+        if PDL:
+            tl.extra.cuda.gdc_wait()      # x is written by the kernel before
+            tl.extra.cuda.gdc_launch_dependents()
+        for k0 in range(start, end, BLOCK_K):
+            nq, nsc, nz = _int4_gemv_tile_load(w_ptr, s_ptr, z_ptr, n_safe, wi, k0 + BLOCK_K,
+                                               k0 + BLOCK_K < end, stride_wn, stride_sn, G, EVICT)
+            acc2 = _int4_tile(acc2, q, sc, z, x_row, k0 + 8 * wi, NATIVE, X_PAIRS)
+            q, sc, z = nq, nsc, nz
+    else:
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        for k0 in range(start, end, BLOCK_K):
+            q, sc, z = _int4_gemv_tile_load(w_ptr, s_ptr, z_ptr, n_safe, wi, k0, True,
+                                            stride_wn, stride_sn, G, EVICT)
+            acc2 = _int4_tile(acc2, q, sc, z, x_row, k0 + 8 * wi, NATIVE, X_PAIRS)
+    store_split(tl.sum(acc2, axis=1), y_ptr, part_ptr, cnt_ptr, m * N + n, n_mask, M * N,
+                tl.program_id(0) + tl.num_programs(0) * m, SPLIT_K, FIXUP)
 
 
 @triton.jit
@@ -251,12 +283,13 @@ def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor |
 
         def run(c: tuple) -> None:
             bn, bk, split, warps = c
-            part = split_output(y, split)
+            part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, bn) * m)
             _int4_gemv_kernel[(triton.cdiv(n_out, bn), split, m)](
-                xk, part, w, s, z, m, n_out, k_in, xk.stride(0), w.stride(0), s.stride(0),
-                G=group, NATIVE=native_decode(), X_PAIRS=pairs, SPLIT_K=split, BLOCK_N=bn, BLOCK_K=bk,
-                num_warps=warps, **pdl_launch(x2))
-            sum_splits(part, y)
+                xk, y, part, cnt, w, s, z, m, n_out, k_in, xk.stride(0), w.stride(0), s.stride(0),
+                G=group, NATIVE=native_decode(), X_PAIRS=pairs, SPLIT_K=split, FIXUP=fixup,
+                BLOCK_N=bn, BLOCK_K=bk, PREFETCH=PREFETCH, EVICT=EVICT, num_warps=warps,
+                **pdl_launch(x2))
+            finish_splits(part, y, fixup)
         cands = decoder_tiles
         key = ("int4_gemv", m, n_out, k_in, group)
     elif m <= GEMV_MAX_ROWS:
