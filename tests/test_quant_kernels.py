@@ -249,9 +249,10 @@ def test_fp8_small_batch_dispatch(rows, dtype, want):
 def test_split_k_partials_summed_in_kernel_equal_the_reduce_kernel(monkeypatch, kernel):
     # With FIXUP each output tile's last split sums the partials (in split order) and
     # re-zeroes its counter; without, sum_splits runs after the kernel. Same numbers, and
-    # the in-kernel path launches no reduce kernel.
+    # the in-kernel path launches no reduce kernel. (The skinny kernels keep the reduce
+    # kernel by default, FIXUP_SKINNY; the in-kernel path is tested here all the same.)
     from ember.quant.fp8 import quantize_fp8
-    from ember.quant.kernels import splitk
+    from ember.quant.kernels import skinny_dot, splitk
     from ember.quant.kernels.fp8_gemv import fp8_gemv_triton
     from ember.quant.kernels.skinny_dot import int4_skinny
     qw, s, z = _int4_weight(72, 512, 128, seed=5)
@@ -261,6 +262,7 @@ def test_split_k_partials_summed_in_kernel_equal_the_reduce_kernel(monkeypatch, 
            "fp8_gemv": lambda: fp8_gemv_triton(x[:1], q8.to(DEVICE), s8.reshape(-1).to(DEVICE),
                                                config=(16, 64, 4, 2)),
            "int4_skinny": lambda: int4_skinny(x, qw, s.to(x.dtype), z, config=(16, 128, 4, 1))}[kernel]
+    monkeypatch.setattr(skinny_dot, "FIXUP_SKINNY", True)
     reduces = []
     sum_splits = splitk.sum_splits
     monkeypatch.setattr(splitk, "sum_splits", lambda p, y: (reduces.append(1), sum_splits(p, y)))

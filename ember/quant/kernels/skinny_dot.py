@@ -26,6 +26,10 @@ from ember.quant.kernels.splitk import (choose_config, finish_splits, k_range, r
                                         split_buffers, store_split)
 
 MAX_ROWS = 64   # above this, the GEMM kernels (w4a16.py) / torch._scaled_mm
+# Split partials summed by the reduce kernel, not in-kernel (splitk.store_split): a skinny
+# tile's partials are up to 64 x 128 values, and summing them in the last split's tail
+# measured slower (FP8 at one row 82.9 -> 92.6 us per layer, h200_2026-11-29f_skinny_ab).
+FIXUP_SKINNY = False
 
 
 @triton.jit
@@ -98,7 +102,7 @@ def _launch(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, z: torch.Tens
 
     def run(c: tuple) -> None:
         bn, bk, split, warps = c
-        part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, bn) * triton.cdiv(m, bm))
+        part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, bn) * triton.cdiv(m, bm), FIXUP_SKINNY)
         _skinny_kernel[(triton.cdiv(n_out, bn), split, triton.cdiv(m, bm))](
             x2, y, part, cnt, words, s, z if z is not None else s, m, n_out, k_in, x2.stride(0),
             words.stride(0), s.stride(0) if s.dim() > 1 else 0, G=group, FP8=fp8, NATIVE=native,

@@ -65,26 +65,24 @@ def store_split(acc, y_ptr, part_ptr, cnt_ptr, offs, mask, MN, tile, SPLIT_K: tl
 
 
 FIXUP = os.environ.get("EMBER_SPLITK_FIXUP", "1") == "1"
-# A/B switches for the decode GEMVs' weight stream (bench/skinny_gpu.py): register
-# double-buffering of the next tile, and evict-first loads (weights are read once a step).
-PREFETCH = os.environ.get("EMBER_QUANT_PREFETCH", "1") == "1"
-EVICT = os.environ.get("EMBER_QUANT_EVICT", "1") == "1"
 COUNTER_SLOTS = 1 << 16          # output tiles per launch (a 28672-wide GEMV at 8 rows: 29k)
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
-def split_buffers(y: torch.Tensor, split: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def split_buffers(y: torch.Tensor, split: int, tiles: int,
+                  in_kernel: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(partials, arrival counters, fixup) for a launch of `tiles` output tiles writing y
-    with `split` splits:
+    with `split` splits, where the kernel may sum them itself (`in_kernel`):
     partials as split_output; fixup True when the kernel reduces them itself
     (store_split), False when the caller must sum_splits. The counters (zeroed int32,
     one array per device) are made on the first eager call; counters is a placeholder
     pointer when unused."""
     part = split_output(y, split)
     cnt = _COUNTERS.get(y.device)
-    if split > 1 and FIXUP and cnt is None and not (y.is_cuda and torch.cuda.is_current_stream_capturing()):
+    want = split > 1 and FIXUP and in_kernel
+    if want and cnt is None and not (y.is_cuda and torch.cuda.is_current_stream_capturing()):
         cnt = _COUNTERS[y.device] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=y.device)
-    fixup = split > 1 and FIXUP and cnt is not None and tiles <= COUNTER_SLOTS
+    fixup = want and cnt is not None and tiles <= COUNTER_SLOTS
     return part, cnt if fixup else part, fixup
 
 

@@ -28,7 +28,7 @@ import triton.language as tl
 from ember.layers.pdl import pdl_launch
 from ember.quant.kernels.decode import (INT4_OFFSET, e4m3_from_bits, int4_parts, int4_word_dot,
                                         int4_zero_pair, native_decode, x_operand)
-from ember.quant.kernels.splitk import (EVICT, PREFETCH, choose_config, finish_splits, k_range,
+from ember.quant.kernels.splitk import (choose_config, finish_splits, k_range,
                                         rows_and_output, split_buffers, split_output, store_split,
                                         sum_splits)
 
@@ -147,24 +147,10 @@ def _int4_tile(acc2, q, sc, z, x_row, col, NATIVE: tl.constexpr, X_PAIRS: tl.con
 
 
 @triton.jit
-def _int4_gemv_tile_load(w_ptr, s_ptr, z_ptr, n_safe, wi, k0, live, stride_wn, stride_sn,
-                         G: tl.constexpr, EVICT: tl.constexpr):
-    """The GEMV's tile at column k0: words [BN, WORDS], scales (fp32) and zeros [BN]; all
-    zero when not live (a zero scale makes the tile add nothing)."""
-    q = tl.load(w_ptr + n_safe[:, None] * stride_wn + (k0 // 8 + wi)[None, :], mask=live, other=0,
-                eviction_policy="evict_first" if EVICT else "")
-    g = k0 // G
-    sc = tl.load(s_ptr + n_safe * stride_sn + g, mask=live, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + n_safe * stride_sn + g, mask=live, other=0)
-    return q, sc, z
-
-
-@triton.jit
 def _int4_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_xm,
                       stride_wn, stride_sn, G: tl.constexpr, NATIVE: tl.constexpr,
                       X_PAIRS: tl.constexpr, SPLIT_K: tl.constexpr, FIXUP: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                      PREFETCH: tl.constexpr, EVICT: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """INT4 GEMV with the register decoder (kernels/decode.py), for tiles inside one
     group (G % BLOCK_K == 0): the scale and zero apply once per word column of the tile.
     Grid (N tiles, SPLIT_K, M); y [M, N], split partials and counters as
@@ -178,27 +164,17 @@ def _int4_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N
     wi = tl.arange(0, WORDS)
     x_row = x_ptr + m * stride_xm
     acc2 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-    if PREFETCH:
-        # Registers double-buffer the weight stream: the next tile's loads are in flight
-        # while this one is decoded (and the first before waiting on x's producer).
-        q, sc, z = _int4_gemv_tile_load(w_ptr, s_ptr, z_ptr, n_safe, wi, start, start < end,
-                                        stride_wn, stride_sn, G, EVICT)
-        if PDL:
-            tl.extra.cuda.gdc_wait()      # x is written by the kernel before
-            tl.extra.cuda.gdc_launch_dependents()
-        for k0 in range(start, end, BLOCK_K):
-            nq, nsc, nz = _int4_gemv_tile_load(w_ptr, s_ptr, z_ptr, n_safe, wi, k0 + BLOCK_K,
-                                               k0 + BLOCK_K < end, stride_wn, stride_sn, G, EVICT)
-            acc2 = _int4_tile(acc2, q, sc, z, x_row, k0 + 8 * wi, NATIVE, X_PAIRS)
-            q, sc, z = nq, nsc, nz
-    else:
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        for k0 in range(start, end, BLOCK_K):
-            q, sc, z = _int4_gemv_tile_load(w_ptr, s_ptr, z_ptr, n_safe, wi, k0, True,
-                                            stride_wn, stride_sn, G, EVICT)
-            acc2 = _int4_tile(acc2, q, sc, z, x_row, k0 + 8 * wi, NATIVE, X_PAIRS)
+    if PDL:
+        tl.extra.cuda.gdc_wait()      # x is written by the kernel before
+        tl.extra.cuda.gdc_launch_dependents()
+    # No register double-buffering or evict-first loads here: both measured slower or
+    # equal on the H200 (bench/results/h200_2026-11-29f_skinny_ab.txt); FP8's GEMV gains.
+    for k0 in range(start, end, BLOCK_K):
+        q = tl.load(w_ptr + n_safe[:, None] * stride_wn + (k0 // 8 + wi)[None, :])
+        g = k0 // G
+        sc = tl.load(s_ptr + n_safe * stride_sn + g).to(tl.float32)
+        z = tl.load(z_ptr + n_safe * stride_sn + g)
+        acc2 = _int4_tile(acc2, q, sc, z, x_row, k0 + 8 * wi, NATIVE, X_PAIRS)
     store_split(tl.sum(acc2, axis=1), y_ptr, part_ptr, cnt_ptr, m * N + n, n_mask, M * N,
                 tl.program_id(0) + tl.num_programs(0) * m, SPLIT_K, FIXUP)
 
@@ -283,12 +259,11 @@ def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor |
 
         def run(c: tuple) -> None:
             bn, bk, split, warps = c
-            part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, bn) * m)
+            part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, bn) * m, True)
             _int4_gemv_kernel[(triton.cdiv(n_out, bn), split, m)](
                 xk, y, part, cnt, w, s, z, m, n_out, k_in, xk.stride(0), w.stride(0), s.stride(0),
                 G=group, NATIVE=native_decode(), X_PAIRS=pairs, SPLIT_K=split, FIXUP=fixup,
-                BLOCK_N=bn, BLOCK_K=bk, PREFETCH=PREFETCH, EVICT=EVICT, num_warps=warps,
-                **pdl_launch(x2))
+                BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **pdl_launch(x2))
             finish_splits(part, y, fixup)
         cands = decoder_tiles
         key = ("int4_gemv", m, n_out, k_in, group)
