@@ -53,7 +53,8 @@ def timer(fn, device: torch.device, reps: int = 20, iters: int = 10) -> float:
 VARIANTS = {
     "fp8-w8a8": ("fp8", {"decode_kernel": "scaled_mm"}),   # decode rows on W8A8 (_scaled_mm)
     "fp8-gemv": ("fp8", {"decode_kernel": "gemv"}),        # CUDA-core GEMV, no tensor cores
-    "awq-gemv": ("awq", {"small_batch_kernel": "gemv"}),   # CUDA-core GEMV / GEMM
+    "awq-gemv": ("awq", {"small_batch_kernel": "gemv", "large_batch_kernel": "gemm"}),  # CUDA-core kernels only
+    "awq-fused-gemm": ("awq", {"large_batch_kernel": "gemm"}),   # > 64 rows: fused W4A16 GEMM
 }
 
 

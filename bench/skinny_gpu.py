@@ -24,7 +24,7 @@ from ember.quant.kernels import fp8_linear_ref, int4_linear_ref
 from ember.quant.kernels.fp8_gemv import CONFIGS as FP8_GEMV_CONFIGS
 from ember.quant.kernels.fp8_gemv import fp8_gemv_triton
 from ember.quant.kernels.skinny_dot import fp8_skinny, int4_skinny
-from ember.quant.kernels.w4a16 import INT4_GEMV_CONFIGS, int4_linear_triton
+from ember.quant.kernels.w4a16 import INT4_GEMV_CONFIGS, int4_dequant_triton, int4_linear_triton
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
 LAYERS = 4
@@ -52,9 +52,15 @@ KERNELS = {
     "bf16": lambda x, w: F.linear(x, w["bf16"]),
     "int4-gemv/gemm": lambda x, w: int4_linear_triton(x, *w["int4"]),
     "int4-skinny": lambda x, w: int4_skinny(x, *w["int4"]),
+    "int4-dequant+bf16": lambda x, w: F.linear(x, int4_dequant_triton(*w["int4"], x.dtype)),
     "fp8-gemv/w8a8": lambda x, w: fp8_gemv_triton(x, *w["fp8"]) if x.shape[0] <= 8 else fp8_w8a8(x, *w["fp8"]),
     "fp8-skinny": lambda x, w: fp8_skinny(x, *w["fp8"]),
 }
+
+
+def applies(kernel: str, m: int) -> bool:
+    """The skinny kernels serve at most 64 rows."""
+    return "skinny" not in kernel or m <= 64
 
 
 def time_layers(fn, xs: dict, layers: list, shapes=tuple(SHAPES)) -> float:
@@ -82,7 +88,7 @@ def check(layers: list, m: int) -> None:
                       ("fp8-gemv/w8a8", fp8_linear_ref(x.float(), *w["fp8"])),
                       ("int4-skinny", int4_linear_ref(x.float(), w["int4"][0], w["int4"][1].float(), w["int4"][2])),
                       ("fp8-skinny", fp8_linear_ref(x.float(), *w["fp8"]))):
-        if name == "fp8-gemv/w8a8" and m > 8:
+        if (name == "fp8-gemv/w8a8" and m > 8) or not applies(name, m):
             continue   # W8A8 quantizes x too: not the weight-only reference
         y = KERNELS[name](x, w).float()
         err = ((y - ref).norm() / ref.norm()).item()
@@ -103,6 +109,8 @@ def main() -> None:
         check(layers, m)
         xs = {name: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for name, (k, n) in SHAPES.items()}
         for kname, fn in KERNELS.items():
+            if not applies(kname, m):
+                continue
             us = time_layers(fn, xs, layers)
             rows.append({"m": m, "kernel": kname, "us_per_layer": round(us, 1)})
             print(json.dumps(rows[-1]), flush=True)
@@ -110,8 +118,8 @@ def main() -> None:
     print("| --- | " + " | ".join("---" for _ in KERNELS) + " |")
     for m in args.rows:
         base = next(r["us_per_layer"] for r in rows if r["m"] == m and r["kernel"] == "bf16")
-        cells = [f"{r['us_per_layer']:.1f} us ({base / r['us_per_layer']:.2f}x)"
-                 for r in rows if r["m"] == m]
+        got = {r["kernel"]: r["us_per_layer"] for r in rows if r["m"] == m}
+        cells = [f"{got[k]:.1f} us ({base / got[k]:.2f}x)" if k in got else "-" for k in KERNELS]
         print(f"| {m} | " + " | ".join(cells) + " |")
     if args.configs:
         x = {name: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for name, (k, n) in SHAPES.items()}

@@ -232,6 +232,10 @@ def test_awq_small_batch_dispatch(rows, dtype, want):
     assert lin.method._skinny(lin, torch.zeros(rows, 256, dtype=dtype)) is want
     gemv_only = _linear("awq", 256, {"small_batch_kernel": "gemv"})
     assert gemv_only.method._skinny(gemv_only, torch.zeros(rows, 256, dtype=dtype)) is False
+    # Above 64 rows: dequantize once + the dense GEMM, unless the fused GEMM is asked for.
+    assert lin.method._dequant_gemm(torch.zeros(rows, 256, dtype=dtype)) is (rows > 64)
+    fused = _linear("awq", 256, {"large_batch_kernel": "gemm"})
+    assert fused.method._dequant_gemm(torch.zeros(rows, 256, dtype=dtype)) is False
 
 
 @pytest.mark.parametrize("rows,dtype,want", [
@@ -274,3 +278,17 @@ def test_split_k_partials_summed_in_kernel_equal_the_reduce_kernel(monkeypatch, 
         assert len(reduces) == (0 if fixup else 1)
     assert torch.equal(results[True], results[False])
     assert not splitk._COUNTERS[results[True].device].any(), "a tile counter was left non-zero"
+
+
+@pytest.mark.parametrize("n,k,group", [(40, 512, 128), (72, 192, 96)])
+def test_int4_dequant_kernel_matches_reference(n, k, group):
+    # The large-batch path's dequantization (N and K/8 not multiples of the tile).
+    from ember.quant.int4 import dequantize_int4
+    from ember.quant.kernels.w4a16 import int4_dequant_triton
+    qw, s, z = _int4_weight(n, k, group, seed=n)
+    want = dequantize_int4(qw.cpu(), s.cpu(), z.cpu())
+    torch.testing.assert_close(int4_dequant_triton(qw, s, z, torch.float32).cpu(), want, rtol=0, atol=0)
+    bf = int4_dequant_triton(qw, s.to(torch.bfloat16), z, torch.bfloat16).cpu()
+    assert bf.dtype == torch.bfloat16
+    torch.testing.assert_close(bf.float(), dequantize_int4(qw.cpu(), s.to(torch.bfloat16).cpu(), z.cpu()),
+                               rtol=1e-2, atol=1e-2 * want.abs().max().item())

@@ -224,6 +224,40 @@ def _w4_gemm_kernel(x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, M, N, K, stride
     tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & n_mask[None, :])
 
 
+@triton.jit
+def _int4_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn,
+                         G: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
+    """Grid (N tiles, K / (8 WORDS) tiles): out [N, K] = (code - zero) * scale, written
+    straight from the [BLOCK_N, WORDS, 8] unpacked tile (no reshape)."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    word = tl.program_id(1) * WORDS + tl.arange(0, WORDS)
+    j8 = tl.arange(0, 8)
+    mask2 = (n < N)[:, None] & (word < K // 8)[None, :]
+    q = tl.load(w_ptr + n[:, None] * stride_wn + word[None, :], mask=mask2, other=0)
+    g = (word * 8) // G
+    sc = tl.load(s_ptr + n[:, None] * stride_sn + g[None, :], mask=mask2, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + n[:, None] * stride_sn + g[None, :], mask=mask2, other=0).to(tl.float32)
+    c = ((q[:, :, None] >> (4 * j8)[None, None, :]) & 0xF).to(tl.float32)
+    w = (c - z[:, :, None]) * sc[:, :, None]
+    col = word[None, :, None] * 8 + j8[None, None, :]
+    tl.store(out_ptr + n[:, None, None] * K + col, w.to(out_ptr.dtype.element_ty),
+             mask=mask2[:, :, None])
+
+
+def int4_dequant_triton(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
+                        dtype: torch.dtype) -> torch.Tensor:
+    """qweight [N, K // 8] int32, scales / qzeros [N, K // G] -> W [N, K] in dtype: the
+    large-batch path dequantizes once and runs the dense GEMM, where the MMA work per
+    weight dwarfs the one extra pass over it."""
+    n_out, k_in = qweight.shape[0], qweight.shape[1] * 8
+    out = torch.empty((n_out, k_in), dtype=dtype, device=qweight.device)
+    bn, words = 32, 32
+    _int4_dequant_kernel[(triton.cdiv(n_out, bn), triton.cdiv(k_in // 8, words))](
+        qweight, scales, qzeros, out, n_out, k_in, qweight.stride(0), scales.stride(0),
+        G=k_in // scales.shape[1], BLOCK_N=bn, WORDS=words, num_warps=4)
+    return out
+
+
 # ---- launchers --------------------------------------------------------------------------------
 # Candidate tiles; on CUDA the first call per shape (eager, e.g. CUDA-graph warm-up) times
 # them and keeps the fastest (kernels/splitk.py).
