@@ -309,6 +309,11 @@ def test_engine_continuations_equal_the_transformers_greedy_ones(tiny_llama: Tin
     assert torch.equal(s1, s2) and not torch.equal(s1, ref)
     with pytest.raises(ValueError):
         engine_continuations(tiny_llama.path, prefixes, 5, cpu, log=lambda *_: None)
+    # A spent budget still runs the first round (4 x max_num_seqs prompts), then stops.
+    six = chunks[:6, :5]
+    cut = engine_continuations(tiny_llama.path, six, 9, cpu, max_num_seqs=1, budget_s=1e-9, log=lambda *_: None)
+    full = engine_continuations(tiny_llama.path, six, 9, cpu, max_num_seqs=1, log=lambda *_: None)
+    assert cut.shape == (4, 9) and full.shape == (6, 9) and torch.equal(cut, full[:4])
 
 
 def test_features_cache_fits_only_the_same_settings() -> None:
@@ -321,6 +326,8 @@ def test_features_cache_fits_only_the_same_settings() -> None:
     f = {"tokens": torch.cat([source, source], 1), "ids": torch.zeros(3, 8, 2), **meta}
     assert _cache_fits(f, source, args, meta)
     assert not _cache_fits(f, source + 1, args, meta)
+    cut = dict(f, tokens=f["tokens"][:2])                 # a generation budget kept 2 rows
+    assert _cache_fits(cut, source, args, meta) and not _cache_fits(cut, source[1:], args, meta)
     args.distill_temperature = 0.7
     assert not _cache_fits(f, source, args, _cache_meta(args, (1, 2)))
     old = {k: v for k, v in f.items() if k not in ("temperature", "sampled_fraction", "top_k")}

@@ -137,14 +137,16 @@ def _next_tokens(logits: torch.Tensor, sampled: torch.Tensor, temperature: float
 @torch.no_grad()
 def greedy_features(target, prefixes: torch.Tensor, seq_len: int, aux_layers: tuple[int, ...], batch: int,
                     top_k: int, log=print, temperature: float = 0.0, sampled_fraction: float = 1.0,
-                    seed: int = 0, store: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+                    seed: int = 0, store: torch.device | str = "cpu",
+                    budget_s: float = 0.0) -> dict[str, torch.Tensor]:
     """Self-distillation with the transformers target: each prefix [n, P] continued by the
     target's own tokens to seq_len (greedy; with temperature > 0 a `sampled_fraction` of
     the rows sampled), with the features of target_features over the whole sequence,
     collected while generating (the prefix in one forward, then one cached forward per new
     token; only the aux streams and the top-k are kept per step), so no second pass over
     the text is needed. Greedy rows are what the verifier accepts: generated context, and
-    a next token that always equals the label's argmax."""
+    a next token that always equals the label's argmax. With budget_s > 0, only the
+    batches started within budget_s seconds (the leading rows)."""
     n, p = prefixes.shape
     if not 0 < p < seq_len:
         raise ValueError(f"the prefix ({p} tokens) must be shorter than the sequence ({seq_len})")
@@ -155,6 +157,8 @@ def greedy_features(target, prefixes: torch.Tensor, seq_len: int, aux_layers: tu
     gen = torch.Generator(device=dev).manual_seed(seed) if temperature > 0 else None
     rows = sampled_rows(n, sampled_fraction if temperature > 0 else 0.0)
     for i in range(0, n, batch):
+        if budget_s > 0 and i > 0 and time.time() - start > budget_s:
+            break
         seq = prefixes[i:i + batch].to(dev)
         sampled = rows[i:i + batch].to(dev)
         with autocast(dev):
@@ -177,12 +181,14 @@ def greedy_features(target, prefixes: torch.Tensor, seq_len: int, aux_layers: tu
 def engine_continuations(model: str, prefixes: torch.Tensor, seq_len: int, device: torch.device,
                          temperature: float = 0.0, sampled_fraction: float = 1.0, seed: int = 0,
                          max_num_seqs: int = 512, gpu_memory_utilization: float = 0.3,
-                         log=print) -> torch.Tensor:
+                         budget_s: float = 0.0, log=print) -> torch.Tensor:
     """Self-distillation with ember's engine (continuous batching, CUDA graphs on the GPU):
     each prefix [n, P] continued to seq_len by the target, greedy or (a `sampled_fraction`
-    of the rows, when temperature > 0) sampled. Returns tokens [n, seq_len] on the CPU;
-    the features come from one teacher-forced pass afterwards. The engine is released
-    before returning, so its KV pool does not sit beside the training."""
+    of the rows, when temperature > 0) sampled. Returns tokens [n', seq_len] on the CPU:
+    all rows, or with budget_s > 0 the leading rows whose rounds (4 x max_num_seqs
+    prompts each) started within budget_s seconds (the first round always runs). The features come from one
+    teacher-forced pass afterwards. The engine is released before returning, so its KV
+    pool does not sit beside the training."""
     from ember import LLM, SamplingParams
     n, p = prefixes.shape
     if not 0 < p < seq_len:
@@ -195,19 +201,28 @@ def engine_continuations(model: str, prefixes: torch.Tensor, seq_len: int, devic
     params = [SamplingParams(temperature=temperature, max_tokens=seq_len - p, ignore_eos=True, seed=seed + i)
               if s else SamplingParams(temperature=0.0, max_tokens=seq_len - p, ignore_eos=True)
               for i, s in enumerate(rows)]
-    log(f"engine ready in {time.time() - start:.0f} s; generating {n} x {seq_len - p} tokens")
-    outs = llm.generate([{"prompt_token_ids": row} for row in prefixes.tolist()], params, use_tqdm=False)
-    new = [o.outputs[0].token_ids for o in outs]
+    log(f"engine ready in {time.time() - start:.0f} s; generating up to {n} x {seq_len - p} tokens")
+    prompts = prefixes.tolist()
+    new: list[list[int]] = []
+    round_size = 4 * max_num_seqs   # enough to keep the batch full, small enough to stop on time
+    gen_start = time.time()
+    while len(new) < n and not (new and budget_s > 0 and time.time() - start > budget_s):
+        i = len(new)
+        outs = llm.generate([{"prompt_token_ids": row} for row in prompts[i:i + round_size]],
+                            params[i:i + round_size], use_tqdm=False)
+        new += [o.outputs[0].token_ids for o in outs]
+        rate = len(new) * (seq_len - p) / max(time.time() - gen_start, 1e-6)
+        log(f"engine continuations {len(new)}/{n}, {time.time() - start:.0f} s ({rate:.0f} new tokens/s)")
     bad = [i for i, t in enumerate(new) if len(t) != seq_len - p]
     if bad:
         raise RuntimeError(f"{len(bad)} continuations have the wrong length (e.g. row {bad[0]}: {len(new[bad[0]])})")
-    del llm, outs
+    del llm
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    log(f"engine continuations {n} x {seq_len - p} tokens ({sum(rows)} sampled at T={temperature}) "
-        f"in {time.time() - start:.0f} s")
-    return torch.cat([prefixes, torch.tensor(new, dtype=prefixes.dtype)], 1)
+    log(f"engine continuations {len(new)} x {seq_len - p} tokens ({sum(rows[:len(new)])} sampled at "
+        f"T={temperature}) in {time.time() - start:.0f} s")
+    return torch.cat([prefixes[:len(new)], torch.tensor(new, dtype=prefixes.dtype)], 1)
 
 
 def spread_prefixes(ids: torch.Tensor, n: int, length: int) -> torch.Tensor:
@@ -350,10 +365,13 @@ def draft_loss(drafter: EagleDrafter, batch: dict[str, torch.Tensor], vocab_map:
 # ---- the loop -------------------------------------------------------------------------------
 def _feature_source(args, train_ids: torch.Tensor) -> torch.Tensor:
     """What the features are computed over: text chunks [n, seq_len] of train_ids [N], or
-    (--self-distill) the text prefixes [n, prompt_len] to continue."""
+    (--self-distill) the text prefixes [n, prompt_len] to continue: spread evenly over the
+    text, then in a fixed shuffled order, so that the leading rows a generation budget
+    leaves still cover all of it."""
     n_max = max(1, (args.max_train_tokens or train_ids.numel()) // args.seq_len)
     if args.self_distill:
-        return spread_prefixes(train_ids, n_max, args.prompt_len)
+        order = torch.randperm(n_max, generator=torch.Generator().manual_seed(12345))
+        return spread_prefixes(train_ids, n_max, args.prompt_len)[order]
     return split_chunks(train_ids, args.seq_len)[:n_max]
 
 
@@ -370,10 +388,13 @@ def _cache_meta(args, aux_layers: tuple[int, ...]) -> dict[str, torch.Tensor]:
 
 def _cache_fits(f: dict[str, torch.Tensor], source: torch.Tensor, args,
                 meta: dict[str, torch.Tensor]) -> bool:
-    """Whether cached features `f` were computed from `source` with these settings."""
+    """Whether cached features `f` were computed from `source` with these settings (for
+    self-distillation: from its leading rows, all that a generation budget allowed)."""
     toks = f["tokens"]
     if args.self_distill:
-        same = toks.shape == (len(source), args.seq_len) and torch.equal(toks[:, :args.prompt_len], source)
+        m = len(toks)
+        same = (toks.shape[1] == args.seq_len and 0 < m <= len(source)
+                and torch.equal(toks[:, :args.prompt_len], source[:m]))
     else:
         same = torch.equal(toks, source)
     defaults = {"prompt_len": 0, "temperature": 0.0, "sampled_fraction": 0.0, "top_k": f["ids"].shape[-1]}
@@ -396,7 +417,7 @@ def _compute_features(args, target, source: torch.Tensor, aux_layers: tuple[int,
         try:
             tokens = engine_continuations(args.target, source, args.seq_len, device, args.distill_temperature,
                                           args.distill_sampled_fraction, args.seed, args.generate_batch,
-                                          args.engine_memory, log)
+                                          args.engine_memory, args.generate_budget, log)
             return target_features(target, tokens, aux_layers, args.feature_batch, args.top_k, log, store=device)
         except Exception as e:   # noqa: BLE001 - any engine failure: fall back, say so
             log(f"engine generation failed ({type(e).__name__}: {e}); generating with transformers")
@@ -404,7 +425,8 @@ def _compute_features(args, target, source: torch.Tensor, aux_layers: tuple[int,
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return greedy_features(target, source, args.seq_len, aux_layers, args.generate_batch, args.top_k, log,
-                           args.distill_temperature, args.distill_sampled_fraction, args.seed, store=device)
+                           args.distill_temperature, args.distill_sampled_fraction, args.seed, store=device,
+                           budget_s=args.generate_budget)
 
 
 def _features(args, target, train_ids: torch.Tensor, aux_layers: tuple[int, ...], device: torch.device,
@@ -506,6 +528,8 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
     after = _evaluate(drafter, held_feats, vocab_map, steps, args, device)
     log(f"held-out agreement per draft position after training: {_fmt(after)}")
     drafter.eval()
+    if args.save_dtype == "bfloat16":   # half the size (trained in fp32 all the same)
+        drafter.to(torch.bfloat16)
     save_eagle(drafter, args.out)
     report = {"target": args.target, "text": args.text, "mode": "peagle" if args.parallel else "eagle3",
               "rows_trained": steps, "train_fraction": args.train_fraction,
@@ -609,6 +633,11 @@ def add_train_eagle_parser(sub) -> None:
                         "(auto: the engine on CUDA, transformers on the CPU)")
     p.add_argument("--engine-memory", type=float, default=0.3,
                    help="the engine's gpu_memory_utilization while generating (--generator engine)")
+    p.add_argument("--generate-budget", type=float, default=0.0,
+                   help="seconds for generating continuations (--self-distill; 0: all of them); the "
+                        "prefixes are in a fixed shuffled order, so a cut keeps the text covered")
+    p.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="the saved drafter's weights (bfloat16: half the size)")
     p.add_argument("--distill-temperature", type=float, default=0.0,
                    help="sample continuations at this temperature (0: all greedy)")
     p.add_argument("--distill-sampled-fraction", type=float, default=1.0,
