@@ -13,7 +13,7 @@ from conftest import TinyCheckpoint
 from ember.attention.torch_ref import TorchAttentionBackend
 from ember.engine.model_runner import build_forward_batch
 from ember.spec.eagle import default_aux_layers, load_eagle
-from ember.spec.train_eagle import (StepAttention, _cache_fits, _cache_key, _cache_meta, _train_steps,
+from ember.spec.train_eagle import (StepAttention, _BestWeights, _cache_fits, _cache_key, _cache_meta, _train_steps,
                                     draft_loss, draft_vocabulary, engine_continuations, greedy_features,
                                     new_drafter, sampled_rows, spread_prefixes, target_features)
 
@@ -243,13 +243,15 @@ def test_train_steps_stop_at_steps_and_at_the_deadline(setup) -> None:
     _, _, _, feats = setup
     d, vmap = _drafter(setup, False, vocab=64)
     params = [p for p in d.parameters() if p.requires_grad]
-    args = argparse.Namespace(batch_size=2, steps=5, epochs=1000, lr=1e-3, warmup=2, log_every=2, parallel=False)
+    args = argparse.Namespace(batch_size=2, steps=5, epochs=1000, lr=1e-3, warmup=2, log_every=2, parallel=False,
+                              eval_every=2)
     opt = torch.optim.AdamW(params, lr=args.lr)
-    logs = []
+    logs, evaluated = [], []
     cpu = torch.device("cpu")
-    losses, step, epoch, _ = _train_steps(d, opt, params, feats, vmap, 3, args, cpu, time.time() + 60, logs.append)
+    losses, step, epoch, _ = _train_steps(d, opt, params, feats, vmap, 3, args, cpu, time.time() + 60, logs.append,
+                                          checkpoint=evaluated.append)
     assert step == 5 and len(losses) == 5 and epoch == 2   # 6 sequences: 3 steps an epoch
-    assert len(logs) == 2 and all(x > 0 for x in losses)
+    assert len(logs) == 2 and all(x > 0 for x in losses) and evaluated == [2, 4]
     args.steps = 0
     losses, step, _, _ = _train_steps(d, opt, params, feats, vmap, 3, args, cpu, time.time() - 1, logs.append)
     assert step == 0 and losses == []
@@ -333,3 +335,16 @@ def test_features_cache_fits_only_the_same_settings() -> None:
     old = {k: v for k, v in f.items() if k not in ("temperature", "sampled_fraction", "top_k")}
     args.distill_temperature = 0.0
     assert _cache_fits(old, source, args, _cache_meta(args, (1, 2)))   # written before these fields
+
+
+def test_best_weights_restore_the_best_held_out_step(setup) -> None:
+    d, _ = _drafter(setup, False, vocab=64)
+    best = _BestWeights(d, [0.1, 0.1])
+    assert not best.offer([0.05, 0.1], 5)
+    kept = d.lm_head.weight.detach().clone()
+    assert best.offer([0.3, 0.2], 10)
+    with torch.no_grad():
+        d.lm_head.weight.add_(1.0)
+    assert not best.offer([0.2, 0.2], 20)
+    assert best.restore() == [0.3, 0.2] and best.step == 10
+    assert torch.equal(d.lm_head.weight, kept)

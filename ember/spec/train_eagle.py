@@ -186,8 +186,8 @@ def engine_continuations(model: str, prefixes: torch.Tensor, seq_len: int, devic
     each prefix [n, P] continued to seq_len by the target, greedy or (a `sampled_fraction`
     of the rows, when temperature > 0) sampled. Returns tokens [n', seq_len] on the CPU:
     all rows, or with budget_s > 0 the leading rows whose rounds (4 x max_num_seqs
-    prompts each) started within budget_s seconds (the first round always runs). The features come from one
-    teacher-forced pass afterwards. The engine is released before returning, so its KV
+    prompts each) started within budget_s seconds (the first round always runs). The
+    features come from one teacher-forced pass afterwards. The engine is released before returning, so its KV
     pool does not sit beside the training."""
     from ember import LLM, SamplingParams
     n, p = prefixes.shape
@@ -197,10 +197,12 @@ def engine_continuations(model: str, prefixes: torch.Tensor, seq_len: int, devic
     llm = LLM(model, device=device.type, max_model_len=seq_len + 16, max_num_seqs=max_num_seqs,
               gpu_memory_utilization=gpu_memory_utilization, seed=seed)
     rows = sampled_rows(n, sampled_fraction if temperature > 0 else 0.0).tolist()
-    # A seed per sampled row: reproducible, and independent of how the engine batches.
-    params = [SamplingParams(temperature=temperature, max_tokens=seq_len - p, ignore_eos=True, seed=seed + i)
-              if s else SamplingParams(temperature=0.0, max_tokens=seq_len - p, ignore_eos=True)
-              for i, s in enumerate(rows)]
+    # No seed per request: the sampler would draw each seeded row's noise with its own
+    # kernel every step. The shared generator, seeded here, is as reproducible for the
+    # same prompts and settings (the engine schedules deterministically).
+    torch.manual_seed(seed)
+    params = [SamplingParams(temperature=temperature if s else 0.0, max_tokens=seq_len - p, ignore_eos=True)
+              for s in rows]
     log(f"engine ready in {time.time() - start:.0f} s; generating up to {n} x {seq_len - p} tokens")
     prompts = prefixes.tolist()
     new: list[list[int]] = []
@@ -523,10 +525,21 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
                             fused=device.type == "cuda")
     before = _evaluate(drafter, held_feats, vocab_map, steps, args, device)
     log(f"held-out agreement per draft position before training: {_fmt(before)}")
+    best = _BestWeights(drafter, before)
+
+    def checkpoint(step: int) -> None:
+        accs = _evaluate(drafter, held_feats, vocab_map, steps, args, device)
+        log(f"step {step}: held-out agreement {_fmt(accs)}" + (" (best so far)" if best.offer(accs, step) else ""))
+
     losses, step, epoch, elapsed = _train_steps(drafter, opt, params, feats, vocab_map, steps, args, device,
-                                                deadline=t0 + args.time_budget * 60 - args.reserve_s, log=log)
+                                                deadline=t0 + args.time_budget * 60 - args.reserve_s, log=log,
+                                                checkpoint=checkpoint if args.eval_every else None)
     after = _evaluate(drafter, held_feats, vocab_map, steps, args, device)
     log(f"held-out agreement per draft position after training: {_fmt(after)}")
+    best_step = step
+    if args.eval_every and not best.offer(after, step) and best.step > 0:
+        after, best_step = best.restore(), best.step
+        log(f"kept the weights of step {best_step} (held-out agreement {_fmt(after)})")
     drafter.eval()
     if args.save_dtype == "bfloat16":   # half the size (trained in fp32 all the same)
         drafter.to(torch.bfloat16)
@@ -541,7 +554,7 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
               "batch_size": args.batch_size, "lr": args.lr, "steps": step, "epochs": epoch,
               "train_seconds": elapsed, "draft_vocab_size": len(draft_ids), "draft_vocab_heldout_coverage": cover,
               "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1),
-              "heldout_agreement_before": before, "heldout_agreement_after": after,
+              "heldout_agreement_before": before, "heldout_agreement_after": after, "kept_step": best_step,
               "seconds": time.time() - t0, "threads": torch.get_num_threads()}
     with open(os.path.join(args.out, "train_log.json"), "w") as f:
         json.dump({**report, "loss_curve": losses}, f, indent=1)
@@ -550,12 +563,13 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
 
 def _train_steps(drafter: EagleDrafter, opt: torch.optim.Optimizer, params: list[torch.nn.Parameter],
                  feats: dict[str, torch.Tensor], vocab_map: torch.Tensor, steps: int, args,
-                 device: torch.device, deadline: float,
-                 log: Callable[[str], None]) -> tuple[list[float], int, int, float]:
+                 device: torch.device, deadline: float, log: Callable[[str], None],
+                 checkpoint: Callable[[int], None] | None = None) -> tuple[list[float], int, int, float]:
     """AdamW steps over shuffled batches until --steps, --epochs or `deadline` (time.time()).
     Losses and accuracies stay on the device and are read back every --log-every steps
-    (one synchronization then), so the host queues steps ahead of the GPU. Returns (the
-    loss of every step, steps, epochs, seconds of training)."""
+    (one synchronization then), so the host queues steps ahead of the GPU; `checkpoint`
+    (held-out evaluation) runs every --eval-every steps. Returns (the loss of every step,
+    steps, epochs, seconds of training)."""
     n = len(feats["tokens"])
     bs = min(args.batch_size, n)
     total_steps = args.steps or 10 ** 9
@@ -589,11 +603,38 @@ def _train_steps(drafter: EagleDrafter, opt: torch.optim.Optimizer, params: list
                 log(f"epoch {epoch} step {step} loss {sum(window) / len(window):.3f} train agreement "
                     f"{_fmt(accs.tolist())} lr {_lr(args, step - 1, frac):.1e} "
                     f"{(time.time() - start) / step * 1e3:.0f} ms/step")
+            if checkpoint is not None and step % args.eval_every == 0:
+                checkpoint(step)
         epoch += 1
     if pending:
         losses += torch.stack(pending).float().tolist()
     sync(device)
     return losses, step, epoch, time.time() - start
+
+
+class _BestWeights:
+    """The drafter's weights at its best held-out agreement (mean over draft positions) so
+    far: many epochs over a few million tokens can overfit, and the time budget decides
+    how many there are."""
+
+    def __init__(self, drafter: EagleDrafter, accs: list[float]) -> None:
+        self.drafter, self.score, self.accs, self.step = drafter, sum(accs) / len(accs), accs, 0
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def offer(self, accs: list[float], step: int) -> bool:
+        """Keep a copy of the current weights if `accs` beats the best; True if it did."""
+        score = sum(accs) / len(accs)
+        if score <= self.score:
+            return False
+        self.score, self.accs, self.step = score, accs, step
+        self.state = {k: v.detach().clone() for k, v in self.drafter.state_dict().items()}
+        return True
+
+    def restore(self) -> list[float]:
+        """Load the kept weights back; returns their held-out agreement."""
+        if self.state is not None:
+            self.drafter.load_state_dict(self.state)
+        return self.accs
 
 
 def _batch(feats: dict[str, torch.Tensor], idx: torch.Tensor,
@@ -617,6 +658,8 @@ def add_train_eagle_parser(sub) -> None:
     p.add_argument("--draft-vocab-size", type=int, default=8192)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines (and GPU reads)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="steps between held-out evaluations; the best weights are kept (0: never)")
     p.add_argument("--feature-batch", type=int, default=8, help="sequences per teacher-forced target forward")
     p.add_argument("--features-cache", default=None,
                    help="safetensors file for the target's features (reused when it matches)")
