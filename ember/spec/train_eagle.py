@@ -450,7 +450,7 @@ def _features(args, target, train_ids: torch.Tensor, aux_layers: tuple[int, ...]
     if path:
         start = time.time()
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp"   # a reader never sees a half-written cache
+        tmp = f"{path}.{os.getpid()}.tmp"   # a reader never sees a half-written cache, nor two writers one file
         save_file({**{k: feats[k].contiguous().cpu() for k in FEATURE_KEYS}, **meta}, tmp)
         os.replace(tmp, path)
         log(f"features cached in {path} ({os.path.getsize(path) / 2 ** 30:.2f} GiB, {time.time() - start:.0f} s)")
