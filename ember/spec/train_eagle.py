@@ -88,7 +88,7 @@ def target_features(target, chunks: torch.Tensor, aux_layers: tuple[int, ...], b
     dev = _model_device(target)
     for i in range(0, len(chunks), batch):
         with autocast(dev):
-            out = target(chunks[i:i + batch].to(dev), output_hidden_states=True)
+            out = target(chunks[i:i + batch].to(dev), output_hidden_states=True, use_cache=False)
         a, top_i, top_p = _position_features(out.hidden_states, out.logits, aux_layers, top_k)
         aux.append(a.to(store))
         ids.append(top_i.to(store))
