@@ -56,7 +56,9 @@ EVAL_EVERY=${EVAL_EVERY:-500}      # held-out check; the best weights are kept
 EVAL_CHUNKS=${EVAL_CHUNKS:-64}
 RESERVE_S=${RESERVE_S:-20}
 DRAFT_VOCAB=${DRAFT_VOCAB:-8192}
-PEAGLE_POSITIONS=${PEAGLE_POSITIONS:-4}
+PEAGLE_POSITIONS=${PEAGLE_POSITIONS:-5}  # 5: the depth-5 trees of stage 4b are trained positions too
+TTT_STEPS=${TTT_STEPS:-3}          # EAGLE-3's unrolled rows
+LOSS_DECAY=${LOSS_DECAY:-0.8}      # row s weighs LOSS_DECAY^(s-1)
 THREADS=${THREADS:-4}
 ACC_RESERVE_S=${ACC_RESERVE_S:-130}  # kept for the acceptance runs
 NUM_PROMPTS=${NUM_PROMPTS:-24}
@@ -111,12 +113,12 @@ minutes=$(awk "BEGIN { print $budget / 60 }")
 # Without a cache (stage 1 failed) each run generates its own data, in a third of GEN_S.
 TRAIN="$COMMON --generate-budget $((GEN_S / 3)) --batch-size $BATCH --lr $LR --warmup $WARMUP
   --log-every $LOG_EVERY --eval-every $EVAL_EVERY --eval-chunks $EVAL_CHUNKS --reserve-s $RESERVE_S --draft-vocab-size $DRAFT_VOCAB
-  --save-dtype bfloat16 --time-budget $minutes"
+  --save-dtype bfloat16 --loss-decay $LOSS_DECAY --time-budget $minutes"
 echo "each: $budget s (--time-budget $minutes min)" | tee -a "$RUN"
 [ "$budget" -ge 30 ] || { echo "skipped: too little time left" | tee -a "$RUN"; }
 for mode in eagle peagle; do
   [ "$budget" -ge 30 ] || break
-  extra="--ttt-steps 3"
+  extra="--ttt-steps $TTT_STEPS"
   [ $mode = peagle ] && extra="--parallel --parallel-positions $PEAGLE_POSITIONS"
   ( timeout $((budget + 30)) $PY -m ember.cli train-eagle $TRAIN $extra --out "$WORK/$mode-smollm2" 2>&1 \
       | tee "$LOGS/train_$mode.txt" | sed -u "s/^/[$mode] /" >> "$RUN"

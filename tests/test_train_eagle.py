@@ -244,7 +244,7 @@ def test_train_steps_stop_at_steps_and_at_the_deadline(setup) -> None:
     d, vmap = _drafter(setup, False, vocab=64)
     params = [p for p in d.parameters() if p.requires_grad]
     args = argparse.Namespace(batch_size=2, steps=5, epochs=1000, lr=1e-3, warmup=2, log_every=2, parallel=False,
-                              eval_every=2)
+                              loss_decay=0.8, eval_every=2)
     opt = torch.optim.AdamW(params, lr=args.lr)
     logs, evaluated = [], []
     cpu = torch.device("cpu")

@@ -24,10 +24,11 @@ the target's own hidden states over a text.
      of base b reads (t_{b+s}, the drafter's own o of row s - 1) at position b + s - 1 and
      predicts the target at b + s; it attends to the first rows of bases <= b (what the
      drafter's cache holds at inference) and to the rows 2..s of its own base (the drafts
-     before it). Loss weights 0.8^(s-1).
+     before it).
    - P-EAGLE (--parallel, `--parallel-positions K`): rows 2..K of base b read the learned
      mask embedding and mask hidden state instead, at positions b + 1 .. b + K - 1, with the
      same attention pattern: the single pass the proposer runs. All rows in one forward.
+   Row s's loss weight is --loss-decay^(s-1) (0.8).
    The loss is the cross-entropy against the target's top-k probabilities restricted to
    the draft vocabulary (renormalized). The target's embedding stays frozen (shared).
    On CUDA the target runs in bf16, the drafter keeps fp32 master weights under bf16
@@ -589,7 +590,7 @@ def _train_steps(drafter: EagleDrafter, opt: torch.optim.Optimizer, params: list
                 g["lr"] = _lr(args, step, frac)
             with autocast(device):
                 loss, accs = draft_loss(drafter, _batch(feats, order[i:i + bs], device), vocab_map, steps,
-                                        args.parallel)
+                                        args.parallel, args.loss_decay)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -657,6 +658,8 @@ def add_train_eagle_parser(sub) -> None:
     p.add_argument("--ttt-steps", type=int, default=3, help="unrolled draft steps in training (EAGLE-3)")
     p.add_argument("--draft-vocab-size", type=int, default=8192)
     p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--loss-decay", type=float, default=0.8,
+                   help="loss weight of draft position s is decay^(s-1) (1: all positions alike)")
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines (and GPU reads)")
     p.add_argument("--eval-every", type=int, default=0,
                    help="steps between held-out evaluations; the best weights are kept (0: never)")
