@@ -13,8 +13,9 @@ from conftest import TinyCheckpoint
 from ember.attention.torch_ref import TorchAttentionBackend
 from ember.engine.model_runner import build_forward_batch
 from ember.spec.eagle import default_aux_layers, load_eagle
-from ember.spec.train_eagle import (StepAttention, draft_loss, draft_vocabulary, greedy_features, new_drafter,
-                                    spread_prefixes, target_features)
+from ember.spec.train_eagle import (StepAttention, _BestWeights, _cache_fits, _cache_key, _cache_meta, _train_steps,
+                                    draft_loss, draft_vocabulary, engine_continuations, greedy_features,
+                                    new_drafter, sampled_rows, spread_prefixes, target_features)
 
 
 @pytest.fixture(scope="module")
@@ -182,4 +183,168 @@ def test_cli_trains_and_writes_a_loadable_folder(smollm2_gguf_path, tmp_path) ->
     report = train(args, log=logs.append)
     assert report["self_distill"] and report["train_tokens"] == 128
     assert not any(line.startswith("features from") for line in logs)   # text features do not fit
-    assert any("greedy tokens" in line for line in logs)
+    assert any("own tokens" in line for line in logs) and any("(transformers)" in line for line in logs)
+
+
+def test_sliced_labels_match_the_masked_reference(setup) -> None:
+    """draft_loss takes row s's labels by slicing (no host sync); the same loss and
+    accuracies as selecting the valid bases with a boolean mask, written out here."""
+    _, _, _, feats = setup
+    d, vmap = _drafter(setup, False, vocab=64)
+    batch = {k: feats[k][:3] for k in ("tokens", "aux", "ids", "probs")}
+    with torch.no_grad():
+        loss, accs = draft_loss(d, batch, vmap, 3, False)
+        b, l = batch["tokens"].shape
+        attend = StepAttention(b, l, d.midlayer.self_attn.attn.scale)
+        base = torch.arange(l)
+        hidden = d.fuse(batch["aux"].float().view(b * l, -1))
+        total, ref_accs = 0.0, []
+        for s in range(1, 4):
+            shift = torch.clamp(base + s, max=l - 1)
+            o = d(d.embed(batch["tokens"][:, shift].reshape(-1)), hidden, (base + s - 1).repeat(b), attend)
+            valid = base + s <= l - 1
+            logits = d.compute_logits(o.view(b, l, -1)[:, valid])
+            ids = vmap[batch["ids"][:, shift[valid]].long()]
+            p = batch["probs"][:, shift[valid]].float() * (ids >= 0)
+            p = p / p.sum(-1, keepdim=True).clamp(min=1e-6)
+            total += 0.8 ** (s - 1) * -(p * torch.log_softmax(logits, -1).gather(-1, ids.clamp(min=0))).sum(-1).mean()
+            top = batch["ids"][:, shift[valid], 0].long()
+            ref_accs.append((d.to_target_ids(logits.argmax(-1)) == top).float().mean())
+            hidden = o
+    torch.testing.assert_close(loss, total / (1 + 0.8 + 0.64))
+    torch.testing.assert_close(accs, torch.stack(ref_accs))
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["eagle3-ttt", "peagle"])
+def test_bf16_autocast_step_keeps_fp32_master_weights(setup, parallel: bool) -> None:
+    """What CUDA training does, on the CPU's bf16 autocast: the loss is close to fp32's,
+    the gradients land on the fp32 weights, and a step changes them."""
+    _, _, _, feats = setup
+    d, vmap = _drafter(setup, parallel, vocab=64)
+    batch = {k: feats[k][:4] for k in ("tokens", "aux", "ids", "probs")}
+    with torch.no_grad():
+        ref, _ = draft_loss(d, batch, vmap, 3, parallel)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, accs = draft_loss(d, batch, vmap, 3, parallel)
+    assert loss.dtype == torch.float32 and accs.shape == (3,)
+    assert abs(loss.item() - ref.item()) < 0.05 * ref.item()
+    loss.backward()
+    assert d.fc.weight.dtype == torch.float32 and d.fc.weight.grad.dtype == torch.float32
+    before = d.lm_head.weight.detach().clone()
+    torch.optim.AdamW([p for p in d.parameters() if p.requires_grad], lr=1e-3).step()
+    assert not torch.equal(before, d.lm_head.weight)
+
+
+def test_train_steps_stop_at_steps_and_at_the_deadline(setup) -> None:
+    """The loop stops after --steps, reads every loss back, and does no step once the
+    deadline has passed."""
+    import argparse
+    import time
+    _, _, _, feats = setup
+    d, vmap = _drafter(setup, False, vocab=64)
+    params = [p for p in d.parameters() if p.requires_grad]
+    args = argparse.Namespace(batch_size=2, steps=5, epochs=1000, lr=1e-3, warmup=2, log_every=2, parallel=False,
+                              loss_decay=0.8, eval_every=2)
+    opt = torch.optim.AdamW(params, lr=args.lr)
+    logs, evaluated = [], []
+    cpu = torch.device("cpu")
+    losses, step, epoch, _ = _train_steps(d, opt, params, feats, vmap, 3, args, cpu, time.time() + 60, logs.append,
+                                          checkpoint=evaluated.append)
+    assert step == 5 and len(losses) == 5 and epoch == 2   # 6 sequences: 3 steps an epoch
+    assert len(logs) == 2 and all(x > 0 for x in losses) and evaluated == [2, 4]
+    args.steps = 0
+    losses, step, _, _ = _train_steps(d, opt, params, feats, vmap, 3, args, cpu, time.time() - 1, logs.append)
+    assert step == 0 and losses == []
+
+
+def test_sampled_rows_spread_a_fraction() -> None:
+    assert sampled_rows(6, 0.5).tolist() == [False, True, False, True, False, True]
+    assert sampled_rows(5, 0.0).sum() == 0 and sampled_rows(5, 1.0).all()
+    assert int(sampled_rows(1000, 0.3).sum()) == 300
+
+
+def test_cache_key_is_the_one_forward_takes(setup) -> None:
+    """The KV cache keyword exists in this transformers version's forward and its output
+    (the wrong one would be swallowed by **kwargs and the cache dropped)."""
+    import inspect
+    target = setup[0]
+    key = _cache_key(target)
+    assert key in inspect.signature(target.forward).parameters
+    with torch.no_grad():
+        out = target(torch.tensor([[5, 6, 7]]), use_cache=True)
+    assert getattr(out, key) is not None
+
+
+def test_sampled_continuations_are_reproducible_and_features_still_exact(setup) -> None:
+    """With a temperature, the sampled rows leave the greedy path (seeded: the same twice),
+    the greedy rows stay the argmax, and the features are still the full forward's."""
+    target, cfg, chunks, _ = setup
+    aux_layers = default_aux_layers(cfg["num_hidden_layers"])
+    prefixes = chunks[:4, :6]
+    kw = dict(log=lambda *_: None, temperature=1.5, sampled_fraction=0.5, seed=3)
+    a = greedy_features(target, prefixes, 16, aux_layers, 4, 8, **kw)
+    b = greedy_features(target, prefixes, 16, aux_layers, 4, 8, **kw)
+    assert torch.equal(a["tokens"], b["tokens"])
+    with torch.no_grad():
+        argmax = target(a["tokens"]).logits.argmax(-1)
+    greedy = a["tokens"][:, 6:] == argmax[:, 5:-1]
+    assert greedy[0::2].all() and not greedy[1::2].all()     # rows 1, 3 are the sampled ones
+    full = target_features(target, a["tokens"], aux_layers, 4, 8, log=lambda *_: None)
+    torch.testing.assert_close(a["aux"].float(), full["aux"].float(), atol=2e-3, rtol=2e-3)
+    assert torch.equal(a["ids"][..., 0], full["ids"][..., 0])
+
+
+def test_engine_continuations_equal_the_transformers_greedy_ones(tiny_llama: TinyCheckpoint, setup) -> None:
+    """ember's engine continues the prefixes exactly as the transformers target does
+    (greedy, fp32 on the CPU); sampled rows are reproducible from the seed."""
+    target, cfg, chunks, _ = setup
+    prefixes = chunks[:3, :5]
+    cpu = torch.device("cpu")
+    toks = engine_continuations(tiny_llama.path, prefixes, 14, cpu, max_num_seqs=2, log=lambda *_: None)
+    ref = greedy_features(target, prefixes, 14, default_aux_layers(cfg["num_hidden_layers"]), 3, 4,
+                          log=lambda *_: None)["tokens"]
+    assert toks.shape == (3, 14) and torch.equal(toks, ref)
+    s1 = engine_continuations(tiny_llama.path, prefixes, 14, cpu, temperature=1.5, sampled_fraction=1.0,
+                              seed=7, log=lambda *_: None)
+    s2 = engine_continuations(tiny_llama.path, prefixes, 14, cpu, temperature=1.5, sampled_fraction=1.0,
+                              seed=7, log=lambda *_: None)
+    assert torch.equal(s1, s2) and not torch.equal(s1, ref)
+    with pytest.raises(ValueError):
+        engine_continuations(tiny_llama.path, prefixes, 5, cpu, log=lambda *_: None)
+    # A spent budget still runs the first round (4 x max_num_seqs prompts), then stops.
+    six = chunks[:6, :5]
+    cut = engine_continuations(tiny_llama.path, six, 9, cpu, max_num_seqs=1, budget_s=1e-9, log=lambda *_: None)
+    full = engine_continuations(tiny_llama.path, six, 9, cpu, max_num_seqs=1, log=lambda *_: None)
+    assert cut.shape == (4, 9) and full.shape == (6, 9) and torch.equal(cut, full[:4])
+
+
+def test_features_cache_fits_only_the_same_settings() -> None:
+    """A cache is reused only for the same prefixes and generation settings."""
+    import argparse
+    args = argparse.Namespace(self_distill=True, prompt_len=4, seq_len=8, distill_temperature=0.0,
+                              distill_sampled_fraction=1.0, top_k=2)
+    source = torch.arange(12).view(3, 4)
+    meta = _cache_meta(args, (1, 2))
+    f = {"tokens": torch.cat([source, source], 1), "ids": torch.zeros(3, 8, 2), **meta}
+    assert _cache_fits(f, source, args, meta)
+    assert not _cache_fits(f, source + 1, args, meta)
+    cut = dict(f, tokens=f["tokens"][:2])                 # a generation budget kept 2 rows
+    assert _cache_fits(cut, source, args, meta) and not _cache_fits(cut, source[1:], args, meta)
+    args.distill_temperature = 0.7
+    assert not _cache_fits(f, source, args, _cache_meta(args, (1, 2)))
+    old = {k: v for k, v in f.items() if k not in ("temperature", "sampled_fraction", "top_k")}
+    args.distill_temperature = 0.0
+    assert _cache_fits(old, source, args, _cache_meta(args, (1, 2)))   # written before these fields
+
+
+def test_best_weights_restore_the_best_held_out_step(setup) -> None:
+    d, _ = _drafter(setup, False, vocab=64)
+    best = _BestWeights(d, [0.1, 0.1])
+    assert not best.offer([0.05, 0.1], 5)
+    kept = d.lm_head.weight.detach().clone()
+    assert best.offer([0.3, 0.2], 10)
+    with torch.no_grad():
+        d.lm_head.weight.add_(1.0)
+    assert not best.offer([0.2, 0.2], 20)
+    assert best.restore() == [0.3, 0.2] and best.step == 10
+    assert torch.equal(d.lm_head.weight, kept)
