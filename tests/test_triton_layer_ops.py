@@ -177,3 +177,37 @@ def test_argmax_rows_matches_torch_with_ties(dtype, rows, v):
     got = argmax_rows(x)
     assert got.dtype == torch.int64
     assert torch.equal(got, x.argmax(dim=-1))
+
+
+def test_eagle_layer_leaves_its_inputs_alone_with_in_place_layer_ops():
+    # TritonLayerOps.add_rms_norm writes the residual sum in place. EAGLE's layer must not
+    # hand it the caller's hidden states: P-EAGLE feeds mask_hidden.expand(n, -1), so an
+    # in-place sum would overwrite the learned parameter on every draft (on the GPU only).
+    from ember.config import ModelConfig
+    from ember.spec.eagle import EagleLayer
+    cfg = ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 32,
+                                 "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+                                 "num_key_value_heads": 2})
+    torch.manual_seed(0)
+    layers = {name: EagleLayer(cfg, None, ops, False).to(DEVICE)
+              for name, ops in (("torch", TORCH_LAYER_OPS), ("triton", TritonLayerOps()))}
+    for p in layers["torch"].parameters():
+        p.data.normal_(0, 0.1)
+    layers["triton"].load_state_dict(layers["torch"].state_dict())
+    mask_hidden = torch.randn(32, device=DEVICE)
+    embeds = torch.randn(3, 32, device=DEVICE)
+    pos = torch.arange(3, device=DEVICE)
+    inv = compute_inv_freq(8, 10000.0, None)
+    ang = torch.outer(torch.arange(16, dtype=torch.float32), inv).to(DEVICE)
+    rope = TORCH_LAYER_OPS.rope_step(ang.cos(), ang.sin(), pos)
+
+    def attend(q, k, v):   # dense causal attention over the 3 rows, kv heads repeated
+        k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        o = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1),
+                                                             v.transpose(0, 1), is_causal=True)
+        return o.transpose(0, 1)
+
+    before = mask_hidden.clone()
+    outs = {name: layer(rope, embeds, mask_hidden.expand(3, -1), attend) for name, layer in layers.items()}
+    assert torch.equal(mask_hidden, before), "the layer wrote into its hidden-state input"
+    torch.testing.assert_close(outs["triton"], outs["torch"], rtol=1e-4, atol=1e-4)

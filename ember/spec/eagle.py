@@ -168,7 +168,11 @@ class EagleLayer(nn.Module):
                 attend: Attend) -> torch.Tensor:
         """embeds, hidden: [T, H] -> o: [T, H] (before the drafter's final norm)."""
         normed = self.hidden_norm(hidden)
-        residual = normed if self.norm_before_residual else hidden
+        # The fused add-norm may write the residual sum in place (the Triton layer ops do),
+        # so the residual must be this layer's own: `hidden` belongs to the caller, and for
+        # P-EAGLE's mask rows it is the mask_hidden parameter expanded (one row of memory),
+        # which an in-place sum would overwrite on every draft.
+        residual = normed if self.norm_before_residual else hidden.clone()
         x = torch.cat([self.input_layernorm(embeds), normed], dim=-1)
         h = self.self_attn(rope, x, attend)
         h, residual = self.post_attention_layernorm(h, residual)
