@@ -307,3 +307,22 @@ def test_real_smollm2_tree_greedy_identical(smollm2_llm, tmp_path) -> None:
         assert out.token_ids == ref.token_ids and out.text == ref.text
         assert llm.engine.spec_stats()["num_draft_tokens"] > 0
         assert_no_leaks(llm.engine)
+
+
+def test_kv_pool_leaves_room_for_the_proposers_per_slot_state(tiny_llama, drafters) -> None:
+    # The drafter's own K/V and the target rows it reads are one more row per pool slot:
+    # the pool is sized with them counted, so all of it fits the KV memory asked for.
+    from ember.cache.kv_spec import kv_bytes_per_token
+    budget = 2 ** 20
+    sized = {}
+    for method in ("none", "eagle"):
+        cfg = None if method == "none" else spec("eagle", drafters["eagle"])
+        llm = LLM(tiny_llama.path, block_size=4, dtype="float32", max_model_len=64,
+                  kv_cache_memory=budget / 2 ** 30, speculative_config=cfg)
+        runner, proposer = llm.engine.runner, llm.engine.speculator.proposer
+        target = runner.num_blocks * 4 * kv_bytes_per_token(runner.model.attention_layers(), torch.float32)
+        beside = 0 if method == "none" else proposer.kv.nbytes + proposer.aux.nbytes
+        assert target + beside <= budget
+        assert beside == runner.num_blocks * 4 * proposer.bytes_per_token(torch.float32)
+        sized[method] = (runner.num_blocks, beside)
+    assert sized["eagle"][1] > 0 and sized["eagle"][0] < sized["none"][0]

@@ -35,6 +35,17 @@ class Engine:
         max_model_len = self._max_model_len(cfg)
         budget = cfg.max_num_batched_tokens or (8192 if device.type == "cuda" else 2048)
         self.runner = ModelRunner(cfg, source, device, dtype, max_model_len, budget)
+        # Async scheduling (vLLM's --async-scheduling, SGLang's overlap scheduler): schedule
+        # and launch step N + 1 before step N's tokens reach the host. Under `auto`, off on
+        # the CPU (no overlap there). With speculation only steps without drafts run ahead.
+        self.async_scheduling = resolve_async_scheduling(cfg.async_scheduling, device)
+        self.in_flight: LaunchedStep | None = None
+        # Speculative decoding (proposer `none` when off); spec_stats() reports on it. Its
+        # networks load first, then the KV pool is sized with room for the per-slot state
+        # the proposer keeps beside it, which it allocates last.
+        self.speculator = Speculator(cfg.speculative_config, self)
+        self.runner.allocate_kv_cache(self.speculator.proposer.bytes_per_token(dtype))
+        self.speculator.proposer.allocate(self.runner)
         capacity = self.runner.num_blocks * cfg.block_size
         if capacity < max_model_len:
             if cfg.max_model_len is not None:
@@ -47,13 +58,6 @@ class Engine:
         self.block_pool = BlockPool(self.runner.num_blocks)
         # prefix_cache.stats(): hit rate, evictions, cached tokens.
         self.prefix_cache = create_prefix_cache(cfg.prefix_cache, self.block_pool, cfg.block_size)
-        # Async scheduling (vLLM's --async-scheduling, SGLang's overlap scheduler): schedule
-        # and launch step N + 1 before step N's tokens reach the host. Under `auto`, off on
-        # the CPU (no overlap there). With speculation only steps without drafts run ahead.
-        self.async_scheduling = resolve_async_scheduling(cfg.async_scheduling, device)
-        self.in_flight: LaunchedStep | None = None
-        # Speculative decoding (proposer `none` when off); spec_stats() reports on it.
-        self.speculator = Speculator(cfg.speculative_config, self)
         self.scheduler = Scheduler(self.block_pool, cfg.block_size, cfg.max_num_seqs,
                                    budget, max_model_len, self.prefix_cache, cfg.scheduling_policy,
                                    self.speculator)

@@ -171,23 +171,32 @@ class ModelRunner:
         self.layer_ops = get_layer_ops(cfg.layer_kernels, device)
         self.model = build_model(source, self.backend, device, dtype, cfg.seed, self.layer_ops)
         self.sampler = Sampler()
-        self.num_blocks = self._choose_num_blocks()
-        mc = self.model_config
-        # Each layer's cache is shaped as the model says (its KVCacheSpec).
-        self.kv_caches = allocate_kv_caches(self.model.attention_layers(), self.num_blocks,
-                                            self.block_size, dtype, device)
         # Set by the speculator when its proposer reads the target's hidden states; None
         # (the default) costs nothing.
         self.hidden_states_hook: Callable[[TargetHiddenStates], None] | None = None
         self.graph_runner: CudaGraphRunner | None = None
-        if device.type == "cuda" and not cfg.enforce_eager and self.backend.supports_cuda_graphs:
-            self.graph_runner = CudaGraphRunner(self.model, self.backend, cfg.max_num_seqs,
-                                                max_model_len, self.block_size, mc.hidden_size,
-                                                dtype, device)
+        self.num_blocks = 0          # allocate_kv_cache() sizes and allocates the pool
+        self.kv_caches: list[torch.Tensor] = []
+
+    def allocate_kv_cache(self, extra_bytes_per_token: int = 0) -> None:
+        """Size the KV pool and allocate it, then capture the decode CUDA graphs. Called once
+        the proposer's networks exist (their weights then count in the CUDA budget), with
+        `extra_bytes_per_token` the per-slot state the proposer keeps beside the pool (its
+        own K/V, the target rows it reads), which the pool's size must leave room for."""
+        self.num_blocks = self._choose_num_blocks(extra_bytes_per_token)
+        mc = self.model_config
+        # Each layer's cache is shaped as the model says (its KVCacheSpec).
+        self.kv_caches = allocate_kv_caches(self.model.attention_layers(), self.num_blocks,
+                                            self.block_size, self.dtype, self.device)
+        if self.device.type == "cuda" and not self.cfg.enforce_eager and self.backend.supports_cuda_graphs:
+            self.graph_runner = CudaGraphRunner(self.model, self.backend, self.cfg.max_num_seqs,
+                                                self.max_model_len, self.block_size, mc.hidden_size,
+                                                self.dtype, self.device)
             self.graph_runner.capture()
-        logger.info("KV pool: %d blocks of %d tokens = %d tokens (%.2f GiB)", self.num_blocks,
-                    self.block_size, self.num_blocks * self.block_size,
-                    self.num_blocks * self._block_bytes() / GiB)
+        logger.info("KV pool: %d blocks of %d tokens = %d tokens (%.2f GiB; proposer state beside "
+                    "it %.2f GiB)", self.num_blocks, self.block_size, self.num_blocks * self.block_size,
+                    self.num_blocks * self._block_bytes() / GiB,
+                    self.num_blocks * self.block_size * extra_bytes_per_token / GiB)
 
     def keep_aux_hidden_states(self, layers: tuple[int, ...]) -> None:
         """Have the model keep the residual stream entering `layers` after every forward
@@ -201,7 +210,7 @@ class ModelRunner:
     def _block_bytes(self) -> int:
         return self.block_size * kv_bytes_per_token(self.model.attention_layers(), self.dtype)
 
-    def _choose_num_blocks(self) -> int:
+    def _choose_num_blocks(self, extra_bytes_per_token: int = 0) -> int:
         if self.cfg.num_kv_blocks is not None:
             return self.cfg.num_kv_blocks
         if self.device.type == "cuda":
@@ -210,7 +219,8 @@ class ModelRunner:
             budget = (self.cfg.kv_cache_memory if self.cfg.kv_cache_memory is not None else 1.0) * GiB
         # No point holding more than every sequence at full length.
         useful = self.cfg.max_num_seqs * -(-self.max_model_len // self.block_size)
-        return max(1, min(int(budget // self._block_bytes()), useful))
+        per_block = self._block_bytes() + self.block_size * extra_bytes_per_token
+        return max(1, min(int(budget // per_block), useful))
 
     def _cuda_kv_budget(self) -> float:
         """Memory the card can give the pool: its share of the card, less the weights and

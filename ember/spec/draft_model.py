@@ -31,6 +31,7 @@ from ember.spec.proposer import Proposer
 
 if TYPE_CHECKING:
     from ember.engine.engine import Engine
+    from ember.engine.model_runner import ModelRunner
     from ember.spec.config import SpeculativeConfig
 
 logger = logging.getLogger("ember")
@@ -52,11 +53,15 @@ class DraftModelProposer(Proposer):
         self.backend = attention_backend_for(source.config, engine.cfg.attention_backend, self.device)
         self.model = build_model(source, self.backend, runner.device, runner.dtype, engine.cfg.seed,
                                  runner.layer_ops)
-        mc = source.config
-        self.kv = ProposerKV(self.model.attention_layers(), runner)
+        self.name_and_layers = (cfg.model, source.config.num_hidden_layers)
         self.vocab_size = target_vocab
-        logger.info("draft model %s: %d layers, KV %.1f MiB", cfg.model, mc.num_hidden_layers,
-                    self.kv.nbytes / 2**20)
+
+    def bytes_per_token(self, dtype: torch.dtype) -> int:
+        return ProposerKV.bytes_per_token(self.model.attention_layers(), dtype)
+
+    def allocate(self, runner: ModelRunner) -> None:
+        self.kv = ProposerKV(self.model.attention_layers(), runner)
+        logger.info("draft model %s: %d layers, KV %.1f MiB", *self.name_and_layers, self.kv.nbytes / 2**20)
 
     @torch.inference_mode()
     def propose(self, batch: SchedulerOutput) -> None:

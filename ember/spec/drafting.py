@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ember.cache.kv_spec import KVCacheLayer, allocate_kv_caches
+from ember.cache.kv_spec import KVCacheLayer, allocate_kv_caches, kv_bytes_per_token
 from ember.engine.forward_batch import ForwardBatch
 from ember.engine.model_runner import build_forward_batch
 from ember.engine.scheduler import ScheduledRequest
@@ -55,6 +55,11 @@ class ProposerKV:
     @property
     def nbytes(self) -> int:
         return sum(c.numel() * c.element_size() for c in self.caches)
+
+    @staticmethod
+    def bytes_per_token(layers: Sequence[KVCacheLayer], dtype: torch.dtype) -> int:
+        """What a ProposerKV over `layers` takes per slot of the pool."""
+        return kv_bytes_per_token(layers, dtype)
 
     @staticmethod
     def _key(r: Request) -> Key:
@@ -98,6 +103,11 @@ class TargetRows:
     @property
     def nbytes(self) -> int:
         return self.rows.numel() * self.rows.element_size()
+
+    @staticmethod
+    def bytes_per_token(width: int, dtype: torch.dtype) -> int:
+        """What TargetRows of `width` take per slot of the pool."""
+        return width * torch.empty((), dtype=dtype).element_size()
 
     def write(self, step: TargetHiddenStates, rows: torch.Tensor) -> None:
         """The hook's whole work: one index copy of the step's rows ([>= T, width], in

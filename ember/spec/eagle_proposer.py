@@ -51,6 +51,7 @@ from ember.spec.tree import TreeBuilder
 
 if TYPE_CHECKING:
     from ember.engine.engine import Engine
+    from ember.engine.model_runner import ModelRunner
     from ember.spec.config import SpeculativeConfig
 
 logger = logging.getLogger("ember")
@@ -83,13 +84,22 @@ class EagleProposer(Proposer):
                              f"with `ember train-eagle --parallel`, or use method \"eagle\"")
         self.drafter.share_embedding(runner.model.model.embed_tokens)
         runner.keep_aux_hidden_states(self.drafter.config.aux_layers)
-        self.kv = ProposerKV(self.drafter.attention_layers(), runner)
         cfg_d = self.drafter.config
-        self.aux = TargetRows(len(cfg_d.aux_layers) * cfg_d.target_hidden_size, runner)
+        self.aux_width = len(cfg_d.aux_layers) * cfg_d.target_hidden_size
+        self.source = cfg.model
         self.max_catch_up = runner.max_num_batched_tokens
         self.tree = cfg.tree
+
+    def bytes_per_token(self, dtype: torch.dtype) -> int:
+        return (ProposerKV.bytes_per_token(self.drafter.attention_layers(), dtype)
+                + TargetRows.bytes_per_token(self.aux_width, dtype))
+
+    def allocate(self, runner: ModelRunner) -> None:
+        self.kv = ProposerKV(self.drafter.attention_layers(), runner)
+        self.aux = TargetRows(self.aux_width, runner)
+        cfg_d = self.drafter.config
         logger.info("%s drafter %s: draft vocabulary %d, aux layers %s, KV %.1f MiB, aux rows %.1f MiB",
-                    self.name, cfg.model, cfg_d.draft_vocab_size, cfg_d.aux_layers,
+                    self.name, self.source, cfg_d.draft_vocab_size, cfg_d.aux_layers,
                     self.kv.nbytes / 2**20, self.aux.nbytes / 2**20)
 
     def slots_for(self, k: int) -> int:

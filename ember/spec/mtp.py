@@ -80,6 +80,7 @@ from ember.spec.proposer import Proposer
 
 if TYPE_CHECKING:
     from ember.engine.engine import Engine
+    from ember.engine.model_runner import ModelRunner
     from ember.spec.config import SpeculativeConfig
 
 logger = logging.getLogger("ember")
@@ -252,12 +253,19 @@ class MTPProposer(Proposer):
         self.backend = runner.backend
         self.vocab_size = engine.model_config.vocab_size
         self.mtp = build_mtp(runner.model, cfg, engine)
-        self.kv = ProposerKV(self.mtp.attention_layers(), runner)
-        self.hidden = TargetRows(engine.model_config.hidden_size, runner)
+        self.hidden_size = engine.model_config.hidden_size
+        self.source = cfg.model or "from the target checkpoint"
         self.max_catch_up = runner.max_num_batched_tokens
-        logger.info("MTP module %s: KV %.1f MiB, target hidden rows %.1f MiB",
-                    cfg.model or "from the target checkpoint", self.kv.nbytes / 2**20,
-                    self.hidden.nbytes / 2**20)
+
+    def bytes_per_token(self, dtype: torch.dtype) -> int:
+        return (ProposerKV.bytes_per_token(self.mtp.attention_layers(), dtype)
+                + TargetRows.bytes_per_token(self.hidden_size, dtype))
+
+    def allocate(self, runner: ModelRunner) -> None:
+        self.kv = ProposerKV(self.mtp.attention_layers(), runner)
+        self.hidden = TargetRows(self.hidden_size, runner)
+        logger.info("MTP module %s: KV %.1f MiB, target hidden rows %.1f MiB", self.source,
+                    self.kv.nbytes / 2**20, self.hidden.nbytes / 2**20)
 
     def observe_hidden_states(self, step: TargetHiddenStates) -> None:
         """Keep the hidden state of every token the step computed (no MTP forward)."""

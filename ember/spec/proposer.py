@@ -14,9 +14,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
+
 if TYPE_CHECKING:
     from ember.engine.engine import Engine
-    from ember.engine.model_runner import TargetHiddenStates
+    from ember.engine.model_runner import ModelRunner, TargetHiddenStates
     from ember.engine.scheduler import SchedulerOutput
     from ember.spec.config import SpeculativeConfig
 
@@ -41,6 +43,15 @@ class Proposer:
     # a network. A large catch-up (a request's first draft, or its first after steps
     # without drafting) is left out of the adaptive controller's draft-cost fit.
     catch_up_tokens = 0
+
+    def bytes_per_token(self, dtype: torch.dtype) -> int:
+        """State the proposer keeps per slot of the target's KV pool (its own K/V, the
+        target rows it reads), which the pool's sizing leaves room for; 0 for none."""
+        return 0
+
+    def allocate(self, runner: ModelRunner) -> None:
+        """Allocate that per-slot state, once the runner has sized its pool (num_blocks)."""
+        return None
 
     def propose(self, batch: SchedulerOutput) -> None:
         raise NotImplementedError
