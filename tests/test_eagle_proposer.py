@@ -311,13 +311,14 @@ def test_real_smollm2_tree_greedy_identical(smollm2_llm, tmp_path) -> None:
 
 def test_kv_pool_leaves_room_for_the_proposers_per_slot_state(tiny_llama, drafters) -> None:
     # The drafter's own K/V and the target rows it reads are one more row per pool slot:
-    # the pool is sized with them counted, so all of it fits the KV memory asked for.
+    # the pool is sized with them counted, so all of it fits the KV memory asked for (the
+    # CPU's explicit budget; on CUDA the same sizing starts from the card's free memory).
     from ember.cache.kv_spec import kv_bytes_per_token
     budget = 2 ** 20
     sized = {}
     for method in ("none", "eagle"):
         cfg = None if method == "none" else spec("eagle", drafters["eagle"])
-        llm = LLM(tiny_llama.path, block_size=4, dtype="float32", max_model_len=64,
+        llm = LLM(tiny_llama.path, block_size=4, dtype="float32", max_model_len=64, device="cpu",
                   kv_cache_memory=budget / 2 ** 30, speculative_config=cfg)
         runner, proposer = llm.engine.runner, llm.engine.speculator.proposer
         target = runner.num_blocks * 4 * kv_bytes_per_token(runner.model.attention_layers(), torch.float32)
