@@ -5,7 +5,9 @@ searched over a grid of exponents alpha in [0, 1): s = mean|x|^alpha (or, with `
 mean|x|^alpha / mean|w|^(1 - alpha), |w| normalised by its group's max), keeping the s
 whose output is closest to full precision with the group's weights quantized at that
 scale, Q(W diag(s)) diag(1/s). The output compared is (`loss`):
-- "linear" (the default): each group's own output, on calibration rows;
+- "linear" (the default): each group's own output, over every calibration token when the
+  stats hold Gram matrices (collect_input_stats(gram=True), as `ember quantize` collects
+  them; from E[x x^T], linear_loss), else over the sampled rows;
 - "block" (AutoAWQ's): for qkv the self-attention output (attention over whole calibration
   sequences, o_proj in full precision, at a subset of query positions), for gate_up the MLP
   output (down_proj in full precision), for o and down their own output.
@@ -74,24 +76,14 @@ def search_scale(loss_fn: LossFn, x_mean: torch.Tensor, w_mean: torch.Tensor | N
     return best[0], best[1], best[2], rtn
 
 
-ClipFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]   # (W diag(s), its inputs' M) -> clipped
-
-
-def linear_loss(weight: torch.Tensor, m2: torch.Tensor, group_size: int,
-                clip: ClipFn | None = None) -> LossFn:
+def linear_loss(weight: torch.Tensor, m2: torch.Tensor, group_size: int) -> LossFn:
     """The linear's own mean squared output error, tr(D M D^T) / out with D the weight error and
     M = E[x x^T] [in, in] its inputs' second moment (InputStats.second_moment): the same
-    number as averaging over the rows themselves, at a cost that does not grow with them.
-    With `clip`, the weight at each candidate scale is clipped (as the clipping search will
-    clip it) before it is quantized, so the scale is chosen for the weight as it will be."""
+    number as averaging over the rows themselves, at a cost that does not grow with them."""
     w, m2 = weight.float(), m2.float()
-    g = effective_group_size(w.shape[1], group_size)
 
     def loss(s: torch.Tensor) -> float:
-        ws = w * s
-        if clip is not None:
-            ws = clip(ws, m2 / (s[:, None] * s[None, :]))
-        d = fake_quantize_int4(ws, g) / s - w
+        d = quantized_at(w, s, group_size) - w
         return ((d @ m2) * d).sum().item() / w.shape[0]
     return loss
 
@@ -158,54 +150,40 @@ def diagonal_blocks(m2: torch.Tensor, g: int) -> torch.Tensor:
     return torch.stack([m2[j:j + g, j:j + g] for j in range(0, k, g)])
 
 
-def clip_candidates(wg: torch.Tensor, steps: int, step: float, asym: bool
-                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """wg: [out, groups, g] -> the (lo, hi) clamp bounds ([out, groups, 1] each) to try.
-    Symmetric: r * [-max|w|, max|w|], r in {1, 1 - step, ...} (cuts only the side(s) beyond
-    r * max|w|). With `asym`, also every a * min(w, 0) .. b * max(w, 0) with a and b on the
-    same grid, searched separately (each side of the quantizer's range shrunk on its own)."""
-    big = wg.abs().amax(-1, keepdim=True)
-    rs = [1.0 - i * step for i in range(steps)]
-    out = [(-big * r, big * r) for r in rs]
-    if asym:
-        lo0, hi0 = wg.amin(-1, keepdim=True).clamp(max=0), wg.amax(-1, keepdim=True).clamp(min=0)
-        out += [(lo0 * a, hi0 * b) for a in rs for b in rs if (a, b) != (1.0, 1.0)]
-    return out
-
-
 @torch.no_grad()
 def search_clip(weight: torch.Tensor, m2: torch.Tensor, group_size: int, steps: int = 10,
-                step: float = 0.05, asym: bool = False) -> torch.Tensor:
+                step: float = 0.05) -> torch.Tensor:
     """AWQ's clipping search (AutoAWQ's auto_clip). weight: [out, in]; m2: E[x x^T] [in, in] of
-    the inputs as the weight sees them -> the weight with each (row, group) clamped to the
-    candidate (clip_candidates) minimising the group's share of the output error,
-    E_n (x_g . (w_g - Q(clip(w_g))))^2 = d_g^T M_gg d_g. The default symmetric clamp cuts only
-    the side(s) beyond r * max|w|: clamping r * [min, max] instead also cut the other,
-    in-range side of one-sided groups and measured worse on SmolLM2 (docs/BENCHMARKS.md)."""
+    the inputs as the weight sees them -> the weight with each (row, group) clamped to
+    r * [-max|w|, max|w|], r in {1, 1 - step, ...} chosen to minimise the group's share of the
+    output error, E_n (x_g . (w_g - Q(clip_r(w_g))))^2 = d_g^T M_gg d_g. The clamp is
+    symmetric (only the side(s) beyond r * max|w| are cut): clamping r * [min, max] instead
+    also cut the other, in-range side of one-sided groups and measured worse on SmolLM2, and
+    searching each side's ratio separately measured no better (docs/BENCHMARKS.md)."""
     w = weight.float()
     out, k = w.shape
     g = effective_group_size(k, group_size)
     wg = w.reshape(out, k // g, g)
     mg = diagonal_blocks(m2.float(), g)                                   # [groups, g, g]
     best_err = torch.full((out, k // g), float("inf"), device=w.device)
-    best_lo, best_hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
-    for lo, hi in clip_candidates(wg, steps, step, asym):
-        delta = wg - fake_quantize_int4(torch.minimum(torch.maximum(wg, lo), hi).reshape(out, k),
-                                        g).reshape(wg.shape)              # [out, groups, g]
-        err = (torch.einsum("ogi,gij->ogj", delta, mg) * delta).sum(-1)   # [out, groups]
+    hi0 = wg.abs().amax(-1, keepdim=True)
+    best_r = torch.ones(out, k // g, 1, device=w.device)
+    for i in range(steps):
+        r = 1.0 - i * step
+        wc = wg.clamp(-hi0 * r, hi0 * r)
+        delta = wg - fake_quantize_int4(wc.reshape(out, k), g).reshape(wg.shape)   # [out, groups, g]
+        err = (torch.einsum("ogi,gij->ogj", delta, mg) * delta).sum(-1)            # [out, groups]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best_lo = torch.where(better[..., None], lo, best_lo)
-        best_hi = torch.where(better[..., None], hi, best_hi)
-    return torch.minimum(torch.maximum(wg, best_lo), best_hi).reshape(out, k).to(weight.dtype)
+        best_r = torch.where(better[..., None], torch.tensor(r, device=w.device), best_r)
+    return wg.clamp(-hi0 * best_r, hi0 * best_r).reshape(out, k).to(weight.dtype)
 
 
 def group_loss(model: nn.Module, layer: nn.Module, lin: nn.Module, st: InputStats, x: torch.Tensor,
-               group_size: int, loss: str, attn_rows: int, clip: ClipFn | None = None) -> LossFn:
+               group_size: int, loss: str, attn_rows: int) -> LossFn:
     """The error the scale search of `lin` (a linear of `layer`, its inputs' stats st, sample
     rows x) minimises: the attention / MLP output for qkv / gate_up with loss="block" (on the
-    sampled rows), else the linear's own output (on every token when st has a Gram matrix;
-    `clip`: linear_loss's)."""
+    sampled rows), else the linear's own output (on every token when st has a Gram matrix)."""
     att, mlp = layer.self_attn, layer.mlp
     if loss == "block" and lin is att.qkv_proj:
         if not st.seqs:
@@ -214,7 +192,7 @@ def group_loss(model: nn.Module, layer: nn.Module, lin: nn.Module, st: InputStat
         return attention_loss(model, layer, st.seqs, group_size, attn_rows)
     if loss == "block" and lin is mlp.gate_up_proj:
         return mlp_loss(layer, x, group_size)
-    return linear_loss(lin.weight.data, st.second_moment().to(x.device), group_size, clip)
+    return linear_loss(lin.weight.data, st.second_moment().to(x.device), group_size)
 
 
 def clip_rows(layer: nn.Module, lin: nn.Module) -> slice:
@@ -229,14 +207,9 @@ def clip_rows(layer: nn.Module, lin: nn.Module) -> slice:
 @torch.no_grad()
 def awq_layer(model: nn.Module, layer: nn.Module, prefix: str, stats: dict[str, InputStats],
               group_size: int = 128, grid: int = 20, clip: bool = True, loss: str = "linear",
-              duo: bool = False, attn_rows: int = 64, clip_steps: int = 10,
-              clip_asym: bool = False, clip_qk: bool = False, clip_in_search: bool = False
-              ) -> dict[str, tuple[float | None, float, float]]:
+              duo: bool = False, attn_rows: int = 64) -> dict[str, tuple[float | None, float, float]]:
     """Search and fold AWQ scales for one decoder layer (its linears' input stats in `stats`,
-    named `prefix`.self_attn.qkv_proj etc.), then clip its weights (`clip`; `clip_steps`
-    ratios from 1 down to 0.55 (10) or 0.525 (20), each side searched on its own too with
-    `clip_asym`; with `clip_in_search` the scale search's linear loss already clips each
-    candidate), in place. Returns {linear name: (alpha (None: identity), loss, rtn loss)}."""
+    named `prefix`.self_attn.qkv_proj etc.), then clip its weights (`clip`), in place. Returns {linear name: (alpha (None: identity), loss, rtn loss)}."""
     att, mlp = layer.self_attn, layer.mlp
     dev = att.qkv_proj.weight.device
     report: dict[str, tuple[float | None, float, float]] = {}
@@ -257,25 +230,17 @@ def awq_layer(model: nn.Module, layer: nn.Module, prefix: str, stats: dict[str, 
             x_mean = o_stat_to_kv(layer, x_mean)
             w_mean = None if w_mean is None else o_stat_to_kv(layer, w_mean)
             expand = lambda s, L=layer: o_scale_from_kv(L, s)  # noqa: E731
-        rows = slice(0, None) if clip_qk else clip_rows(layer, lin)
-
-        def clip_fn(ws: torch.Tensor, m2: torch.Tensor, rows: slice = rows) -> torch.Tensor:
-            out = ws.clone()
-            out[rows] = search_clip(ws[rows], m2, group_size, clip_steps, 0.5 / clip_steps, clip_asym)
-            return out
-        fn = group_loss(model, layer, lin, st, x, group_size, loss, attn_rows,
-                        clip_fn if clip and clip_in_search else None)
+        fn = group_loss(model, layer, lin, st, x, group_size, loss, attn_rows)
         s, alpha, best, rtn = search_scale(fn, x_mean, w_mean, grid, expand)
         fold(layer, s)
         s_in = expand(s) if expand is not None else s
         if clip:
-            seen.append((lin, rows, st.second_moment().to(dev) / (s_in[:, None] * s_in[None, :])))
+            seen.append((lin, clip_rows(layer, lin), st.second_moment().to(dev) / (s_in[:, None] * s_in[None, :])))
         report[name] = (alpha, best, rtn)
         logger.info("awq %s: alpha %s, loss %.3g (rtn %.3g)", name, alpha, best, rtn)
     # After every fold of the layer (fold_o and fold_down rescale qkv's and gate_up's rows).
     for lin, rows, m2 in seen:
-        lin.weight.data[rows] = search_clip(lin.weight.data[rows], m2, group_size,
-                                            clip_steps, 0.5 / clip_steps, clip_asym)
+        lin.weight.data[rows] = search_clip(lin.weight.data[rows], m2, group_size)
     return report
 
 

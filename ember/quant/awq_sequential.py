@@ -82,7 +82,7 @@ def layer_stats(model: nn.Module, layer: nn.Module, prefix: str, streams: list[t
     `full_seqs` sequences for the block loss, Gram matrices with `gram`)."""
     stats: dict[str, InputStats] = {}
     for j, stream in enumerate(streams):
-        def observe(suffix: str, x: torch.Tensor) -> None:
+        def observe(suffix: str, x: torch.Tensor, j: int = j) -> None:
             st = stats.setdefault(f"{prefix}.{suffix}", InputStats.empty(x.shape[1]))
             st.observe(x.float(), picks[j], suffix == SUFFIXES[0] and j < full_seqs, gram)
         layer_forward(model, layer, stream, observe)

@@ -65,7 +65,8 @@ class InputStats:
             self.gram = g if self.gram is None else self.gram + g
 
     @classmethod
-    def empty(cls, width: int) -> "InputStats":
+    def empty(cls, width: int) -> InputStats:
+        """No tokens seen yet, for inputs of `width` channels."""
         return cls(torch.zeros(width), torch.zeros(width))
 
     def second_moment(self) -> torch.Tensor:
