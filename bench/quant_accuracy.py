@@ -31,6 +31,7 @@ CONFIGS = {
     "AWQ-INT4 g128 no clip": ("awq", {}, {"clip": False}),
     "AWQ-INT4 g128 block loss": ("awq", {}, {"loss": "block"}),
     "AWQ-INT4 g128 duo": ("awq", {}, {"duo": True}),
+    "AWQ-INT4 g128 sequential": ("awq", {}, {"sequential": True}),
     "NVFP4 weight-only": ("nvfp4", {}, {}),
     "NVFP4 W4A4 (emulated)": ("nvfp4", {"activations": "nvfp4"}, {}),
     "SmoothQuant W8A8 a=0.5": ("smoothquant", {}, {}),
@@ -74,11 +75,13 @@ def main() -> None:
                ("down (in %d)" % cfg.intermediate_size, cfg.intermediate_size)]}
     print(f"# INT4 group sizes used (largest divisor <= {args.group_size}): {groups}", flush=True)
     stats = None
-    if any(CONFIGS[c][0] in ("awq", "smoothquant") for c in args.configs):
+    if any(CONFIGS[c][0] in ("awq", "smoothquant") and not CONFIGS[c][2].get("sequential")
+           for c in args.configs):
         t = time.perf_counter()
         seqs = calibration_sequences(tok, args.texts, args.calib_seqs, args.calib_len, args.split)
         block = any(CONFIGS[c][2].get("loss") == "block" for c in args.configs)
-        stats = collect_input_stats(llm, seqs, full_seqs=16 if block else 0)
+        gram = any(CONFIGS[c][0] == "awq" for c in args.configs)   # AWQ's losses over every token
+        stats = collect_input_stats(llm, seqs, full_seqs=16 if block else 0, gram=gram)
         print(f"# calibration statistics: {len(seqs)} sequences in {time.perf_counter() - t:.0f} s",
               flush=True)
 
@@ -88,8 +91,11 @@ def main() -> None:
         if method is not None:
             llm = load()
             t = time.perf_counter()
-            quantize_llm(llm, method, [], group_size=args.group_size, extra_params=extra, stats=stats,
-                         awq_options=awq_options)
+            # Sequential AWQ runs its own layer-by-layer forwards on the same sequences.
+            seq = awq_options.get("sequential", False)
+            quantize_llm(llm, method, args.texts if seq else [], args.split, args.calib_seqs,
+                         args.calib_len, group_size=args.group_size, extra_params=extra,
+                         stats=None if seq else stats, awq_options=awq_options)
             qtime = time.perf_counter() - t
         else:
             qtime = 0.0

@@ -132,6 +132,64 @@ def test_awq_beats_rtn_with_planted_outliers(tiny_llama, options):
     assert awq < 0.5 * rtn, (awq, rtn)
 
 
+def test_awq_sequential_beats_rtn_with_planted_outliers(tiny_llama):
+    # Layer-by-layer calibration on the quantized layers' outputs, every token in the losses.
+    calib = random_prompts([64] * 8, seed=11)
+    held_out = random_prompts([48, 48], seed=12)
+
+    def quantized_error(method: str) -> float:
+        llm = load(tiny_llama.path)
+        plant_outliers(llm)
+        ref = logits_of(llm, held_out)
+        if method == "awq":
+            from ember.quant.awq_sequential import apply_awq_sequential
+            apply_awq_sequential(llm.engine.runner.model, calib, GROUP, rows_per_seq=16)
+        quantize_llm(llm, "rtn", [], group_size=GROUP)   # INT4 of the (folded, clipped) weights
+        return rel_err(logits_of(llm, held_out), ref)
+
+    rtn, awq = quantized_error("rtn"), quantized_error("awq")
+    assert awq < 0.5 * rtn, (awq, rtn)
+
+
+@torch.no_grad()
+def test_awq_layerwise_stats_match_the_engine(tiny_llama):
+    # apply_awq_sequential runs the decoder layers outside the engine: on full-precision
+    # layers its statistics must be the engine's own (hooks on the real forward).
+    from ember.quant.awq_sequential import SUFFIXES, layer_forward, layer_stats
+    llm = load(tiny_llama.path)
+    model = llm.engine.runner.model
+    prompts = random_prompts([37, 20], seed=7)
+    want = collect_input_stats(llm, prompts, rows_per_seq=8, gram=True)
+    streams = [model.model.embed_tokens(torch.tensor(p)).float() for p in prompts]
+    gen = torch.Generator().manual_seed(0)
+    picks = [torch.randperm(len(p), generator=gen)[:8] for p in prompts]
+    for i, layer in enumerate(model.model.layers):
+        got = layer_stats(model, layer, f"model.layers.{i}", streams, picks, 0, gram=True)
+        for suffix in SUFFIXES:
+            name = f"model.layers.{i}.{suffix}"
+            assert got[name].count == want[name].count == 57
+            torch.testing.assert_close(got[name].mean_abs, want[name].mean_abs, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got[name].second_moment(), want[name].second_moment(),
+                                       rtol=1e-4, atol=1e-5)
+        streams = [layer_forward(model, layer, s) for s in streams]
+
+
+def test_awq_gram_loss_matches_the_rows_loss():
+    # The linear loss and the clipping search work on E[x x^T]: over every token (Gram
+    # matrix) they must give the same numbers as the rows themselves.
+    from ember.quant.awq_calibrate import linear_loss, quantized_at
+    from ember.quant.calibrate import InputStats
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(24, 64, generator=gen), torch.randn(300, 64, generator=gen) * torch.rand(64, generator=gen)
+    st = InputStats.empty(64)
+    st.observe(x, torch.arange(300), gram=True)
+    s = torch.rand(64, generator=gen) + 0.5
+    direct = (x @ quantized_at(w, s, GROUP).t() - x @ w.t()).pow(2).mean().item()
+    assert math.isclose(linear_loss(w, st.second_moment(), GROUP)(s), direct, rel_tol=1e-4)
+    st.gram = None   # the sampled rows (all 300 here) give the same moment
+    assert math.isclose(linear_loss(w, st.second_moment(), GROUP)(s), direct, rel_tol=1e-4)
+
+
 @torch.no_grad()
 def test_awq_block_forwards_match_the_engine(tiny_llama):
     # The block-output loss recomputes the attention and MLP outside the engine: they must be
@@ -187,7 +245,7 @@ def test_awq_clip_search_lowers_the_output_error():
     x[:, 5] *= 0.02
     held = torch.randn(512, 64, generator=gen)
     held[:, 5] *= 0.02
-    wc = search_clip(w, x, GROUP)
+    wc = search_clip(w, x.t() @ x / x.shape[0], GROUP)
 
     def delta(src: torch.Tensor) -> torch.Tensor:   # w minus src as the checkpoint quantizes it
         q, s, z = quantize_int4(src, GROUP)

@@ -5,7 +5,9 @@ searched over a grid of exponents alpha in [0, 1): s = mean|x|^alpha (or, with `
 mean|x|^alpha / mean|w|^(1 - alpha), |w| normalised by its group's max), keeping the s
 whose output is closest to full precision with the group's weights quantized at that
 scale, Q(W diag(s)) diag(1/s). The output compared is (`loss`):
-- "linear" (the default): each group's own output, on calibration rows;
+- "linear" (the default): each group's own output, over every calibration token when the
+  stats hold Gram matrices (collect_input_stats(gram=True), as `ember quantize` collects
+  them; from E[x x^T], linear_loss), else over the sampled rows;
 - "block" (AutoAWQ's): for qkv the self-attention output (attention over whole calibration
   sequences, o_proj in full precision, at a subset of query positions), for gate_up the MLP
   output (down_proj in full precision), for o and down their own output.
@@ -74,11 +76,16 @@ def search_scale(loss_fn: LossFn, x_mean: torch.Tensor, w_mean: torch.Tensor | N
     return best[0], best[1], best[2], rtn
 
 
-def linear_loss(weight: torch.Tensor, x: torch.Tensor, group_size: int) -> LossFn:
-    """The linear's own output error on rows x [n, in]."""
-    w, x = weight.float(), x.float()
-    ref = x @ w.t()
-    return lambda s: (x @ quantized_at(w, s, group_size).t() - ref).pow(2).mean().item()
+def linear_loss(weight: torch.Tensor, m2: torch.Tensor, group_size: int) -> LossFn:
+    """The linear's own mean squared output error, tr(D M D^T) / out with D the weight error and
+    M = E[x x^T] [in, in] its inputs' second moment (InputStats.second_moment): the same
+    number as averaging over the rows themselves, at a cost that does not grow with them."""
+    w, m2 = weight.float(), m2.float()
+
+    def loss(s: torch.Tensor) -> float:
+        d = quantized_at(w, s, group_size) - w
+        return ((d @ m2) * d).sum().item() / w.shape[0]
+    return loss
 
 
 def mlp_rows(layer: nn.Module, x: torch.Tensor, w_gu: torch.Tensor) -> torch.Tensor:
@@ -137,28 +144,35 @@ def attention_loss(model: nn.Module, layer: nn.Module, seqs: list[torch.Tensor],
     return loss
 
 
+def diagonal_blocks(m2: torch.Tensor, g: int) -> torch.Tensor:
+    """m2: [in, in] -> its g x g blocks on the diagonal, [in // g, g, g] (a group's inputs)."""
+    k = m2.shape[0]
+    return torch.stack([m2[j:j + g, j:j + g] for j in range(0, k, g)])
+
+
 @torch.no_grad()
-def search_clip(weight: torch.Tensor, x: torch.Tensor, group_size: int, steps: int = 10,
+def search_clip(weight: torch.Tensor, m2: torch.Tensor, group_size: int, steps: int = 10,
                 step: float = 0.05) -> torch.Tensor:
-    """AWQ's clipping search (AutoAWQ's auto_clip). weight: [out, in]; x: [n, in] (inputs as
-    the weight sees them) -> the weight with each (row, group) clamped to r * [-max|w|, max|w|],
-    r in {1, 1 - step, ...} chosen to minimise the group's share of the output error,
-    E_n (x_g . (w_g - Q(clip_r(w_g))))^2. The clamp is symmetric (only the side(s) beyond
-    r * max|w| are cut): clamping r * [min, max] instead also cut the other, in-range side of
-    one-sided groups and measured worse on SmolLM2 (docs/BENCHMARKS.md)."""
+    """AWQ's clipping search (AutoAWQ's auto_clip). weight: [out, in]; m2: E[x x^T] [in, in] of
+    the inputs as the weight sees them -> the weight with each (row, group) clamped to
+    r * [-max|w|, max|w|], r in {1, 1 - step, ...} chosen to minimise the group's share of the
+    output error, E_n (x_g . (w_g - Q(clip_r(w_g))))^2 = d_g^T M_gg d_g. The clamp is
+    symmetric (only the side(s) beyond r * max|w| are cut): clamping r * [min, max] instead
+    also cut the other, in-range side of one-sided groups and measured worse on SmolLM2, and
+    searching each side's ratio separately measured no better (docs/BENCHMARKS.md)."""
     w = weight.float()
     out, k = w.shape
     g = effective_group_size(k, group_size)
     wg = w.reshape(out, k // g, g)
-    xg = x.float().reshape(x.shape[0], k // g, g)
-    hi0 = wg.abs().amax(-1, keepdim=True)
+    mg = diagonal_blocks(m2.float(), g)                                   # [groups, g, g]
     best_err = torch.full((out, k // g), float("inf"), device=w.device)
+    hi0 = wg.abs().amax(-1, keepdim=True)
     best_r = torch.ones(out, k // g, 1, device=w.device)
     for i in range(steps):
         r = 1.0 - i * step
         wc = wg.clamp(-hi0 * r, hi0 * r)
         delta = wg - fake_quantize_int4(wc.reshape(out, k), g).reshape(wg.shape)   # [out, groups, g]
-        err = torch.einsum("nkg,okg->nok", xg, delta).pow(2).mean(0)    # [out, groups]
+        err = (torch.einsum("ogi,gij->ogj", delta, mg) * delta).sum(-1)            # [out, groups]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_r = torch.where(better[..., None], torch.tensor(r, device=w.device), best_r)
@@ -168,8 +182,8 @@ def search_clip(weight: torch.Tensor, x: torch.Tensor, group_size: int, steps: i
 def group_loss(model: nn.Module, layer: nn.Module, lin: nn.Module, st: InputStats, x: torch.Tensor,
                group_size: int, loss: str, attn_rows: int) -> LossFn:
     """The error the scale search of `lin` (a linear of `layer`, its inputs' stats st, sample
-    rows x) minimises: the attention / MLP output for qkv / gate_up with loss="block", else
-    the linear's own output."""
+    rows x) minimises: the attention / MLP output for qkv / gate_up with loss="block" (on the
+    sampled rows), else the linear's own output (on every token when st has a Gram matrix)."""
     att, mlp = layer.self_attn, layer.mlp
     if loss == "block" and lin is att.qkv_proj:
         if not st.seqs:
@@ -178,7 +192,7 @@ def group_loss(model: nn.Module, layer: nn.Module, lin: nn.Module, st: InputStat
         return attention_loss(model, layer, st.seqs, group_size, attn_rows)
     if loss == "block" and lin is mlp.gate_up_proj:
         return mlp_loss(layer, x, group_size)
-    return linear_loss(lin.weight.data, x, group_size)
+    return linear_loss(lin.weight.data, st.second_moment().to(x.device), group_size)
 
 
 def clip_rows(layer: nn.Module, lin: nn.Module) -> slice:
@@ -191,45 +205,56 @@ def clip_rows(layer: nn.Module, lin: nn.Module) -> slice:
 
 
 @torch.no_grad()
+def awq_layer(model: nn.Module, layer: nn.Module, prefix: str, stats: dict[str, InputStats],
+              group_size: int = 128, grid: int = 20, clip: bool = True, loss: str = "linear",
+              duo: bool = False, attn_rows: int = 64) -> dict[str, tuple[float | None, float, float]]:
+    """Search and fold AWQ scales for one decoder layer (its linears' input stats in `stats`,
+    named `prefix`.self_attn.qkv_proj etc.), then clip its weights (`clip`), in place. Returns {linear name: (alpha (None: identity), loss, rtn loss)}."""
+    att, mlp = layer.self_attn, layer.mlp
+    dev = att.qkv_proj.weight.device
+    report: dict[str, tuple[float | None, float, float]] = {}
+    seen: list[tuple[nn.Module, slice, torch.Tensor]] = []   # (linear, rows to clip, E[x x^T] after folding)
+    plan = [
+        (f"{prefix}.self_attn.qkv_proj", att.qkv_proj, fold_qkv),
+        (f"{prefix}.self_attn.o_proj", att.o_proj, fold_o),
+        (f"{prefix}.mlp.gate_up_proj", mlp.gate_up_proj, fold_gate_up),
+        (f"{prefix}.mlp.down_proj", mlp.down_proj, fold_down),
+    ]
+    for name, lin, fold in plan:
+        st = stats[name]
+        x = st.sample.to(dev)
+        x_mean, w_mean, expand = st.mean_abs.to(dev), None, None
+        if duo:
+            w_mean = weight_stat(lin.weight.data, group_size)
+        if lin is att.o_proj:  # one scale per v channel (GQA: shared by the heads reading it)
+            x_mean = o_stat_to_kv(layer, x_mean)
+            w_mean = None if w_mean is None else o_stat_to_kv(layer, w_mean)
+            expand = lambda s, L=layer: o_scale_from_kv(L, s)  # noqa: E731
+        fn = group_loss(model, layer, lin, st, x, group_size, loss, attn_rows)
+        s, alpha, best, rtn = search_scale(fn, x_mean, w_mean, grid, expand)
+        fold(layer, s)
+        s_in = expand(s) if expand is not None else s
+        if clip:
+            seen.append((lin, clip_rows(layer, lin), st.second_moment().to(dev) / (s_in[:, None] * s_in[None, :])))
+        report[name] = (alpha, best, rtn)
+        logger.info("awq %s: alpha %s, loss %.3g (rtn %.3g)", name, alpha, best, rtn)
+    # After every fold of the layer (fold_o and fold_down rescale qkv's and gate_up's rows).
+    for lin, rows, m2 in seen:
+        lin.weight.data[rows] = search_clip(lin.weight.data[rows], m2, group_size)
+    return report
+
+
+@torch.no_grad()
 def apply_awq(model: nn.Module, stats: dict[str, InputStats], group_size: int = 128,
-              grid: int = 20, clip: bool = True, loss: str = "linear", duo: bool = False,
-              attn_rows: int = 64) -> dict[str, tuple[float | None, float, float]]:
-    """Search and fold AWQ scales, then clip the weights (`clip`), in every decoder layer of a
-    full-precision Llama-style model, in place. `stats` from collect_input_stats (with whole
-    sequences of the attention inputs for loss="block"). Returns {linear name: (alpha
-    (None: identity), loss, rtn loss)}."""
-    if loss not in ("block", "linear"):
-        raise ValueError(f"unknown AWQ loss {loss!r}")
+              **options) -> dict[str, tuple[float | None, float, float]]:
+    """Search and fold AWQ scales, then clip the weights, in every decoder layer of a
+    full-precision Llama-style model, in place (`options`: awq_layer's). `stats` from
+    collect_input_stats (with whole sequences of the attention inputs for loss="block", with
+    Gram matrices for losses over every token). Returns {linear name: (alpha (None:
+    identity), loss, rtn loss)}."""
+    if options.get("loss", "linear") not in ("block", "linear"):
+        raise ValueError(f"unknown AWQ loss {options['loss']!r}")
     report: dict[str, tuple[float | None, float, float]] = {}
     for i, layer in enumerate(model.model.layers):
-        p = f"model.layers.{i}"
-        att, mlp = layer.self_attn, layer.mlp
-        dev = att.qkv_proj.weight.device
-        seen: list[tuple[nn.Module, torch.Tensor]] = []   # (linear, its sample rows after folding)
-        plan = [
-            (f"{p}.self_attn.qkv_proj", att.qkv_proj, fold_qkv),
-            (f"{p}.self_attn.o_proj", att.o_proj, fold_o),
-            (f"{p}.mlp.gate_up_proj", mlp.gate_up_proj, fold_gate_up),
-            (f"{p}.mlp.down_proj", mlp.down_proj, fold_down),
-        ]
-        for name, lin, fold in plan:
-            st = stats[name]
-            x = st.sample.to(dev)
-            x_mean, w_mean, expand = st.mean_abs.to(dev), None, None
-            if duo:
-                w_mean = weight_stat(lin.weight.data, group_size)
-            if lin is att.o_proj:  # one scale per v channel (GQA: shared by the heads reading it)
-                x_mean = o_stat_to_kv(layer, x_mean)
-                w_mean = None if w_mean is None else o_stat_to_kv(layer, w_mean)
-                expand = lambda s, L=layer: o_scale_from_kv(L, s)  # noqa: E731
-            fn = group_loss(model, layer, lin, st, x, group_size, loss, attn_rows)
-            s, alpha, best, rtn = search_scale(fn, x_mean, w_mean, grid, expand)
-            fold(layer, s)
-            seen.append((lin, x / (expand(s) if expand is not None else s)))
-            report[name] = (alpha, best, rtn)
-            logger.info("awq %s: alpha %s, loss %.3g (rtn %.3g)", name, alpha, best, rtn)
-        if clip:  # after every fold of the layer (fold_o and fold_down rescale qkv's and gate_up's rows)
-            for lin, x_seen in seen:
-                rows = clip_rows(layer, lin)
-                lin.weight.data[rows] = search_clip(lin.weight.data[rows], x_seen, group_size)
+        report.update(awq_layer(model, layer, f"model.layers.{i}", stats, group_size, **options))
     return report

@@ -39,6 +39,7 @@ class InputStats:
     count: int = 0
     samples: list[torch.Tensor] = field(default_factory=list)  # rows kept for the AWQ loss
     seqs: list[torch.Tensor] = field(default_factory=list)     # whole sequences [T, in] (AWQ's attention loss)
+    gram: torch.Tensor | None = None   # [in, in] float64 sum of x x^T over every token (collect_input_stats(gram=True))
 
     @property
     def mean_abs(self) -> torch.Tensor:
@@ -47,6 +48,35 @@ class InputStats:
     @property
     def sample(self) -> torch.Tensor:
         return torch.cat(self.samples)   # [n, in]
+
+    def observe(self, x: torch.Tensor, rows: torch.Tensor, keep_seq: bool = False,
+                gram: bool = False) -> None:
+        """Add one sequence's inputs x [T, in] (fp32): its |x| sums and maxima, its rows `rows`
+        as samples, the whole x (keep_seq) and its Gram matrix (gram)."""
+        a = x.abs().cpu()
+        self.abs_sum += a.sum(0)
+        self.abs_max = torch.maximum(self.abs_max, a.amax(0))
+        self.count += x.shape[0]
+        self.samples.append(x[rows.to(x.device)].cpu())
+        if keep_seq:
+            self.seqs.append(x.to("cpu", copy=True))  # the engine may reuse its buffer
+        if gram:
+            g = (x.t() @ x).double().cpu()   # fp32 per sequence, summed in fp64
+            self.gram = g if self.gram is None else self.gram + g
+
+    @classmethod
+    def empty(cls, width: int) -> InputStats:
+        """No tokens seen yet, for inputs of `width` channels."""
+        return cls(torch.zeros(width), torch.zeros(width))
+
+    def second_moment(self) -> torch.Tensor:
+        """E[x x^T] [in, in] fp32: over every calibration token when the Gram matrix was kept,
+        else over the sampled rows. A linear's mean squared output error for a weight error D
+        is then tr(D M D^T) / out, whatever the number of tokens behind M."""
+        if self.gram is not None:
+            return (self.gram / max(self.count, 1)).float()
+        x = self.sample.double()
+        return (x.t() @ x / x.shape[0]).float()
 
 
 def quantizable_linears(model: nn.Module) -> dict[str, Linear]:
@@ -63,16 +93,26 @@ def attention_input_linears(model: nn.Module) -> list[str]:
             if isinstance(getattr(getattr(layer, "self_attn", None), "qkv_proj", None), Linear)]
 
 
+def sample_rows(seq_len: int, rows: int, gen: torch.Generator) -> torch.Tensor:
+    """`rows` positions of a sequence kept as AWQ loss samples: the first token always (the
+    attention-sink token, whose massive activations the clipping search must see; sampled
+    at random it is missed in most sequences), then random others."""
+    return torch.cat([torch.zeros(1, dtype=torch.long),
+                      1 + torch.randperm(seq_len - 1, generator=gen)[:rows - 1]])
+
+
 @torch.inference_mode()
 def collect_input_stats(llm, sequences: list[list[int]], rows_per_seq: int = 32, seed: int = 0,
-                        full_seqs: int = 0, full_inputs_of: Collection[str] | None = None
-                        ) -> dict[str, InputStats]:
+                        full_seqs: int = 0, full_inputs_of: Collection[str] | None = None,
+                        gram: bool = False) -> dict[str, InputStats]:
     """Run every sequence through the model; for each quantizable linear keep per-channel
     mean/max |x| over all tokens and `rows_per_seq` rows of each sequence (its first token and
     random others); for the linears in `full_inputs_of` (default: attention_input_linears)
     also the whole input of
     the first `full_seqs` sequences (only AWQ's block loss needs them; they cost
-    layers x full_seqs x seq_len x hidden floats)."""
+    layers x full_seqs x seq_len x hidden floats). With `gram`, also each input's Gram matrix
+    sum x x^T over every token, so AWQ's losses see all the calibration tokens, not just the
+    sampled rows (in^2 doubles per linear)."""
     from ember.eval.forward import sequence_logits
     model = llm.engine.runner.model
     if full_inputs_of is None:
@@ -86,23 +126,14 @@ def collect_input_stats(llm, sequences: list[list[int]], rows_per_seq: int = 32,
             x = args[0].reshape(-1, args[0].shape[-1]).float()
             s = stats.get(name)
             if s is None:
-                s = stats[name] = InputStats(torch.zeros(x.shape[1]), torch.zeros(x.shape[1]))
-            a = x.abs().cpu()
-            s.abs_sum += a.sum(0)
-            s.abs_max = torch.maximum(s.abs_max, a.amax(0))
-            s.count += x.shape[0]
-            s.samples.append(x[picks[-1].to(x.device)].cpu())
-            if name in full_inputs_of and len(picks) <= full_seqs:
-                s.seqs.append(x.to("cpu", copy=True))  # the engine may reuse its buffer
+                s = stats[name] = InputStats.empty(x.shape[1])
+            s.observe(x, picks[-1], name in full_inputs_of and len(picks) <= full_seqs, gram)
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in quantizable_linears(model).items()]
     try:
         for seq in sequences:
-            # The first token always: the attention-sink token, whose massive activations the
-            # clipping search must see (sampled at random it is missed in most sequences).
-            picks.append(torch.cat([torch.zeros(1, dtype=torch.long),
-                                    1 + torch.randperm(len(seq) - 1, generator=gen)[:rows_per_seq - 1]]))
+            picks.append(sample_rows(len(seq), rows_per_seq, gen))
             sequence_logits(llm, seq, torch.tensor([len(seq) - 1]))
     finally:
         for h in handles:

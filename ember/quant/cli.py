@@ -30,21 +30,31 @@ def quantize_llm(llm, method: str, calib: list[str], calib_split: float = 0.8, c
     """Calibrate (awq, smoothquant) and quantize a full-precision LLM in place; returns its
     QuantConfig. `stats` (from collect_input_stats on the same model) skips the calibration
     forwards; `extra_params` go into the QuantConfig (e.g. nvfp4 activations="nvfp4");
-    `awq_options` are apply_awq's search options (e.g. clip=True)."""
+    `awq_options` are apply_awq's search options (e.g. clip=True), with sequential=True
+    apply_awq_sequential's (calibrating layer by layer on the quantized layers' outputs;
+    it needs `calib`, not `stats`)."""
     from ember.quant.base import QuantConfig
     from ember.quant.calibrate import calibration_sequences, collect_input_stats
     from ember.quant.checkpoint import quantize_model
     model = llm.engine.runner.model
-    if method in ("awq", "smoothquant"):
+    awq_options = dict(awq_options or {})
+    if method == "awq" and awq_options.pop("sequential", False):
+        if not calib:
+            raise ValueError("sequential AWQ needs calibration text files (it runs its own forwards)")
+        from ember.quant.awq_sequential import apply_awq_sequential
+        seqs = calibration_sequences(llm.get_tokenizer(), calib, calib_seqs, calib_len, calib_split)
+        apply_awq_sequential(model, seqs, group_size, **awq_options)
+    elif method in ("awq", "smoothquant"):
         if stats is None:
             if not calib:
                 raise ValueError(f"--method {method} needs --calib text files")
             seqs = calibration_sequences(llm.get_tokenizer(), calib, calib_seqs, calib_len, calib_split)
-            block = (awq_options or {}).get("loss") == "block"   # whole sequences only for it
-            stats = collect_input_stats(llm, seqs, full_seqs=16 if block else 0)
+            block = awq_options.get("loss") == "block"   # whole sequences only for it
+            # AWQ's losses over every token (Gram matrices), not only the sampled rows.
+            stats = collect_input_stats(llm, seqs, full_seqs=16 if block else 0, gram=method == "awq")
         if method == "awq":
             from ember.quant.awq_calibrate import apply_awq
-            apply_awq(model, stats, group_size, **(awq_options or {}))
+            apply_awq(model, stats, group_size, **awq_options)
         else:
             from ember.quant.smoothquant_calibrate import apply_smoothquant
             apply_smoothquant(model, stats, alpha)
