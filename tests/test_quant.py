@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -16,7 +16,7 @@ from ember import LLM
 from ember.eval.forward import sequence_logits
 from ember.eval.ppl import perplexity
 from ember.quant.base import QuantConfig, detect_quant_config, resolve_quant_config
-from ember.quant.calibrate import collect_input_stats, quantizable_linears
+from ember.quant.calibrate import collect_input_stats
 from ember.quant.checkpoint import save_quantized
 from ember.quant.cli import quantize_llm
 from ember.quant.int4 import awq_pack_cols, dequantize_int4, pack_int4, quantize_int4
@@ -114,41 +114,44 @@ def plant_outliers(llm: LLM, factor: float = 30.0) -> None:
             lin.weight.data[:, OUTLIERS] /= factor
 
 
-@pytest.mark.parametrize("options", [{}, {"clip": False}, {"loss": "block"}, {"duo": True}],
-                         ids=["default", "no-clip", "block-loss", "duo"])
-def test_awq_beats_rtn_with_planted_outliers(tiny_llama, options):
+def _outlier_errors(tiny_llama, awq: Callable[[LLM, list[list[int]]], None]) -> tuple[float, float]:
+    """Held-out logits' relative error of RTN and of `awq(llm, calib)` (which quantizes)
+    on the tiny model with planted activation outliers."""
     calib = random_prompts([64] * 8, seed=11)
     held_out = random_prompts([48, 48], seed=12)
 
-    def quantized_error(method: str) -> float:
+    def quantized_error(quantize: Callable[[LLM], None]) -> float:
         llm = load(tiny_llama.path)
         plant_outliers(llm)
         ref = logits_of(llm, held_out)
-        stats = collect_input_stats(llm, calib, rows_per_seq=16, full_seqs=8)
-        quantize_llm(llm, method, [], group_size=GROUP, stats=stats, awq_options=options)
+        quantize(llm)
         return rel_err(logits_of(llm, held_out), ref)
 
-    rtn, awq = quantized_error("rtn"), quantized_error("awq")
-    assert awq < 0.5 * rtn, (awq, rtn)
+    return (quantized_error(lambda llm: quantize_llm(llm, "rtn", [], group_size=GROUP)),
+            quantized_error(lambda llm: awq(llm, calib)))
+
+
+@pytest.mark.parametrize("options", [{}, {"clip": False}, {"loss": "block"}, {"duo": True}],
+                         ids=["default", "no-clip", "block-loss", "duo"])
+def test_awq_beats_rtn_with_planted_outliers(tiny_llama, options):
+    def awq(llm, calib):
+        stats = collect_input_stats(llm, calib, rows_per_seq=16, full_seqs=8)
+        quantize_llm(llm, "awq", [], group_size=GROUP, stats=stats, awq_options=options)
+
+    rtn, awq_err = _outlier_errors(tiny_llama, awq)
+    assert awq_err < 0.5 * rtn, (awq_err, rtn)
 
 
 def test_awq_sequential_beats_rtn_with_planted_outliers(tiny_llama):
     # Layer-by-layer calibration on the quantized layers' outputs, every token in the losses.
-    calib = random_prompts([64] * 8, seed=11)
-    held_out = random_prompts([48, 48], seed=12)
+    from ember.quant.awq_sequential import apply_awq_sequential
 
-    def quantized_error(method: str) -> float:
-        llm = load(tiny_llama.path)
-        plant_outliers(llm)
-        ref = logits_of(llm, held_out)
-        if method == "awq":
-            from ember.quant.awq_sequential import apply_awq_sequential
-            apply_awq_sequential(llm.engine.runner.model, calib, GROUP, rows_per_seq=16)
+    def awq(llm, calib):
+        apply_awq_sequential(llm.engine.runner.model, calib, GROUP, rows_per_seq=16)
         quantize_llm(llm, "rtn", [], group_size=GROUP)   # INT4 of the (folded, clipped) weights
-        return rel_err(logits_of(llm, held_out), ref)
 
-    rtn, awq = quantized_error("rtn"), quantized_error("awq")
-    assert awq < 0.5 * rtn, (awq, rtn)
+    rtn, awq_err = _outlier_errors(tiny_llama, awq)
+    assert awq_err < 0.5 * rtn, (awq_err, rtn)
 
 
 @torch.no_grad()
