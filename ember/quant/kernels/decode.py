@@ -99,16 +99,24 @@ and.b32 $3, t13, 0xFFFF0000;
 
 
 @triton.jit
+def _asm_parts(q, BF16_ASM: tl.constexpr, F32_ASM: tl.constexpr, N: tl.constexpr, DTYPE: tl.constexpr):
+    """A decoder's N parts of each word of q from its inline PTX: bf16 halves (16-bit
+    outputs) or fp32 (32-bit outputs), one word in."""
+    if DTYPE == tl.bfloat16:
+        p = tl.inline_asm_elementwise(BF16_ASM, "=h," * N + "r", [q], dtype=(tl.bfloat16,) * N,
+                                      is_pure=True, pack=1)
+    else:
+        p = tl.inline_asm_elementwise(F32_ASM, "=r," * N + "r", [q], dtype=(tl.float32,) * N,
+                                      is_pure=True, pack=1)
+    return p
+
+
+@triton.jit
 def int4_parts(q, NATIVE: tl.constexpr, DTYPE: tl.constexpr):
     """q [..] int32 words -> 8 tensors, part j = code j + INT4_OFFSET, in DTYPE (bf16 or
     fp32; the interpreter path takes any float type)."""
     if NATIVE:
-        if DTYPE == tl.bfloat16:
-            p = tl.inline_asm_elementwise(_INT4_BF16_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r", [q],
-                                          dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
-        else:
-            p = tl.inline_asm_elementwise(_INT4_F32_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [q],
-                                          dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+        p = _asm_parts(q, _INT4_BF16_ASM, _INT4_F32_ASM, 8, DTYPE)
     else:
         p = (((q & 0xF) + 128).to(DTYPE), (((q >> 4) & 0xF) + 128).to(DTYPE),
              (((q >> 8) & 0xF) + 128).to(DTYPE), (((q >> 12) & 0xF) + 128).to(DTYPE),
@@ -202,12 +210,7 @@ def e4m3_parts(q, NATIVE: tl.constexpr, DTYPE: tl.constexpr):
     """q [..] int32 words of 4 E4M3 bytes -> 4 tensors, part j = byte j's value * 2^-120,
     in DTYPE (bf16 or fp32)."""
     if NATIVE:
-        if DTYPE == tl.bfloat16:
-            p = tl.inline_asm_elementwise(_E4M3_BF16_ASM, "=h,=h,=h,=h,r", [q],
-                                          dtype=(tl.bfloat16,) * 4, is_pure=True, pack=1)
-        else:
-            p = tl.inline_asm_elementwise(_E4M3_F32_ASM, "=r,=r,=r,=r,r", [q],
-                                          dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+        p = _asm_parts(q, _E4M3_BF16_ASM, _E4M3_F32_ASM, 4, DTYPE)
     else:
         p = (_e4m3_part(q, 0, DTYPE), _e4m3_part(q, 8, DTYPE), _e4m3_part(q, 16, DTYPE),
              _e4m3_part(q, 24, DTYPE))
