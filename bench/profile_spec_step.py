@@ -1,0 +1,192 @@
+"""Where the time of one speculative decoding step goes (EAGLE / P-EAGLE chains and trees).
+
+    PYTHONPATH=$PWD python3 bench/profile_spec_step.py [--batch-sizes 1 8] \
+        [--variants none none-eager eagle-tree-k3 peagle-tree-k3 peagle-k3]
+
+The target is SmolLM2-135M's shape with dummy bf16 weights (bench/configs/smollm2-135m); the
+drafters are random EAGLE-3 / P-EAGLE networks of the real drafters' shape (draft vocabulary
+8,192), so every step drafts a full chain or tree of the fixed k (adaptive k off) and the
+cost of a step does not depend on acceptance. Per variant and batch size:
+(a) wall ms per engine step and host ms per step in each phase (patched timers; GPU work is
+    asynchronous, so a phase's time is its launches plus any wait for the device inside it);
+(b) a few steps under torch.profiler: device ms per step (the sum of kernel times), kernel
+    launches per step, and host-device syncs (cudaStreamSynchronize / DtoH copies) per step.
+`none` is plain decoding with CUDA graphs; `none-eager` the same without graphs.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from typing import Any, Callable
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))   # the tests' random drafter builder
+
+import torch  # noqa: E402
+
+from ember import LLM  # noqa: E402
+from ember.config import ModelConfig  # noqa: E402
+from profile_step import start_decoding, stop_all  # noqa: E402
+
+CONFIG = os.path.join(HERE, "configs", "smollm2-135m", "config.json")
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def patch_timers(llm: LLM, acc: dict[str, float]) -> Callable[[], None]:
+    """Wrap the step's phases with host timers; returns the undo."""
+    import ember.engine.model_runner as model_runner
+    import ember.spec.eagle_proposer as eagle_proposer
+    from ember.spec.tree import TreeBuilder
+    eng = llm.engine
+    runner, sp = eng.runner, eng.speculator
+    prop = sp.proposer
+    patched: list[tuple[Any, str, str]] = [
+        (eng.scheduler, "schedule", "schedule"), (sp, "propose", "propose (all)"),
+        (eagle_proposer, "catch_up", "  draft: catch-up"),
+        (prop, "_mask_rows", "  draft: mask rows"), (prop, "_expand_levels", "  draft: tree levels"),
+        (prop, "_chains", "  draft: chains"), (prop, "_trees", "  draft: trees"),
+        (TreeBuilder, "expand", "    tree: expand"), (TreeBuilder, "finish", "    tree: finish"),
+        (runner, "launch", "launch (all)"), (model_runner, "tree_layout", "  tree layout"),
+        (model_runner, "build_forward_batch", "  build batch"), (runner.model, "forward", "  target forward"),
+        (runner, "_verify", "  verify chains"), (runner, "_verify_trees", "  verify trees"),
+        (runner, "_sample", "  sample"), (runner, "_hand_hidden_states", "  hidden hook"),
+        (model_runner.LaunchedStep, "resolve", "resolve"), (eng.scheduler, "update", "update"),
+        (sp, "observe", "observe"), (eng.output_processor, "process", "process"),
+    ]
+    if runner.graph_runner is not None:
+        patched.append((runner.graph_runner, "run", "  graph replay"))
+    undo = []
+    for obj, attr, name in patched:
+        if not hasattr(obj, attr):
+            continue
+        fn = getattr(obj, attr)
+
+        def make(fn: Callable, name: str) -> Callable:
+            @functools.wraps(fn)
+            def wrapper(*a: Any, **kw: Any) -> Any:
+                t = time.perf_counter()
+                try:
+                    return fn(*a, **kw)
+                finally:
+                    acc[name] += time.perf_counter() - t
+            return wrapper
+        had_own = attr in vars(obj) if not isinstance(obj, type) else True
+        undo.append((obj, attr, fn, had_own))
+        setattr(obj, attr, make(fn, name))
+
+    def restore() -> None:
+        for obj, attr, fn, had_own in reversed(undo):
+            if had_own:
+                setattr(obj, attr, fn)
+            else:
+                delattr(obj, attr)
+    return restore
+
+
+def host_breakdown(llm: LLM, steps: int) -> tuple[float, dict[str, float]]:
+    acc: dict[str, float] = defaultdict(float)
+    restore = patch_timers(llm, acc)
+    times = []
+    try:
+        sync()
+        for _ in range(steps):
+            t = time.perf_counter()
+            llm.engine.step()
+            times.append(time.perf_counter() - t)
+        sync()
+    finally:
+        restore()
+    return 1e3 * statistics.median(times), {k: 1e3 * v / steps for k, v in acc.items()}
+
+
+def device_profile(llm: LLM, steps: int) -> dict[str, float]:
+    from torch.profiler import ProfilerActivity, profile
+    llm.engine.step()
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            llm.engine.step()
+        sync()
+    kernel_ms, launches, syncs, dtoh = 0.0, 0, 0, 0
+    top: dict[str, float] = defaultdict(float)
+    for ev in prof.key_averages():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            dev_us = getattr(ev, "self_device_time_total", 0)
+            kernel_ms += dev_us / 1e3
+            launches += ev.count
+            top[ev.key[:60]] += dev_us / 1e3
+        else:
+            if "Synchronize" in ev.key:
+                syncs += ev.count
+            if ev.key in ("cudaMemcpyAsync", "cudaMemcpy"):
+                dtoh += ev.count
+    out = {"device ms/step": kernel_ms / steps, "kernels/step": launches / steps,
+           "syncs/step": syncs / steps, "memcpy calls/step": dtoh / steps}
+    for name, ms in sorted(top.items(), key=lambda kv: -kv[1])[:8]:
+        out[f"  top: {name}"] = ms / steps
+    return out
+
+
+def spec_config(variant: str, root: str, config: ModelConfig) -> dict | None:
+    if variant.startswith("none"):
+        return None
+    from test_eagle_proposer import _random_drafter_for
+    method, rest = variant.split("-", 1)
+    tree = rest.startswith("tree-")
+    k = int(rest.split("k")[-1])
+    folder = os.path.join(root, method)
+    if not os.path.isdir(folder):
+        _random_drafter_for(config, folder, 8192, parallel=method == "peagle")
+    cfg = {"method": method, "model": folder, "num_speculative_tokens": k, "adaptive": False}
+    if tree:
+        cfg["tree"] = {"top_k": 3, "budget": 10}
+    return cfg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=CONFIG)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--variants", nargs="+",
+                    default=["none", "none-eager", "eagle-tree-k3", "peagle-tree-k3", "peagle-k3"])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--profile-steps", type=int, default=5)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    args = ap.parse_args()
+    config = ModelConfig.from_file(args.model)
+    root = tempfile.mkdtemp()
+    print(f"# {args.model}, dummy bf16 weights, random drafters, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}, "
+          f"torch {torch.__version__}")
+    for variant in args.variants:
+        spec = spec_config(variant, root, config)
+        llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_model_len=2048,
+                  max_num_seqs=max(args.batch_sizes), prefix_cache="none",
+                  enforce_eager=variant == "none-eager", speculative_config=spec)
+        for bs in args.batch_sizes:
+            start_decoding(llm, bs, args.prompt_len)
+            wall, phases = host_breakdown(llm, args.steps)
+            dev = device_profile(llm, args.profile_steps)
+            stop_all(llm, bs)
+            while llm.engine.has_unfinished_requests():
+                llm.engine.step()
+            print(f"\n## {variant}, batch {bs}: {wall:.2f} ms per step (median of {args.steps})")
+            for name, ms in phases.items():
+                print(f"  {name:32s} {ms:8.3f} ms")
+            for name, v in dev.items():
+                print(f"  {name:32s} {v:8.3f}")
+        del llm
+
+
+if __name__ == "__main__":
+    main()
