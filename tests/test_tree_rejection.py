@@ -37,6 +37,27 @@ def test_greedy_takes_the_longest_argmax_path() -> None:
         assert tree_rejection_sample(p, [t], q, [None]).token_ids == [[3, 6, 4]]
 
 
+def test_greedy_walk_equals_the_general_rule_on_one_hot_targets() -> None:
+    """The greedy shortcut (one read-back) against the rule's loop, on random trees
+    (duplicate sibling tokens included) and targets that often match a child."""
+    g = torch.Generator().manual_seed(4)
+    for _ in range(30):
+        trees, rows = [], []
+        for _ in range(3):
+            n = int(torch.randint(0, 9, (1,), generator=g))
+            parents = [int(torch.randint(-1, i, (1,), generator=g)) for i in range(n)]
+            depths = []
+            for p_ in parents:
+                depths.append(1 if p_ < 0 else depths[p_] + 1)
+            tokens = torch.randint(0, 3, (n,), generator=g).tolist()
+            trees.append(DraftTree(tokens, parents, depths, [0.0] * n))
+            rows.append(torch.randint(0, 3, (9,), generator=g))
+        p = torch.stack([torch.stack([one_hot(int(a)) for a in r]) for r in rows])   # [3, 9, V]
+        fast = tree_rejection_sample(p, trees, None, [None] * 3, greedy=True)
+        slow = tree_rejection_sample(p, trees, None, [None] * 3)
+        assert fast == slow
+
+
 def test_no_children_accepted_and_empty_tree() -> None:
     t = DraftTree([1, 2], [-1, -1], [1, 1], [0.0, 0.0])
     p = torch.stack([one_hot(4), one_hot(0), one_hot(0)])[None]

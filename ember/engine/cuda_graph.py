@@ -1,9 +1,17 @@
-"""CUDA graphs for decode steps: capture a set of batch sizes once, then replay with padding.
+"""CUDA graphs for decode and verify steps: capture a set of shapes once, then replay with
+padding.
 
-A decode step of a small model is mostly kernel-launch overhead; replaying a captured
-graph removes it. Only pure-decode batches (one query per sequence) replay; anything else
-runs eagerly. Padded rows write their K/V nowhere (slot -1, which the KV-write kernel
-skips) and their outputs are dropped.
+A step of a small model is mostly kernel-launch overhead; replaying a captured graph
+removes it. A graph's shape is (batch size, query width q): q = 1 is plain decoding (one
+query per sequence); q > 1 is a speculative verify step where every sequence computes its
+last token and q - 1 drafts (a chain, or a draft tree's nodes), which the graphs run
+through the tree-attention kernel with each sequence's [q, q] mask (a chain's is causal)
+in a static buffer. Any other batch (prefill chunks, mixed widths) runs eagerly. Padded
+rows write their K/V nowhere (slot -1, which the KV-write kernel skips) and their outputs
+are dropped.
+
+`capture_graphs=False` keeps every static buffer and prepared batch but replays by running
+the model on them eagerly: the same inputs path, testable without a GPU.
 """
 from __future__ import annotations
 
@@ -19,90 +27,153 @@ logger = logging.getLogger("ember")
 
 DEFAULT_CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
+Key = tuple[int, int]   # (batch size, query width)
+
 
 class CudaGraphRunner:
     def __init__(self, model: nn.Module, backend: AttentionBackend, max_batch: int,
                  max_model_len: int, block_size: int, hidden_size: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, verify_widths: tuple[int, ...] = (),
+                 max_tokens: int | None = None, capture_graphs: bool = True) -> None:
+        """verify_widths: the query widths q > 1 of the verify steps to capture (a
+        speculator's; none without one, or when the backend has no tree masks);
+        max_tokens: the most tokens a captured verify step may hold (the step budget)."""
         self.model, self.backend = model, backend
         self.block_size, self.max_model_len = block_size, max_model_len
+        self.capture_graphs = capture_graphs
         self.sizes = [s for s in DEFAULT_CAPTURE_SIZES if s <= max_batch]
         if not self.sizes or self.sizes[-1] < max_batch:
             self.sizes.append(max_batch)
-        n, max_blocks = self.sizes[-1], -(-max_model_len // block_size)
+        tree_masks = getattr(backend, "supports_tree_masks", False)
+        widths = sorted({w for w in verify_widths if w > 1}) if tree_masks else []
+        cap = max_tokens if max_tokens is not None else self.sizes[-1] * max(widths, default=1)
+        self.keys: list[Key] = [(bs, 1) for bs in self.sizes]
+        self.keys += [(bs, q) for q in widths for bs in self.sizes if bs * q <= cap]
+        self.widths = (1, *(q for q in widths if (1, q) in self.keys))
+        n_seqs, n_tok = self.sizes[-1], max(bs * q for bs, q in self.keys)
+        max_blocks = -(-max_model_len // block_size)
         # Static inputs: every replay copies the step's values into these.
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros(n, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
-        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros((n, max_blocks), dtype=torch.int32, device=device)
-        self.output = torch.zeros((n, hidden_size), dtype=dtype, device=device)
+        self.input_ids = torch.zeros(n_tok, dtype=torch.long, device=device)
+        self.positions = torch.zeros(n_tok, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((n_tok,), -1, dtype=torch.long, device=device)
+        self.seq_lens = torch.ones(n_seqs, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros((n_seqs, max_blocks), dtype=torch.int32, device=device)
+        self.output = torch.zeros((n_tok, hidden_size), dtype=dtype, device=device)
         # The aux hidden states (EAGLE-3 drafters read them), when the model keeps them.
         self.aux_output: torch.Tensor | None = None
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.batches: dict[int, ForwardBatch] = {}
+        self.graphs: dict[Key, torch.cuda.CUDAGraph] = {}
+        self.batches: dict[Key, ForwardBatch] = {}
+        self.num_replays: dict[Key, int] = {}
 
-    def _static_batch(self, bs: int) -> ForwardBatch:
+    def _static_batch(self, bs: int, q: int) -> ForwardBatch:
         # The kernels see the longest possible context, so the split count fixed at capture
         # time suits any length; each sequence's real length is read on the device.
+        dev, n = self.input_ids.device, bs * q
+        masks = None if q == 1 else [torch.ones((q, q), dtype=torch.bool, device=dev).tril()] * bs
         return ForwardBatch(
-            input_ids=self.input_ids[:bs], positions=self.positions[:bs],
-            slot_mapping=self.slot_mapping[:bs], query_start_loc=list(range(bs + 1)),
+            input_ids=self.input_ids[:n], positions=self.positions[:n],
+            slot_mapping=self.slot_mapping[:n], query_start_loc=list(range(0, n + 1, q)),
             seq_lens=self.seq_lens[:bs], seq_lens_list=[self.max_model_len] * bs,
-            block_tables=self.block_tables[:bs], num_decodes=bs,
-            logits_indices=torch.arange(bs, device=self.input_ids.device),
-            block_size=self.block_size)
+            block_tables=self.block_tables[:bs], num_decodes=bs if q == 1 else 0,
+            logits_indices=torch.arange(q - 1, n, q, device=dev),
+            block_size=self.block_size, attn_masks=masks)
 
     def _aux_layers(self) -> tuple[int, ...]:
         return getattr(getattr(self.model, "model", None), "aux_layers", ())
 
+    def _forward(self, key: Key) -> None:
+        """The captured work: the model on the static inputs into the static outputs."""
+        fb, n = self.batches[key], key[0] * key[1]
+        self.output[:n] = self.model(fb.input_ids, fb.positions, fb)
+        if self.aux_output is not None:
+            self.aux_output[:n] = self.model.model.aux_hidden_states
+
     @torch.inference_mode()
     def capture(self) -> None:
-        """Capture every batch size (again, e.g. after the model was asked for aux hidden
+        """Capture every shape (again, e.g. after the model was asked for aux hidden
         states: the graphs then copy those out too)."""
         self.graphs.clear()
         self.batches.clear()
-        n = self.sizes[-1]
         aux = self._aux_layers()
         self.aux_output = None if not aux else torch.zeros(
-            (n, len(aux) * self.output.shape[1]), dtype=self.output.dtype, device=self.output.device)
+            (self.output.shape[0], len(aux) * self.output.shape[1]), dtype=self.output.dtype,
+            device=self.output.device)
+        # Largest first, so smaller graphs reuse its memory pool.
+        order = sorted(self.keys, key=lambda k: (-k[0] * k[1], -k[1]))
+        for key in order:
+            fb = self._static_batch(*key)
+            self.backend.prepare(fb)    # its metadata tensors are the graph's from now on
+            self.batches[key] = fb
+        if not self.capture_graphs:
+            return
+        # Every captured row must see a context of at least its width (a verify row reads
+        # the last q slots of its sequence), also in the warm-up runs.
+        self.seq_lens.fill_(max(self.widths))
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
-        for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool
-            fb = self._static_batch(bs)
-            self.backend.prepare(fb)
+        for key in order:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm up (Triton compiles, cuBLAS picks kernels)
                 for _ in range(2):
-                    self.model(fb.input_ids, fb.positions, fb)
+                    self._forward(key)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.output[:bs] = self.model(fb.input_ids, fb.positions, fb)
-                if self.aux_output is not None:
-                    self.aux_output[:bs] = self.model.model.aux_hidden_states
-            self.graphs[bs] = graph
-            self.batches[bs] = fb
+                self._forward(key)
+            self.graphs[key] = graph
         torch.cuda.synchronize()
-        logger.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
+        logger.info("captured CUDA graphs for decode batch sizes %s%s", self.sizes,
+                    f" and verify widths {list(self.widths[1:])}" if len(self.widths) > 1 else "")
+
+    def key_for(self, fb: ForwardBatch) -> Key | None:
+        """The captured shape that can run this batch (padded), or None: run it eagerly."""
+        n = fb.num_seqs
+        if fb.num_decodes == n:
+            q = 1
+        else:
+            q = fb.num_tokens // n
+            if fb.num_decodes or q not in self.widths or fb.query_start_loc != list(range(0, n * q + 1, q)):
+                return None
+            masks = fb.attn_masks or ()
+            if any(m is not None and tuple(m.shape) != (q, q) for m in masks):
+                return None
+        bs = next((s for s in self.sizes if s >= n), None)
+        return None if bs is None or (bs, q) not in self.batches else (bs, q)
 
     def can_run(self, fb: ForwardBatch) -> bool:
-        return fb.num_decodes == fb.num_seqs and fb.num_seqs <= self.sizes[-1]
+        return self.key_for(fb) is not None
 
-    def run(self, fb: ForwardBatch) -> torch.Tensor:
-        """Replay the smallest graph that fits; returns hidden states [num_seqs, hidden]."""
-        n = fb.num_seqs
-        bs = next(s for s in self.sizes if s >= n)
+    def run(self, fb: ForwardBatch, key: Key | None = None) -> torch.Tensor:
+        """Replay the smallest shape that fits (`key`, from key_for); returns hidden states
+        [num_tokens, hidden]."""
+        key = key or self.key_for(fb)
+        bs, q = key
+        n, t = fb.num_seqs, fb.num_tokens
         width = fb.block_tables.shape[1]
-        self.input_ids[:n].copy_(fb.input_ids)
-        self.positions[:n].copy_(fb.positions)
-        self.slot_mapping[:n].copy_(fb.slot_mapping)
+        self.input_ids[:t].copy_(fb.input_ids)
+        self.positions[:t].copy_(fb.positions)
+        self.slot_mapping[:t].copy_(fb.slot_mapping)
         self.seq_lens[:n].copy_(fb.seq_lens)
         self.block_tables[:n, :width].copy_(fb.block_tables)
-        if bs > n:  # padding rows: no K/V write, a 1-token context
-            self.slot_mapping[n:bs].fill_(-1)
-            self.seq_lens[n:bs].fill_(1)
-        self.graphs[bs].replay()
+        if bs > n:  # padding rows: no K/V write, a q-token context
+            self.slot_mapping[t:bs * q].fill_(-1)
+            self.seq_lens[n:bs].fill_(q)
+        if q > 1:
+            self._copy_masks(fb, key)
+        if self.capture_graphs:
+            self.graphs[key].replay()
+        else:
+            self._forward(key)
+        self.num_replays[key] = self.num_replays.get(key, 0) + 1
         if self.aux_output is not None:
-            self.model.model.aux_hidden_states = self.aux_output[:n]
-        return self.output[:n]
+            self.model.model.aux_hidden_states = self.aux_output[:t]
+        return self.output[:t]
+
+    def _copy_masks(self, fb: ForwardBatch, key: Key) -> None:
+        """Each sequence's [q, q] mask (causal where it has none) into the static buffer."""
+        q = key[1]
+        static = self.batches[key].attn_metadata.tree_mask   # [bs * q * q] int8
+        masks = fb.attn_masks or [None] * fb.num_seqs
+        causal = self.batches[key].attn_masks[0]
+        flat = torch.cat([(m if m is not None else causal).reshape(-1) for m in masks])
+        static[:flat.numel()].copy_(flat)

@@ -44,7 +44,8 @@ class Engine:
         # networks load first, then the KV pool is sized with room for the per-slot state
         # the proposer keeps beside it, which it allocates last.
         self.speculator = Speculator(cfg.speculative_config, self)
-        self.runner.allocate_kv_cache(self.speculator.proposer.bytes_per_token(dtype))
+        self.runner.allocate_kv_cache(self.speculator.proposer.bytes_per_token(dtype),
+                                      self.speculator.verify_widths())
         self.speculator.proposer.allocate(self.runner)
         capacity = self.runner.num_blocks * cfg.block_size
         if capacity < max_model_len:

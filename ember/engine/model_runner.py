@@ -178,9 +178,10 @@ class ModelRunner:
         self.num_blocks = 0          # allocate_kv_cache() sizes and allocates the pool
         self.kv_caches: list[torch.Tensor] = []
 
-    def allocate_kv_cache(self, extra_bytes_per_token: int = 0) -> None:
-        """Size the KV pool and allocate it, then capture the decode CUDA graphs. Called once
-        the proposer's networks exist (their weights then count in the CUDA budget), with
+    def allocate_kv_cache(self, extra_bytes_per_token: int = 0, verify_widths: tuple[int, ...] = ()) -> None:
+        """Size the KV pool and allocate it, then capture the CUDA graphs (decode, and the
+        verify steps of `verify_widths` query tokens per sequence). Called once the
+        proposer's networks exist (their weights then count in the CUDA budget), with
         `extra_bytes_per_token` the per-slot state the proposer keeps beside the pool (its
         own K/V, the target rows it reads), which the pool's size must leave room for."""
         self.num_blocks = self._choose_num_blocks(extra_bytes_per_token)
@@ -191,7 +192,8 @@ class ModelRunner:
         if self.device.type == "cuda" and not self.cfg.enforce_eager and self.backend.supports_cuda_graphs:
             self.graph_runner = CudaGraphRunner(self.model, self.backend, self.cfg.max_num_seqs,
                                                 self.max_model_len, self.block_size, mc.hidden_size,
-                                                self.dtype, self.device)
+                                                self.dtype, self.device, verify_widths,
+                                                self.max_num_batched_tokens)
             self.graph_runner.capture()
         logger.info("KV pool: %d blocks of %d tokens = %d tokens (%.2f GiB; proposer state beside "
                     "it %.2f GiB)", self.num_blocks, self.block_size, self.num_blocks * self.block_size,
@@ -275,8 +277,9 @@ class ModelRunner:
         fb = build_forward_batch([(s.request.block_ids, s.start, s.query_token_ids) for s in scheduled],
                                  self.block_size, self.device, positions, masks)
         self._fill_pending_inputs(scheduled, fb, previous)
-        if self.graph_runner is not None and self.graph_runner.can_run(fb):
-            hidden = self.graph_runner.run(fb)
+        key = self.graph_runner.key_for(fb) if self.graph_runner is not None else None
+        if key is not None:
+            hidden = self.graph_runner.run(fb, key)
         else:
             self.backend.prepare(fb)
             hidden = self.model(fb.input_ids, fb.positions, fb)
@@ -437,9 +440,10 @@ class ModelRunner:
                                          r.eos_token_ids))
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
         vocab = logits.shape[-1]
-        probs = sampling_probs(logits, SamplingBatch.build(srows, vocab, self.device))
+        sb = SamplingBatch.build(srows, vocab, self.device)
+        probs = sampling_probs(logits, sb)
         out = tree_rejection_sample(probs.view(len(spec), width, vocab), [s.spec_tree for s in spec],
-                                    None, [s.request.generator for s in spec])
+                                    None, [s.request.generator for s in spec], greedy=sb.all_greedy)
         src, dst = [], []
         for i, (s, end, tokens, nodes) in enumerate(zip(spec, ends, out.token_ids, out.accepted_nodes)):
             rid = s.request.request_id

@@ -53,6 +53,15 @@ class Speculator:
             return self.controller.choose(num_running)
         return self.cfg.num_speculative_tokens
 
+    def verify_widths(self) -> tuple[int, ...]:
+        """Query tokens per request of the verify steps this speculator can ask for (its
+        last token and the draft slots of each k it may choose): the CUDA graphs to capture."""
+        if not self.cfg.enabled:
+            return ()
+        top = self.cfg.num_speculative_tokens
+        ks = range(1, top + 1) if self.controller is not None else (top,)
+        return tuple(sorted({self.proposer.slots_for(k) + 1 for k in ks}))
+
     def slots_for(self, k: int) -> int:
         """Draft slots per decoding request the scheduler leaves for a step of k drafts."""
         return self.proposer.slots_for(k)

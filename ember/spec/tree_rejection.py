@@ -76,16 +76,22 @@ def tree_rejection_sample(
                                        # from (row 0: the root's); None: children deterministic
     generators: list[torch.Generator | None],  # [B]
     replacement: bool = False,         # sampled children: drawn with replacement (else without)
+    greedy: bool = False,              # every row of target_probs is one-hot (greedy requests)
 ) -> TreeVerifyOutput:
     """Verify a batch of draft trees; see the module docstring for the rule.
 
     Vectorized over requests, a loop over depth and child slot. A seeded request draws
     N uniforms (one per node) then one vocabulary row of exponentials from its generator.
+    `greedy` with deterministic children takes the rule's one-hot case directly (the
+    child equal to the argmax is accepted, the argmax is emitted where none is): one
+    read-back instead of one per child slot.
     """
     b, n1, vocab = target_probs.shape
     dev = target_probs.device
     if b == 0:
         return TreeVerifyOutput([], [])
+    if greedy and draft_probs is None:
+        return _greedy_walk(target_probs.argmax(dim=-1).tolist(), trees)
     n = n1 - 1
     rows = torch.arange(b, device=dev)
     kids, tokens = _tables(trees, n)
@@ -135,6 +141,25 @@ def tree_rejection_sample(
     tok_l = tokens.tolist()
     accepted = [[x for x in row if x >= 0] for row in path_l]
     out = [[tok_l[i][x] for x in accepted[i]] + [last[i]] for i in range(b)]
+    return TreeVerifyOutput(out, accepted)
+
+
+def _greedy_walk(best: list[list[int]],   # [B][N + 1] the target's argmax at the root, node i
+                 trees: list[DraftTree]) -> TreeVerifyOutput:
+    """Follow, from the root, the child whose token is the target's argmax there; emit the
+    argmax where no child matches (one-hot p: acceptance is an exact match)."""
+    out, accepted = [], []
+    for row, t in zip(best, trees):
+        kids = t.children()
+        at, path = -1, []
+        while True:
+            nxt = next((c for c in kids[at + 1] if t.tokens[c] == row[at + 1]), None)
+            if nxt is None:
+                break
+            path.append(nxt)
+            at = nxt
+        accepted.append(path)
+        out.append([t.tokens[c] for c in path] + [row[at + 1]])
     return TreeVerifyOutput(out, accepted)
 
 

@@ -1,0 +1,72 @@
+"""CUDA-graph shapes for speculative verify steps (ember.engine.cuda_graph), on the CPU:
+the graph runner with `capture_graphs=False` replays by running the model on its static
+buffers, so the inputs path (static copies, padding, per-sequence tree masks through the
+tree kernel, the aux rows an EAGLE drafter reads) runs under the Triton interpreter.
+Greedy output through it equals plain decoding for chains and trees."""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_eagle_proposer import drafters, prompts, reference, spec  # noqa: F401  (fixtures)
+from test_spec_decode import make_llm, run
+
+from ember import SamplingParams
+from ember.engine.cuda_graph import CudaGraphRunner
+from ember.engine.forward_batch import ForwardBatch
+
+
+def _attach_static_runner(llm) -> CudaGraphRunner:
+    """Give the engine a graph runner that replays eagerly (no GPU needed)."""
+    eng = llm.engine
+    r = eng.runner
+    gr = CudaGraphRunner(r.model, r.backend, 8, eng.max_model_len, r.block_size,
+                         eng.model_config.hidden_size, r.dtype, r.device,
+                         eng.speculator.verify_widths(), r.max_num_batched_tokens, capture_graphs=False)
+    gr.capture()
+    r.graph_runner = gr
+    return gr
+
+
+@pytest.mark.parametrize("method,tree", [("eagle", None), ("peagle", {"top_k": 3, "budget": 7})])
+def test_verify_through_static_buffers_is_greedy_identical(tiny_llama, drafters, prompts, reference,  # noqa: F811
+                                                           method, tree) -> None:
+    llm = make_llm(tiny_llama, attention_backend="triton", max_num_seqs=8,
+                   speculative_config=spec(method, drafters[method], k=3, tree=tree))
+    gr = _attach_static_runner(llm)
+    widths = llm.engine.speculator.verify_widths()
+    assert widths == ((4,) if tree is None else (llm.engine.speculator.slots_for(3) + 1,))
+    tokens, _ = run(llm, prompts[:3], SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))
+    assert tokens == [ref[:10] for ref in reference[:3]]
+    verify = {k: n for k, n in gr.num_replays.items() if k[1] > 1}
+    # Verify steps ran through the static buffers, padded (3 requests -> 4 rows).
+    assert sum(verify.values()) > 0, gr.num_replays
+    assert any(bs > 1 for bs, _ in verify)
+    assert llm.engine.spec_stats()["num_accepted_tokens"] > 0
+
+
+def test_key_for_runs_only_uniform_widths(tiny_llama) -> None:
+    llm = make_llm(tiny_llama, attention_backend="triton")
+    r = llm.engine.runner
+    gr = CudaGraphRunner(r.model, r.backend, 4, 64, r.block_size, 64, r.dtype, r.device,
+                         (3, 5), 12, capture_graphs=False)
+    gr.capture()
+    assert gr.widths == (1, 3, 5)
+    assert (4, 3) in gr.batches and (2, 5) in gr.batches and (4, 5) not in gr.batches  # 20 > 12 tokens
+
+    def batch(widths: list[int], masks: list | None = None) -> ForwardBatch:
+        qsl = [0]
+        for w in widths:
+            qsl.append(qsl[-1] + w)
+        t, s = qsl[-1], len(widths)
+        return ForwardBatch(torch.zeros(t, dtype=torch.long), torch.zeros(t, dtype=torch.long),
+                            torch.zeros(t, dtype=torch.long), qsl, torch.full((s,), 9),
+                            [9] * s, torch.zeros((s, 3), dtype=torch.int32),
+                            sum(w == 1 for w in widths), torch.zeros(s, dtype=torch.long), 4, attn_masks=masks)
+    assert gr.key_for(batch([1, 1, 1])) == (4, 1)
+    assert gr.key_for(batch([3, 3, 3])) == (4, 3)
+    assert gr.key_for(batch([5])) == (1, 5)
+    assert gr.key_for(batch([5, 5, 5])) is None          # over the token cap
+    assert gr.key_for(batch([3, 5])) is None             # mixed widths
+    assert gr.key_for(batch([1, 3, 3])) is None          # a decode among verifies
+    assert gr.key_for(batch([4, 4])) is None             # not a captured width
+    assert gr.key_for(batch([3, 3], [None, torch.ones((3, 4), dtype=torch.bool)])) is None  # a wider mask
