@@ -9,7 +9,7 @@ from _stats import chi2_pvalue
 
 from ember.layers.sampler import SamplingBatch, SamplingRow, sampling_probs
 from ember.sampling_params import SamplingParams as SP
-from ember.spec.rejection import rejection_sample
+from ember.spec.rejection import greedy_verify, rejection_sample
 
 V = 8
 
@@ -27,6 +27,22 @@ def test_greedy_target_is_exact_match_then_argmax() -> None:
     assert out.token_ids == [[3, 5]] and out.num_accepted == [1]         # corrected at 1
     out = rejection_sample(p, torch.tensor([[0, 5, 1]]), [3], None, [None])
     assert out.token_ids == [[3]] and out.num_accepted == [0]
+
+
+def test_greedy_verify_equals_the_rule_on_one_hot_targets() -> None:
+    """The host shortcut for greedy batches against rejection_sample (drafts padded to K,
+    with and without a draft distribution)."""
+    g = torch.Generator().manual_seed(3)
+    for _ in range(30):
+        b, k = 4, 3
+        best = torch.randint(0, 3, (b, k + 1), generator=g)
+        p = torch.nn.functional.one_hot(best, V).float()                     # [B, K+1, V]
+        n = torch.randint(0, k + 1, (b,), generator=g).tolist()
+        drafts = torch.randint(0, 3, (b, k), generator=g)
+        q = torch.softmax(torch.randn(b, k, V, generator=g), -1)
+        fast = greedy_verify(best.tolist(), [drafts[i, :n[i]].tolist() for i in range(b)])
+        for dq in (None, q):
+            assert rejection_sample(p, drafts, n, dq, [None] * b) == fast
 
 
 def test_greedy_target_with_draft_distribution() -> None:

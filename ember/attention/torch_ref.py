@@ -104,6 +104,7 @@ class TorchAttentionBackend(AttentionBackend):
         seq_len = fb.seq_lens_list[i]
         ctx = seq_len - n
         tail = fb.attn_masks[i] if fb.attn_masks is not None else None   # [n, w] or None
+        tail = tail.to(q.device) if tail is not None else None
         if ctx == 0:
             keys, values, mask = k, v, tail  # nothing cached: the chunk's own K/V suffice
         else:

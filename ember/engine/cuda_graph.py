@@ -174,6 +174,8 @@ class CudaGraphRunner:
         q = key[1]
         static = self.batches[key].attn_metadata.tree_mask   # [bs * q * q] int8
         masks = fb.attn_masks or [None] * fb.num_seqs
-        causal = self.batches[key].attn_masks[0]
+        # Built where the step's masks are (the host, from tree_layout): one copy over.
+        where = next((m.device for m in masks if m is not None), torch.device("cpu"))
+        causal = torch.ones((q, q), dtype=torch.bool, device=where).tril()
         flat = torch.cat([(m if m is not None else causal).reshape(-1) for m in masks])
-        static[:flat.numel()].copy_(flat)
+        static[:flat.numel()].copy_(flat, non_blocking=True)

@@ -18,7 +18,7 @@ from ember.layers.sampler import (RowLogprobs, Sampler, SamplerOutput, SamplingB
                                   compute_token_logprobs, sampling_probs)
 from ember.models.loader import ModelSource, build_model
 from ember.models.registry import attention_backend_for
-from ember.spec.rejection import rejection_sample
+from ember.spec.rejection import VerifyOutput, greedy_verify, rejection_sample
 from ember.spec.tree import ancestor_mask
 from ember.spec.tree_rejection import tree_rejection_sample
 
@@ -133,11 +133,12 @@ def build_forward_batch(seqs: list[tuple[list[int], int, list[int]]], block_size
         attn_masks=None if not attn_masks else [attn_masks.get(i) for i in range(len(seqs))])
 
 
-def tree_layout(trees: dict[int, ScheduledRequest],
-                device: torch.device) -> tuple[dict[int, list[int]] | None, dict[int, torch.Tensor] | None]:
-    """RoPE positions and attention masks of the sequences that verify a draft tree: the
-    request's own tokens (causal), then each node at the position after its parent's (its
-    depth past the last own token), seeing the own tokens and its ancestors."""
+def tree_layout(trees: dict[int, ScheduledRequest]
+                ) -> tuple[dict[int, list[int]] | None, dict[int, torch.Tensor] | None]:
+    """RoPE positions and attention masks (on the host) of the sequences that verify a
+    draft tree: the request's own tokens (causal), then each node at the position after
+    its parent's (its depth past the last own token), seeing the own tokens and its
+    ancestors."""
     if not trees:
         return None, None
     positions, masks = {}, {}
@@ -150,7 +151,7 @@ def tree_layout(trees: dict[int, ScheduledRequest],
         m[:own, :own] = torch.ones((own, own), dtype=torch.bool).tril()
         m[own:, :own] = True
         m[own:, own:] = ancestor_mask(t.parents)
-        masks[i] = m.to(device)
+        masks[i] = m   # on the host: the backend (or the graph runner) copies all of them at once
     return positions, masks
 
 
@@ -273,7 +274,7 @@ class ModelRunner:
         trees = {i: s for i, s in enumerate(scheduled) if s.spec_tree is not None}
         if trees and not getattr(self.backend, "supports_tree_masks", False):
             raise RuntimeError(f"the {self.backend.name} attention backend cannot verify draft trees")
-        positions, masks = tree_layout(trees, self.device)
+        positions, masks = tree_layout(trees)
         fb = build_forward_batch([(s.request.block_ids, s.start, s.query_token_ids) for s in scheduled],
                                  self.block_size, self.device, positions, masks)
         self._fill_pending_inputs(scheduled, fb, previous)
@@ -390,8 +391,13 @@ class ModelRunner:
                                          out_ids + s.spec_token_ids[:jj], r.generator, r.eos_token_ids))
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
         vocab = logits.shape[-1]
-        probs = sampling_probs(logits, SamplingBatch.build(srows, vocab, self.device))
+        sb = SamplingBatch.build(srows, vocab, self.device)
+        probs = sampling_probs(logits, sb)
         probs = probs.view(len(spec), width, vocab)                    # [B, K+1, vocab]
+        if sb.all_greedy:
+            out = greedy_verify(probs.argmax(dim=-1).tolist(), [s.spec_token_ids for s in spec])
+            self._chain_results(spec, out, logits, width, result)
+            return
         drafts = torch.zeros((len(spec), width - 1), dtype=torch.long)
         for i, s in enumerate(spec):
             drafts[i, :len(s.spec_token_ids)] = torch.tensor(s.spec_token_ids)
@@ -406,6 +412,11 @@ class ModelRunner:
                     q[i, torch.arange(k), drafts[i, :k]] = 1.0
         out = rejection_sample(probs, drafts.to(self.device), [len(s.spec_token_ids) for s in spec],
                                q, [s.request.generator for s in spec])
+        self._chain_results(spec, out, logits, width, result)
+
+    def _chain_results(self, spec: list[ScheduledRequest], out: VerifyOutput, logits: torch.Tensor,
+                       width: int, result: StepResult) -> None:
+        """The verified chains' tokens (and logprobs) into the step's result."""
         for i, (s, tokens) in enumerate(zip(spec, out.token_ids)):
             rid = s.request.request_id
             result.sampled[rid] = tokens

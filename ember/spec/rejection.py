@@ -115,3 +115,18 @@ def rejection_sample(
     last_l = last.tolist()
     tokens = [d_l[i][:n_acc_l[i]] + [last_l[i]] for i in range(b)]
     return VerifyOutput(tokens, n_acc_l)
+
+
+def greedy_verify(best: list[list[int]],   # [B][K + 1] the target's argmax at each position
+                  drafts: list[list[int]]) -> VerifyOutput:
+    """rejection_sample's one-hot case, on the host: a greedy target accepts the drafts
+    that equal its argmax, up to the first that does not, then emits its argmax there
+    (or the bonus argmax after k accepted drafts). One read-back, no noise drawn."""
+    tokens, accepted = [], []
+    for row, d in zip(best, drafts):
+        n = 0
+        while n < len(d) and d[n] == row[n]:
+            n += 1
+        tokens.append(list(d[:n]) + [row[n]])
+        accepted.append(n)
+    return VerifyOutput(tokens, accepted)
