@@ -2,7 +2,8 @@
 the graph runner with `capture_graphs=False` replays by running the model on its static
 buffers, so the inputs path (static copies, padding, per-sequence tree masks through the
 tree kernel, the aux rows an EAGLE drafter reads) runs under the Triton interpreter.
-Greedy output through it equals plain decoding for chains and trees."""
+The EAGLE drafter's graphed forwards (ember.spec.draft_graphs) likewise. Greedy output
+through them equals plain decoding for chains and trees."""
 from __future__ import annotations
 
 import pytest
@@ -13,6 +14,7 @@ from test_spec_decode import make_llm, run
 from ember import SamplingParams
 from ember.engine.cuda_graph import CudaGraphRunner
 from ember.engine.forward_batch import ForwardBatch
+from ember.spec.draft_graphs import DrafterGraphs
 
 
 def _attach_static_runner(llm) -> CudaGraphRunner:
@@ -24,24 +26,39 @@ def _attach_static_runner(llm) -> CudaGraphRunner:
                          eng.speculator.verify_widths(), r.max_num_batched_tokens, capture_graphs=False)
     gr.capture()
     r.graph_runner = gr
+    prop = eng.speculator.proposer
+    if hasattr(prop, "drafter"):
+        prop.graphs = DrafterGraphs(prop.drafter, prop.aux, prop.backend, r, prop.max_k, prop.parallel,
+                                    capture_graphs=False)
     return gr
 
 
 @pytest.mark.parametrize("method,tree", [("eagle", None), ("peagle", {"top_k": 3, "budget": 7})])
 def test_verify_through_static_buffers_is_greedy_identical(tiny_llama, drafters, prompts, reference,  # noqa: F811
                                                            method, tree) -> None:
-    llm = make_llm(tiny_llama, attention_backend="triton", max_num_seqs=8,
-                   speculative_config=spec(method, drafters[method], k=3, tree=tree))
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    make = lambda: make_llm(tiny_llama, attention_backend="triton", max_num_seqs=8,  # noqa: E731
+                            speculative_config=spec(method, drafters[method], k=3, tree=tree))
+    eager = make()
+    run(eager, prompts[:3], params)
+    llm = make()
     gr = _attach_static_runner(llm)
     widths = llm.engine.speculator.verify_widths()
     assert widths == ((4,) if tree is None else (llm.engine.speculator.slots_for(3) + 1,))
-    tokens, _ = run(llm, prompts[:3], SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))
+    tokens, _ = run(llm, prompts[:3], params)
     assert tokens == [ref[:10] for ref in reference[:3]]
+    # The same drafts as the eager drafter's: the same acceptance, position by position.
+    assert llm.engine.spec_stats() == eager.engine.spec_stats()
     verify = {k: n for k, n in gr.num_replays.items() if k[1] > 1}
     # Verify steps ran through the static buffers, padded (3 requests -> 4 rows).
     assert sum(verify.values()) > 0, gr.num_replays
     assert any(bs > 1 for bs, _ in verify)
     assert llm.engine.spec_stats()["num_accepted_tokens"] > 0
+    # The drafter's catch-up (and P-EAGLE's mask rows) ran through theirs.
+    graphs = llm.engine.speculator.proposer.graphs
+    assert sum(graphs.catch_up.num_replays.values()) > 0
+    if method == "peagle":
+        assert sum(graphs.mask_rows.num_replays.values()) > 0
 
 
 def test_key_for_runs_only_uniform_widths(tiny_llama) -> None:
@@ -70,3 +87,18 @@ def test_key_for_runs_only_uniform_widths(tiny_llama) -> None:
     assert gr.key_for(batch([1, 3, 3])) is None          # a decode among verifies
     assert gr.key_for(batch([4, 4])) is None             # not a captured width
     assert gr.key_for(batch([3, 3], [None, torch.ones((3, 4), dtype=torch.bool)])) is None  # a wider mask
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="captures real CUDA graphs")
+@pytest.mark.parametrize("method,tree", [("eagle", None), ("peagle", {"top_k": 3, "budget": 7}),
+                                         ("eagle", {"top_k": 2, "budget": 6})])
+def test_captured_verify_and_drafter_graphs_are_greedy_identical(tiny_llama, drafters, prompts,  # noqa: F811
+                                                                  reference, method, tree) -> None:
+    llm = make_llm(tiny_llama, max_num_seqs=8, speculative_config=spec(method, drafters[method], k=3, tree=tree))
+    gr = llm.engine.runner.graph_runner
+    assert gr is not None and gr.capture_graphs
+    tokens, _ = run(llm, prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
+    assert tokens == [ref[:16] for ref in reference]
+    assert sum(n for (_, q), n in gr.num_replays.items() if q > 1) > 0
+    assert sum(llm.engine.speculator.proposer.graphs.catch_up.num_replays.values()) > 0
+    assert llm.engine.spec_stats()["num_accepted_tokens"] > 0

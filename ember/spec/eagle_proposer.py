@@ -44,12 +44,14 @@ from ember.attention.backend import get_attention_backend
 from ember.engine.forward_batch import ForwardBatch
 from ember.engine.model_runner import TargetHiddenStates, build_forward_batch
 from ember.engine.scheduler import ScheduledRequest, SchedulerOutput
+from ember.spec.draft_graphs import DrafterGraphs
 from ember.spec.drafting import ProposerKV, TargetRows, catch_up, draw_drafts
 from ember.spec.eagle import load_eagle
 from ember.spec.proposer import Proposer
 from ember.spec.tree import TreeBuilder
 
 if TYPE_CHECKING:
+    from ember.engine.cuda_graph import CudaGraphRunner
     from ember.engine.engine import Engine
     from ember.engine.model_runner import ModelRunner
     from ember.spec.config import SpeculativeConfig
@@ -89,6 +91,8 @@ class EagleProposer(Proposer):
         self.source = cfg.model
         self.max_catch_up = runner.max_num_batched_tokens
         self.tree = cfg.tree
+        self.max_k = cfg.num_speculative_tokens
+        self.graphs: DrafterGraphs | None = None   # captured drafter forwards (CUDA graphs on)
 
     def bytes_per_token(self, dtype: torch.dtype) -> int:
         return (ProposerKV.bytes_per_token(self.drafter.attention_layers(), dtype)
@@ -97,6 +101,8 @@ class EagleProposer(Proposer):
     def allocate(self, runner: ModelRunner) -> None:
         self.kv = ProposerKV(self.drafter.attention_layers(), runner)
         self.aux = TargetRows(self.aux_width, runner)
+        if runner.graph_runner is not None:   # the target's steps are graphed: the drafter's too
+            self.graphs = DrafterGraphs(self.drafter, self.aux, self.backend, runner, self.max_k, self.parallel)
         cfg_d = self.drafter.config
         logger.info("%s drafter %s: draft vocabulary %d, aux layers %s, KV %.1f MiB, aux rows %.1f MiB",
                     self.name, self.source, cfg_d.draft_vocab_size, cfg_d.aux_layers,
@@ -119,6 +125,9 @@ class EagleProposer(Proposer):
 
     def _catch_up_forward(self, fb: ForwardBatch) -> torch.Tensor:
         """The drafter over pairs (t_{i+1}, fc(aux_i)), aux_i from the kept rows -> o [T, H]."""
+        o = DrafterGraphs.run(self.graphs and self.graphs.catch_up, fb)
+        if o is not None:
+            return o
         self.backend.prepare(fb)
         d = self.drafter
         return d(d.embed(fb.input_ids), d.fuse(self.aux.rows[fb.slot_mapping]), fb.positions, d.paged(fb))
@@ -138,9 +147,14 @@ class EagleProposer(Proposer):
 
     def _forward(self, seqs: list[tuple[list[int], int, list[int]]], embeds: torch.Tensor,
                  hidden: torch.Tensor, positions: dict[int, list[int]] | None = None,
-                 masks: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
-        """One drafter forward over the paged cache; embeds, hidden: [T, H] -> o [T, H]."""
+                 masks: dict[int, torch.Tensor] | None = None, graphs: CudaGraphRunner | None = None
+                 ) -> torch.Tensor:
+        """One drafter forward over the paged cache; embeds, hidden: [T, H] -> o [T, H]
+        (from `graphs` when they hold the batch's shape and compute the same)."""
         fb = build_forward_batch(seqs, self.block_size, self.device, positions, masks)
+        o = DrafterGraphs.run(graphs, fb)
+        if o is not None:
+            return o
         self.backend.prepare(fb)
         return self.drafter(embeds, hidden, fb.positions, self.drafter.paged(fb))
 
@@ -151,7 +165,8 @@ class EagleProposer(Proposer):
         seqs = [(s.request.block_ids, s.request.num_tokens - 1, [0] * c) for s, c in zip(spec, counts)]
         order = sorted(range(len(seqs)), key=lambda i: counts[i] != 1)   # single rows first
         n = sum(counts)
-        o = self._forward([seqs[i] for i in order], d.mask_embed.expand(n, -1), d.mask_hidden.expand(n, -1))
+        o = self._forward([seqs[i] for i in order], d.mask_embed.expand(n, -1), d.mask_hidden.expand(n, -1),
+                          graphs=self.graphs and self.graphs.mask_rows)
         start_of, at = {}, 0
         for i in order:
             start_of[i], at = at, at + counts[i]
