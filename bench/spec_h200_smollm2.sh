@@ -10,6 +10,8 @@
 #   METHODS=ngram,mtp,eagle,eagle-tree,peagle,peagle-tree K=3 EGPU=1 \
 #   EXTRA="--eagle /tmp/drafters/eagle-smollm2 --peagle /tmp/drafters/peagle-smollm2 --tree-top-k 4 --tree-budget 16"
 #   (EGPU=1 first runs the GPU e2e tests of eagle/peagle chains and trees with those drafters)
+# Speed only, the variants interleaved in one process (bench/spec_decode_interleaved.py):
+#   phase 3 with INTERLEAVED="--batch-sizes 1,64 --repeats 2 --output-len 256 --k 3 --variants none,..."
 set -uo pipefail
 phase=$1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/parts /tmp/drafters
@@ -31,8 +33,14 @@ elif [ "$phase" = 3 ]; then
     EMBER_EAGLE_DIR=/tmp/drafters/eagle-smollm2 EMBER_PEAGLE_DIR=/tmp/drafters/peagle-smollm2 \
         timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider tests/test_gpu_e2e.py 2>&1 | tee "$OUT/gpu_e2e_eagle.txt" | tail -5
   fi
+  if [ -n "${INTERLEAVED:-}" ]; then   # speed only: the variants interleaved in one process
+    (cd bench && timeout ${SPEC_TIMEOUT:-400} python3 spec_decode_interleaved.py --data ../.devrun/data/tinystories_sample.txt \
+        ../.devrun/data/wizard_of_oz.txt --eagle /tmp/drafters/eagle-smollm2 --peagle /tmp/drafters/peagle-smollm2 \
+        --mtp /tmp/drafters/mtp-smollm2 $INTERLEAVED) 2>&1 | tee "$OUT/spec_h200_interleaved.txt" | tail -40
+  else
   timeout ${SPEC_TIMEOUT:-400} python3 bench/spec_decode.py --device cuda --methods ${METHODS:-ngram,mtp} \
       --mtp /tmp/drafters/mtp-smollm2 ${EXTRA:-} --data $DATA --k ${K:-2} \
       --num-quality-prompts 32 --quality-output-len 128 --output-len 128 --batch-sizes 1,64 \
       --speed-modes adaptive,fixed --fixed-batch-sizes 1 --out "$OUT/spec_h200.json" 2>&1 | tee "$OUT/spec_h200.txt" | tail -40
+  fi
 fi

@@ -250,6 +250,71 @@ def test_peagle_one_forward_equals_one_row_at_a_time(tiny_llama, drafters, promp
     assert any(len(d) == 4 for step in results[0] for d in step)
 
 
+@pytest.mark.parametrize("method", ["eagle", "peagle"])
+def test_trees_are_the_per_node_reference_on_the_drafters_log_probs(tiny_llama, drafters, prompts, reference,
+                                                                    method, monkeypatch) -> None:
+    """The proposer scores every request's fed nodes of a depth with one top_children (P-EAGLE:
+    the roots and every mask row with one); rebuilt one node at a time by the per-node
+    reference builder from the same log q rows, every tree is the same, bit for bit."""
+    from test_tree import PerNodeTreeBuilder
+
+    from ember.spec import eagle_proposer
+    from ember.spec.tree import top_children
+    calls: list[list[torch.Tensor]] = []   # this step's top_children inputs
+    drafting: list[list] = []               # this step's drafting requests, in the proposer's order
+
+    def recording_top_children(top_k, *logq):
+        calls.append([x.clone() for x in logq])
+        return top_children(top_k, *logq)
+
+    def recording_catch_up(*args, **kw):
+        out = catch_up(*args, **kw)
+        drafting.append(out[0])
+        return out
+    catch_up = eagle_proposer.catch_up
+    monkeypatch.setattr(eagle_proposer, "top_children", recording_top_children)
+    monkeypatch.setattr(eagle_proposer, "catch_up", recording_catch_up)
+    llm = make_llm(tiny_llama, speculative_config=spec(method, drafters[method], tree={"top_k": 3, "budget": 9}))
+    proposer = llm.engine.speculator.proposer
+    propose, checked, depths = proposer.propose, [0], set()
+
+    def checking(batch):
+        calls.clear()
+        drafting.clear()
+        propose(batch)
+        if not drafting[0]:
+            return
+        spec_reqs = drafting[0]
+        shapes = [proposer.tree.for_room(s.num_spec_slots) for s in spec_reqs]   # (depth, budget)
+        ref = [PerNodeTreeBuilder(row, 3) for row in calls[0][0]]
+        if method == "eagle":
+            for level, (logq,) in enumerate(calls[1:], start=2):
+                at = 0
+                for r, (depth, _) in zip(ref, shapes):
+                    fed = r.to_feed() if depth >= level else []
+                    if fed:
+                        r.expand(fed, logq[at:at + len(fed)])
+                        at += len(fed)
+                assert at == logq.shape[0]
+        else:
+            assert len(calls) == 1
+            at = 0
+            for r, (depth, _) in zip(ref, shapes):
+                for level in range(depth - 1):   # depth level + 2 reads mask row level
+                    fed = r.to_feed()
+                    if fed:
+                        r.expand(fed, calls[0][1][at + level].expand(len(fed), -1))
+                at += depth - 1
+        for s, r, (depth, budget) in zip(spec_reqs, ref, shapes):
+            assert s.spec_tree == r.finish(budget)[0]
+            checked[0] += 1
+            depths.add(s.spec_tree.max_depth)
+    proposer.propose = checking
+    tokens, _ = run(llm, prompts)
+    assert tokens == reference
+    assert checked[0] > 50 and {1, 3} <= depths
+
+
 def test_adaptive_sizes_trees_down_to_off(tiny_llama, drafters, prompts, reference) -> None:
     llm = make_llm(tiny_llama, speculative_config=spec("eagle", drafters["eagle"], k=4,
                                                        tree={"top_k": 3, "budget": 12}, adaptive=True))

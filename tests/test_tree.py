@@ -9,7 +9,8 @@ import torch
 
 from ember.attention.torch_ref import TorchAttentionBackend, write_kv
 from ember.engine.forward_batch import ForwardBatch
-from ember.spec.tree import DraftTree, ancestor_mask, build_dynamic_tree, tree_attention_ref, with_root_row
+from ember.spec.tree import (DraftTree, TreeBuilder, ancestor_mask, build_dynamic_tree, top_children,
+                             tree_attention_ref, with_root_row)
 
 
 def test_ancestor_mask_and_paths() -> None:
@@ -84,6 +85,124 @@ def test_dynamic_tree_depth_one_and_tiny_vocab() -> None:
     tree, _ = build_dynamic_tree(torch.log(torch.tensor([0.5, 0.5, 0.0])), lambda f, c: None,
                                  depth=1, top_k=3, budget=5)
     assert tree.tokens == [0, 1] and tree.parents == [-1, -1]   # -inf tokens are never drafted
+
+
+class PerNodeTreeBuilder:
+    """The reference: TreeBuilder as it was before batching, each node's children a 1-D topk
+    of that node's own log q row, read back one node at a time."""
+
+    def __init__(self, root_logq: torch.Tensor, top_k: int) -> None:   # root_logq: [vocab]
+        self.top_k = top_k
+        self.cand = DraftTree([], [], [], [])
+        self.level = self._add_children(-1, 0.0, root_logq)
+
+    def _add_children(self, parent: int, parent_score: float, logq: torch.Tensor) -> list[int]:
+        c = self.cand
+        vals, ids = logq.float().topk(min(self.top_k, logq.numel()))
+        added = []
+        for v, t in zip(vals.tolist(), ids.tolist()):
+            if v == float("-inf"):
+                break
+            c.tokens.append(t)
+            c.parents.append(parent)
+            c.depths.append(1 if parent < 0 else c.depths[parent] + 1)
+            c.scores.append(parent_score + v)
+            added.append(len(c.tokens) - 1)
+        return added
+
+    def to_feed(self) -> list[int]:
+        s = self.cand.scores
+        return sorted(sorted(self.level, key=lambda i: (-s[i], i))[:self.top_k])
+
+    def expand(self, fed: list[int], logq: torch.Tensor) -> None:   # logq: [len(fed), vocab]
+        self.level = [c for row, i in enumerate(fed)
+                      for c in self._add_children(i, self.cand.scores[i], logq[row])]
+
+    def finish(self, budget: int) -> tuple[DraftTree, list[int]]:
+        c = self.cand
+        chosen = sorted(sorted(range(len(c.tokens)), key=lambda i: (-c.scores[i], i))[:budget])
+        index = {x: j for j, x in enumerate(chosen)}
+        return DraftTree([c.tokens[x] for x in chosen],
+                         [-1 if c.parents[x] < 0 else index[c.parents[x]] for x in chosen],
+                         [c.depths[x] for x in chosen], [c.scores[x] for x in chosen]), chosen
+
+
+def _tied_logq(rows: int, vocab: int, seed: int, device: str = "cpu") -> torch.Tensor:
+    """[rows, vocab] log q with many exact ties (logits in {0, 1, 2}) and impossible tokens
+    (-inf), some rows with fewer possible tokens than a top_k of 3."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randint(0, 3, (rows, vocab), generator=g).float()
+    logits[torch.rand(rows, vocab, generator=g) < 0.3] = float("-inf")
+    logits[::7, 2:] = float("-inf")   # every 7th row: two possible tokens at most
+    logits[::7, :2] = 0.0
+    return torch.log_softmax(logits, dim=-1).to(device)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("vocab", [5, 300, 49152])
+def test_top_children_equals_a_topk_per_row(device: str, vocab: int) -> None:
+    """One topk over many rows (of several tensors) and one copy back gives each row exactly
+    its own 1-D topk: values, ids and the order among ties."""
+    parts = [_tied_logq(n, vocab, seed, device) for n, seed in [(1, 0), (23, 1), (9, 2)]]
+    got = top_children(4, *parts)
+    rows = torch.cat(parts)
+    assert len(got) == rows.shape[0]
+    for row, kids in zip(rows, got):
+        vals, ids = row.topk(min(4, vocab))
+        assert kids == list(zip(vals.tolist(), ids.tolist()))
+    assert any(len({v for v, _ in kids}) < len(kids) for kids in got)   # ties were there
+
+
+def _node_row(request: int, cand: DraftTree, node: int, table_rows: int) -> int:
+    """The 'drafter': which row of a table of tied log q scores node's children."""
+    return (31 * request + 7 * cand.tokens[node] + 13 * cand.depths[node] + node) % table_rows
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_batched_expansion_equals_the_per_node_reference(seed: int) -> None:
+    """The proposers' way (every request's fed nodes of a depth scored by one top_children;
+    P-EAGLE: one row per depth, shared by the depth's fed nodes) against the per-node
+    reference on tied log-probs: the same candidates, trees and chosen nodes, bit for bit."""
+    top_k, vocab = 3, 40
+    table = _tied_logq(64, vocab, 100 + seed)
+    g = torch.Generator().manual_seed(seed)
+    depths = torch.randint(1, 6, (6,), generator=g).tolist()
+    budgets = [d + int(torch.randint(0, 12, (1,), generator=g)) for d in depths]
+    roots = table[torch.randint(0, 64, (len(depths),), generator=g)]
+    for product in (False, True):   # EAGLE's per-node rows, P-EAGLE's per-depth rows
+        # P-EAGLE: request i's depth l + 2 reads row per_depth[i] + l of the table.
+        per_depth = torch.randint(0, 60, (len(depths),), generator=g).tolist()
+        ref = [PerNodeTreeBuilder(roots[i], top_k) for i in range(len(depths))]
+        for i, r in enumerate(ref):
+            for level in range(2, depths[i] + 1):
+                fed = r.to_feed()
+                if not fed:
+                    break
+                rows = [per_depth[i] + level - 2 if product else _node_row(i, r.cand, c, 64) for c in fed]
+                r.expand(fed, table[rows])
+        new = [TreeBuilder(kids, top_k) for kids in top_children(top_k, roots)]
+        for level in range(2, max(depths) + 1):
+            who = [(i, b.to_feed()) for i, b in enumerate(new) if depths[i] >= level]
+            who = [(i, fed) for i, fed in who if fed]
+            if not who:
+                break
+            if product:
+                kids = top_children(top_k, table[[per_depth[i] + level - 2 for i, _ in who]])
+                for (i, fed), k in zip(who, kids):
+                    new[i].expand(fed, [k] * len(fed))
+            else:
+                kids = top_children(top_k, table[[_node_row(i, new[i].cand, c, 64) for i, fed in who for c in fed]])
+                at = 0
+                for i, fed in who:
+                    new[i].expand(fed, kids[at:at + len(fed)])
+                    at += len(fed)
+        for i, (r, b) in enumerate(zip(ref, new)):
+            assert b.cand == r.cand
+            assert b.finish(budgets[i]) == r.finish(budgets[i])
+        assert any(len(set(b.cand.scores)) < len(b.cand.scores) for b in new)   # tied scores
 
 
 def _dense_tree_attention(q, keys, values, prefix, parents, scale):

@@ -118,6 +118,12 @@ class TargetRows:
         self.rows.index_copy_(0, slots, rows[:slots.shape[0]].to(self.rows.dtype))
 
 
+def long_tensor(values: list[int] | list[list[int]], device: torch.device) -> torch.Tensor:
+    """Host ints as a long tensor on `device` by one non-blocking copy (a blocking one, as
+    torch.tensor(..., device=...) makes, waits for all the work queued on the device)."""
+    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+
 def catch_up(kv: ProposerKV, scheduled: list[ScheduledRequest], block_size: int, device: torch.device,
              max_tokens: int, forward: Callable[[ForwardBatch], torch.Tensor]
              ) -> tuple[list[ScheduledRequest], torch.Tensor | None, int]:
@@ -182,7 +188,7 @@ def catch_up(kv: ProposerKV, scheduled: list[ScheduledRequest], block_size: int,
         final = [(row, owners[j]) for row, j in enumerate(seq_order) if done[owners[j]] == spans[owners[j]][1]]
         if final:
             rows, reqs = zip(*final)
-            last[torch.tensor(reqs, device=device)] = o[torch.tensor(rows, device=device)]
+            last[long_tensor(list(reqs), device)] = o[long_tensor(list(rows), device)]
 
 
 def draw_drafts(spec: list[ScheduledRequest], active: list[int],

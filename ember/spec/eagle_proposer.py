@@ -32,12 +32,19 @@ drafter's top_k under its own distribution (temperature 1: a greedy target still
 from second choices); they are deterministic given the drafter's outputs, so the tree
 verifier treats each as a one-hot draft and stays exact (ember.spec.tree_rejection).
 K/V written for candidates past the cache's valid part is overwritten by the next catch-up.
+
+Host work. The trees are built on the host (ember.spec.tree.TreeBuilder, on host lists),
+from one topk over all the rows a depth scores, every request's, read back in one copy
+(`top_children`): an EAGLE tree step waits for the device once per depth, a P-EAGLE one
+once (its roots and mask rows together), whatever the batch and the number of nodes. A
+level's inputs (token ids, parent rows, masks) go to the device in non-blocking copies.
 """
 from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from ember.attention.backend import get_attention_backend
@@ -45,10 +52,10 @@ from ember.engine.forward_batch import ForwardBatch
 from ember.engine.model_runner import TargetHiddenStates, build_forward_batch
 from ember.engine.scheduler import ScheduledRequest, SchedulerOutput
 from ember.spec.draft_graphs import DrafterGraphs
-from ember.spec.drafting import ProposerKV, TargetRows, catch_up, draw_drafts
+from ember.spec.drafting import ProposerKV, TargetRows, catch_up, draw_drafts, long_tensor
 from ember.spec.eagle import load_eagle
 from ember.spec.proposer import Proposer
-from ember.spec.tree import TreeBuilder
+from ember.spec.tree import TreeBuilder, top_children
 
 if TYPE_CHECKING:
     from ember.engine.cuda_graph import CudaGraphRunner
@@ -167,11 +174,12 @@ class EagleProposer(Proposer):
         n = sum(counts)
         o = self._forward([seqs[i] for i in order], d.mask_embed.expand(n, -1), d.mask_hidden.expand(n, -1),
                           graphs=self.graphs and self.graphs.mask_rows)
+        if order == list(range(len(seqs))):
+            return o
         start_of, at = {}, 0
         for i in order:
             start_of[i], at = at, at + counts[i]
-        back = torch.cat([torch.arange(start_of[i], start_of[i] + c) for i, c in enumerate(counts)])
-        return o[back.to(self.device)]
+        return o[long_tensor([start_of[i] + j for i, c in enumerate(counts) for j in range(c)], self.device)]
 
     def _chains(self, spec: list[ScheduledRequest], o: torch.Tensor) -> None:
         d = self.drafter
@@ -184,96 +192,125 @@ class EagleProposer(Proposer):
             counts = [spec[i].num_spec_slots - 1 for i in active]
             logits = d.target_logits(self._mask_rows([spec[i] for i in active], counts))
             offsets = [sum(counts[:j]) for j in range(len(counts))]
-            for j in range(max(counts)):   # position by position: penalties see earlier drafts
-                now = [a for a, c in enumerate(counts) if c > j]
-                rows = torch.tensor([offsets[a] + j for a in now], device=self.device)
-                draw_drafts(spec, [active[a] for a in now], logits[rows], tokens, probs, self.vocab_size)
+            # Position by position (penalties see earlier drafts): the rows of position j,
+            # for every request with more than j of them, made contiguous by one gather.
+            now_of = [[a for a, c in enumerate(counts) if c > j] for j in range(max(counts))]
+            by_position = logits[long_tensor([offsets[a] + j for j, now in enumerate(now_of) for a in now],
+                                             self.device)]
+            at = 0
+            for now in now_of:
+                draw_drafts(spec, [active[a] for a in now], by_position[at:at + len(now)], tokens, probs,
+                            self.vocab_size)
+                at += len(now)
         else:
-            o = o[torch.tensor(active, dtype=torch.long, device=self.device)] if len(active) < len(spec) else o
+            o = o[long_tensor(active, self.device)] if len(active) < len(spec) else o
             while active:
                 # (last draft, o) at the position after the last pair's or draft's.
                 seqs = [(spec[i].request.block_ids, spec[i].request.num_tokens - 2 + len(tokens[i]),
                          [tokens[i][-1]]) for i in active]
-                ids = torch.tensor([tokens[i][-1] for i in active], device=self.device)
+                ids = long_tensor([tokens[i][-1] for i in active], self.device)
                 o = self._forward(seqs, d.embed(ids), o)
                 draw_drafts(spec, active, d.target_logits(o), tokens, probs, self.vocab_size)
                 still = [j for j, i in enumerate(active) if len(tokens[i]) < spec[i].num_spec_slots]
                 if still and len(still) < len(active):
-                    o = o[torch.tensor(still, dtype=torch.long, device=self.device)]
+                    o = o[long_tensor(still, self.device)]
                 active = [active[j] for j in still]
         for s, toks, ps in zip(spec, tokens, probs):
             s.spec_token_ids = toks
             s.spec_probs = torch.stack(ps)   # [k, vocab]
 
     def _trees(self, spec: list[ScheduledRequest], o: torch.Tensor) -> None:
-        d = self.drafter
         shapes = [self.tree.for_room(s.num_spec_slots) for s in spec]   # (depth, budget)
-        root_logq = torch.log_softmax(d.target_logits(o), dim=-1)       # [B, vocab]
-        builders = [TreeBuilder(root_logq[i], self.tree.top_k) for i in range(len(spec))]
-        max_depth = max(depth for depth, _ in shapes)
+        root_logq = torch.log_softmax(self.drafter.target_logits(o), dim=-1)   # [B, vocab]
         if self.parallel:
-            counts = [depth - 1 for depth, _ in shapes]
-            live = [i for i, c in enumerate(counts) if c > 0]
-            if live:
-                logq = torch.log_softmax(d.target_logits(
-                    self._mask_rows([spec[i] for i in live], [counts[i] for i in live])), dim=-1)
-                at = 0
-                for i in live:
-                    for level in range(counts[i]):   # depth level + 2 reads mask row level
-                        fed = builders[i].to_feed()
-                        if fed:
-                            builders[i].expand(fed, logq[at + level].expand(len(fed), -1))
-                    at += counts[i]
+            builders = self._product_trees(spec, shapes, root_logq)
         else:
-            self._expand_levels(spec, o, shapes, builders, max_depth)
+            builders = [TreeBuilder(kids, self.tree.top_k) for kids in top_children(self.tree.top_k, root_logq)]
+            self._expand_levels(spec, o, shapes, builders)
         for s, b, (_, budget) in zip(spec, builders, shapes):
             tree, _ = b.finish(budget)
             s.spec_tree = tree
             s.spec_token_ids = list(tree.tokens)
             s.spec_probs = None   # deterministic children: one-hot drafts
 
-    def _expand_levels(self, spec: list[ScheduledRequest], root_o: torch.Tensor,
-                       shapes: list[tuple[int, int]], builders: list[TreeBuilder], max_depth: int) -> None:
-        """EAGLE-2 expansion, a depth per batched drafter forward (see the module docstring)."""
+    def _product_trees(self, spec: list[ScheduledRequest], shapes: list[tuple[int, int]],
+                       root_logq: torch.Tensor) -> list[TreeBuilder]:   # root_logq: [B, vocab]
+        """P-EAGLE: each request's depth d + 2 reads its mask row d, whose children hang
+        below every fed node of that depth. The root's children and every mask row's come
+        back in one top_children (one device sync for the step's trees)."""
+        d, top_k = self.drafter, self.tree.top_k
+        counts = [depth - 1 for depth, _ in shapes]
+        live = [i for i, c in enumerate(counts) if c > 0]
+        logq = [root_logq]
+        if live:
+            rows = self._mask_rows([spec[i] for i in live], [counts[i] for i in live])
+            logq.append(torch.log_softmax(d.target_logits(rows), dim=-1))   # [sum(counts), vocab]
+        kids = top_children(top_k, *logq)   # B root rows, then the mask rows
+        builders = [TreeBuilder(kids[i], top_k) for i in range(len(spec))]
+        at = len(spec)
+        for i in live:
+            for level in range(counts[i]):
+                fed = builders[i].to_feed()
+                if fed:
+                    builders[i].expand(fed, [kids[at + level]] * len(fed))
+            at += counts[i]
+        return builders
+
+    def _expand_levels(self, spec: list[ScheduledRequest], root_o: torch.Tensor,  # root_o: [B, H]
+                       shapes: list[tuple[int, int]], builders: list[TreeBuilder]) -> None:
+        """EAGLE-2 expansion, a depth per batched drafter forward (see the module docstring).
+        A level's inputs are built on the host and go to the device in two non-blocking
+        copies (token ids with parent rows; the masks); its children come back in one
+        top_children, the level's one device sync.
+
+        A node fed at depth d + 1 is a child of one fed at depth d (only fed nodes have
+        children), so its hidden input is a row of the last forward's o, and its mask row
+        (over the request's fed nodes, in slot order) is its parent's plus its own slot."""
         d = self.drafter
-        node_o: list[dict[int, torch.Tensor]] = [{} for _ in spec]   # fed candidate -> its o
-        fed_all: list[list[int]] = [[] for _ in spec]                # fed candidates, slot order
-        for level in range(2, max_depth + 1):
-            seqs, positions, masks, tok, hid, who = [], {}, {}, [], [], []
+        prev_o = root_o   # [rows, H] the o of the nodes fed last (the roots at first)
+        # Per request: fed node (-1: the root) -> (its row in prev_o, its path's slots).
+        prev: list[dict[int, tuple[int, list[int]]]] = [{-1: (i, [])} for i in range(len(spec))]
+        num_fed = [0] * len(spec)
+        for level in range(2, max(depth for depth, _ in shapes) + 1):
+            seqs, positions, masks, tokens, rows, who = [], {}, [], [], [], []
             for i, (s, b) in enumerate(zip(spec, builders)):
-                if shapes[i][0] < level:
-                    continue
-                fed = b.to_feed()
+                fed = b.to_feed() if shapes[i][0] >= level else []
                 if not fed:
                     continue
-                cand, r = b.cand, s.request
-                before = len(fed_all[i])
-                fed_all[i] += fed
-                slot_of = {c: j for j, c in enumerate(fed_all[i])}
-                mask = torch.zeros((len(fed), len(fed_all[i])), dtype=torch.bool)
-                for row, c in enumerate(fed):
-                    x = c
-                    while x >= 0:   # the fed ancestors and the node itself
-                        mask[row, slot_of[x]] = True
-                        x = cand.parents[x]
+                cand, r, start = b.cand, s.request, num_fed[i]
+                num_fed[i] += len(fed)
+                parents = [prev[i][cand.parents[c]] for c in fed]
+                paths = [path + [start + j] for j, (_, path) in enumerate(parents)]
+                mask = np.zeros((len(fed), num_fed[i]), dtype=bool)   # the fed ancestors and the node
+                for j, path in enumerate(paths):
+                    mask[j, path] = True
                 positions[len(seqs)] = [r.num_tokens - 2 + cand.depths[c] for c in fed]
-                masks[len(seqs)] = mask.to(self.device)
+                masks.append(mask)
                 # Fed nodes take the slots from the root's own position on: N - 1, N, ...
-                seqs.append((r.block_ids, r.num_tokens - 1 + before, [cand.tokens[c] for c in fed]))
-                tok += [cand.tokens[c] for c in fed]
-                hid += [root_o[i] if cand.parents[c] < 0 else node_o[i][cand.parents[c]] for c in fed]
-                who.append((i, fed))
+                seqs.append((r.block_ids, r.num_tokens - 1 + start, [cand.tokens[c] for c in fed]))
+                tokens += seqs[-1][2]
+                rows += [row for row, _ in parents]
+                who.append((i, fed, paths))
             if not seqs:
                 break
-            ids = torch.tensor(tok, device=self.device)
-            o = self._forward(seqs, d.embed(ids), torch.stack(hid), positions, masks)
-            logq = torch.log_softmax(d.target_logits(o), dim=-1)
+            ids, parent_rows = long_tensor([tokens, rows], self.device)
+            o = self._forward(seqs, d.embed(ids), prev_o[parent_rows], positions, self._device_masks(masks))
+            kids = top_children(self.tree.top_k, torch.log_softmax(d.target_logits(o), dim=-1))
             at = 0
-            for i, fed in who:
-                for row, c in enumerate(fed):
-                    node_o[i][c] = o[at + row]
-                builders[i].expand(fed, logq[at:at + len(fed)])
+            for i, fed, paths in who:
+                builders[i].expand(fed, kids[at:at + len(fed)])
+                prev[i] = {c: (at + j, path) for j, (c, path) in enumerate(zip(fed, paths))}
                 at += len(fed)
+            prev_o = o
+
+    def _device_masks(self, masks: list[np.ndarray]) -> dict[int, torch.Tensor]:
+        """Host [n_i, w_i] bool masks -> sequence index -> device views of one copy."""
+        flat = torch.from_numpy(np.concatenate([m.ravel() for m in masks])).to(self.device, non_blocking=True)
+        out, at = {}, 0
+        for j, m in enumerate(masks):
+            out[j] = flat[at:at + m.size].view(m.shape)
+            at += m.size
+        return out
 
 
 class PEagleProposer(EagleProposer):

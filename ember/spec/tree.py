@@ -25,6 +25,7 @@ import heapq
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ember.attention.torch_ref import gather_kv
@@ -90,28 +91,49 @@ def with_root_row(mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
+Children = list[tuple[float, int]]   # a node's children: (log q, token) pairs, most likely first
+
+
+def top_children(top_k: int, *logq: torch.Tensor) -> list[Children]:
+    """Each row's `top_k` most likely tokens as host (log q, token) pairs, most likely
+    first: one topk per tensor and one copy to the host for all of them, so a whole
+    depth's children (every request's) cost a single device sync.
+
+    logq: tensors [rows_i, vocab] of log q (one row per node whose children they score),
+    of one vocabulary; returns one list per row, the tensors' rows in order. Row by row the
+    result is exactly a 1-D topk of that row (same values, same ids, same order among ties)."""
+    tops = [x.float().topk(min(top_k, x.shape[-1]), dim=-1) for x in logq]
+    vals = tops[0][0] if len(tops) == 1 else torch.cat([v for v, _ in tops])   # [rows, k]
+    ids = tops[0][1] if len(tops) == 1 else torch.cat([i for _, i in tops])
+    # One [2, rows, k] int32 copy: the fp32 values' bits, and the ids (vocab < 2^31).
+    host = torch.stack([vals.view(torch.int32), ids.to(torch.int32)]).cpu().numpy()
+    return [list(zip(v, t)) for v, t in zip(host[0].view(np.float32).tolist(), host[1].tolist())]
+
+
 class TreeBuilder:
     """EAGLE-2 dynamic expansion of one request's tree, a depth at a time, so a proposer
     can batch the drafter forward of every request's level: `to_feed()`, run the drafter
-    on those candidates, `expand(fed, logq)`, repeat; then `finish(budget)`."""
+    on those candidates, `expand(fed, children)`, repeat; then `finish(budget)`. It works
+    on host lists only: the proposer scores the children of every request's fed nodes
+    with one `top_children` per depth."""
 
-    def __init__(self, root_logq: torch.Tensor, top_k: int) -> None:   # root_logq: [vocab]
+    def __init__(self, root_children: Children, top_k: int) -> None:
         if top_k < 1:
             raise ValueError("tree top_k must be >= 1")
         self.top_k = top_k
         self.cand = DraftTree([], [], [], [])   # every candidate so far, in creation order
-        self.level = self._add_children(-1, 0.0, root_logq)
+        self.level = self._add_children(-1, 0.0, root_children)
 
-    def _add_children(self, parent: int, parent_score: float, logq: torch.Tensor) -> list[int]:
+    def _add_children(self, parent: int, parent_score: float, children: Children) -> list[int]:
         c = self.cand
-        vals, ids = logq.float().topk(min(self.top_k, logq.numel()))
+        depth = 1 if parent < 0 else c.depths[parent] + 1
         added = []
-        for v, t in zip(vals.tolist(), ids.tolist()):
+        for v, t in children[:self.top_k]:
             if v == float("-inf"):
                 break   # fewer than top_k tokens are possible
             c.tokens.append(t)
             c.parents.append(parent)
-            c.depths.append(1 if parent < 0 else c.depths[parent] + 1)
+            c.depths.append(depth)
             c.scores.append(parent_score + v)
             added.append(len(c.tokens) - 1)
         return added
@@ -122,10 +144,10 @@ class TreeBuilder:
         s = self.cand.scores
         return sorted(heapq.nsmallest(self.top_k, self.level, key=lambda i: (-s[i], i)))
 
-    def expand(self, fed: list[int], logq: torch.Tensor) -> None:
-        """logq: [len(fed), vocab] log q of each fed candidate's children."""
-        self.level = [c for row, i in enumerate(fed)
-                      for c in self._add_children(i, self.cand.scores[i], logq[row])]
+    def expand(self, fed: list[int], children: list[Children]) -> None:
+        """children[row]: the children of fed[row] (top_children of its log q)."""
+        s = self.cand.scores
+        self.level = [c for i, kids in zip(fed, children) for c in self._add_children(i, s[i], kids)]
 
     def finish(self, budget: int) -> tuple[DraftTree, list[int]]:
         """The `budget` best candidates as a tree, and each node's candidate index."""
@@ -152,12 +174,12 @@ def build_dynamic_tree(root_logq: torch.Tensor,  # [vocab] log q of the root's c
     """
     if depth < 1 or budget < 1:
         raise ValueError("tree depth and budget must be >= 1")
-    builder = TreeBuilder(root_logq, top_k)
+    builder = TreeBuilder(top_children(top_k, root_logq[None])[0], top_k)
     for _ in range(depth - 1):
         fed = builder.to_feed()
         if not fed:
             break
-        builder.expand(fed, expand(fed, builder.cand))
+        builder.expand(fed, top_children(top_k, expand(fed, builder.cand)))
     return builder.finish(budget)
 
 
