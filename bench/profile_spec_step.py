@@ -163,7 +163,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--profile-steps", type=int, default=5)
     ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--tree-block-m", type=int, default=None,
+                    help="the Triton tree kernel's rows per program (default: the backend's)")
     args = ap.parse_args()
+    if args.tree_block_m is not None:
+        import dataclasses
+
+        import ember.attention.triton_backend as tb
+        tb.CUDA_CONFIG = dataclasses.replace(tb.CUDA_CONFIG, tree_block_m=args.tree_block_m)
     config = ModelConfig.from_file(args.model)
     root = tempfile.mkdtemp()
     print(f"# {args.model}, dummy bf16 weights, random drafters, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}, "
