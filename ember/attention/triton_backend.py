@@ -30,12 +30,13 @@ class KernelConfig:
     decode_block_n: int
     decode_warps: int
     decode_stages: int
-    tree_block_m: int            # tree rows per program (trees are small)
+    tree_block_m: int            # tree rows per program (trees are small: 16 measured 1.2-1.5x
+                                 # faster than 32 for 11-row trees, bench/profile_spec_step.py)
 
 
 # GPU tiles for head_dim <= 128. On the CPU (Triton's interpreter: tests) each op costs about
 # a millisecond whatever its size, so fewer, larger tiles run faster.
-CUDA_CONFIG = KernelConfig(128, 64, 8, 3, 128, 64, 4, 3, 32)
+CUDA_CONFIG = KernelConfig(128, 64, 8, 3, 128, 64, 4, 3, 16)
 CPU_CONFIG = KernelConfig(32, 32, 4, 1, 32, 32, 4, 1, 32)
 
 

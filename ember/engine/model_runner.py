@@ -19,7 +19,7 @@ from ember.layers.sampler import (RowLogprobs, Sampler, SamplerOutput, SamplingB
 from ember.models.loader import ModelSource, build_model
 from ember.models.registry import attention_backend_for
 from ember.spec.rejection import VerifyOutput, greedy_verify, rejection_sample
-from ember.spec.tree import ancestor_mask
+from ember.spec.tree import ancestor_mask_np
 from ember.spec.tree_rejection import tree_rejection_sample
 
 logger = logging.getLogger("ember")
@@ -147,11 +147,12 @@ def tree_layout(trees: dict[int, ScheduledRequest]
         start = s.request.num_computed_tokens
         positions[i] = list(range(start, start + own)) + [start + own - 1 + d for d in t.depths]
         n = own + t.num_nodes
-        m = torch.zeros((n, n), dtype=torch.bool)
-        m[:own, :own] = torch.ones((own, own), dtype=torch.bool).tril()
+        m = np.zeros((n, n), dtype=bool)
+        m[:own, :own] = np.tri(own, dtype=bool)
         m[own:, :own] = True
-        m[own:, own:] = ancestor_mask(t.parents)
-        masks[i] = m   # on the host: the backend (or the graph runner) copies all of them at once
+        m[own:, own:] = ancestor_mask_np(t.parents)
+        # On the host: the backend (or the graph runner) copies all of them at once.
+        masks[i] = torch.from_numpy(m)
     return positions, masks
 
 

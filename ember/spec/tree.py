@@ -72,12 +72,18 @@ class DraftTree:
 
 def ancestor_mask(parents: list[int], device: torch.device | str = "cpu") -> torch.Tensor:
     """[N, N] bool: entry (i, j) is True when node j is node i or one of its ancestors."""
+    return torch.from_numpy(ancestor_mask_np(parents)).to(device)
+
+
+def ancestor_mask_np(parents: list[int]) -> np.ndarray:
+    """ancestor_mask on the host, as numpy (cheap per node: a verify step builds one per
+    request)."""
     n = len(parents)
-    mask = torch.eye(n, dtype=torch.bool)
+    mask = np.eye(n, dtype=bool)
     for i, p in enumerate(parents):
         if p >= 0:
             mask[i] |= mask[p]   # parents come first, so mask[p] is complete
-    return mask.to(device)
+    return mask
 
 
 def with_root_row(mask: torch.Tensor) -> torch.Tensor:
