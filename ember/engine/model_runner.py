@@ -385,11 +385,13 @@ class ModelRunner:
         for s, end in zip(spec, ends):
             r, k = s.request, len(s.spec_token_ids)
             out_ids = r.output_token_ids
+            history = not r.samples_without_history   # else the output is never read: no copies
             for j in range(width):
                 jj = min(j, k)   # padding repeats the last real position
                 rows.append(end - 1 - k + jj)
                 srows.append(SamplingRow(r.params, r.prompt_token_ids,
-                                         out_ids + s.spec_token_ids[:jj], r.generator, r.eos_token_ids))
+                                         out_ids + s.spec_token_ids[:jj] if history else out_ids,
+                                         r.generator, r.eos_token_ids))
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
         vocab = logits.shape[-1]
         sb = SamplingBatch.build(srows, vocab, self.device)
@@ -444,12 +446,13 @@ class ModelRunner:
             r, t = s.request, s.spec_tree
             n = t.num_nodes
             out_ids = r.output_token_ids
+            history = not r.samples_without_history   # else the output is never read: no copies
             for j in range(width):
                 node = min(j, n) - 1                     # -1: the root; padding repeats the last node
                 rows.append(end - 1 - n + node + 1)
-                path = [t.tokens[x] for x in t.path(node)] if node >= 0 else []
-                srows.append(SamplingRow(r.params, r.prompt_token_ids, out_ids + path, r.generator,
-                                         r.eos_token_ids))
+                path = [t.tokens[x] for x in t.path(node)] if node >= 0 and history else []
+                srows.append(SamplingRow(r.params, r.prompt_token_ids, out_ids + path if history else out_ids,
+                                         r.generator, r.eos_token_ids))
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
         vocab = logits.shape[-1]
         sb = SamplingBatch.build(srows, vocab, self.device)
