@@ -149,7 +149,7 @@ def decode_step_breakdown(llm: LLM, prompt: list[int], steps: int = 64) -> dict[
     gr = eng.runner.graph_runner
     out = {"step_ms": wall * 1e3}
     if gr is not None:
-        fwd = graph_replay_ms(gr.graphs[(gr.sizes[0], 1)], steps) / 1e3
+        fwd = graph_replay_ms(gr.graphs[(gr.sizes[0], 1, 1)], steps) / 1e3
         out.update(forward_ms=fwd * 1e3, host_share=max(0.0, 1 - fwd / wall))
     return out
 

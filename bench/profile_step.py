@@ -96,7 +96,7 @@ def graph_forward_ms(llm: LLM, bs: int, reps: int = 50) -> float | None:
     gr = llm.engine.runner.graph_runner
     if gr is None:
         return None
-    return graph_replay_ms(gr.graphs[(next(s for s in gr.sizes if s >= bs), 1)], reps)
+    return graph_replay_ms(gr.graphs[(next(s for s in gr.sizes if s >= bs), 1, 1)], reps)
 
 
 def kernel_group(name: str) -> str:

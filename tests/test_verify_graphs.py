@@ -2,7 +2,8 @@
 the graph runner with `capture_graphs=False` replays by running the model on its static
 buffers, so the inputs path (static copies, padding, per-sequence tree masks through the
 tree kernel, the aux rows an EAGLE drafter reads) runs under the Triton interpreter.
-The EAGLE drafter's graphed forwards (ember.spec.draft_graphs) likewise. Greedy output
+The EAGLE drafter's graphed forwards (ember.spec.draft_graphs: catch-up, P-EAGLE mask rows,
+EAGLE tree levels) likewise. Greedy output
 through them equals plain decoding for chains and trees."""
 from __future__ import annotations
 
@@ -29,11 +30,12 @@ def _attach_static_runner(llm) -> CudaGraphRunner:
     prop = eng.speculator.proposer
     if hasattr(prop, "drafter"):
         prop.graphs = DrafterGraphs(prop.drafter, prop.aux, prop.backend, r, prop.max_k, prop.parallel,
-                                    capture_graphs=False)
+                                    prop.tree, capture_graphs=False)
     return gr
 
 
-@pytest.mark.parametrize("method,tree", [("eagle", None), ("peagle", {"top_k": 3, "budget": 7})])
+@pytest.mark.parametrize("method,tree", [("eagle", None), ("peagle", {"top_k": 3, "budget": 7}),
+                                         ("eagle", {"top_k": 2, "budget": 6})])
 def test_verify_through_static_buffers_is_greedy_identical(tiny_llama, drafters, prompts, reference,  # noqa: F811
                                                            method, tree) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
@@ -52,23 +54,25 @@ def test_verify_through_static_buffers_is_greedy_identical(tiny_llama, drafters,
     verify = {k: n for k, n in gr.num_replays.items() if k[1] > 1}
     # Verify steps ran through the static buffers, padded (3 requests -> 4 rows).
     assert sum(verify.values()) > 0, gr.num_replays
-    assert any(bs > 1 for bs, _ in verify)
+    assert any(bs > 1 for bs, _, _ in verify)
     assert llm.engine.spec_stats()["num_accepted_tokens"] > 0
     # The drafter's catch-up (and P-EAGLE's mask rows) ran through theirs.
     graphs = llm.engine.speculator.proposer.graphs
     assert sum(graphs.catch_up.num_replays.values()) > 0
     if method == "peagle":
         assert sum(graphs.mask_rows.num_replays.values()) > 0
+    if method == "eagle" and tree is not None:   # and an EAGLE tree's levels through theirs
+        assert sum(graphs.levels.num_replays.values()) > 0
 
 
 def test_key_for_runs_only_uniform_widths(tiny_llama) -> None:
     llm = make_llm(tiny_llama, attention_backend="triton")
     r = llm.engine.runner
     gr = CudaGraphRunner(r.model, r.backend, 4, 64, r.block_size, 64, r.dtype, r.device,
-                         (3, 5), 12, capture_graphs=False)
+                         (3, 5, (2, 6)), 12, capture_graphs=False)
     gr.capture()
-    assert gr.widths == (1, 3, 5)
-    assert (4, 3) in gr.batches and (2, 5) in gr.batches and (4, 5) not in gr.batches  # 20 > 12 tokens
+    assert gr.shapes == ((1, 1), (2, 6), (3, 3), (5, 5))
+    assert (4, 3, 3) in gr.batches and (2, 5, 5) in gr.batches and (4, 5, 5) not in gr.batches  # 20 > 12 tokens
 
     def batch(widths: list[int], masks: list | None = None) -> ForwardBatch:
         qsl = [0]
@@ -79,9 +83,12 @@ def test_key_for_runs_only_uniform_widths(tiny_llama) -> None:
                             torch.zeros(t, dtype=torch.long), qsl, torch.full((s,), 9),
                             [9] * s, torch.zeros((s, 3), dtype=torch.int32),
                             sum(w == 1 for w in widths), torch.zeros(s, dtype=torch.long), 4, attn_masks=masks)
-    assert gr.key_for(batch([1, 1, 1])) == (4, 1)
-    assert gr.key_for(batch([3, 3, 3])) == (4, 3)
-    assert gr.key_for(batch([5])) == (1, 5)
+    assert gr.key_for(batch([1, 1, 1])) == (4, 1, 1)
+    assert gr.key_for(batch([3, 3, 3])) == (4, 3, 3)
+    assert gr.key_for(batch([5])) == (1, 5, 5)
+    wide = torch.ones((2, 6), dtype=torch.bool)
+    assert gr.key_for(batch([2, 2], [wide, wide])) == (2, 2, 6)   # a drafter's tree level
+    assert gr.key_for(batch([2, 2], [wide, None])) is None         # one sequence unmasked
     assert gr.key_for(batch([5, 5, 5])) is None          # over the token cap
     assert gr.key_for(batch([3, 5])) is None             # mixed widths
     assert gr.key_for(batch([1, 3, 3])) is None          # a decode among verifies
@@ -99,6 +106,6 @@ def test_captured_verify_and_drafter_graphs_are_greedy_identical(tiny_llama, dra
     assert gr is not None and gr.capture_graphs
     tokens, _ = run(llm, prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
     assert tokens == [ref[:16] for ref in reference]
-    assert sum(n for (_, q), n in gr.num_replays.items() if q > 1) > 0
+    assert sum(n for (_, q, _), n in gr.num_replays.items() if q > 1) > 0
     assert sum(llm.engine.speculator.proposer.graphs.catch_up.num_replays.values()) > 0
     assert llm.engine.spec_stats()["num_accepted_tokens"] > 0

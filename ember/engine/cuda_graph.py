@@ -2,13 +2,14 @@
 padding.
 
 A step of a small model is mostly kernel-launch overhead; replaying a captured graph
-removes it. A graph's shape is (batch size, query width q): q = 1 is plain decoding (one
-query per sequence); q > 1 is a speculative verify step where every sequence computes its
-last token and q - 1 drafts (a chain, or a draft tree's nodes), which the graphs run
-through the tree-attention kernel with each sequence's [q, q] mask (a chain's is causal)
-in a static buffer. Any other batch (prefill chunks, mixed widths) runs eagerly. Padded
-rows write their K/V nowhere (slot -1, which the KV-write kernel skips) and their outputs
-are dropped.
+removes it. A graph's shape is (batch size, q, w): q = w = 1 is plain decoding (one query
+per sequence); q > 1 is a speculative verify step where every sequence computes its last
+token and q - 1 drafts (a chain, or a draft tree's nodes), which the graphs run through
+the tree-attention kernel with each sequence's [q, w] mask over its last w slots (w = q
+for a verify step, a chain's mask causal; w > q for an EAGLE drafter's tree level, whose
+rows also see the nodes fed before them) in a static buffer. Any other batch (prefill
+chunks, mixed shapes) runs eagerly. Padded rows write their K/V nowhere (slot -1, which
+the KV-write kernel skips) and their outputs are dropped.
 
 `capture_graphs=False` keeps every static buffer and prepared batch but replays by running
 the model on them eagerly: the same inputs path, testable without a GPU.
@@ -27,17 +28,18 @@ logger = logging.getLogger("ember")
 
 DEFAULT_CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
-Key = tuple[int, int]   # (batch size, query width)
+Key = tuple[int, int, int]   # (batch size, query tokens per sequence q, mask width w >= q)
 
 
 class CudaGraphRunner:
     def __init__(self, model: nn.Module, backend: AttentionBackend, max_batch: int,
                  max_model_len: int, block_size: int, hidden_size: int, dtype: torch.dtype,
-                 device: torch.device, verify_widths: tuple[int, ...] = (),
+                 device: torch.device, verify_widths: tuple[int | tuple[int, int], ...] = (),
                  max_tokens: int | None = None, capture_graphs: bool = True) -> None:
-        """verify_widths: the query widths q > 1 of the verify steps to capture (a
-        speculator's; none without one, or when the backend has no tree masks);
-        max_tokens: the most tokens a captured verify step may hold (the step budget)."""
+        """verify_widths: the masked shapes to capture besides decoding, each q (a [q, q]
+        mask: a verify step of q tokens) or (q, w) (a [q, w] mask); a speculator's, none
+        without one or when the backend has no tree masks; max_tokens: the most tokens a
+        captured step may hold (the step budget)."""
         self.model, self.backend = model, backend
         self.block_size, self.max_model_len = block_size, max_model_len
         self.capture_graphs = capture_graphs
@@ -45,12 +47,14 @@ class CudaGraphRunner:
         if not self.sizes or self.sizes[-1] < max_batch:
             self.sizes.append(max_batch)
         tree_masks = getattr(backend, "supports_tree_masks", False)
-        widths = sorted({w for w in verify_widths if w > 1}) if tree_masks else []
-        cap = max_tokens if max_tokens is not None else self.sizes[-1] * max(widths, default=1)
-        self.keys: list[Key] = [(bs, 1) for bs in self.sizes]
-        self.keys += [(bs, q) for q in widths for bs in self.sizes if bs * q <= cap]
-        self.widths = (1, *(q for q in widths if (1, q) in self.keys))
-        n_seqs, n_tok = self.sizes[-1], max(bs * q for bs, q in self.keys)
+        shapes = {(v, v) if isinstance(v, int) else tuple(v) for v in verify_widths} if tree_masks else set()
+        shapes = sorted((q, w) for q, w in shapes if w > 1 and w >= q)
+        cap = max_tokens if max_tokens is not None else self.sizes[-1] * max((q for q, _ in shapes), default=1)
+        self.keys: list[Key] = [(bs, 1, 1) for bs in self.sizes]
+        self.keys += [(bs, q, w) for q, w in shapes for bs in self.sizes if bs * q <= cap]
+        # The captured (q, w) shapes; (1, 1) is decoding.
+        self.shapes = ((1, 1), *(sh for sh in shapes if (1, *sh) in self.keys))
+        n_seqs, n_tok = self.sizes[-1], max(bs * q for bs, q, _ in self.keys)
         max_blocks = -(-max_model_len // block_size)
         # Static inputs: every replay copies the step's values into these.
         self.input_ids = torch.zeros(n_tok, dtype=torch.long, device=device)
@@ -65,16 +69,16 @@ class CudaGraphRunner:
         self.batches: dict[Key, ForwardBatch] = {}
         self.num_replays: dict[Key, int] = {}
 
-    def _static_batch(self, bs: int, q: int) -> ForwardBatch:
+    def _static_batch(self, bs: int, q: int, w: int) -> ForwardBatch:
         # The kernels see the longest possible context, so the split count fixed at capture
         # time suits any length; each sequence's real length is read on the device.
         dev, n = self.input_ids.device, bs * q
-        masks = None if q == 1 else [torch.ones((q, q), dtype=torch.bool, device=dev).tril()] * bs
+        masks = None if w == 1 else [torch.ones((q, w), dtype=torch.bool, device=dev).tril(w - q)] * bs
         return ForwardBatch(
             input_ids=self.input_ids[:n], positions=self.positions[:n],
             slot_mapping=self.slot_mapping[:n], query_start_loc=list(range(0, n + 1, q)),
             seq_lens=self.seq_lens[:bs], seq_lens_list=[self.max_model_len] * bs,
-            block_tables=self.block_tables[:bs], num_decodes=bs if q == 1 else 0,
+            block_tables=self.block_tables[:bs], num_decodes=bs if w == 1 else 0,
             logits_indices=torch.arange(q - 1, n, q, device=dev),
             block_size=self.block_size, attn_masks=masks)
 
@@ -99,16 +103,16 @@ class CudaGraphRunner:
             (self.output.shape[0], len(aux) * self.output.shape[1]), dtype=self.output.dtype,
             device=self.output.device)
         # Largest first, so smaller graphs reuse its memory pool.
-        order = sorted(self.keys, key=lambda k: (-k[0] * k[1], -k[1]))
+        order = sorted(self.keys, key=lambda k: (-k[0] * k[1], -k[1], -k[2]))
         for key in order:
             fb = self._static_batch(*key)
             self.backend.prepare(fb)    # its metadata tensors are the graph's from now on
             self.batches[key] = fb
         if not self.capture_graphs:
             return
-        # Every captured row must see a context of at least its width (a verify row reads
-        # the last q slots of its sequence), also in the warm-up runs.
-        self.seq_lens.fill_(max(self.widths))
+        # Every captured row must see a context of at least its mask's width (a masked row
+        # reads the last w slots of its sequence), also in the warm-up runs.
+        self.seq_lens.fill_(max(w for _, w in self.shapes))
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         for key in order:
@@ -123,22 +127,24 @@ class CudaGraphRunner:
             self.graphs[key] = graph
         torch.cuda.synchronize()
         logger.info("captured CUDA graphs for decode batch sizes %s%s", self.sizes,
-                    f" and verify widths {list(self.widths[1:])}" if len(self.widths) > 1 else "")
+                    f" and masked shapes (q, w) {list(self.shapes[1:])}" if len(self.shapes) > 1 else "")
 
     def key_for(self, fb: ForwardBatch) -> Key | None:
         """The captured shape that can run this batch (padded), or None: run it eagerly."""
         n = fb.num_seqs
         if fb.num_decodes == n:
-            q = 1
+            q = w = 1
         else:
             q = fb.num_tokens // n
-            if fb.num_decodes or q not in self.widths or fb.query_start_loc != list(range(0, n * q + 1, q)):
+            if fb.num_decodes or fb.query_start_loc != list(range(0, n * q + 1, q)):
                 return None
-            masks = fb.attn_masks or ()
-            if any(m is not None and tuple(m.shape) != (q, q) for m in masks):
+            masks = fb.attn_masks or [None] * n
+            w = masks[0].shape[1] if masks[0] is not None else q
+            # One mask shape for all; no mask (causal) only where the mask is square.
+            if any((q, w) != (tuple(m.shape) if m is not None else (q, q)) for m in masks):
                 return None
         bs = next((s for s in self.sizes if s >= n), None)
-        return None if bs is None or (bs, q) not in self.batches else (bs, q)
+        return None if bs is None or (bs, q, w) not in self.batches else (bs, q, w)
 
     def can_run(self, fb: ForwardBatch) -> bool:
         return self.key_for(fb) is not None
@@ -147,7 +153,7 @@ class CudaGraphRunner:
         """Replay the smallest shape that fits (`key`, from key_for); returns hidden states
         [num_tokens, hidden]."""
         key = key or self.key_for(fb)
-        bs, q = key
+        bs, q, w = key
         n, t = fb.num_seqs, fb.num_tokens
         width = fb.block_tables.shape[1]
         self.input_ids[:t].copy_(fb.input_ids)
@@ -155,10 +161,10 @@ class CudaGraphRunner:
         self.slot_mapping[:t].copy_(fb.slot_mapping)
         self.seq_lens[:n].copy_(fb.seq_lens)
         self.block_tables[:n, :width].copy_(fb.block_tables)
-        if bs > n:  # padding rows: no K/V write, a q-token context
+        if bs > n:  # padding rows: no K/V write, a w-token context
             self.slot_mapping[t:bs * q].fill_(-1)
-            self.seq_lens[n:bs].fill_(q)
-        if q > 1:
+            self.seq_lens[n:bs].fill_(w)
+        if w > 1:
             self._copy_masks(fb, key)
         if self.capture_graphs:
             self.graphs[key].replay()
@@ -170,9 +176,10 @@ class CudaGraphRunner:
         return self.output[:t]
 
     def _copy_masks(self, fb: ForwardBatch, key: Key) -> None:
-        """Each sequence's [q, q] mask (causal where it has none) into the static buffer."""
+        """Each sequence's [q, w] mask (causal where it has none: then w = q) into the static
+        buffer."""
         q = key[1]
-        static = self.batches[key].attn_metadata.tree_mask   # [bs * q * q] int8
+        static = self.batches[key].attn_metadata.tree_mask   # [bs * q * w] int8
         masks = fb.attn_masks or [None] * fb.num_seqs
         # Built where the step's masks are (the host, from tree_layout): one copy over.
         where = next((m.device for m in masks if m is not None), torch.device("cpu"))

@@ -9,10 +9,13 @@ kernel, padding rows that write no K/V):
 - the catch-up over a request's newly valid pairs (t_{i+1}, fc(aux_i)): q = the tokens
   the last verify step accepted + 1 (1..k + 1), the same for every request at batch 1;
 - P-EAGLE's mask rows: q = the drafts after the first (k - 1, the same for every request
-  of a step).
+  of a step);
+- an EAGLE tree's levels: depth l feeds q = top_k nodes whose [q, w] masks reach over the
+  w = top_k (l - 1) nodes fed so far (its ancestors among them); their hidden input (the
+  parents' o) goes through a static buffer of the graphed network.
 
-Batches of other shapes (mixed widths, a long first catch-up, EAGLE's tree levels, whose
-masks reach past their own rows) run eagerly. `DrafterGraphs.run` returns None for those.
+Batches of other shapes (mixed widths, a long first catch-up, a level with fewer
+candidates) run eagerly. `DrafterGraphs.run` returns None for those.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
     from ember.engine.model_runner import ModelRunner
     from ember.spec.drafting import TargetRows
     from ember.spec.eagle import EagleDrafter
+    from ember.spec.tree import TreeShape
 
 
 class CatchUpNet(nn.Module):
@@ -57,11 +61,26 @@ class MaskRowsNet(nn.Module):
         return d(d.mask_embed.expand(t, -1), d.mask_hidden.expand(t, -1), positions, d.paged(fb))
 
 
+class LevelNet(nn.Module):
+    """An EAGLE tree level in the target's signature: (fed tokens, positions, fb) -> o, the
+    hidden inputs (each fed node's parent's o) read from `hidden_in`, filled before a replay."""
+
+    def __init__(self, drafter: EagleDrafter, max_tokens: int, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.drafter = drafter
+        self.hidden_in = torch.zeros((max_tokens, drafter.config.hidden_size), device=device, dtype=dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        d = self.drafter
+        return d(d.embed(input_ids), self.hidden_in[:input_ids.shape[0]], positions, d.paged(fb))
+
+
 class DrafterGraphs:
-    """Captured catch-up (and P-EAGLE mask-row) forwards of one drafter."""
+    """Captured catch-up (P-EAGLE: mask-row; EAGLE trees: level) forwards of one drafter."""
 
     def __init__(self, drafter: EagleDrafter, rows: TargetRows, backend, runner: ModelRunner,
-                 max_k: int, parallel: bool, capture_graphs: bool = True) -> None:
+                 max_k: int, parallel: bool, tree: TreeShape | None = None,
+                 capture_graphs: bool = True) -> None:
         def graphs(net: nn.Module, widths: tuple[int, ...]) -> CudaGraphRunner:
             g = CudaGraphRunner(net, backend, runner.cfg.max_num_seqs, runner.max_model_len,
                                 runner.block_size, drafter.config.hidden_size, runner.dtype,
@@ -70,10 +89,22 @@ class DrafterGraphs:
             return g
         self.catch_up = graphs(CatchUpNet(drafter, rows), tuple(range(2, max_k + 2)))
         self.mask_rows = graphs(MaskRowsNet(drafter), tuple(range(2, max_k))) if parallel else None
+        self.levels = None
+        if tree is not None and not parallel:
+            shapes = tuple((tree.top_k, tree.top_k * (level - 1)) for level in range(2, max(tree.depth, max_k) + 1))
+            net = LevelNet(drafter, runner.cfg.max_num_seqs * tree.top_k, runner.device, runner.dtype)
+            self.levels = graphs(net, shapes)
 
     @staticmethod
-    def run(graphs: CudaGraphRunner | None, fb: ForwardBatch) -> torch.Tensor | None:
-        """o [T, H] from a captured shape, or None: run this batch eagerly. The rows are
-        the runner's static buffer, valid until its next replay."""
+    def run(graphs: CudaGraphRunner | None, fb: ForwardBatch,
+            hidden: torch.Tensor | None = None) -> torch.Tensor | None:
+        """o [T, H] from a captured shape, or None: run this batch eagerly. `hidden` [T, H]:
+        the forward's hidden inputs (a LevelNet reads them from its buffer; the other nets
+        compute theirs). The rows returned are the runner's static buffer, valid until its
+        next replay."""
         key = graphs.key_for(fb) if graphs is not None else None
-        return None if key is None else graphs.run(fb, key)
+        if key is None:
+            return None
+        if isinstance(graphs.model, LevelNet):
+            graphs.model.hidden_in[:hidden.shape[0]].copy_(hidden)
+        return graphs.run(fb, key)

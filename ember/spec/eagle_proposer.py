@@ -109,7 +109,8 @@ class EagleProposer(Proposer):
         self.kv = ProposerKV(self.drafter.attention_layers(), runner)
         self.aux = TargetRows(self.aux_width, runner)
         if runner.graph_runner is not None:   # the target's steps are graphed: the drafter's too
-            self.graphs = DrafterGraphs(self.drafter, self.aux, self.backend, runner, self.max_k, self.parallel)
+            self.graphs = DrafterGraphs(self.drafter, self.aux, self.backend, runner, self.max_k, self.parallel,
+                                        self.tree)
         cfg_d = self.drafter.config
         logger.info("%s drafter %s: draft vocabulary %d, aux layers %s, KV %.1f MiB, aux rows %.1f MiB",
                     self.name, self.source, cfg_d.draft_vocab_size, cfg_d.aux_layers,
@@ -159,7 +160,7 @@ class EagleProposer(Proposer):
         """One drafter forward over the paged cache; embeds, hidden: [T, H] -> o [T, H]
         (from `graphs` when they hold the batch's shape and compute the same)."""
         fb = build_forward_batch(seqs, self.block_size, self.device, positions, masks)
-        o = DrafterGraphs.run(graphs, fb)
+        o = DrafterGraphs.run(graphs, fb, hidden)
         if o is not None:
             return o
         self.backend.prepare(fb)
@@ -294,7 +295,8 @@ class EagleProposer(Proposer):
             if not seqs:
                 break
             ids, parent_rows = long_tensor([tokens, rows], self.device)
-            o = self._forward(seqs, d.embed(ids), prev_o[parent_rows], positions, self._device_masks(masks))
+            o = self._forward(seqs, d.embed(ids), prev_o[parent_rows], positions, self._device_masks(masks),
+                              graphs=self.graphs and self.graphs.levels)
             kids = top_children(self.tree.top_k, torch.log_softmax(d.target_logits(o), dim=-1))
             at = 0
             for i, fed, paths in who:
