@@ -16,7 +16,6 @@ cost of a step does not depend on acceptance. Per variant and batch size:
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import statistics
 import sys
@@ -33,7 +32,7 @@ import torch  # noqa: E402
 
 from ember import LLM  # noqa: E402
 from ember.config import ModelConfig  # noqa: E402
-from profile_step import start_decoding, stop_all  # noqa: E402
+from profile_step import start_decoding, stop_all, timed  # noqa: E402
 
 CONFIG = os.path.join(HERE, "configs", "smollm2-135m", "config.json")
 
@@ -71,19 +70,9 @@ def patch_timers(llm: LLM, acc: dict[str, float]) -> Callable[[], None]:
         if not hasattr(obj, attr):
             continue
         fn = getattr(obj, attr)
-
-        def make(fn: Callable, name: str) -> Callable:
-            @functools.wraps(fn)
-            def wrapper(*a: Any, **kw: Any) -> Any:
-                t = time.perf_counter()
-                try:
-                    return fn(*a, **kw)
-                finally:
-                    acc[name] += time.perf_counter() - t
-            return wrapper
         had_own = attr in vars(obj) if not isinstance(obj, type) else True
         undo.append((obj, attr, fn, had_own))
-        setattr(obj, attr, make(fn, name))
+        setattr(obj, attr, timed(fn, name, acc))
 
     def restore() -> None:
         for obj, attr, fn, had_own in reversed(undo):
