@@ -216,8 +216,9 @@ def test_sampling_is_reproducible_and_mixes_with_plain_requests(tiny_llama, draf
 
 
 def test_peagle_one_forward_equals_one_row_at_a_time(tiny_llama, drafters, prompts, reference) -> None:
-    """The k - 1 mask rows in one forward vs each in its own forward (the definition): the
-    same drafts every step, hence the same outputs and statistics."""
+    """All k drafts from the catch-up's one forward (the k - 1 mask rows after the pairs)
+    vs the catch-up, then each mask row in its own forward (the definition): the same
+    drafts every step, hence the same outputs and statistics."""
     from ember.spec.eagle_proposer import PEagleProposer
 
     def sequential(self, spec_reqs, counts):
@@ -242,7 +243,10 @@ def test_peagle_one_forward_equals_one_row_at_a_time(tiny_llama, drafters, promp
             drafts.append([list(s.spec_token_ids) for s in batch.scheduled])
         proposer.propose = recording
         if variant == "sequential":
+            proposer.fused = False
             proposer._mask_rows = sequential.__get__(proposer)
+        else:   # the catch-up's forward gives the mask rows: none of their own
+            proposer._mask_rows = None
         tokens, _ = run(llm, prompts)
         assert tokens == reference
         results.append(drafts)

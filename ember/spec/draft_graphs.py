@@ -8,8 +8,7 @@ kernel, padding rows that write no K/V):
 
 - the catch-up over a request's newly valid pairs (t_{i+1}, fc(aux_i)): q = the tokens
   the last verify step accepted + 1 (1..k + 1), the same for every request at batch 1;
-- P-EAGLE's mask rows: q = the drafts after the first (k - 1, the same for every request
-  of a step);
+  for P-EAGLE followed, in the same forward, by its k - 1 mask rows (up to 2k rows);
 - an EAGLE tree's levels: depth l feeds q = top_k nodes whose [q, w] masks reach over the
   w = top_k (l - 1) nodes fed so far (its ancestors among them); their hidden input (the
   parents' o) goes through a static buffer of the graphed network.
@@ -34,9 +33,25 @@ if TYPE_CHECKING:
     from ember.spec.tree import TreeShape
 
 
+def pair_inputs(drafter: EagleDrafter, rows: TargetRows, input_ids: torch.Tensor,  # [T]
+                slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [T]
+    """The catch-up's inputs: (embedding of t_{i+1}, fc(aux_i) from the kept target rows at
+    the pairs' slots), each [T, H]; a P-EAGLE drafter's rows with token id -1 (its mask rows,
+    appended by drafting.catch_up) take the learned mask embedding and hidden state instead.
+    Padding rows of a graph have slot -1: they read the last row, harmlessly."""
+    d = drafter
+    embeds = d.embed(input_ids.clamp(min=0) if d.config.parallel else input_ids)
+    hidden = d.fuse(rows.rows[slot_mapping])
+    if d.config.parallel:
+        mask = (input_ids < 0)[:, None]
+        embeds = torch.where(mask, d.mask_embed, embeds)
+        hidden = torch.where(mask, d.mask_hidden, hidden)
+    return embeds, hidden
+
+
 class CatchUpNet(nn.Module):
-    """The catch-up forward in the target's signature: (t_{i+1} ids, positions, fb) -> o,
-    fc(aux_i) read from the kept target rows at the pairs' slots."""
+    """The catch-up forward (P-EAGLE: with its mask rows) in the target's signature:
+    (t_{i+1} ids, positions, fb) -> o."""
 
     def __init__(self, drafter: EagleDrafter, rows: TargetRows) -> None:
         super().__init__()
@@ -44,21 +59,7 @@ class CatchUpNet(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         d = self.drafter
-        # Padding rows have slot -1: they read the last row, harmlessly.
-        return d(d.embed(input_ids), d.fuse(self.rows.rows[fb.slot_mapping]), positions, d.paged(fb))
-
-
-class MaskRowsNet(nn.Module):
-    """P-EAGLE's mask rows in the target's signature (the ids are unused: every row is the
-    learned mask embedding and hidden state)."""
-
-    def __init__(self, drafter: EagleDrafter) -> None:
-        super().__init__()
-        self.drafter = drafter
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        d, t = self.drafter, input_ids.shape[0]
-        return d(d.mask_embed.expand(t, -1), d.mask_hidden.expand(t, -1), positions, d.paged(fb))
+        return d(*pair_inputs(d, self.rows, input_ids, fb.slot_mapping), positions, d.paged(fb))
 
 
 class LevelNet(nn.Module):
@@ -76,7 +77,8 @@ class LevelNet(nn.Module):
 
 
 class DrafterGraphs:
-    """Captured catch-up (P-EAGLE: mask-row; EAGLE trees: level) forwards of one drafter."""
+    """Captured catch-up (with P-EAGLE's mask rows) and EAGLE tree-level forwards of one
+    drafter."""
 
     def __init__(self, drafter: EagleDrafter, rows: TargetRows, backend, runner: ModelRunner,
                  max_k: int, parallel: bool, tree: TreeShape | None = None,
@@ -87,8 +89,9 @@ class DrafterGraphs:
                                 runner.device, widths, runner.max_num_batched_tokens, capture_graphs)
             g.capture()
             return g
-        self.catch_up = graphs(CatchUpNet(drafter, rows), tuple(range(2, max_k + 2)))
-        self.mask_rows = graphs(MaskRowsNet(drafter), tuple(range(2, max_k))) if parallel else None
+        top = max(max_k, tree.depth if tree is not None else 0)
+        # Pairs: 1..k + 1 (the accepted drafts and the bonus token); P-EAGLE's k - 1 mask rows after them.
+        self.catch_up = graphs(CatchUpNet(drafter, rows), tuple(range(2, (2 * top if parallel else top + 1) + 1)))
         self.levels = None
         if tree is not None and not parallel:
             shapes = tuple((tree.top_k, tree.top_k * (level - 1)) for level in range(2, max(tree.depth, max_k) + 1))

@@ -125,8 +125,9 @@ def long_tensor(values: list[int] | list[list[int]], device: torch.device) -> to
 
 
 def catch_up(kv: ProposerKV, scheduled: list[ScheduledRequest], block_size: int, device: torch.device,
-             max_tokens: int, forward: Callable[[ForwardBatch], torch.Tensor]
-             ) -> tuple[list[ScheduledRequest], torch.Tensor | None, int]:
+             max_tokens: int, forward: Callable[[ForwardBatch], torch.Tensor],
+             extra_rows: Callable[[ScheduledRequest], int] | None = None
+             ) -> tuple[list[ScheduledRequest], torch.Tensor | None, int, torch.Tensor | None]:
     """The catch-up of a proposer that reads the target's hidden states: for each request
     that drafts this step, run `forward` over the pairs (t_{i+1}, h_i) at the positions i
     from its coverage to its last computed one (at least that last one, whose output gives
@@ -137,7 +138,13 @@ def catch_up(kv: ProposerKV, scheduled: list[ScheduledRequest], block_size: int,
     holds their h_i). Forwards hold at most max_tokens pairs (the target's step budget): a
     longer catch-up (every request's first draft after many steps without) runs in
     several, each request's pairs in order. Returns the drafting requests, the output of
-    each one's last pair ([B, H], in that order; None if none drafts) and the pairs run.
+    each one's last pair ([B, H], in that order; None if none drafts), the pairs run, and
+    the outputs of the extra rows (below; else None).
+
+    extra_rows(s): rows to run after request s's pairs in the same forward, at the positions
+    after its last pair, with token id -1 (P-EAGLE's mask rows: `forward` gives them the
+    mask inputs; their outputs come back as [sum of extra rows, H], request by request).
+    Only when the catch-up fits one forward; a longer one returns None for them.
 
     A request drafts when the scheduler left it slots and every token before its last has
     been computed (so h_{n-2} exists; always so when its step computes one token, which is
@@ -151,11 +158,14 @@ def catch_up(kv: ProposerKV, scheduled: list[ScheduledRequest], block_size: int,
         spec.append(s)
         spans.append((min(kv.covered(r), end - 1), end))
     if not spec:
-        return [], None, 0
+        return [], None, 0, None
     kv.forget_finished(scheduled)
-    order = sorted(range(len(spec)), key=lambda i: spans[i][1] - spans[i][0] != 1)   # single pairs first
+    extra = [extra_rows(s) for s in spec] if extra_rows is not None else [0] * len(spec)
+    # Single-row sequences first (build_forward_batch's order).
+    order = sorted(range(len(spec)), key=lambda i: spans[i][1] - spans[i][0] + extra[i] != 1)
     spec = [spec[i] for i in order]
     spans = [spans[i] for i in order]
+    extra = [extra[i] for i in order]
     for s in spec:
         kv.record(s.request, s.request.num_computed_tokens)
     total = sum(end - start for start, end in spans)
@@ -164,9 +174,20 @@ def catch_up(kv: ProposerKV, scheduled: list[ScheduledRequest], block_size: int,
         r = spec[i].request
         return r.block_ids, start, r.token_ids[start + 1:end + 1]
 
-    if total <= max_tokens:   # one forward: its sequences' last rows are the requests', in order
-        fb = build_forward_batch([pairs(i, *span) for i, span in enumerate(spans)], block_size, device)
-        return spec, forward(fb)[fb.logits_indices], total
+    if total + sum(extra) <= max_tokens:   # one forward, the requests' sequences in order
+        seqs = [pairs(i, *span) for i, span in enumerate(spans)]
+        if not any(extra):
+            fb = build_forward_batch(seqs, block_size, device)
+            return spec, forward(fb)[fb.logits_indices], total, None
+        fb = build_forward_batch([(b, start, ids + [-1] * c) for (b, start, ids), c in zip(seqs, extra)],
+                                 block_size, device)
+        qsl, n_pairs = fb.query_start_loc, [end - start for start, end in spans]
+        last = [qsl[i] + n - 1 for i, n in enumerate(n_pairs)]
+        tail = [qsl[i] + n + j for i, (n, c) in enumerate(zip(n_pairs, extra)) for j in range(c)]
+        o = forward(fb)
+        index = long_tensor(last + tail, device)
+        rows = o[index]
+        return spec, rows[:len(last)], total, rows[len(last):]
     last = None
     done = [start for start, _ in spans]   # per request, its pairs run so far end here
     while True:
@@ -179,7 +200,7 @@ def catch_up(kv: ProposerKV, scheduled: list[ScheduledRequest], block_size: int,
                 done[i] += n
                 room -= n
         if not seqs:
-            return spec, last, total
+            return spec, last, total, None
         seq_order = sorted(range(len(seqs)), key=lambda j: len(seqs[j][2]) != 1)
         fb = build_forward_batch([seqs[j] for j in seq_order], block_size, device)
         o = forward(fb)[fb.logits_indices]   # [S, H] each sequence's last row

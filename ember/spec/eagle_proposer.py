@@ -14,11 +14,13 @@ runs no drafter forward.
 
 Chains. EAGLE: draft j + 1 from (d_j, o_j) at the next position, one single-token forward
 per draft, each drawn under the request's sampling settings (q recorded for the
-verifier). P-EAGLE: drafts 2..k from one forward of k - 1 mask rows (the learned mask
-embedding and hidden state) at the positions after the last pair, attending causally to
-each other and to the cache; their inputs do not depend on the drafts, so one pass gives
-every position. A drafting step runs the drafter twice at most for P-EAGLE (the catch-up,
-the mask rows), k times for EAGLE (the catch-up, then one forward per further draft).
+verifier). P-EAGLE: drafts 2..k from k - 1 mask rows (the learned mask embedding and
+hidden state) at the positions after the last pair, attending causally to the pairs, each
+other and the cache; their inputs do not depend on the drafts, so they ride in the
+catch-up's own forward (appended to each request's pairs, token id -1: ember.spec.drafting
+.catch_up), and that one forward gives every position. A drafting step runs the drafter
+once for P-EAGLE (twice when its catch-up needs several forwards: the mask rows then get
+one of their own), k times for EAGLE (the catch-up, then one forward per further draft).
 
 Trees (`"tree": {...}`). The scheduler leaves `TreeShape.budget_for(k)` slots; the tree's
 depth and node budget follow from them (`TreeShape.for_room`). EAGLE expands a depth per
@@ -51,7 +53,7 @@ from ember.attention.backend import get_attention_backend
 from ember.engine.forward_batch import ForwardBatch
 from ember.engine.model_runner import TargetHiddenStates, build_forward_batch
 from ember.engine.scheduler import ScheduledRequest, SchedulerOutput
-from ember.spec.draft_graphs import DrafterGraphs
+from ember.spec.draft_graphs import DrafterGraphs, pair_inputs
 from ember.spec.drafting import ProposerKV, TargetRows, catch_up, draw_drafts, long_tensor
 from ember.spec.eagle import load_eagle
 from ember.spec.proposer import Proposer
@@ -100,6 +102,10 @@ class EagleProposer(Proposer):
         self.tree = cfg.tree
         self.max_k = cfg.num_speculative_tokens
         self.graphs: DrafterGraphs | None = None   # captured drafter forwards (CUDA graphs on)
+        # P-EAGLE: its mask rows ride in the catch-up's forward (else a forward of their own,
+        # as when a catch-up needs several forwards); _tail holds their outputs for the step.
+        self.fused = self.parallel
+        self._tail: torch.Tensor | None = None
 
     def bytes_per_token(self, dtype: torch.dtype) -> int:
         return (ProposerKV.bytes_per_token(self.drafter.attention_layers(), dtype)
@@ -120,11 +126,11 @@ class EagleProposer(Proposer):
         return k if self.tree is None else self.tree.budget_for(k)
 
     def forwards_for(self, k: int) -> int:
-        # The catch-up gives draft 1; P-EAGLE's other positions come from one more forward,
-        # EAGLE's from one per draft (chains) or per depth (trees).
+        # The catch-up gives draft 1; P-EAGLE's other positions come from the same forward
+        # (its mask rows ride along), EAGLE's from one per draft (chains) or per depth (trees).
         if k <= 1:
             return k
-        return 2 if self.parallel else k
+        return 1 if self.fused else k
 
     # ---- catch-up ---------------------------------------------------------------------------
     def observe_hidden_states(self, step: TargetHiddenStates) -> None:
@@ -132,19 +138,26 @@ class EagleProposer(Proposer):
         self.aux.write(step, step.aux_hidden)
 
     def _catch_up_forward(self, fb: ForwardBatch) -> torch.Tensor:
-        """The drafter over pairs (t_{i+1}, fc(aux_i)), aux_i from the kept rows -> o [T, H]."""
+        """The drafter over pairs (t_{i+1}, fc(aux_i)), aux_i from the kept rows (and
+        P-EAGLE's mask rows, token id -1, after them) -> o [T, H]."""
         o = DrafterGraphs.run(self.graphs and self.graphs.catch_up, fb)
         if o is not None:
             return o
         self.backend.prepare(fb)
         d = self.drafter
-        return d(d.embed(fb.input_ids), d.fuse(self.aux.rows[fb.slot_mapping]), fb.positions, d.paged(fb))
+        return d(*pair_inputs(d, self.aux, fb.input_ids, fb.slot_mapping), fb.positions, d.paged(fb))
+
+    def _mask_count(self, s: ScheduledRequest) -> int:
+        """P-EAGLE: the mask rows request s drafts from (its positions after the first)."""
+        depth = s.num_spec_slots if self.tree is None else self.tree.for_room(s.num_spec_slots)[0]
+        return max(depth - 1, 0)
 
     # ---- drafting ---------------------------------------------------------------------------
     @torch.inference_mode()
     def propose(self, batch: SchedulerOutput) -> None:
-        spec, o, self.catch_up_tokens = catch_up(self.kv, batch.scheduled, self.block_size, self.device,
-                                                 self.max_catch_up, self._catch_up_forward)
+        spec, o, self.catch_up_tokens, self._tail = catch_up(
+            self.kv, batch.scheduled, self.block_size, self.device, self.max_catch_up,
+            self._catch_up_forward, self._mask_count if self.fused else None)
         if not spec:
             return
         # o: [B, H] the output of each request's last pair: it scores draft 1.
@@ -166,6 +179,11 @@ class EagleProposer(Proposer):
         self.backend.prepare(fb)
         return self.drafter(embeds, hidden, fb.positions, self.drafter.paged(fb))
 
+    def _mask_outputs(self, spec: list[ScheduledRequest], counts: list[int]) -> torch.Tensor:
+        """P-EAGLE: o [sum(counts), H] of counts[i] mask rows for request i (those with
+        counts > 0, in order): from the catch-up's forward, or else a forward of their own."""
+        return self._tail if self._tail is not None else self._mask_rows(spec, counts)
+
     def _mask_rows(self, spec: list[ScheduledRequest], counts: list[int]) -> torch.Tensor:
         """P-EAGLE: counts[i] mask rows for request i after its last pair, one forward.
         Returns o [sum(counts), H], request by request."""
@@ -173,8 +191,7 @@ class EagleProposer(Proposer):
         seqs = [(s.request.block_ids, s.request.num_tokens - 1, [0] * c) for s, c in zip(spec, counts)]
         order = sorted(range(len(seqs)), key=lambda i: counts[i] != 1)   # single rows first
         n = sum(counts)
-        o = self._forward([seqs[i] for i in order], d.mask_embed.expand(n, -1), d.mask_hidden.expand(n, -1),
-                          graphs=self.graphs and self.graphs.mask_rows)
+        o = self._forward([seqs[i] for i in order], d.mask_embed.expand(n, -1), d.mask_hidden.expand(n, -1))
         if order == list(range(len(seqs))):
             return o
         start_of, at = {}, 0
@@ -191,7 +208,7 @@ class EagleProposer(Proposer):
         active = [i for i in active if spec[i].num_spec_slots > 1]
         if self.parallel and active:
             counts = [spec[i].num_spec_slots - 1 for i in active]
-            logits = d.target_logits(self._mask_rows([spec[i] for i in active], counts))
+            logits = d.target_logits(self._mask_outputs([spec[i] for i in active], counts))
             offsets = [sum(counts[:j]) for j in range(len(counts))]
             # Position by position (penalties see earlier drafts): the rows of position j,
             # for every request with more than j of them, made contiguous by one gather.
@@ -244,7 +261,7 @@ class EagleProposer(Proposer):
         live = [i for i, c in enumerate(counts) if c > 0]
         logq = [root_logq]
         if live:
-            rows = self._mask_rows([spec[i] for i in live], [counts[i] for i in live])
+            rows = self._mask_outputs([spec[i] for i in live], [counts[i] for i in live])
             logq.append(torch.log_softmax(d.target_logits(rows), dim=-1))   # [sum(counts), vocab]
         kids = top_children(top_k, *logq)   # B root rows, then the mask rows
         builders = [TreeBuilder(kids[i], top_k) for i in range(len(spec))]

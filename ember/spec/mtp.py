@@ -278,8 +278,8 @@ class MTPProposer(Proposer):
 
     @torch.inference_mode()
     def propose(self, batch: SchedulerOutput) -> None:
-        spec, o, self.catch_up_tokens = catch_up(self.kv, batch.scheduled, self.block_size, self.device,
-                                                 self.max_catch_up, self._catch_up_forward)
+        spec, o, self.catch_up_tokens, _ = catch_up(self.kv, batch.scheduled, self.block_size, self.device,
+                                                    self.max_catch_up, self._catch_up_forward)
         if not spec:
             return
         # o: [B, H] the output of each request's last pair: it scores draft 0.
