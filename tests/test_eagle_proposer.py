@@ -254,6 +254,25 @@ def test_peagle_one_forward_equals_one_row_at_a_time(tiny_llama, drafters, promp
     assert any(len(d) == 4 for step in results[0] for d in step)
 
 
+@pytest.mark.parametrize("tree", [None, {"top_k": 3, "budget": 9}], ids=["chain", "tree"])
+def test_peagle_mask_rows_get_their_own_forward_after_a_long_catch_up(tiny_llama, drafters, prompts,
+                                                                      reference, tree) -> None:
+    """With a small token budget, a catch-up after steps without drafts runs in several
+    forwards; P-EAGLE's mask rows then take a forward of their own (else they ride in the
+    catch-up's). Both happen in one run, and the output is the target's."""
+    llm = make_llm(tiny_llama, speculative_config=spec("peagle", drafters["peagle"], k=3, tree=tree),
+                   max_num_batched_tokens=16)
+    ctl = force_k(llm, [0, 0, 0, 0, 0, 3, 3, 0, 0, 0, 0, 0, 0, 3])
+    proposer = llm.engine.speculator.proposer
+    drafting = steps_of_calls(proposer, "propose", ctl)
+    own = steps_of_calls(proposer, "_mask_rows", ctl)
+    tokens, _ = run(llm, prompts)
+    assert tokens == reference
+    assert own and set(drafting) - set(own)   # some steps each way
+    assert llm.engine.spec_stats()["num_accepted_tokens"] > 0
+    assert_no_leaks(llm.engine)
+
+
 @pytest.mark.parametrize("method", ["eagle", "peagle"])
 def test_trees_are_the_per_node_reference_on_the_drafters_log_probs(tiny_llama, drafters, prompts, reference,
                                                                     method, monkeypatch) -> None:
