@@ -146,9 +146,6 @@ class CudaGraphRunner:
         bs = next((s for s in self.sizes if s >= n), None)
         return None if bs is None or (bs, q, w) not in self.batches else (bs, q, w)
 
-    def can_run(self, fb: ForwardBatch) -> bool:
-        return self.key_for(fb) is not None
-
     def run(self, fb: ForwardBatch, key: Key | None = None) -> torch.Tensor:
         """Replay the smallest shape that fits (`key`, from key_for); returns hidden states
         [num_tokens, hidden]."""

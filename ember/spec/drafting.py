@@ -118,6 +118,12 @@ class TargetRows:
         self.rows.index_copy_(0, slots, rows[:slots.shape[0]].to(self.rows.dtype))
 
 
+def state_bytes_per_token(layers: Sequence[KVCacheLayer], width: int, dtype: torch.dtype) -> int:
+    """What a proposer with a network keeps per slot of the pool: its ProposerKV over
+    `layers` and TargetRows of `width`."""
+    return ProposerKV.bytes_per_token(layers, dtype) + TargetRows.bytes_per_token(width, dtype)
+
+
 def long_tensor(values: list[int] | list[list[int]], device: torch.device) -> torch.Tensor:
     """Host ints as a long tensor on `device` by one non-blocking copy (a blocking one, as
     torch.tensor(..., device=...) makes, waits for all the work queued on the device)."""

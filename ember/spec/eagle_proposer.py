@@ -54,7 +54,14 @@ from ember.engine.forward_batch import ForwardBatch
 from ember.engine.model_runner import TargetHiddenStates, build_forward_batch
 from ember.engine.scheduler import ScheduledRequest, SchedulerOutput
 from ember.spec.draft_graphs import DrafterGraphs, pair_inputs
-from ember.spec.drafting import ProposerKV, TargetRows, catch_up, draw_drafts, long_tensor
+from ember.spec.drafting import (
+    ProposerKV,
+    TargetRows,
+    catch_up,
+    draw_drafts,
+    long_tensor,
+    state_bytes_per_token,
+)
 from ember.spec.eagle import load_eagle
 from ember.spec.proposer import Proposer
 from ember.spec.tree import TreeBuilder, top_children
@@ -108,8 +115,7 @@ class EagleProposer(Proposer):
         self._tail: torch.Tensor | None = None
 
     def bytes_per_token(self, dtype: torch.dtype) -> int:
-        return (ProposerKV.bytes_per_token(self.drafter.attention_layers(), dtype)
-                + TargetRows.bytes_per_token(self.aux_width, dtype))
+        return state_bytes_per_token(self.drafter.attention_layers(), self.aux_width, dtype)
 
     def allocate(self, runner: ModelRunner) -> None:
         self.kv = ProposerKV(self.drafter.attention_layers(), runner)

@@ -75,7 +75,13 @@ from ember.models.loader import (
     randomize,
     safetensors_stream,
 )
-from ember.spec.drafting import ProposerKV, TargetRows, catch_up, draw_drafts
+from ember.spec.drafting import (
+    ProposerKV,
+    TargetRows,
+    catch_up,
+    draw_drafts,
+    state_bytes_per_token,
+)
 from ember.spec.proposer import Proposer
 
 if TYPE_CHECKING:
@@ -258,8 +264,7 @@ class MTPProposer(Proposer):
         self.max_catch_up = runner.max_num_batched_tokens
 
     def bytes_per_token(self, dtype: torch.dtype) -> int:
-        return (ProposerKV.bytes_per_token(self.mtp.attention_layers(), dtype)
-                + TargetRows.bytes_per_token(self.hidden_size, dtype))
+        return state_bytes_per_token(self.mtp.attention_layers(), self.hidden_size, dtype)
 
     def allocate(self, runner: ModelRunner) -> None:
         self.kv = ProposerKV(self.mtp.attention_layers(), runner)
