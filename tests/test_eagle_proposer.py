@@ -29,7 +29,7 @@ def _corpus(sequences: list[list[int]], length: int) -> torch.Tensor:
 
 
 def _train_tiny(tiny_llama: TinyCheckpoint, folder: str, parallel: bool, sequences: list[list[int]],
-                steps: int = 150) -> str:
+                steps: int = 150, layers: int = 1) -> str:
     """A drafter trained on the target's own greedy continuations of the test prompts, so
     that its drafts are right often (the engine paths of accepted drafts get exercised)."""
     target = tiny_llama.hf_model
@@ -42,7 +42,7 @@ def _train_tiny(tiny_llama: TinyCheckpoint, folder: str, parallel: bool, sequenc
     vmap = torch.full((256,), -1, dtype=torch.long)
     vmap[ids] = torch.arange(len(ids))
     torch.manual_seed(0)
-    d = new_drafter(target, cfg, ids, parallel, 3, seed=0)
+    d = new_drafter(target, cfg, ids, parallel, 3, seed=0, layers=layers)
     opt = torch.optim.AdamW([p for p in d.parameters() if p.requires_grad], lr=5e-3)
     for step in range(steps):
         idx = torch.randperm(len(chunks))[:32]
@@ -70,10 +70,14 @@ def drafters(tiny_llama, prompts, reference, tmp_path_factory) -> dict[str, str]
     root = tmp_path_factory.mktemp("eagle")
     seqs = [p + r for p, r in zip(prompts, reference)]
     return {"eagle": _train_tiny(tiny_llama, str(root / "eagle"), False, seqs),
-            "peagle": _train_tiny(tiny_llama, str(root / "peagle"), True, seqs)}
+            "peagle": _train_tiny(tiny_llama, str(root / "peagle"), True, seqs),
+            # P-EAGLE with two layers (AWS's published drafters have four): every layer's cache
+            "peagle-deep": _train_tiny(tiny_llama, str(root / "peagle-deep"), True, seqs, layers=2)}
 
 
 def spec(method: str, model: str, k: int = 3, tree: dict | None = None, adaptive: bool = False) -> dict:
+    """A speculative config; `method` may name a drafter variant ("peagle-deep" is peagle)."""
+    method = method.split("-")[0]
     cfg = {"method": method, "model": model, "num_speculative_tokens": k, "adaptive": adaptive}
     if tree is not None:
         cfg["tree"] = tree
@@ -81,10 +85,11 @@ def spec(method: str, model: str, k: int = 3, tree: dict | None = None, adaptive
 
 
 CASES = [("eagle", None), ("eagle", {"top_k": 3, "budget": 9}), ("peagle", None),
-         ("peagle", {"top_k": 3, "budget": 9})]
+         ("peagle", {"top_k": 3, "budget": 9}), ("peagle-deep", {"top_k": 3, "budget": 9})]
+CASE_IDS = ["eagle-chain", "eagle-tree", "peagle-chain", "peagle-tree", "peagle-2-layers-tree"]
 
 
-@pytest.mark.parametrize("method,tree", CASES, ids=["eagle-chain", "eagle-tree", "peagle-chain", "peagle-tree"])
+@pytest.mark.parametrize("method,tree", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("engine_args", [{}, {"num_kv_blocks": 40, "prefix_cache": "radix"},
                                          {"num_kv_blocks": 40, "prefix_cache": "none"}],
                          ids=["roomy", "preempt-radix", "preempt-no-cache"])
@@ -170,7 +175,7 @@ def test_k1_drafts_after_steps_off_are_the_teacher_forced_ones(tiny_llama, draft
     assert_no_leaks(llm.engine)
 
 
-@pytest.mark.parametrize("method,tree", CASES, ids=["eagle-chain", "eagle-tree", "peagle-chain", "peagle-tree"])
+@pytest.mark.parametrize("method,tree", CASES, ids=CASE_IDS)
 def test_steps_without_drafts_run_no_drafter_forward(tiny_llama, drafters, prompts, reference, method,
                                                      tree) -> None:
     """With k forced to 0 on most steps, those steps never reach the proposer and run no
@@ -215,7 +220,8 @@ def test_sampling_is_reproducible_and_mixes_with_plain_requests(tiny_llama, draf
         assert_no_leaks(llm.engine)
 
 
-def test_peagle_one_forward_equals_one_row_at_a_time(tiny_llama, drafters, prompts, reference) -> None:
+@pytest.mark.parametrize("key", ["peagle", "peagle-deep"], ids=["1-layer", "2-layers"])
+def test_peagle_one_forward_equals_one_row_at_a_time(tiny_llama, drafters, prompts, reference, key) -> None:
     """All k drafts from the catch-up's one forward (the k - 1 mask rows after the pairs)
     vs the catch-up, then each mask row in its own forward (the definition): the same
     drafts every step, hence the same outputs and statistics."""
@@ -232,7 +238,7 @@ def test_peagle_one_forward_equals_one_row_at_a_time(tiny_llama, drafters, promp
 
     results = []
     for variant in ("batched", "sequential"):
-        llm = make_llm(tiny_llama, speculative_config=spec("peagle", drafters["peagle"], k=4))
+        llm = make_llm(tiny_llama, speculative_config=spec("peagle", drafters[key], k=4))
         proposer = llm.engine.speculator.proposer
         assert isinstance(proposer, PEagleProposer)
         drafts = []

@@ -30,10 +30,10 @@ def setup(tiny_llama: TinyCheckpoint):
     return target, cfg, chunks, feats
 
 
-def _drafter(setup, parallel: bool, vocab: int = 256):
+def _drafter(setup, parallel: bool, vocab: int = 256, layers: int = 1):
     target, cfg, chunks, feats = setup
     ids = draft_vocabulary(chunks, feats["ids"], 256, vocab)
-    d = new_drafter(target, cfg, ids, parallel, 3, seed=1)
+    d = new_drafter(target, cfg, ids, parallel, 3, seed=1, layers=layers)
     with torch.no_grad():   # larger weights than the init so attention matters
         for name, p in d.named_parameters():
             if p.dim() == 2 and "lm_head" not in name:
@@ -46,16 +46,18 @@ def _drafter(setup, parallel: bool, vocab: int = 256):
     return d, vmap
 
 
-@pytest.mark.parametrize("parallel", [False, True], ids=["eagle3-ttt", "peagle"])
-def test_training_rows_equal_paged_drafting(setup, parallel: bool) -> None:
+@pytest.mark.parametrize("parallel,layers", [(False, 1), (True, 1), (False, 2), (True, 3)],
+                         ids=["eagle3-ttt", "peagle", "eagle3-ttt-2-layers", "peagle-3-layers"])
+def test_training_rows_equal_paged_drafting(setup, parallel: bool, layers: int) -> None:
     """Row s of base b in training == what the drafter computes at inference for the same
-    inputs: the pairs up to b in the cache, then rows 2..s one decode step each."""
+    inputs: the pairs up to b in the cache, then rows 2..s one decode step each (deeper
+    drafters: every layer with its own cache and its own training attention)."""
     _, _, chunks, feats = setup
-    d, _ = _drafter(setup, parallel)
+    d, _ = _drafter(setup, parallel, layers=layers)
     steps, l = 3, chunks.shape[1]
     tokens, aux = chunks[:1], feats["aux"][:1].float()
     # Training: all bases at once.
-    attend = StepAttention(1, l, d.midlayer.self_attn.attn.scale)
+    attend = [StepAttention(1, l, a.scale) for a in d.attention_layers()]
     base = torch.arange(l)
     hidden = d.fuse(aux[0])
     rows = []
@@ -70,9 +72,10 @@ def test_training_rows_equal_paged_drafting(setup, parallel: bool) -> None:
             rows.append(hidden)
     # Inference, for a few bases.
     backend = TorchAttentionBackend()
-    d.midlayer.self_attn.attn.backend = backend
-    d.attention_layers()[0].kv_cache = torch.zeros(2, 16, 4, d.midlayer.self_attn.num_kv_heads,
-                                                   d.midlayer.self_attn.head_dim)
+    assert len(d.attention_layers()) == layers
+    for a in d.attention_layers():
+        a.backend = backend
+        a.kv_cache = torch.zeros(2, 16, 4, d.midlayer.self_attn.num_kv_heads, d.midlayer.self_attn.head_dim)
     blocks = list(range(16))
     cpu = torch.device("cpu")
     for b in [0, 5, 13]:

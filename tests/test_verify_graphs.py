@@ -35,7 +35,8 @@ def _attach_static_runner(llm) -> CudaGraphRunner:
 
 
 @pytest.mark.parametrize("method,tree", [("eagle", None), ("peagle", {"top_k": 3, "budget": 7}),
-                                         ("eagle", {"top_k": 2, "budget": 6})])
+                                         ("eagle", {"top_k": 2, "budget": 6}),
+                                         ("peagle-deep", {"top_k": 3, "budget": 7})])
 def test_verify_through_static_buffers_is_greedy_identical(tiny_llama, drafters, prompts, reference,  # noqa: F811
                                                            method, tree) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
@@ -45,7 +46,7 @@ def test_verify_through_static_buffers_is_greedy_identical(tiny_llama, drafters,
     run(eager, prompts[:3], params)
     llm = make()
     gr = _attach_static_runner(llm)
-    if method == "peagle":   # its mask rows come from the catch-up's (graphed) forward only
+    if method.startswith("peagle"):   # its mask rows come from the catch-up's (graphed) forward only
         llm.engine.speculator.proposer._mask_rows = None
     widths = llm.engine.speculator.verify_widths()
     assert widths == ((4,) if tree is None else (llm.engine.speculator.slots_for(3) + 1,))

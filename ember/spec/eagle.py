@@ -27,12 +27,19 @@ embedding `mask_embed` and a shared learned hidden state `mask_hidden` instead o
 positions after it run in one forward, attending causally to each other and to the
 drafter's cache; the drafter is trained for that (ember.spec.train_eagle --parallel).
 
+Deeper drafters (`num_hidden_layers` > 1, as AWS's published P-EAGLE drafters have four):
+the layer above feeds plain Llama decoder layers on the [H] stream, each with its own
+KV cache, and o is the last one's output. One forward drafts all k positions in P-EAGLE,
+so its depth costs once per step, not once per draft.
+
 Checkpoint layout (as published for vLLM / SGLang, e.g. SpecForge output): `fc.weight`,
 `midlayer.{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, input_layernorm,
 hidden_norm, post_attention_layernorm}.weight`, `norm.weight`, `lm_head.weight`, `d2t`,
 `t2d`, optionally `embed_tokens.weight` (else the target's is used), and for P-EAGLE
-`mask_embed` and `mask_hidden` ([H], or [3 Ht] before fc as vLLM stores it). config.json
-is a Llama config (`architectures: ["LlamaForCausalLMEagle3"]`, one layer) plus
+`mask_embed` and `mask_hidden` ([H], or [3 Ht] before fc as vLLM stores it); a deeper
+drafter's further layers as `layers.{i}.*` (i >= 1; `layers.0` is another name for
+`midlayer`). config.json is a Llama config (`architectures: ["LlamaForCausalLMEagle3"]`,
+`num_hidden_layers` its depth) plus
 `draft_vocab_size`, `target_hidden_size`, optionally `eagle_aux_hidden_state_layer_ids`
 (top level or under `eagle_config`) and `norm_before_residual`; ember adds
 `parallel_drafting` (+ `parallel_positions`, the k it was trained for) for P-EAGLE.
@@ -42,7 +49,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -70,7 +77,7 @@ def default_aux_layers(num_target_layers: int) -> tuple[int, ...]:
 
 @dataclass
 class EagleConfig:
-    """The drafter's shape (a one-layer Llama config) plus what ties it to its target."""
+    """The drafter's shape (a Llama config; layer 0 is EAGLE-3's) plus what ties it to its target."""
 
     layer: ModelConfig                 # hidden, heads, intermediate, rope, eps of the drafter
     vocab_size: int                    # the target's
@@ -91,8 +98,8 @@ class EagleConfig:
         cfg = dict(cfg)
         cfg.setdefault("architectures", [ARCHITECTURE])
         layer = ModelConfig.from_dict(cfg)
-        if layer.num_hidden_layers != 1:
-            raise ValueError(f"an EAGLE-3 drafter has one layer, this config says {layer.num_hidden_layers}")
+        if layer.num_hidden_layers < 1:
+            raise ValueError(f"an EAGLE-3 drafter has at least one layer, this config says {layer.num_hidden_layers}")
         vocab = cfg.get("vocab_size", target.vocab_size)
         if vocab != target.vocab_size:
             raise ValueError(f"the drafter's vocabulary ({vocab}) differs from the target's "
@@ -113,7 +120,7 @@ class EagleConfig:
         c = self.layer
         out = dict(self.raw)
         out.update({
-            "architectures": [ARCHITECTURE], "model_type": "llama", "num_hidden_layers": 1,
+            "architectures": [ARCHITECTURE], "model_type": "llama", "num_hidden_layers": c.num_hidden_layers,
             "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
             "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
             "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta,
@@ -179,8 +186,27 @@ class EagleLayer(nn.Module):
         return self.mlp(h) + residual
 
 
+class EagleDeepLayer(nn.Module):
+    """A plain Llama decoder layer on the drafter's [H] stream (layers 1.. of a deeper drafter)."""
+
+    def __init__(self, cfg: ModelConfig, backend, ops: LayerOps) -> None:
+        super().__init__()
+        h = cfg.hidden_size
+        self.self_attn = EagleAttention(cfg, h, backend, ops)
+        self.mlp = LlamaMLP(cfg, ops)
+        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps, ops)
+        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps, ops)
+
+    def forward(self, rope: RopeStep, x: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """x: [T, H] the stream -> [T, H]."""
+        residual = x.clone()   # the caller's (see EagleLayer): the fused add-norm may write it
+        h = self.self_attn(rope, self.input_layernorm(x), attend)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h) + residual
+
+
 class EagleDrafter(nn.Module):
-    """fc + one EagleLayer + norm + (draft-vocabulary) head; see the module docstring."""
+    """fc + an EagleLayer (+ plain layers) + norm + (draft-vocabulary) head; see the module docstring."""
 
     def __init__(self, cfg: EagleConfig, backend=None, ops: LayerOps = TORCH_LAYER_OPS) -> None:
         super().__init__()
@@ -189,6 +215,7 @@ class EagleDrafter(nn.Module):
         self.config = cfg
         self.fc = Linear(len(cfg.aux_layers) * cfg.target_hidden_size, h, bias=False)
         self.midlayer = EagleLayer(c, backend, ops, cfg.norm_before_residual)
+        self.more_layers = nn.ModuleList(EagleDeepLayer(c, backend, ops) for _ in range(c.num_hidden_layers - 1))
         self.norm = RMSNorm(h, c.rms_norm_eps, ops)
         self.lm_head = Linear(h, cfg.draft_vocab_size, bias=False)
         self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
@@ -218,7 +245,7 @@ class EagleDrafter(nn.Module):
         return torch.nn.functional.embedding(token_ids, self._shared_embed[0].weight.detach())
 
     def attention_layers(self) -> list[Attention]:
-        return [self.midlayer.self_attn.attn]
+        return [self.midlayer.self_attn.attn] + [m.self_attn.attn for m in self.more_layers]
 
     # ---- compute -----------------------------------------------------------------------
     def fuse(self, aux: torch.Tensor) -> torch.Tensor:
@@ -226,15 +253,24 @@ class EagleDrafter(nn.Module):
         return self.fc(aux)
 
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
-                attend: Attend) -> torch.Tensor:
+                attend: Attend | Sequence[Attend]) -> torch.Tensor:
         """embeds [T, H] (token embeddings, or mask_embed), hidden [T, H] (fused target
-        states, the drafter's own o, or mask_hidden), positions [T] -> o [T, H]."""
-        return self.midlayer(self.rotary.lookup(positions), embeds, hidden, attend)
+        states, the drafter's own o, or mask_hidden), positions [T] -> o [T, H]. `attend`:
+        one attention per layer (`paged`, or training's), or one callable for a one-layer
+        drafter."""
+        attends = [attend] if callable(attend) else list(attend)
+        if len(attends) != 1 + len(self.more_layers):
+            raise ValueError(f"{len(attends)} attentions for a drafter of {1 + len(self.more_layers)} layers")
+        rope = self.rotary.lookup(positions)
+        o = self.midlayer(rope, embeds, hidden, attends[0])
+        for layer, att in zip(self.more_layers, attends[1:]):
+            o = layer(rope, o, att)
+        return o
 
-    def paged(self, fb) -> Attend:
-        """Attention over the paged KV cache for one engine forward (`fb`: ForwardBatch)."""
-        attn = self.midlayer.self_attn.attn
-        return lambda q, k, v: attn(q, k, v, fb)
+    def paged(self, fb) -> list[Attend]:
+        """Attention over the paged KV cache for one engine forward (`fb`: ForwardBatch),
+        one per layer."""
+        return [lambda q, k, v, attn=attn: attn(q, k, v, fb) for attn in self.attention_layers()]
 
     def compute_logits(self, o: torch.Tensor) -> torch.Tensor:
         """o: [N, H] -> fp32 logits [N, draft_vocab]."""
@@ -307,6 +343,9 @@ class EagleDrafter(nn.Module):
         for name, p in self.named_parameters():
             if name.startswith("embed_tokens."):
                 continue
+            if name.startswith("more_layers."):   # published: layers.1, layers.2, ...
+                i, rest = name[len("more_layers."):].split(".", 1)
+                name = f"layers.{int(i) + 1}.{rest}"
             module, _, kind = name.rpartition(".")
             parent, _, proj = module.rpartition(".")
             t = p.detach()
@@ -326,12 +365,16 @@ class EagleDrafter(nn.Module):
 
 
 def _canonical(name: str) -> str:
-    """Published variants -> this module's names (midlayer.*; no `model.` prefix)."""
+    """Published variants -> this module's names (midlayer.*, more_layers.{i - 1}.* for
+    layers.{i}.*; no `model.` prefix)."""
     if name.startswith("model."):
         name = name[len("model."):]
     for prefix in ("layers.0.", "midlayer."):
         if name.startswith(prefix):
             return "midlayer." + name[len(prefix):]
+    if name.startswith("layers."):
+        i, rest = name[len("layers."):].split(".", 1)
+        return f"more_layers.{int(i) - 1}.{rest}"
     return name
 
 

@@ -29,6 +29,9 @@ the target's own hidden states over a text.
      mask embedding and mask hidden state instead, at positions b + 1 .. b + K - 1, with the
      same attention pattern: the single pass the proposer runs. All rows in one forward.
    Row s's loss weight is --loss-decay^(s-1) (0.8).
+   `--draft-layers N` trains a deeper drafter (P-EAGLE's published ones have 4), and
+   `--init-from DIR` starts from another drafter's tensors (a trained EAGLE-3 drafter's
+   fc, first layer and head for a P-EAGLE one), keeping its draft vocabulary.
    The loss is the cross-entropy against the target's top-k probabilities restricted to
    the draft vocabulary (renormalized). The target's embedding stays frozen (shared).
    On CUDA the target runs in bf16, the drafter keeps fp32 master weights under bf16
@@ -53,7 +56,7 @@ import torch
 from ember.config import ModelConfig
 from ember.layers.linear import Linear
 from ember.spec.distill import add_distill_args, chunks as split_chunks, load_target, read_split
-from ember.spec.eagle import EagleConfig, EagleDrafter, default_aux_layers, save_eagle
+from ember.spec.eagle import EagleConfig, EagleDrafter, default_aux_layers, load_eagle, save_eagle
 
 FEATURE_KEYS = ("tokens", "aux", "ids", "probs")
 
@@ -250,18 +253,19 @@ def draft_vocabulary(tokens: torch.Tensor, ids: torch.Tensor, vocab: int, size: 
 
 # ---- the drafter ----------------------------------------------------------------------------
 def new_drafter(target, hf_config: dict[str, Any], draft_ids: torch.Tensor, parallel: bool,
-                positions: int, seed: int) -> EagleDrafter:
-    """A drafter shaped like one target layer. The head starts as the target's rows for
-    the draft vocabulary, fc as the identity on the highest aux layer's stream (measured on
-    SmolLM2: twice the held-out agreement after 40 steps of a random fc), the final norm
-    at one (the target's norm weights on the untrained stream give logits so peaked that
-    the first steps are wasted), the rest small random, so the fused target state
-    dominates the residual stream at first. Built on the CPU in fp32 (draft_ids may live
-    anywhere); move it to the training device afterwards."""
+                positions: int, seed: int, layers: int = 1) -> EagleDrafter:
+    """A drafter of `layers` layers shaped like the target's. The head starts as the
+    target's rows for the draft vocabulary, fc as the identity on the highest aux layer's
+    stream (measured on SmolLM2: twice the held-out agreement after 40 steps of a random
+    fc), the final norm at one (the target's norm weights on the untrained stream give
+    logits so peaked that the first steps are wasted), the layers after the first as the
+    identity (their output projections zero), the rest small random, so the fused target
+    state dominates the residual stream at first. Built on the CPU in fp32 (draft_ids may
+    live anywhere); move it to the training device afterwards."""
     draft_ids = draft_ids.cpu()
     tcfg = ModelConfig.from_dict(hf_config)
     cfg = dict(hf_config)
-    cfg.update(num_hidden_layers=1, draft_vocab_size=len(draft_ids), target_hidden_size=tcfg.hidden_size,
+    cfg.update(num_hidden_layers=layers, draft_vocab_size=len(draft_ids), target_hidden_size=tcfg.hidden_size,
                eagle_aux_hidden_state_layer_ids=list(default_aux_layers(tcfg.num_hidden_layers)),
                parallel_drafting=parallel, parallel_positions=positions if parallel else 0,
                architectures=["LlamaForCausalLMEagle3"])
@@ -276,6 +280,9 @@ def new_drafter(target, hf_config: dict[str, Any], draft_ids: torch.Tensor, para
                 p.fill_(1.0 if "norm" in name else 0.0)
             else:
                 p.normal_(0.0, 0.02)
+        for layer in drafter.more_layers:   # start as the identity on the stream
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
         head = target.lm_head.weight if target.lm_head is not None else target.model.embed_tokens.weight
         drafter.lm_head.weight.copy_(head[draft_ids.to(head.device)])
         h = ecfg.hidden_size
@@ -335,7 +342,7 @@ def draft_loss(drafter: EagleDrafter, batch: dict[str, torch.Tensor], vocab_map:
     step queues without waiting."""
     tokens, aux = batch["tokens"], batch["aux"]
     b, l = tokens.shape
-    attend = StepAttention(b, l, drafter.midlayer.self_attn.attn.scale)
+    attend = [StepAttention(b, l, a.scale) for a in drafter.attention_layers()]   # one per layer
     base = torch.arange(l, device=tokens.device)
     hidden = drafter.fuse(aux.reshape(b * l, -1).to(drafter.fc.weight.dtype))
     total, accs, weight_sum = 0.0, [], 0.0
@@ -458,6 +465,21 @@ def _features(args, target, train_ids: torch.Tensor, aux_layers: tuple[int, ...]
     return feats
 
 
+def warm_start(drafter: EagleDrafter, init: EagleDrafter, log) -> None:
+    """Copy into `drafter` every tensor of `init` with the same name and shape (e.g. an
+    EAGLE-3 drafter's fc, layer, norm and head into a P-EAGLE one, whose mask state and
+    further layers keep their fresh start). Build `drafter` with `init`'s draft vocabulary."""
+    mine = drafter.state_dict()
+    copied = []
+    with torch.no_grad():
+        for name, t in init.state_dict().items():
+            if name in mine and mine[name].shape == t.shape:
+                mine[name].copy_(t)
+                copied.append(name)
+    fresh = [n for n in mine if n not in copied]
+    log(f"warm start: {len(copied)} tensors copied; fresh: {', '.join(fresh) or 'none'}")
+
+
 def _lr(args, step: int, frac: float) -> float:
     """Linear warmup over --warmup steps, then a cosine to 0 at frac = 1 (the planned steps,
     or the deadline when only a time budget bounds the run)."""
@@ -510,7 +532,9 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
     held = held[torch.linspace(0, len(held) - 1, min(args.eval_chunks, len(held))).long()]
     held_feats = target_features(target, held, aux_layers, args.feature_batch, args.top_k, lambda *_: None,
                                  store=device)
-    draft_ids = draft_vocabulary(chunks, feats["ids"], tcfg.vocab_size, args.draft_vocab_size)
+    init = load_eagle(args.init_from, tcfg) if args.init_from else None
+    draft_ids = (init.to_target_ids(torch.arange(init.config.draft_vocab_size)) if init is not None
+                 else draft_vocabulary(chunks, feats["ids"], tcfg.vocab_size, args.draft_vocab_size))
     vocab_map = torch.full((tcfg.vocab_size,), -1, dtype=torch.long)
     vocab_map[draft_ids] = torch.arange(len(draft_ids))
     vocab_map = vocab_map.to(device)
@@ -520,7 +544,10 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
 
     steps = args.parallel_positions if args.parallel else args.ttt_steps
     drafter = new_drafter(target, hf_config, draft_ids, args.parallel, args.parallel_positions,
-                          args.seed).to(device)
+                          args.seed, args.draft_layers)
+    if init is not None:
+        warm_start(drafter, init, log)
+    drafter.to(device)
     params = [p for p in drafter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95),
                             fused=device.type == "cuda")
@@ -546,7 +573,8 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
         drafter.to(torch.bfloat16)
     save_eagle(drafter, args.out)
     report = {"target": args.target, "text": args.text, "mode": "peagle" if args.parallel else "eagle3",
-              "rows_trained": steps, "train_fraction": args.train_fraction,
+              "rows_trained": steps, "layers": args.draft_layers, "init_from": args.init_from,
+              "train_fraction": args.train_fraction,
               "train_tokens": int(chunks.numel()), "self_distill": args.self_distill,
               "prompt_len": args.prompt_len if args.self_distill else 0,
               "distill_temperature": args.distill_temperature if args.self_distill else 0.0,
@@ -657,6 +685,13 @@ def add_train_eagle_parser(sub) -> None:
     p.add_argument("--parallel-positions", type=int, default=4, help="draft positions per pass (P-EAGLE)")
     p.add_argument("--ttt-steps", type=int, default=3, help="unrolled draft steps in training (EAGLE-3)")
     p.add_argument("--draft-vocab-size", type=int, default=8192)
+    p.add_argument("--draft-layers", type=int, default=1,
+                   help="decoder layers of the drafter (AWS's P-EAGLE drafters have 4; P-EAGLE runs them "
+                        "once per step, EAGLE once per draft)")
+    p.add_argument("--init-from", default=None,
+                   help="a drafter folder to start from: every tensor of the same name and shape is "
+                        "copied (e.g. a trained EAGLE-3 drafter into a P-EAGLE one), and its draft "
+                        "vocabulary is used")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--loss-decay", type=float, default=0.8,
                    help="loss weight of draft position s is decay^(s-1) (1: all positions alike)")
