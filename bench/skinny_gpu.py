@@ -23,6 +23,7 @@ from ember.quant.int4 import pack_int4, quantize_int4
 from ember.quant.kernels import fp8_linear_ref, int4_linear_ref
 from ember.quant.kernels.fp8_gemv import CONFIGS as FP8_GEMV_CONFIGS
 from ember.quant.kernels.fp8_gemv import fp8_gemv_triton
+from ember.quant.kernels.skinny_dot import INT4_CONFIGS as INT4_SKINNY_CONFIGS
 from ember.quant.kernels.skinny_dot import fp8_skinny, int4_skinny
 from ember.quant.kernels.w4a16 import INT4_GEMV_CONFIGS, int4_dequant_triton, int4_linear_triton
 
@@ -100,6 +101,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="*", default=[1, 2, 4, 8, 16, 64])
     ap.add_argument("--configs", action="store_true", help="also time every GEMV tile config at M=1")
+    ap.add_argument("--skinny-configs", action="store_true",
+                    help="also time every INT4 skinny tile config (epilogue and FOLD) at each of --rows in 2..64")
     args = ap.parse_args()
     print("#", json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}), flush=True)
@@ -121,6 +124,18 @@ def main() -> None:
         got = {r["kernel"]: r["us_per_layer"] for r in rows if r["m"] == m}
         cells = [f"{got[k]:.1f} us ({base / got[k]:.2f}x)" if k in got else "-" for k in KERNELS]
         print(f"| {m} | " + " | ".join(cells) + " |")
+    if args.skinny_configs:
+        for m in [m for m in args.rows if 2 <= m <= 64]:
+            x = {name: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for name, (k, n) in SHAPES.items()}
+            for name in SHAPES:
+                cells = []
+                for c in INT4_SKINNY_CONFIGS:
+                    try:
+                        us = time_layers(lambda xx, w, c=c: int4_skinny(xx, *w["int4"], config=c), x, layers, (name,))
+                        cells.append(f"{c}: {us:.1f}")
+                    except OutOfResources:
+                        cells.append(f"{c}: out of shared memory")
+                print(f"# int4-skinny {name} M={m} us per config: " + ", ".join(cells), flush=True)
     if args.configs:
         x = {name: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for name, (k, n) in SHAPES.items()}
         for fmt, cfgs, fn in (("int4", INT4_GEMV_CONFIGS, int4_linear_triton),

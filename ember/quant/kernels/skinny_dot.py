@@ -7,7 +7,11 @@ decoded parts are interleaved back into column order for one dot per tile.
 
 - INT4 (AWQ / RTN): a tile lies inside one quantization group, so the zero point and the
   scale apply once per tile: sum_k x_k s (c_k - z) = s (sum_k x_k c_k - z sum_k x_k),
-  with the decoder's +128 offset folded into z.
+  with the decoder's +128 offset folded into z. That costs a [BLOCK_N, BLOCK_M] fp32
+  epilogue per tile and a dot whose result is awaited at once; the FOLD tiles instead
+  dequantize the tile to bf16, (c - z) s rounded once (as the dequantizing prefill path
+  does), and accumulate in the MMA: per-weight work that does not grow with the rows,
+  where the epilogue does. The autotuner picks between them per shape and row count.
 - FP8 (E4M3, weight-only): the decoder's 2^-120 factor is folded into the per-row scale.
 
 Under the CPU interpreter (tests) the parts come from plain integer ops and the dot runs
@@ -37,7 +41,7 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K
                    stride_wn, stride_sn, G: tl.constexpr, FP8: tl.constexpr, NATIVE: tl.constexpr,
                    DOT: tl.constexpr, SPLIT_K: tl.constexpr, FIXUP: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   PDL: tl.constexpr):
+                   PDL: tl.constexpr, FOLD: tl.constexpr):
     """Grid (N tiles, SPLIT_K, M tiles). w: [N, K / PER] int32 words (PER = 8 INT4 codes or
     4 E4M3 bytes). INT4: s, z [N, K / G] (G a multiple of BLOCK_K); FP8: s [N].
     y [M, N], split partials and counters as splitk.store_split."""
@@ -68,12 +72,16 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K
             p = int4_parts(q, NATIVE, DOT)
             w = tl.interleave(tl.interleave(tl.interleave(p[0], p[4]), tl.interleave(p[2], p[6])),
                               tl.interleave(tl.interleave(p[1], p[5]), tl.interleave(p[3], p[7])))
-            raw = tl.dot(w, x)
-            xsum = tl.sum(x.to(tl.float32), axis=0)
             g = k0 // G
             sc = tl.load(s_ptr + n_safe * stride_sn + g).to(tl.float32)
             zp = tl.load(z_ptr + n_safe * stride_sn + g).to(tl.float32)
-            acc += sc[:, None] * (raw - (zp + INT4_OFFSET)[:, None] * xsum[None, :])
+            if FOLD:   # (c + 128) - (z + 128) is exact, times s rounded once to bf16
+                w = ((w.to(tl.float32) - (zp + INT4_OFFSET)[:, None]) * sc[:, None]).to(DOT)
+                acc = tl.dot(w, x, acc)
+            else:
+                raw = tl.dot(w, x)
+                xsum = tl.sum(x.to(tl.float32), axis=0)
+                acc += sc[:, None] * (raw - (zp + INT4_OFFSET)[:, None] * xsum[None, :])
     if FP8:
         acc = acc * (tl.load(s_ptr + n_safe) * E4M3_FACTOR_HALF)[:, None] * E4M3_FACTOR_HALF
     store_split(acc, y_ptr, part_ptr, cnt_ptr, rm[None, :] * N + n[:, None],
@@ -81,10 +89,12 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K
                 tl.program_id(0) + tl.num_programs(0) * tl.program_id(2), SPLIT_K, FIXUP)
 
 
-# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps). An INT4 BLOCK_K divides the group and gives
-# WORDS >= 16 (an MMA's K).
+# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps[, FOLD]). An INT4 BLOCK_K divides the group and
+# gives WORDS >= 16 (an MMA's K).
 INT4_CONFIGS = ((64, 128, 4, 4), (32, 128, 4, 4), (64, 128, 2, 4), (128, 128, 1, 4), (64, 128, 8, 4),
-                (32, 128, 8, 4), (128, 128, 2, 8), (16, 128, 4, 1), (16, 128, 8, 1))
+                (32, 128, 8, 4), (128, 128, 2, 8), (16, 128, 4, 1), (16, 128, 8, 1),
+                (64, 128, 4, 4, 1), (64, 128, 2, 4, 1), (128, 128, 1, 4, 1), (128, 128, 2, 8, 1),
+                (128, 128, 1, 8, 1), (64, 128, 8, 4, 1), (32, 128, 4, 4, 1))
 FP8_CONFIGS = ((64, 256, 4, 4), (64, 128, 4, 4), (64, 256, 2, 4), (64, 128, 2, 4), (32, 256, 4, 4),
                (64, 256, 8, 4), (32, 512, 4, 4), (16, 256, 4, 1),
                (128, 128, 2, 8))
@@ -101,13 +111,14 @@ def _launch(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, z: torch.Tens
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
 
     def run(c: tuple) -> None:
-        bn, bk, split, warps = c
+        bn, bk, split, warps = c[:4]
+        fold = bool(c[4]) if len(c) > 4 else False
         part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, bn) * triton.cdiv(m, bm), FIXUP_SKINNY)
         _skinny_kernel[(triton.cdiv(n_out, bn), split, triton.cdiv(m, bm))](
             x2, y, part, cnt, words, s, z if z is not None else s, m, n_out, k_in, x2.stride(0),
             words.stride(0), s.stride(0) if s.dim() > 1 else 0, G=group, FP8=fp8, NATIVE=native,
             DOT=dot, SPLIT_K=split, FIXUP=fixup, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            num_warps=warps, **pdl_launch(x2))
+            num_warps=warps, FOLD=fold, **pdl_launch(x2))
         finish_splits(part, y, fixup)
 
     cands = [c for c in (FP8_CONFIGS if fp8 else INT4_CONFIGS)
