@@ -75,8 +75,11 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K
             g = k0 // G
             sc = tl.load(s_ptr + n_safe * stride_sn + g).to(tl.float32)
             zp = tl.load(z_ptr + n_safe * stride_sn + g).to(tl.float32)
-            if FOLD:   # (c + 128) - (z + 128) is exact, times s rounded once to bf16
+            if FOLD == 1:   # (c + 128) - (z + 128) is exact, times s rounded once to bf16
                 w = ((w.to(tl.float32) - (zp + INT4_OFFSET)[:, None]) * sc[:, None]).to(DOT)
+                acc = tl.dot(w, x, acc)
+            elif FOLD == 2:   # the same in bf16 arithmetic (z + 128 and bf16 s are exact in bf16)
+                w = (w - (zp + INT4_OFFSET).to(DOT)[:, None]) * sc.to(DOT)[:, None]
                 acc = tl.dot(w, x, acc)
             else:
                 raw = tl.dot(w, x)
@@ -90,11 +93,15 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K
 
 
 # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps[, FOLD]). An INT4 BLOCK_K divides the group and
-# gives WORDS >= 16 (an MMA's K).
+# gives WORDS >= 16 (an MMA's K). FOLD 1 dequantizes through fp32, 2 in bf16 arithmetic
+# (the same values); wide BLOCK_N tiles read x fewer times (every N tile reads all of x).
 INT4_CONFIGS = ((64, 128, 4, 4), (32, 128, 4, 4), (64, 128, 2, 4), (128, 128, 1, 4), (64, 128, 8, 4),
                 (32, 128, 8, 4), (128, 128, 2, 8), (16, 128, 4, 1), (16, 128, 8, 1),
                 (64, 128, 4, 4, 1), (64, 128, 2, 4, 1), (128, 128, 1, 4, 1), (128, 128, 2, 8, 1),
-                (128, 128, 1, 8, 1), (64, 128, 8, 4, 1), (32, 128, 4, 4, 1))
+                (128, 128, 1, 8, 1), (64, 128, 8, 4, 1), (32, 128, 4, 4, 1),
+                (256, 128, 1, 8, 1), (256, 128, 2, 8, 1),
+                (64, 128, 4, 4, 2), (128, 128, 1, 8, 2), (128, 128, 2, 8, 2), (256, 128, 1, 8, 2),
+                (256, 128, 2, 8, 2))
 FP8_CONFIGS = ((64, 256, 4, 4), (64, 128, 4, 4), (64, 256, 2, 4), (64, 128, 2, 4), (32, 256, 4, 4),
                (64, 256, 8, 4), (32, 512, 4, 4), (16, 256, 4, 1),
                (128, 128, 2, 8))
@@ -112,7 +119,7 @@ def _launch(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, z: torch.Tens
 
     def run(c: tuple) -> None:
         bn, bk, split, warps = c[:4]
-        fold = bool(c[4]) if len(c) > 4 else False
+        fold = c[4] if len(c) > 4 else 0
         part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, bn) * triton.cdiv(m, bm), FIXUP_SKINNY)
         _skinny_kernel[(triton.cdiv(n_out, bn), split, triton.cdiv(m, bm))](
             x2, y, part, cnt, words, s, z if z is not None else s, m, n_out, k_in, x2.stride(0),
