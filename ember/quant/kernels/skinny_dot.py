@@ -41,7 +41,7 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K
                    stride_wn, stride_sn, G: tl.constexpr, FP8: tl.constexpr, NATIVE: tl.constexpr,
                    DOT: tl.constexpr, SPLIT_K: tl.constexpr, FIXUP: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   PDL: tl.constexpr, FOLD: tl.constexpr):
+                   PDL: tl.constexpr, FOLD: tl.constexpr, PREFETCH: tl.constexpr):
     """Grid (N tiles, SPLIT_K, M tiles). w: [N, K / PER] int32 words (PER = 8 INT4 codes or
     4 E4M3 bytes). INT4: s, z [N, K / G] (G a multiple of BLOCK_K); FP8: s [N].
     y [M, N], split partials and counters as splitk.store_split."""
@@ -55,11 +55,23 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K
     start, end = k_range(K, SPLIT_K, BLOCK_K)
     wi = tl.arange(0, WORDS)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    w_rows = w_ptr + n_safe[:, None] * stride_wn
+    # PREFETCH: registers double-buffer the weight words (the next tile's in flight while
+    # this one is decoded); the weights do not depend on the kernel before, so the first
+    # tile's load may go before PDL's wait.
+    if PREFETCH:
+        q_next = tl.load(w_rows + (start // PER + wi)[None, :], mask=start < end, other=0)
+    else:
+        q_next = tl.zeros((BLOCK_N, WORDS), dtype=tl.int32)
     if PDL:
         tl.extra.cuda.gdc_wait()        # x is written by the kernel before
         tl.extra.cuda.gdc_launch_dependents()
     for k0 in range(start, end, BLOCK_K):
-        q = tl.load(w_ptr + n_safe[:, None] * stride_wn + (k0 // PER + wi)[None, :])
+        if PREFETCH:
+            q = q_next
+            q_next = tl.load(w_rows + ((k0 + BLOCK_K) // PER + wi)[None, :], mask=k0 + BLOCK_K < end, other=0)
+        else:
+            q = tl.load(w_rows + (k0 // PER + wi)[None, :])
         kk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rm[None, :] * stride_xm + kk[:, None], mask=r_mask[None, :], other=0.0)
         x = x.to(DOT)                                                       # [BLOCK_K, BM]
@@ -92,7 +104,7 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K
                 tl.program_id(0) + tl.num_programs(0) * tl.program_id(2), SPLIT_K, FIXUP)
 
 
-# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps[, FOLD]). An INT4 BLOCK_K divides the group and
+# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps[, FOLD[, PREFETCH]]). An INT4 BLOCK_K divides the group and
 # gives WORDS >= 16 (an MMA's K). FOLD 1 dequantizes through fp32, 2 in bf16 arithmetic
 # (the same values); wide BLOCK_N tiles read x fewer times (every N tile reads all of x).
 INT4_CONFIGS = ((64, 128, 4, 4), (32, 128, 4, 4), (64, 128, 2, 4), (128, 128, 1, 4), (64, 128, 8, 4),
@@ -101,7 +113,9 @@ INT4_CONFIGS = ((64, 128, 4, 4), (32, 128, 4, 4), (64, 128, 2, 4), (128, 128, 1,
                 (128, 128, 1, 8, 1), (64, 128, 8, 4, 1), (32, 128, 4, 4, 1),
                 (256, 128, 1, 8, 1), (256, 128, 2, 8, 1),
                 (64, 128, 4, 4, 2), (128, 128, 1, 8, 2), (128, 128, 2, 8, 2), (256, 128, 1, 8, 2),
-                (256, 128, 2, 8, 2))
+                (256, 128, 2, 8, 2),
+                (64, 128, 4, 4, 2, 1), (64, 128, 8, 4, 2, 1), (128, 128, 1, 8, 2, 1), (128, 128, 2, 8, 2, 1),
+                (64, 128, 2, 4, 2, 1), (32, 128, 4, 4, 2, 1))
 FP8_CONFIGS = ((64, 256, 4, 4), (64, 128, 4, 4), (64, 256, 2, 4), (64, 128, 2, 4), (32, 256, 4, 4),
                (64, 256, 8, 4), (32, 512, 4, 4), (16, 256, 4, 1),
                (128, 128, 2, 8))
@@ -120,12 +134,13 @@ def _launch(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, z: torch.Tens
     def run(c: tuple) -> None:
         bn, bk, split, warps = c[:4]
         fold = c[4] if len(c) > 4 else 0
+        prefetch = bool(c[5]) if len(c) > 5 else False
         part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, bn) * triton.cdiv(m, bm), FIXUP_SKINNY)
         _skinny_kernel[(triton.cdiv(n_out, bn), split, triton.cdiv(m, bm))](
             x2, y, part, cnt, words, s, z if z is not None else s, m, n_out, k_in, x2.stride(0),
             words.stride(0), s.stride(0) if s.dim() > 1 else 0, G=group, FP8=fp8, NATIVE=native,
             DOT=dot, SPLIT_K=split, FIXUP=fixup, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            num_warps=warps, FOLD=fold, **pdl_launch(x2))
+            num_warps=warps, FOLD=fold, PREFETCH=prefetch, **pdl_launch(x2))
         finish_splits(part, y, fixup)
 
     cands = [c for c in (FP8_CONFIGS if fp8 else INT4_CONFIGS)
