@@ -166,8 +166,8 @@ def _skinny_configs(kind: str) -> list[tuple]:
     configs = INT4_CONFIGS if kind == "int4" else FP8_CONFIGS
     if DEVICE == "cuda":
         return list(configs)
-    # The interpreter is slow: the last tile of each kind (INT4: epilogue, FOLD 1 and 2,
-    # with and without PREFETCH).
+    # The interpreter is slow: the last tile of each kind (INT4: epilogue, FOLD, FOLD with
+    # PREFETCH).
     kinds = {tuple(c[4:]): c for c in configs}
     return list(kinds.values())
 
