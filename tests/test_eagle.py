@@ -85,13 +85,14 @@ def _published_tensors(seed: int, parallel: bool = False) -> dict[str, torch.Ten
     return w
 
 
-def _write_checkpoint(folder: str, tensors: dict[str, torch.Tensor], parallel: bool = False) -> str:
+def _write_checkpoint(folder: str, tensors: dict[str, torch.Tensor], parallel: bool = False,
+                      layers: int = 1) -> str:
     from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
     save_file(tensors, os.path.join(folder, "model.safetensors"))
     cfg = {"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "hidden_size": H,
            "intermediate_size": INTER, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
-           "head_dim": D, "num_hidden_layers": 1, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+           "head_dim": D, "num_hidden_layers": layers, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
            "max_position_embeddings": 256, "vocab_size": VOCAB, "draft_vocab_size": DRAFT_VOCAB,
            "target_hidden_size": H, "eagle_config": {"eagle_aux_hidden_state_layer_ids": AUX,
                                                      "use_aux_hidden_state": True}}
@@ -145,8 +146,30 @@ def reference_eagle(w, embed: torch.Tensor, next_tokens: torch.Tensor, hidden: t
     return o, full
 
 
+def _attention_ref(x: torch.Tensor, w, prefix: str, positions: torch.Tensor) -> torch.Tensor:
+    """Causal GQA attention of layer `prefix` over x's rows, o_proj applied."""
+    t = x.shape[0]
+    q = _rope((x @ w[f"{prefix}.self_attn.q_proj.weight"].T).view(t, HEADS, D), positions)
+    k = _rope((x @ w[f"{prefix}.self_attn.k_proj.weight"].T).view(t, KV_HEADS, D), positions)
+    v = (x @ w[f"{prefix}.self_attn.v_proj.weight"].T).view(t, KV_HEADS, D)
+    k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    s = torch.einsum("qhd,khd->hqk", q, k) / D ** 0.5
+    s = s.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))
+    a = torch.einsum("hqk,khd->qhd", s.softmax(-1), v).reshape(t, HEADS * D)
+    return a @ w[f"{prefix}.self_attn.o_proj.weight"].T
+
+
+def reference_deep_layer(w, prefix: str, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A plain pre-norm Llama layer (a deeper drafter's layers 1..) written out densely."""
+    h = _attention_ref(_rms(x, w[f"{prefix}.input_layernorm.weight"]), w, prefix, positions) + x
+    y = _rms(h, w[f"{prefix}.post_attention_layernorm.weight"])
+    return (F.silu(y @ w[f"{prefix}.mlp.gate_proj.weight"].T) * (y @ w[f"{prefix}.mlp.up_proj.weight"].T)) \
+        @ w[f"{prefix}.mlp.down_proj.weight"].T + h
+
+
 def _bind_cache(drafter: EagleDrafter, blocks: int = 16, bs: int = 4) -> None:
-    drafter.attention_layers()[0].kv_cache = torch.zeros(2, blocks, bs, KV_HEADS, D)
+    for layer in drafter.attention_layers():
+        layer.kv_cache = torch.zeros(2, blocks, bs, KV_HEADS, D)
 
 
 @pytest.fixture(scope="module")
@@ -268,3 +291,47 @@ def test_parallel_mask_positions_in_one_forward_equal_one_at_a_time(tmp_path, em
         one = torch.cat([run([(blocks, n + j, [0])], masks_e[:1], masks_h[:1]) for j in range(k - 1)])
     torch.testing.assert_close(together, one, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(together[0], together[1])   # the positions differ
+
+
+def test_deeper_drafter_layout_reference_and_roundtrip(tmp_path, embedding) -> None:
+    """A two-layer drafter in the published naming (`model.layers.0` = midlayer,
+    `model.layers.1` a plain Llama layer): its paged forward in two chunks equals layer 0's
+    reference followed by a dense Llama layer, and save_eagle writes `layers.1.*` back."""
+    w = _published_tensors(4)
+    g = torch.Generator().manual_seed(9)
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.15
+    deep = {"self_attn.q_proj.weight": r(HEADS * D, H), "self_attn.k_proj.weight": r(KV_HEADS * D, H),
+            "self_attn.v_proj.weight": r(KV_HEADS * D, H), "self_attn.o_proj.weight": r(H, HEADS * D),
+            "mlp.gate_proj.weight": r(INTER, H), "mlp.up_proj.weight": r(INTER, H),
+            "mlp.down_proj.weight": r(H, INTER), "input_layernorm.weight": 1 + r(H),
+            "post_attention_layernorm.weight": 1 + r(H)}
+    w.update({f"layers.1.{k}": v for k, v in deep.items()})
+    published = {("model.layers.0." + k[len("midlayer."):]) if k.startswith("midlayer.")
+                 else ("model." + k) if k.startswith("layers.") else k: v for k, v in w.items()}
+    backend = TorchAttentionBackend()
+    drafter = load_eagle(_write_checkpoint(str(tmp_path / "deep"), published, layers=2), _target_config(), backend)
+    assert len(drafter.attention_layers()) == 2 and drafter.config.layer.num_hidden_layers == 2
+    drafter.share_embedding(embedding)
+    _bind_cache(drafter)
+    n = 7
+    nxt = torch.randint(3, VOCAB, (n,), generator=g)
+    aux = torch.randn(n, 3 * H, generator=g)
+    outs = []
+    with torch.no_grad():
+        for start, stop in [(0, 4), (4, 7)]:
+            fb = build_forward_batch([([3, 8], start, nxt[start:stop].tolist())], 4, torch.device("cpu"))
+            backend.prepare(fb)
+            outs.append(drafter(drafter.embed(fb.input_ids), drafter.fuse(aux[start:stop]), fb.positions,
+                                drafter.paged(fb)))
+        o0, _ = reference_eagle(w, embedding.weight, nxt, aux, torch.arange(n), fuse=True)
+        ref = reference_deep_layer(w, "layers.1", o0, torch.arange(n))
+        torch.testing.assert_close(torch.cat(outs), ref, atol=1e-4, rtol=1e-4)
+        with pytest.raises(ValueError, match="2 layers"):   # one attention for two layers
+            drafter(drafter.embed(fb.input_ids), drafter.fuse(aux[4:]), fb.positions, drafter.paged(fb)[0])
+    save_eagle(drafter, str(tmp_path / "out"))
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert {f"layers.1.{k}" for k in deep} <= set(f.keys())
+    back = load_eagle(str(tmp_path / "out"), _target_config())
+    for (na, pa), (nb, pb) in zip(drafter.named_parameters(), back.named_parameters()):
+        assert na == nb and torch.equal(pa, pb)

@@ -13,7 +13,7 @@ from conftest import TinyCheckpoint
 from ember.attention.torch_ref import TorchAttentionBackend
 from ember.engine.model_runner import build_forward_batch
 from ember.spec.eagle import default_aux_layers, load_eagle
-from ember.spec.train_eagle import (StepAttention, _BestWeights, _cache_fits, _cache_key, _cache_meta, _train_steps,
+from ember.spec.train_eagle import (StepAttention, _BestWeights, warm_start, _cache_fits, _cache_key, _cache_meta, _train_steps,
                                     draft_loss, draft_vocabulary, engine_continuations, greedy_features,
                                     new_drafter, sampled_rows, spread_prefixes, target_features)
 
@@ -166,7 +166,9 @@ def test_cli_trains_and_writes_a_loadable_folder(smollm2_gguf_path, tmp_path) ->
               "--max-train-tokens", "128", "--batch-size", "2", "--eval-chunks", "2",
               "--draft-vocab-size", "512", "--features-cache", cache]
     logs = []
-    for mode in ([], ["--parallel", "--parallel-positions", "3"]):
+    e_out = str(tmp_path / "e")
+    # The parallel run: two layers, warm-started from the EAGLE-3 drafter just trained.
+    for mode in ([], ["--parallel", "--parallel-positions", "3", "--draft-layers", "2", "--init-from", e_out]):
         out = str(tmp_path / ("p" if mode else "e"))
         args = build_parser().parse_args(["train-eagle", "--out", out, "--steps", "2"] + common + mode)
         from ember.spec.train_eagle import train
@@ -176,8 +178,12 @@ def test_cli_trains_and_writes_a_loadable_folder(smollm2_gguf_path, tmp_path) ->
         assert drafter.config.draft_vocab_size == 512
         assert drafter.config.parallel == bool(mode)
         assert drafter.config.aux_layers == (2, 15, 27)
+        assert len(drafter.attention_layers()) == (2 if mode else 1)
         with open(os.path.join(out, "config.json")) as f:
             assert json.load(f)["architectures"] == ["LlamaForCausalLMEagle3"]
+    # The warm-started drafter kept the EAGLE-3 drafter's draft vocabulary.
+    assert torch.equal(load_eagle(e_out, resolve_model("smollm2-135m").config).d2t, drafter.d2t)
+    assert any(line.startswith("warm start: 11 tensors copied") for line in logs)
     assert any(line.startswith("features from") for line in logs)   # the second run reused them
     out = str(tmp_path / "sd")
     args = build_parser().parse_args(["train-eagle", "--out", out, "--steps", "1", "--self-distill",
@@ -351,3 +357,25 @@ def test_best_weights_restore_the_best_held_out_step(setup) -> None:
     assert not best.offer([0.2, 0.2], 20)
     assert best.restore() == [0.3, 0.2] and best.step == 10
     assert torch.equal(d.lm_head.weight, kept)
+
+
+def test_warm_start_copies_what_fits_and_deeper_layers_start_as_the_identity(setup) -> None:
+    """A P-EAGLE drafter of three layers started from a one-layer EAGLE-3 drafter: fc, the
+    first layer, norm and head copied, the mask state and further layers fresh, and since
+    those layers start as the identity its first rows compute exactly the EAGLE drafter's."""
+    _, _, chunks, feats = setup
+    eagle, _ = _drafter(setup, False)
+    target, cfg = setup[0], setup[1]
+    ids = eagle.to_target_ids(torch.arange(eagle.config.draft_vocab_size))
+    deep = new_drafter(target, cfg, ids, True, 3, seed=2, layers=3)
+    mask_before = deep.mask_hidden.detach().clone()
+    warm_start(deep, eagle, log=lambda *_: None)
+    for name, t in eagle.state_dict().items():
+        torch.testing.assert_close(deep.state_dict()[name], t, atol=0, rtol=0)
+    assert torch.equal(deep.mask_hidden, mask_before)
+    assert all(not layer.self_attn.o_proj.weight.any() for layer in deep.more_layers)
+    l = chunks.shape[1]
+    with torch.no_grad():
+        rows = [d(d.embed(chunks[0, 1:]), d.fuse(feats["aux"][0, :l - 1].float()), torch.arange(l - 1),
+                  [StepAttention(1, l - 1, a.scale) for a in d.attention_layers()]) for d in (eagle, deep)]
+    torch.testing.assert_close(rows[0], rows[1], atol=1e-6, rtol=1e-6)

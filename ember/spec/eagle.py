@@ -199,9 +199,10 @@ class EagleDeepLayer(nn.Module):
 
     def forward(self, rope: RopeStep, x: torch.Tensor, attend: Attend) -> torch.Tensor:
         """x: [T, H] the stream -> [T, H]."""
-        residual = x.clone()   # the caller's (see EagleLayer): the fused add-norm may write it
+        # x is the layer below's fresh output, read by nothing after this layer, so the
+        # fused add-norm may write the residual sum into it (unlike EagleLayer's `hidden`).
         h = self.self_attn(rope, self.input_layernorm(x), attend)
-        h, residual = self.post_attention_layernorm(h, residual)
+        h, residual = self.post_attention_layernorm(h, x)
         return self.mlp(h) + residual
 
 
