@@ -10,6 +10,10 @@
 #   METHODS=ngram,mtp,eagle,eagle-tree,peagle,peagle-tree K=3 EGPU=1 \
 #   EXTRA="--eagle /tmp/drafters/eagle-smollm2 --peagle /tmp/drafters/peagle-smollm2 --tree-top-k 4 --tree-budget 16"
 #   (EGPU=1 first runs the GPU e2e tests of eagle/peagle chains and trees with those drafters)
+# Any other phase name (e.g. `x`, carrying .devrun/px) only copies its drafter folders to
+# /tmp/drafters: a drafter too large to ride beside a GGUF part (a four-layer P-EAGLE one,
+# 41 MB) travels in a call of its own before phase 3; name it apart (peagle4-smollm2) and
+# pass `--peagle /tmp/drafters/peagle4-smollm2` in INTERLEAVED (the last flag wins).
 # JOIN_ONLY=1 with phase 3: only assemble and check the GGUF (for bench/train_eagle_h200.sh after it).
 # Speed only, the variants interleaved in one process (bench/spec_decode_interleaved.py):
 #   phase 3 with INTERLEAVED="--batch-sizes 1,64 --repeats 2 --output-len 256 --k 3 --variants none,..."
@@ -19,7 +23,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/parts /tmp/drafters
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 src=.devrun/p$phase
-cp $src/gguf.part.* /tmp/parts/
+if ls $src/gguf.part.* > /dev/null 2>&1; then cp $src/gguf.part.* /tmp/parts/; fi
 for d in $src/*/; do [ -d "$d" ] && cp -r "$d" /tmp/drafters/; done
 ls /tmp/parts /tmp/drafters
 if [ "$phase" = 1 ] && [ "${SKIPQ:-0}" != 1 ]; then
