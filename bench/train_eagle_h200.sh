@@ -112,7 +112,7 @@ else
   echo "skipped: too little time left" | tee -a "$RUN"
 fi
 
-stage "2. training EAGLE-3 and P-EAGLE side by side"
+stage "2. training ($MODES) side by side"
 budget=$(minimum "$TRAIN_S" $(($(left) - ACC_RESERVE_S - 30)))
 minutes=$(awk "BEGIN { print $budget / 60 }")
 # Without a cache (stage 1 failed) each run generates its own data, in a third of GEN_S.
