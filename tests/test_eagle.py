@@ -327,7 +327,7 @@ def test_deeper_drafter_layout_reference_and_roundtrip(tmp_path, embedding) -> N
         ref = reference_deep_layer(w, "layers.1", o0, torch.arange(n))
         torch.testing.assert_close(torch.cat(outs), ref, atol=1e-4, rtol=1e-4)
         with pytest.raises(ValueError, match="2 layers"):   # one attention for two layers
-            drafter(drafter.embed(fb.input_ids), drafter.fuse(aux[4:]), fb.positions, drafter.paged(fb)[0])
+            drafter(drafter.embed(fb.input_ids), drafter.fuse(aux[4:]), fb.positions, drafter.paged(fb)[:1])
     save_eagle(drafter, str(tmp_path / "out"))
     from safetensors import safe_open
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:

@@ -111,7 +111,7 @@ def _row1_drafts(tiny_llama: TinyCheckpoint, folder: str, seq: list[int]) -> lis
     every earlier pair, i.e. its guess of token b + 2."""
     from ember.models.loader import resolve_model
     from ember.spec.eagle import load_eagle
-    from ember.spec.train_eagle import StepAttention
+    from ember.spec.train_eagle import step_attentions
     target = tiny_llama.hf_model
     d = load_eagle(folder, resolve_model(tiny_llama.path).config)
     d.share_embedding(target.model.embed_tokens)
@@ -120,7 +120,7 @@ def _row1_drafts(tiny_llama: TinyCheckpoint, folder: str, seq: list[int]) -> lis
     n = t.shape[1]
     with torch.no_grad():   # row 1 at every base: (t_{b+1}, fc(aux_b))
         o = d(d.embed(t[0, 1:]), d.fuse(f["aux"][0, :n - 1].float()), torch.arange(n - 1),
-              StepAttention(1, n - 1, d.midlayer.self_attn.attn.scale))
+              step_attentions(d, 1, n - 1))
         return d.to_target_ids(d.compute_logits(o).argmax(-1)).tolist()
 
 

@@ -13,7 +13,7 @@ from conftest import TinyCheckpoint
 from ember.attention.torch_ref import TorchAttentionBackend
 from ember.engine.model_runner import build_forward_batch
 from ember.spec.eagle import default_aux_layers, load_eagle
-from ember.spec.train_eagle import (StepAttention, _BestWeights, warm_start, _cache_fits, _cache_key, _cache_meta, _train_steps,
+from ember.spec.train_eagle import (_BestWeights, step_attentions, warm_start, _cache_fits, _cache_key, _cache_meta, _train_steps,
                                     draft_loss, draft_vocabulary, engine_continuations, greedy_features,
                                     new_drafter, sampled_rows, spread_prefixes, target_features)
 
@@ -57,7 +57,7 @@ def test_training_rows_equal_paged_drafting(setup, parallel: bool, layers: int) 
     steps, l = 3, chunks.shape[1]
     tokens, aux = chunks[:1], feats["aux"][:1].float()
     # Training: all bases at once.
-    attend = [StepAttention(1, l, a.scale) for a in d.attention_layers()]
+    attend = step_attentions(d, 1, l)
     base = torch.arange(l)
     hidden = d.fuse(aux[0])
     rows = []
@@ -204,7 +204,7 @@ def test_sliced_labels_match_the_masked_reference(setup) -> None:
     with torch.no_grad():
         loss, accs = draft_loss(d, batch, vmap, 3, False)
         b, l = batch["tokens"].shape
-        attend = StepAttention(b, l, d.midlayer.self_attn.attn.scale)
+        attend = step_attentions(d, b, l)
         base = torch.arange(l)
         hidden = d.fuse(batch["aux"].float().view(b * l, -1))
         total, ref_accs = 0.0, []
@@ -377,5 +377,5 @@ def test_warm_start_copies_what_fits_and_deeper_layers_start_as_the_identity(set
     l = chunks.shape[1]
     with torch.no_grad():
         rows = [d(d.embed(chunks[0, 1:]), d.fuse(feats["aux"][0, :l - 1].float()), torch.arange(l - 1),
-                  [StepAttention(1, l - 1, a.scale) for a in d.attention_layers()]) for d in (eagle, deep)]
+                  step_attentions(d, 1, l - 1)) for d in (eagle, deep)]
     torch.testing.assert_close(rows[0], rows[1], atol=1e-6, rtol=1e-6)

@@ -254,12 +254,10 @@ class EagleDrafter(nn.Module):
         return self.fc(aux)
 
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
-                attend: Attend | Sequence[Attend]) -> torch.Tensor:
+                attends: Sequence[Attend]) -> torch.Tensor:
         """embeds [T, H] (token embeddings, or mask_embed), hidden [T, H] (fused target
-        states, the drafter's own o, or mask_hidden), positions [T] -> o [T, H]. `attend`:
-        one attention per layer (`paged`, or training's), or one callable for a one-layer
-        drafter."""
-        attends = [attend] if callable(attend) else list(attend)
+        states, the drafter's own o, or mask_hidden), positions [T] -> o [T, H]. `attends`:
+        one attention per layer (`paged`, or training's `step_attentions`)."""
         if len(attends) != 1 + len(self.more_layers):
             raise ValueError(f"{len(attends)} attentions for a drafter of {1 + len(self.more_layers)} layers")
         rope = self.rotary.lookup(positions)

@@ -334,6 +334,11 @@ class StepAttention:
         return out.reshape(self.b * self.l, heads, d)
 
 
+def step_attentions(drafter: EagleDrafter, batch: int, length: int) -> list[StepAttention]:
+    """One StepAttention per drafter layer (each layer keeps its own rows' K/V)."""
+    return [StepAttention(batch, length, a.scale) for a in drafter.attention_layers()]
+
+
 def draft_loss(drafter: EagleDrafter, batch: dict[str, torch.Tensor], vocab_map: torch.Tensor,
                steps: int, parallel: bool, decay: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
     """The unrolled (or parallel) objective on one batch; returns (loss, accuracy per row s
@@ -342,7 +347,7 @@ def draft_loss(drafter: EagleDrafter, batch: dict[str, torch.Tensor], vocab_map:
     step queues without waiting."""
     tokens, aux = batch["tokens"], batch["aux"]
     b, l = tokens.shape
-    attend = [StepAttention(b, l, a.scale) for a in drafter.attention_layers()]   # one per layer
+    attend = step_attentions(drafter, b, l)
     base = torch.arange(l, device=tokens.device)
     hidden = drafter.fuse(aux.reshape(b * l, -1).to(drafter.fc.weight.dtype))
     total, accs, weight_sum = 0.0, [], 0.0
