@@ -97,6 +97,18 @@ def check(layers: list, m: int) -> None:
         assert err < 2e-2, (name, m, err)
 
 
+def per_config(fn, fmt: str, configs, xs: dict, layers: list, name: str) -> str:
+    """Microseconds per layer of shape `name` for every tile config of fn (weights w[fmt])."""
+    cells = []
+    for c in configs:
+        try:
+            us = time_layers(lambda xx, w, c=c: fn(xx, *w[fmt], config=c), xs, layers, (name,))
+            cells.append(f"{c}: {us:.1f}")
+        except OutOfResources:
+            cells.append(f"{c}: out of shared memory")
+    return ", ".join(cells)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="*", default=[1, 2, 4, 8, 16, 64])
@@ -128,27 +140,14 @@ def main() -> None:
         for m in [m for m in args.rows if 2 <= m <= 64]:
             x = {name: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for name, (k, n) in SHAPES.items()}
             for name in SHAPES:
-                cells = []
-                for c in INT4_SKINNY_CONFIGS:
-                    try:
-                        us = time_layers(lambda xx, w, c=c: int4_skinny(xx, *w["int4"], config=c), x, layers, (name,))
-                        cells.append(f"{c}: {us:.1f}")
-                    except OutOfResources:
-                        cells.append(f"{c}: out of shared memory")
-                print(f"# int4-skinny {name} M={m} us per config: " + ", ".join(cells), flush=True)
+                print(f"# int4-skinny {name} M={m} us per config: "
+                      + per_config(int4_skinny, "int4", INT4_SKINNY_CONFIGS, x, layers, name), flush=True)
     if args.configs:
         x = {name: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for name, (k, n) in SHAPES.items()}
         for fmt, cfgs, fn in (("int4", INT4_GEMV_CONFIGS, int4_linear_triton),
                               ("fp8", FP8_GEMV_CONFIGS, fp8_gemv_triton)):
             for name in SHAPES:
-                cells = []
-                for c in cfgs:
-                    try:
-                        us = time_layers(lambda xx, w, c=c: fn(xx, *w[fmt], config=c), x, layers, (name,))
-                        cells.append(f"{c}: {us:.1f}")
-                    except OutOfResources:
-                        cells.append(f"{c}: out of shared memory")
-                print(f"# {fmt} {name} M=1 us per config: " + ", ".join(cells), flush=True)
+                print(f"# {fmt} {name} M=1 us per config: " + per_config(fn, fmt, cfgs, x, layers, name), flush=True)
 
 
 if __name__ == "__main__":
