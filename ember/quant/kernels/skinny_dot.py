@@ -12,7 +12,7 @@ decoded parts are interleaved back into column order for one dot per tile.
   dequantize the tile to bf16 in bf16 arithmetic, (c - z) s rounded once (as the
   dequantizing prefill path does), and accumulate in the MMA: per-weight work that does
   not grow with the rows, where the epilogue does (Llama-8B layer at 64 rows on the H200:
-  191.5 -> 144.9 us). The autotuner picks between them per shape and row count.
+  191.5 -> 146.0 us). The autotuner picks between them per shape and row count.
 - FP8 (E4M3, weight-only): the decoder's 2^-120 factor is folded into the per-row scale.
 
 Under the CPU interpreter (tests) the parts come from plain integer ops and the dot runs
@@ -104,8 +104,9 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K
 
 # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps[, FOLD[, PREFETCH]]). An INT4 BLOCK_K divides the
 # group and gives WORDS >= 16 (an MMA's K). On the H200 at the Llama-8B shape (2026-11-29h)
-# the FOLD tiles win at 64 rows and most shapes at 16, the epilogue ones at few rows on
-# some; 256-wide tiles and the fold through fp32 (the same values) never won and went.
+# FOLD tiles won every shape at 16 and 64 rows; the epilogue tiles stay for the shapes and
+# row counts not measured. 256-wide tiles and the fold through fp32 (the same values) never
+# won and went.
 INT4_CONFIGS = ((64, 128, 4, 4), (32, 128, 4, 4), (64, 128, 2, 4), (128, 128, 1, 4), (64, 128, 8, 4),
                 (32, 128, 8, 4), (128, 128, 2, 8), (16, 128, 4, 1), (16, 128, 8, 1),
                 (64, 128, 4, 4, 1), (64, 128, 2, 4, 1), (128, 128, 1, 8, 1), (128, 128, 2, 8, 1),
