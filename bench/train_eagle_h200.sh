@@ -55,6 +55,7 @@ WARMUP=${WARMUP:-100}
 LOG_EVERY=${LOG_EVERY:-100}
 EVAL_EVERY=${EVAL_EVERY:-500}      # held-out check; the best weights are kept
 EVAL_CHUNKS=${EVAL_CHUNKS:-64}
+HELDOUT=${HELDOUT:-text}           # greedy: held-out prefixes continued greedily by the target
 RESERVE_S=${RESERVE_S:-20}
 DRAFT_VOCAB=${DRAFT_VOCAB:-8192}
 PEAGLE_POSITIONS=${PEAGLE_POSITIONS:-5}  # 5: the depth-5 trees of stage 4b are trained positions too
@@ -94,7 +95,8 @@ fi
   ls -l $DATA
   git log --oneline -1 2>/dev/null
   echo "env: DEVICE=$DEVICE MAX_TOKENS=$MAX_TOKENS SEQ_LEN=$SEQ_LEN PROMPT_LEN=$PROMPT_LEN GEN_S=$GEN_S" \
-       "DISTILL_T=$DISTILL_T SAMPLED_FRACTION=$SAMPLED_FRACTION TRAIN_S=$TRAIN_S BATCH=$BATCH LR=$LR"
+       "DISTILL_T=$DISTILL_T SAMPLED_FRACTION=$SAMPLED_FRACTION TRAIN_S=$TRAIN_S BATCH=$BATCH LR=$LR" \
+       "HELDOUT=$HELDOUT MODES=$MODES PEAGLE_LAYERS=$PEAGLE_LAYERS PEAGLE_INIT=$PEAGLE_INIT"
 } 2>&1 | tee "$LOGS/setup.txt" >> "$RUN"
 
 COMMON="--target smollm2-135m --text $DATA --device $DEVICE --seed 0 --threads $THREADS
@@ -117,7 +119,7 @@ budget=$(minimum "$TRAIN_S" $(($(left) - ACC_RESERVE_S - 30)))
 minutes=$(awk "BEGIN { print $budget / 60 }")
 # Without a cache (stage 1 failed) each run generates its own data, in a third of GEN_S.
 TRAIN="$COMMON --generate-budget $((GEN_S / 3)) --batch-size $BATCH --lr $LR --warmup $WARMUP
-  --log-every $LOG_EVERY --eval-every $EVAL_EVERY --eval-chunks $EVAL_CHUNKS --reserve-s $RESERVE_S --draft-vocab-size $DRAFT_VOCAB
+  --log-every $LOG_EVERY --eval-every $EVAL_EVERY --eval-chunks $EVAL_CHUNKS --heldout $HELDOUT --reserve-s $RESERVE_S --draft-vocab-size $DRAFT_VOCAB
   --save-dtype bfloat16 --loss-decay $LOSS_DECAY --time-budget $minutes"
 echo "each: $budget s (--time-budget $minutes min)" | tee -a "$RUN"
 [ "$budget" -ge 30 ] || { echo "skipped: too little time left" | tee -a "$RUN"; }

@@ -187,12 +187,37 @@ def test_cli_trains_and_writes_a_loadable_folder(smollm2_gguf_path, tmp_path) ->
     assert any(line.startswith("features from") for line in logs)   # the second run reused them
     out = str(tmp_path / "sd")
     args = build_parser().parse_args(["train-eagle", "--out", out, "--steps", "1", "--self-distill",
-                                      "--prompt-len", "8"] + common)
+                                      "--prompt-len", "8", "--heldout", "greedy"] + common)
     logs.clear()
     report = train(args, log=logs.append)
     assert report["self_distill"] and report["train_tokens"] == 128
     assert not any(line.startswith("features from") for line in logs)   # text features do not fit
     assert any("own tokens" in line for line in logs) and any("(transformers)" in line for line in logs)
+    assert report["heldout"] == "greedy"
+
+
+def test_greedy_heldout_continues_held_out_prefixes_with_the_argmax(setup) -> None:
+    """--heldout greedy: --eval-chunks prefixes spread over the held-out tokens, each then
+    continued by the target's own argmax (every generated token is the top-1 label of the
+    position before it); --heldout text: chunks of the held-out tokens themselves."""
+    import argparse
+    from ember.spec.train_eagle import heldout_features
+    target, cfg, chunks, _ = setup
+    held_ids = chunks.flatten()                                   # 144 "held-out" tokens
+    args = argparse.Namespace(heldout="greedy", eval_chunks=3, prompt_len=5, seq_len=12, feature_batch=2,
+                              top_k=4)
+    aux_layers = default_aux_layers(cfg["num_hidden_layers"])
+    g = heldout_features(args, target, held_ids, aux_layers, torch.device("cpu"))
+    assert g["tokens"].shape == (3, 12) and g["ids"].shape == (3, 12, 4)
+    assert torch.equal(g["tokens"][:, :5], spread_prefixes(held_ids, 3, 5))
+    assert torch.equal(g["tokens"][:, 5:], g["ids"][:, 4:-1, 0].to(g["tokens"].dtype))
+    # Its features are the teacher-forced pass's over the same tokens.
+    ref = target_features(target, g["tokens"], aux_layers, 3, 4, log=lambda *_: None)
+    assert torch.equal(ref["ids"][..., 0], g["ids"][..., 0])
+    args.heldout = "text"
+    t = heldout_features(args, target, held_ids, aux_layers, torch.device("cpu"))
+    assert t["tokens"].shape == (3, 12) and torch.equal(t["tokens"][0], held_ids[:12])
+    assert not torch.equal(t["tokens"][:, 5:], t["ids"][:, 4:-1, 0].to(t["tokens"].dtype))
 
 
 def test_sliced_labels_match_the_masked_reference(setup) -> None:

@@ -491,6 +491,23 @@ def _lr(args, step: int, frac: float) -> float:
     return args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
 
+def heldout_features(args, target, held_ids: torch.Tensor, aux_layers: tuple[int, ...],
+                     device: torch.device) -> dict[str, torch.Tensor]:
+    """The held-out set (held_ids [N]: the held-out text of every file), --eval-chunks
+    sequences spread over it (not its first ones). `--heldout text`: chunks of the text.
+    `--heldout greedy`: --prompt-len-token prefixes of it continued greedily by the target
+    to --seq-len, what a greedy acceptance run drafts against: a draft position s > 1 is
+    judged after the target's own argmax tokens, not after the text's."""
+    if args.heldout == "greedy":
+        prefixes = spread_prefixes(held_ids, args.eval_chunks, args.prompt_len)
+        return greedy_features(target, prefixes, args.seq_len, aux_layers, args.feature_batch, args.top_k,
+                               lambda *_: None, store=device)
+    held = split_chunks(held_ids, args.seq_len)
+    held = held[torch.linspace(0, len(held) - 1, min(args.eval_chunks, len(held))).long()]
+    return target_features(target, held, aux_layers, args.feature_batch, args.top_k, lambda *_: None,
+                           store=device)
+
+
 def _evaluate(drafter: EagleDrafter, held: dict[str, torch.Tensor], vocab_map: torch.Tensor, steps: int,
               args, device: torch.device) -> list[float]:
     """Held-out teacher-forced agreement with the target's argmax per draft position."""
@@ -532,11 +549,8 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
     if args.features_only:
         return {"features_only": True, "train_tokens": int(chunks.numel()), "sequences": len(chunks),
                 "features_cache": args.features_cache, "seconds": time.time() - t0}
-    # Held-out chunks spread over the held-out text (every file), not its first ones.
-    held = split_chunks(enc(True), args.seq_len)
-    held = held[torch.linspace(0, len(held) - 1, min(args.eval_chunks, len(held))).long()]
-    held_feats = target_features(target, held, aux_layers, args.feature_batch, args.top_k, lambda *_: None,
-                                 store=device)
+    held_feats = heldout_features(args, target, enc(True), aux_layers, device)
+    held = held_feats["tokens"]
     init = load_eagle(args.init_from, tcfg) if args.init_from else None
     draft_ids = (init.to_target_ids(torch.arange(init.config.draft_vocab_size)) if init is not None
                  else draft_vocabulary(chunks, feats["ids"], tcfg.vocab_size, args.draft_vocab_size))
@@ -584,7 +598,7 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
               "prompt_len": args.prompt_len if args.self_distill else 0,
               "distill_temperature": args.distill_temperature if args.self_distill else 0.0,
               "distill_sampled_fraction": args.distill_sampled_fraction if args.self_distill else 0.0,
-              "device": str(device),
+              "heldout": args.heldout, "device": str(device),
               "batch_size": args.batch_size, "lr": args.lr, "steps": step, "epochs": epoch,
               "train_seconds": elapsed, "draft_vocab_size": len(draft_ids), "draft_vocab_heldout_coverage": cover,
               "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1),
@@ -703,6 +717,10 @@ def add_train_eagle_parser(sub) -> None:
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines (and GPU reads)")
     p.add_argument("--eval-every", type=int, default=0,
                    help="steps between held-out evaluations; the best weights are kept (0: never)")
+    p.add_argument("--heldout", choices=("text", "greedy"), default="text",
+                   help="the held-out agreement's sequences: chunks of the held-out text, or its "
+                        "--prompt-len prefixes continued greedily by the target (what greedy acceptance "
+                        "measures against)")
     p.add_argument("--feature-batch", type=int, default=8, help="sequences per teacher-forced target forward")
     p.add_argument("--features-cache", default=None,
                    help="safetensors file for the target's features (reused when it matches)")
