@@ -13,7 +13,8 @@
 # Any other phase name (e.g. `x`, carrying .devrun/px) only copies its drafter folders to
 # /tmp/drafters: a drafter too large to ride beside a GGUF part (a four-layer P-EAGLE one,
 # 41 MB) travels in a call of its own before phase 3; name it apart (peagle4-smollm2) and
-# pass `--peagle /tmp/drafters/peagle4-smollm2` in INTERLEAVED (the last flag wins).
+# pass `--peagle /tmp/drafters/peagle4-smollm2` in INTERLEAVED (the last flag wins) and
+# PEAGLE_DIR=/tmp/drafters/peagle4-smollm2 for EGPU's tests.
 # JOIN_ONLY=1 with phase 3: only assemble and check the GGUF (for bench/train_eagle_h200.sh after it).
 # Speed only, the variants interleaved in one process (bench/spec_decode_interleaved.py):
 #   phase 3 with INTERLEAVED="--batch-sizes 1,64 --repeats 2 --output-len 256 --k 3 --variants none,..."
@@ -36,7 +37,7 @@ elif [ "$phase" = 3 ]; then
   DATA=".devrun/data/tinystories_sample.txt .devrun/data/wizard_of_oz.txt"
   [ "${JOIN_ONLY:-0}" = 1 ] && exit 0   # the model in place for a later command (e.g. train_eagle_h200.sh)
   if [ "${EGPU:-0}" = 1 ]; then
-    EMBER_EAGLE_DIR=/tmp/drafters/eagle-smollm2 EMBER_PEAGLE_DIR=/tmp/drafters/peagle-smollm2 \
+    EMBER_EAGLE_DIR=/tmp/drafters/eagle-smollm2 EMBER_PEAGLE_DIR=${PEAGLE_DIR:-/tmp/drafters/peagle-smollm2} \
         timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider tests/test_gpu_e2e.py 2>&1 | tee "$OUT/gpu_e2e_eagle.txt" | tail -5
   fi
   if [ -n "${INTERLEAVED:-}" ]; then   # speed only: the variants interleaved in one process
