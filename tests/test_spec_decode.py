@@ -160,6 +160,31 @@ def test_stop_token_and_max_tokens_inside_a_step(tiny_llama, prompts, reference)
     assert_no_leaks(llm.engine)
 
 
+def test_last_steps_keep_full_drafts_and_count_only_kept_tokens(tiny_llama, prompts, reference) -> None:
+    """Near max_tokens a request still gets all its draft slots (a step shrunk to the
+    tokens left would leave the captured verify shapes on the GPU), except for its very
+    last token; the tokens past max_tokens are dropped, and the statistics count only the
+    drafts that could be kept."""
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    llm = oracle_llm(tiny_llama, prompts[:1], reference[:1], 0.0)
+    slots = record_step_kinds(llm, lambda s: s.num_spec_slots)
+    tokens, outs = run(llm, prompts[:1], params)
+    assert tokens == [reference[0][:4]] and outs[0].outputs[0].finish_reason == "length"
+    # prefill (1 token), then one step of 4 drafts although 3 tokens were left: 5 sampled, 3 kept.
+    assert slots == [frozenset({0}), frozenset({4})]
+    st = llm.engine.spec_stats()
+    assert (st["num_drafts"], st["num_draft_tokens"], st["num_accepted_tokens"]) == (1, 2, 2)
+    assert st["mean_accepted_length"] == 3.0
+    # 1 + 5 tokens, then two left: the step still drafts 4; with one left (max_tokens 7) none.
+    for max_tokens, last in ((8, 4), (7, 0)):
+        llm = oracle_llm(tiny_llama, prompts[:1], reference[:1], 0.0)
+        slots = record_step_kinds(llm, lambda s: s.num_spec_slots)
+        tokens, _ = run(llm, prompts[:1], SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+        assert tokens == [reference[0][:max_tokens]]
+        assert slots == [frozenset({0}), frozenset({4}), frozenset({last})]
+    assert_no_leaks(llm.engine)
+
+
 def test_logprobs_of_every_emitted_token(tiny_llama, prompts, reference) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
     _, ref_outs = run(make_llm(tiny_llama), prompts, params)

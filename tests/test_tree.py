@@ -306,3 +306,23 @@ def test_tree_attention_level_by_level() -> None:
         torch.testing.assert_close(tree_attention_ref(q[lo:hi], cache, table, prefix + hi, full[lo:hi, :hi], 0.4),
                                    dense[lo:hi], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.cat(outs), dense, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("depth,top_k,budget", [(3, 3, 24), (5, 3, 24), (2, 4, 30), (4, 2, 9), (1, 3, 5)])
+def test_budget_never_exceeds_what_the_expansion_fills(depth: int, top_k: int, budget: int) -> None:
+    """budget_for(k) is the size of the tree a depth-k expansion actually builds (the
+    verify step's captured shape is sized from it): a budget beyond top_k + (k - 1) top_k^2
+    candidates is cut to that, the rest is filled exactly."""
+    from ember.spec.tree import TreeShape
+    g = torch.Generator().manual_seed(depth * 100 + budget)
+    vocab = 50
+    expand = lambda fed, cand: torch.log_softmax(torch.randn(len(fed), vocab, generator=g), -1)  # noqa: E731
+    for level_slots in (False, True):
+        shape = TreeShape(depth=depth, top_k=top_k, budget=max(budget, depth), level_slots=level_slots)
+        for k in range(1, depth + 1):
+            tree, _ = build_dynamic_tree(torch.log_softmax(torch.randn(vocab, generator=g), -1), expand,
+                                         k, top_k, shape.budget_for(k))
+            assert shape.budget_for(k) <= shape.max_nodes(k)
+            assert len(tree.tokens) == shape.budget_for(k), (k, shape)
+    assert TreeShape(depth=3, top_k=3, budget=24, level_slots=False).budget_for(3) == 21   # 3 + 2 * 9
+    assert TreeShape(depth=5, top_k=3, budget=24, level_slots=False).budget_for(5) == 24

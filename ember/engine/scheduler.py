@@ -41,6 +41,9 @@ class ScheduledRequest:
     start: int = -1
     samples: bool | None = None
     preemptions: int = -1
+    # Set by update(): the tokens appended (fewer than sampled when a stop ended the request
+    # inside this step's tokens; the speculator's statistics count only those).
+    num_appended: int | None = None
 
     def __post_init__(self) -> None:
         r = self.request
@@ -199,14 +202,19 @@ class Scheduler:
 
     def _spec_room(self, req: Request, n: int, k: int, budget: int) -> int:
         """Draft slots for req this step: only when the step reaches its last token (it
-        decodes), within the budget, the context and the tokens it may still emit."""
+        decodes) and may emit more than one, within the budget and the context. Not cut
+        to the tokens it may still emit: the tokens after max_tokens are dropped by the
+        stop check, and a full-size step keeps a captured verify shape (a tree or chain
+        shrunk near the end would run eagerly, ~20x slower on the GPU, for each of the
+        request's last steps)."""
         if k <= 0 or req.num_computed_tokens + n != req.num_tokens or n > 1 + self.spec.kv_lag:
+            return 0
+        if req.max_tokens - req.num_output_tokens <= 1:   # its last token: no draft could be kept
             return 0
         if req.prompt_logprobs is not None and len(req.prompt_logprobs) < req.num_prompt_tokens:
             return 0
         # A step emits at most room + 1 tokens, the last at position num_tokens + room.
-        return max(0, min(k, budget - n, req.max_tokens - req.num_output_tokens - 1,
-                          self.max_model_len - req.num_tokens - 1))
+        return max(0, min(k, budget - n, self.max_model_len - req.num_tokens - 1))
 
     def update(self, out: SchedulerOutput, sampled: dict[str, list[int] | int]) -> list[Request]:
         """Advance computed counts, append sampled tokens (one, or the verified tokens of a
@@ -234,6 +242,7 @@ class Scheduler:
                 req.check_stop(token, self.max_model_len)
                 if req.finished:   # the tokens after a stop are dropped
                     break
+            s.num_appended = appended
             if req.first_token_time is None:
                 req.first_token_time = time.monotonic()
             if s.spec_token_ids:

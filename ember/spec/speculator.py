@@ -23,7 +23,23 @@ from ember.spec.step_clock import StepClock
 if TYPE_CHECKING:
     from ember.engine.engine import Engine
     from ember.engine.model_runner import LaunchedStep, StepResult
-    from ember.engine.scheduler import SchedulerOutput
+    from ember.engine.scheduler import ScheduledRequest, SchedulerOutput
+
+
+def keepable(s: ScheduledRequest, k: int, n_acc: int, emitted: int) -> tuple[int, int, int]:
+    """(drafts, accepted, emitted) of an applied step as far as max_tokens let them count.
+    The scheduler drafts full chains and trees up to a request's end (captured shapes), so
+    a step with fewer tokens left than it can emit counts only the first left - 1 drafts
+    (those a kept token could come from) and at most `left` tokens: the statistics are
+    those of a step that had drafted no further."""
+    r = s.request
+    if s.num_appended is None:   # not applied to the request (it had ended)
+        return k, n_acc, emitted
+    left = r.max_tokens - (r.num_output_tokens - s.num_appended)   # tokens it could still take
+    if left > k:
+        return k, n_acc, emitted
+    k = left - 1
+    return k, min(n_acc, k), min(emitted, left)
 
 
 class Speculator:
@@ -108,7 +124,10 @@ class Speculator:
                 continue
             # A tree counts as drafts along its depth (acceptance per position = per depth).
             k = len(s.spec_token_ids) if s.spec_tree is None else s.spec_tree.max_depth
-            self.stats.record(k, n_acc, len(result.sampled[rid]), len(s.spec_token_ids))
+            k, n_acc, emitted = keepable(s, k, n_acc, len(result.sampled[rid]))
+            if k <= 0:
+                continue
+            self.stats.record(k, n_acc, emitted, len(s.spec_token_ids))
             if self.controller is not None:
                 self.controller.observe_acceptance(k, n_acc)
         if self.controller is None:

@@ -210,8 +210,15 @@ class TreeShape:
         if self.depth < 1 or self.top_k < 1 or self.budget < self.depth:
             raise ValueError("tree needs depth >= 1, top_k >= 1 and budget >= depth")
 
+    def max_nodes(self, k: int) -> int:
+        """The most candidates a depth-k expansion makes: top_k children of the root, then
+        top_k children of each of the top_k nodes fed at every further depth."""
+        return self.top_k + (k - 1) * self.top_k ** 2
+
     def budget_for(self, k: int) -> int:
-        b = max(k, -(-self.budget * k // self.depth))
+        # Never more than the expansion can fill: a budget it cannot reach would give trees
+        # smaller than the slots (and the captured verify shape) asked for.
+        b = max(k, min(-(-self.budget * k // self.depth), self.max_nodes(k)))
         if self.level_slots:
             b = max(b, self.top_k * (k - 1) - 1)
         return b
