@@ -127,7 +127,26 @@ def device_profile(llm: LLM, steps: int) -> dict[str, float]:
     return out
 
 
-def spec_config(variant: str, root: str, config: ModelConfig) -> dict | None:
+def python_profile(llm: LLM, steps: int, top: int = 30) -> str:
+    """`steps` engine steps under cProfile: the host functions by own time (tottime), the
+    Python behind the host share of a step."""
+    import cProfile
+    import io
+    import pstats
+    llm.engine.step()
+    sync()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        llm.engine.step()
+    sync()
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
+def spec_config(variant: str, root: str, config: ModelConfig, tree_shape: dict) -> dict | None:
     if variant.startswith("none"):
         return None
     from test_eagle_proposer import _random_drafter_for
@@ -139,7 +158,7 @@ def spec_config(variant: str, root: str, config: ModelConfig) -> dict | None:
         _random_drafter_for(config, folder, 8192, parallel=method == "peagle")
     cfg = {"method": method, "model": folder, "num_speculative_tokens": k, "adaptive": False}
     if tree:
-        cfg["tree"] = {"top_k": 3, "budget": 10}
+        cfg["tree"] = dict(tree_shape)
     return cfg
 
 
@@ -154,6 +173,10 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--tree-block-m", type=int, default=None,
                     help="the Triton tree kernel's rows per program (default: the backend's)")
+    ap.add_argument("--tree-top-k", type=int, default=3)
+    ap.add_argument("--tree-budget", type=int, default=10)
+    ap.add_argument("--cprofile", type=int, default=0,
+                    help="also run this many steps under cProfile and print the top functions")
     args = ap.parse_args()
     if args.tree_block_m is not None:
         import dataclasses
@@ -165,7 +188,7 @@ def main() -> None:
     print(f"# {args.model}, dummy bf16 weights, random drafters, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}, "
           f"torch {torch.__version__}")
     for variant in args.variants:
-        spec = spec_config(variant, root, config)
+        spec = spec_config(variant, root, config, {"top_k": args.tree_top_k, "budget": args.tree_budget})
         llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_model_len=2048,
                   max_num_seqs=max(args.batch_sizes), prefix_cache="none",
                   enforce_eager=variant == "none-eager", speculative_config=spec)
@@ -173,6 +196,7 @@ def main() -> None:
             start_decoding(llm, bs, args.prompt_len)
             wall, phases = host_breakdown(llm, args.steps)
             dev = device_profile(llm, args.profile_steps)
+            py = python_profile(llm, args.cprofile) if args.cprofile else ""
             stop_all(llm, bs)
             while llm.engine.has_unfinished_requests():
                 llm.engine.step()
@@ -181,6 +205,8 @@ def main() -> None:
                 print(f"  {name:32s} {ms:8.3f} ms")
             for name, v in dev.items():
                 print(f"  {name:32s} {v:8.3f}")
+            if py:
+                print(f"  cProfile, {args.cprofile} steps:\n{py}")
         del llm
 
 
