@@ -292,9 +292,13 @@ def test_trees_are_the_per_node_reference_on_the_drafters_log_probs(tiny_llama, 
     calls: list[list[torch.Tensor]] = []   # this step's top_children inputs
     drafting: list[list] = []               # this step's drafting requests, in the proposer's order
 
-    def recording_top_children(top_k, *logq):
-        calls.append([x.clone() for x in logq])
-        return top_children(top_k, *logq)
+    def recording_top_children(top_k, *logq, token_ids=None):
+        # The rows as the per-node reference sees them: over the target's vocabulary (the
+        # proposer ranks the draft vocabulary's columns and maps them to tokens on the host).
+        calls.append([x.clone() if token_ids is None else
+                      x.new_full((x.shape[0], 256), float("-inf")).index_copy_(1, torch.from_numpy(token_ids), x)
+                      for x in logq])
+        return top_children(top_k, *logq, token_ids=token_ids)
 
     def recording_catch_up(*args, **kw):
         out = catch_up(*args, **kw)

@@ -156,6 +156,19 @@ def test_top_children_equals_a_topk_per_row(device: str, vocab: int) -> None:
     assert any(len({v for v, _ in kids}) < len(kids) for kids in got)   # ties were there
 
 
+def test_top_children_of_a_reduced_vocabulary_map_columns_to_tokens() -> None:
+    """token_ids: the rows score a drafter's reduced vocabulary (column j is token
+    token_ids[j], increasing); the children are those of the same log q spread over the
+    full vocabulary (the missing tokens at -inf)."""
+    import numpy as np
+    g = torch.Generator().manual_seed(3)
+    token_ids = np.sort(np.random.default_rng(3).choice(1000, 64, replace=False))
+    logq = torch.log_softmax(torch.randn(7, 64, generator=g), -1)
+    full = torch.full((7, 1000), float("-inf")).index_copy_(1, torch.from_numpy(token_ids), logq)
+    assert top_children(5, logq, token_ids=token_ids) == top_children(5, full)
+    assert top_children(5, logq) != top_children(5, full)   # the columns alone are not the tokens
+
+
 def _node_row(request: int, cand: DraftTree, node: int, table_rows: int) -> int:
     """The 'drafter': which row of a table of tied log q scores node's children."""
     return (31 * request + 7 * cand.tokens[node] + 13 * cand.depths[node] + node) % table_rows

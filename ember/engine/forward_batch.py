@@ -7,6 +7,12 @@ from typing import Any
 import torch
 
 
+def long_tensor(values: list[int] | list[list[int]], device: torch.device) -> torch.Tensor:
+    """Host ints as a long tensor on `device` by one non-blocking copy (a blocking one, as
+    torch.tensor(..., device=...) makes, waits for all the work queued on the device)."""
+    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+
 @dataclass
 class ForwardBatch:
     """Everything a forward pass needs to know about the tokens it computes.

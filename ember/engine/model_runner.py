@@ -11,7 +11,7 @@ import torch
 from ember.cache.kv_spec import allocate_kv_caches, kv_bytes_per_token
 from ember.config import EngineConfig, ModelConfig
 from ember.engine.cuda_graph import CudaGraphRunner
-from ember.engine.forward_batch import ForwardBatch
+from ember.engine.forward_batch import ForwardBatch, long_tensor
 from ember.engine.scheduler import SchedulerOutput, ScheduledRequest
 from ember.layers.layer_ops import get_layer_ops
 from ember.layers.sampler import (RowLogprobs, Sampler, SamplerOutput, SamplingBatch, SamplingRow,
@@ -392,7 +392,7 @@ class ModelRunner:
                 srows.append(SamplingRow(r.params, r.prompt_token_ids,
                                          out_ids + s.spec_token_ids[:jj] if history else out_ids,
                                          r.generator, r.eos_token_ids))
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        logits = self.model.compute_logits(hidden[long_tensor(rows, self.device)])
         vocab = logits.shape[-1]
         sb = SamplingBatch.build(srows, vocab, self.device)
         probs = sampling_probs(logits, sb)
@@ -453,7 +453,7 @@ class ModelRunner:
                 path = [t.tokens[x] for x in t.path(node)] if node >= 0 and history else []
                 srows.append(SamplingRow(r.params, r.prompt_token_ids, out_ids + path if history else out_ids,
                                          r.generator, r.eos_token_ids))
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        logits = self.model.compute_logits(hidden[long_tensor(rows, self.device)])
         vocab = logits.shape[-1]
         sb = SamplingBatch.build(srows, vocab, self.device)
         probs = sampling_probs(logits, sb)
@@ -491,10 +491,8 @@ class ModelRunner:
             for j in range(n):
                 p = first_pos + j
                 slot_of[end - n + j] = r.block_ids[p // self.block_size] * self.block_size + p % self.block_size
-        src_t = torch.tensor(src, device=self.device)
-        dst_t = torch.tensor(dst, device=self.device)
-        src_slots = torch.tensor([slot_of[x] for x in src], device=self.device)
-        dst_slots = torch.tensor([slot_of[x] for x in dst], device=self.device)
+        src_t, dst_t, src_slots, dst_slots = long_tensor(
+            [src, dst, [slot_of[x] for x in src], [slot_of[x] for x in dst]], self.device)
         for layer, cache in zip(self.model.attention_layers(), self.kv_caches):
             layer.kv_cache_spec(cache.dtype).copy_slots(cache, src_slots, dst_slots)
         hidden[dst_t] = hidden[src_t]

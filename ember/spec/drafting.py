@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ember.cache.kv_spec import KVCacheLayer, allocate_kv_caches, kv_bytes_per_token
-from ember.engine.forward_batch import ForwardBatch
+from ember.engine.forward_batch import ForwardBatch, long_tensor
 from ember.engine.model_runner import build_forward_batch
 from ember.engine.scheduler import ScheduledRequest
 from ember.layers.sampler import SamplingBatch, SamplingRow, sampling_probs
@@ -122,12 +122,6 @@ def state_bytes_per_token(layers: Sequence[KVCacheLayer], width: int, dtype: tor
     """What a proposer with a network keeps per slot of the pool: its ProposerKV over
     `layers` and TargetRows of `width`."""
     return ProposerKV.bytes_per_token(layers, dtype) + TargetRows.bytes_per_token(width, dtype)
-
-
-def long_tensor(values: list[int] | list[list[int]], device: torch.device) -> torch.Tensor:
-    """Host ints as a long tensor on `device` by one non-blocking copy (a blocking one, as
-    torch.tensor(..., device=...) makes, waits for all the work queued on the device)."""
-    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
 
 
 def catch_up(kv: ProposerKV, scheduled: list[ScheduledRequest], block_size: int, device: torch.device,

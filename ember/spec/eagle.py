@@ -51,6 +51,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -220,6 +221,7 @@ class EagleDrafter(nn.Module):
         self.norm = RMSNorm(h, c.rms_norm_eps, ops)
         self.lm_head = Linear(h, cfg.draft_vocab_size, bias=False)
         self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
+        self._token_ids: np.ndarray | None = None   # draft_logq's column -> target token, once d2t is final
         self.rotary = RotaryEmbedding(c.head_dim, max(c.max_position_embeddings, 8192), c.rope_theta,
                                       c.rope_scaling, ops)
         # Its own embedding when the checkpoint has one (or its width differs from the
@@ -278,6 +280,16 @@ class EagleDrafter(nn.Module):
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids + self.d2t[draft_ids]
 
+    def draft_logq(self, o: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """o: [N, H] -> (log q [N, draft_vocab] fp32, the target token of each column
+        [draft_vocab] on the host). The same log q as over the target's vocabulary (the
+        tokens the draft vocabulary lacks have q = 0), at a sixth of the width: what tree
+        expansion ranks, with the columns mapped back on the host."""
+        if self._token_ids is None or self._token_ids.shape[0] != self.config.draft_vocab_size:
+            ids = torch.arange(self.config.draft_vocab_size, device=self.d2t.device)
+            self._token_ids = self.to_target_ids(ids).cpu().numpy()
+        return torch.log_softmax(self.compute_logits(o), dim=-1), self._token_ids
+
     def target_logits(self, o: torch.Tensor) -> torch.Tensor:
         """o: [N, H] -> fp32 logits [N, vocab] over the target's vocabulary (-inf for the
         tokens the draft vocabulary lacks), so the request's sampling settings apply."""
@@ -302,6 +314,7 @@ class EagleDrafter(nn.Module):
                 continue   # implied by d2t
             if name == "d2t":
                 self.d2t.copy_(tensor.long())
+                self._token_ids = None
                 continue
             if name == "embed_tokens.weight":
                 self.embed_tokens = nn.Embedding(*tensor.shape, device=tensor.device, dtype=self.norm.weight.dtype)

@@ -52,6 +52,7 @@ import torch
 from ember.attention.backend import get_attention_backend
 from ember.engine.forward_batch import ForwardBatch
 from ember.engine.model_runner import TargetHiddenStates, build_forward_batch
+from ember.engine.forward_batch import long_tensor
 from ember.engine.scheduler import ScheduledRequest, SchedulerOutput
 from ember.spec.draft_graphs import DrafterGraphs, pair_inputs
 from ember.spec.drafting import (
@@ -59,7 +60,6 @@ from ember.spec.drafting import (
     TargetRows,
     catch_up,
     draw_drafts,
-    long_tensor,
     state_bytes_per_token,
 )
 from ember.spec.eagle import load_eagle
@@ -245,11 +245,12 @@ class EagleProposer(Proposer):
 
     def _trees(self, spec: list[ScheduledRequest], o: torch.Tensor) -> None:
         shapes = [self.tree.for_room(s.num_spec_slots) for s in spec]   # (depth, budget)
-        root_logq = torch.log_softmax(self.drafter.target_logits(o), dim=-1)   # [B, vocab]
+        root_logq, token_ids = self.drafter.draft_logq(o)   # [B, draft vocab], its target tokens
         if self.parallel:
-            builders = self._product_trees(spec, shapes, root_logq)
+            builders = self._product_trees(spec, shapes, root_logq, token_ids)
         else:
-            builders = [TreeBuilder(kids, self.tree.top_k) for kids in top_children(self.tree.top_k, root_logq)]
+            builders = [TreeBuilder(kids, self.tree.top_k)
+                        for kids in top_children(self.tree.top_k, root_logq, token_ids=token_ids)]
             self._expand_levels(spec, o, shapes, builders)
         for s, b, (_, budget) in zip(spec, builders, shapes):
             tree, _ = b.finish(budget)
@@ -258,7 +259,8 @@ class EagleProposer(Proposer):
             s.spec_probs = None   # deterministic children: one-hot drafts
 
     def _product_trees(self, spec: list[ScheduledRequest], shapes: list[tuple[int, int]],
-                       root_logq: torch.Tensor) -> list[TreeBuilder]:   # root_logq: [B, vocab]
+                       root_logq: torch.Tensor,   # [B, draft vocab]
+                       token_ids: np.ndarray) -> list[TreeBuilder]:
         """P-EAGLE: each request's depth d + 2 reads its mask row d, whose children hang
         below every fed node of that depth. The root's children and every mask row's come
         back in one top_children (one device sync for the step's trees)."""
@@ -268,8 +270,8 @@ class EagleProposer(Proposer):
         logq = [root_logq]
         if live:
             rows = self._mask_outputs([spec[i] for i in live], [counts[i] for i in live])
-            logq.append(torch.log_softmax(d.target_logits(rows), dim=-1))   # [sum(counts), vocab]
-        kids = top_children(top_k, *logq)   # B root rows, then the mask rows
+            logq.append(d.draft_logq(rows)[0])   # [sum(counts), draft vocab]
+        kids = top_children(top_k, *logq, token_ids=token_ids)   # B root rows, then the mask rows
         builders = [TreeBuilder(kids[i], top_k) for i in range(len(spec))]
         at = len(spec)
         for i in live:
@@ -320,7 +322,8 @@ class EagleProposer(Proposer):
             ids, parent_rows = long_tensor([tokens, rows], self.device)
             o = self._forward(seqs, d.embed(ids), prev_o[parent_rows], positions, self._device_masks(masks),
                               graphs=self.graphs and self.graphs.levels)
-            kids = top_children(self.tree.top_k, torch.log_softmax(d.target_logits(o), dim=-1))
+            logq, token_ids = d.draft_logq(o)
+            kids = top_children(self.tree.top_k, logq, token_ids=token_ids)
             at = 0
             for i, fed, paths in who:
                 builders[i].expand(fed, kids[at:at + len(fed)])

@@ -100,20 +100,23 @@ def with_root_row(mask: torch.Tensor) -> torch.Tensor:
 Children = list[tuple[float, int]]   # a node's children: (log q, token) pairs, most likely first
 
 
-def top_children(top_k: int, *logq: torch.Tensor) -> list[Children]:
+def top_children(top_k: int, *logq: torch.Tensor, token_ids: np.ndarray | None = None) -> list[Children]:
     """Each row's `top_k` most likely tokens as host (log q, token) pairs, most likely
     first: one topk per tensor and one copy to the host for all of them, so a whole
     depth's children (every request's) cost a single device sync.
 
     logq: tensors [rows_i, vocab] of log q (one row per node whose children they score),
     of one vocabulary; returns one list per row, the tensors' rows in order. Row by row the
-    result is exactly a 1-D topk of that row (same values, same ids, same order among ties)."""
+    result is exactly a 1-D topk of that row (same values, same ids, same order among ties).
+    token_ids [vocab]: the token of each column (a drafter's reduced vocabulary scored in
+    its own columns, mapped on the host); None: the column is the token."""
     tops = [x.float().topk(min(top_k, x.shape[-1]), dim=-1) for x in logq]
     vals = tops[0][0] if len(tops) == 1 else torch.cat([v for v, _ in tops])   # [rows, k]
     ids = tops[0][1] if len(tops) == 1 else torch.cat([i for _, i in tops])
     # One [2, rows, k] int32 copy: the fp32 values' bits, and the ids (vocab < 2^31).
     host = torch.stack([vals.view(torch.int32), ids.to(torch.int32)]).cpu().numpy()
-    return [list(zip(v, t)) for v, t in zip(host[0].view(np.float32).tolist(), host[1].tolist())]
+    tokens = host[1] if token_ids is None else token_ids[host[1]]
+    return [list(zip(v, t)) for v, t in zip(host[0].view(np.float32).tolist(), tokens.tolist())]
 
 
 class TreeBuilder:
