@@ -339,3 +339,33 @@ def test_budget_never_exceeds_what_the_expansion_fills(depth: int, top_k: int, b
             assert len(tree.tokens) == shape.budget_for(k), (k, shape)
     assert TreeShape(depth=3, top_k=3, budget=24, level_slots=False).budget_for(3) == 21   # 3 + 2 * 9
     assert TreeShape(depth=5, top_k=3, budget=24, level_slots=False).budget_for(5) == 24
+
+
+@pytest.mark.parametrize("kind", ["paged", "latent"])
+def test_slot_copy_over_the_stacked_layers_equals_one_per_layer(kind: str) -> None:
+    """Layers of one spec get views of one [L, ...] allocation (kv_stack finds it), and a
+    slot copy over the stack equals a copy in each layer; layers of different specs get
+    tensors of their own (no stack)."""
+    from types import SimpleNamespace
+
+    from ember.cache.kv_spec import LatentKVSpec, PagedKVSpec, allocate_kv_caches, kv_stack
+    spec = (PagedKVSpec(num_kv_heads=2, head_dim=4, dtype=torch.float32) if kind == "paged"
+            else LatentKVSpec(kv_lora_rank=6, rope_dim=2, dtype=torch.float32))
+    layers = [SimpleNamespace(kv_cache=None, kv_cache_spec=lambda dtype, s=spec: s) for _ in range(3)]
+    caches = allocate_kv_caches(layers, num_blocks=5, block_size=4, dtype=torch.float32, device=torch.device("cpu"))
+    stack = kv_stack(caches)
+    assert stack is not None and stack.shape == (3, *caches[0].shape)
+    assert all(layer.kv_cache is c for layer, c in zip(layers, caches))
+    g = torch.Generator().manual_seed(0)
+    for c in caches:
+        c.copy_(torch.randn(c.shape, generator=g))
+    ref = [c.clone() for c in caches]
+    src, dst = torch.tensor([7, 9, 12, 3]), torch.tensor([5, 6, 7, 8])   # a destination is an earlier source
+    for r in ref:
+        spec.copy_slots(r, src, dst)
+    spec.copy_slots(stack, src, dst)
+    assert all(torch.equal(c, r) for c, r in zip(caches, ref))
+    assert not torch.equal(ref[0], ref[0].clone().zero_())   # something was there to copy
+    other = PagedKVSpec(num_kv_heads=1, head_dim=4, dtype=torch.float32)
+    mixed = [SimpleNamespace(kv_cache=None, kv_cache_spec=lambda dtype, s=s: s) for s in (spec, other)]
+    assert kv_stack(allocate_kv_caches(mixed, 5, 4, torch.float32, torch.device("cpu"))) is None

@@ -35,7 +35,8 @@ class KVCacheSpec:
     def copy_slots(self, cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy the entries of token slots src to slots dst ([n] long each; slot =
         block * block_size + offset), reading every source before writing (tree
-        verification moves the accepted path's K/V into place)."""
+        verification moves the accepted path's K/V into place). `cache` is one layer's,
+        or every layer's stacked on a leading dim (kv_stack): one copy for all of them."""
         raise NotImplementedError
 
 
@@ -51,8 +52,8 @@ class PagedKVSpec(KVCacheSpec):
         return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)
 
     def copy_slots(self, cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
-        flat = cache.view(2, -1, self.num_kv_heads, self.head_dim)   # [2, slots, kv_heads, d]
-        flat[:, dst] = flat[:, src]
+        flat = cache.view(*cache.shape[:-5], 2, -1, self.num_kv_heads, self.head_dim)   # [(L,) 2, slots, kv_heads, d]
+        flat[..., dst, :, :] = flat[..., src, :, :]
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,8 @@ class LatentKVSpec(KVCacheSpec):
         return (num_blocks, block_size, self.kv_lora_rank + self.rope_dim)
 
     def copy_slots(self, cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
-        flat = cache.view(-1, cache.shape[-1])   # [slots, R + P]
-        flat[dst] = flat[src]
+        flat = cache.view(*cache.shape[:-3], -1, cache.shape[-1])   # [(L,) slots, R + P]
+        flat[..., dst, :] = flat[..., src, :]
 
 
 class KVCacheLayer(Protocol):
@@ -88,10 +89,24 @@ def kv_bytes_per_token(layers: Sequence[KVCacheLayer], dtype: torch.dtype) -> in
 
 def allocate_kv_caches(layers: Sequence[KVCacheLayer], num_blocks: int, block_size: int,
                        dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-    """One cache tensor per layer, shaped by the layer's spec, bound to the layer."""
-    caches = []
-    for layer in layers:
-        cache = layer.kv_cache_spec(dtype).allocate(num_blocks, block_size, device)
+    """One cache tensor per layer, shaped by the layer's spec, bound to the layer. When
+    every layer has the same spec, the tensors are the layers of one [L, ...] allocation
+    (kv_stack), so a slot copy for all layers is one indexing, not one per layer."""
+    specs = [layer.kv_cache_spec(dtype) for layer in layers]
+    if specs and all(sp == specs[0] for sp in specs):
+        stack = torch.zeros((len(specs), *specs[0].shape(num_blocks, block_size)), dtype=specs[0].dtype,
+                            device=device)
+        caches = list(stack.unbind(0))
+    else:
+        caches = [sp.allocate(num_blocks, block_size, device) for sp in specs]
+    for layer, cache in zip(layers, caches):
         layer.kv_cache = cache
-        caches.append(cache)
     return caches
+
+
+def kv_stack(caches: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The [L, ...] allocation the caches are the layers of (allocate_kv_caches), or None."""
+    base = caches[0]._base if caches else None
+    if base is None or base.shape[0] != len(caches) or tuple(base.shape[1:]) != tuple(caches[0].shape):
+        return None
+    return base if all(c._base is base for c in caches) else None

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ember.cache.kv_spec import allocate_kv_caches, kv_bytes_per_token
+from ember.cache.kv_spec import allocate_kv_caches, kv_bytes_per_token, kv_stack
 from ember.config import EngineConfig, ModelConfig
 from ember.engine.cuda_graph import CudaGraphRunner
 from ember.engine.forward_batch import ForwardBatch, long_tensor
@@ -493,8 +493,12 @@ class ModelRunner:
                 slot_of[end - n + j] = r.block_ids[p // self.block_size] * self.block_size + p % self.block_size
         src_t, dst_t, src_slots, dst_slots = long_tensor(
             [src, dst, [slot_of[x] for x in src], [slot_of[x] for x in dst]], self.device)
-        for layer, cache in zip(self.model.attention_layers(), self.kv_caches):
-            layer.kv_cache_spec(cache.dtype).copy_slots(cache, src_slots, dst_slots)
+        layers, stack = self.model.attention_layers(), kv_stack(self.kv_caches)
+        if stack is not None:   # every layer's K/V in one copy
+            layers[0].kv_cache_spec(stack.dtype).copy_slots(stack, src_slots, dst_slots)
+        else:
+            for layer, cache in zip(layers, self.kv_caches):
+                layer.kv_cache_spec(cache.dtype).copy_slots(cache, src_slots, dst_slots)
         hidden[dst_t] = hidden[src_t]
         aux = getattr(self.model.model, "aux_hidden_states", None)
         if aux is not None and aux.shape[0] == hidden.shape[0]:
