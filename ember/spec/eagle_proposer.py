@@ -50,9 +50,8 @@ import numpy as np
 import torch
 
 from ember.attention.backend import get_attention_backend
-from ember.engine.forward_batch import ForwardBatch
+from ember.engine.forward_batch import ForwardBatch, long_tensor
 from ember.engine.model_runner import TargetHiddenStates, build_forward_batch
-from ember.engine.forward_batch import long_tensor
 from ember.engine.scheduler import ScheduledRequest, SchedulerOutput
 from ember.spec.draft_graphs import DrafterGraphs, pair_inputs
 from ember.spec.drafting import (
