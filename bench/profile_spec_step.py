@@ -6,7 +6,10 @@
 The target is SmolLM2-135M's shape with dummy bf16 weights (bench/configs/smollm2-135m); the
 drafters are random EAGLE-3 / P-EAGLE networks of the real drafters' shape (draft vocabulary
 8,192), so every step drafts a full chain or tree of the fixed k (adaptive k off) and the
-cost of a step does not depend on acceptance. Per variant and batch size:
+cost of a step does not depend on acceptance. With `--model smollm2-135m --real --eagle DIR
+--peagle DIR --data TEXT...` the real target and drafters decode held-out prompts instead,
+so the steps also do what accepted drafts cost (catch-up rows, the tree's K/V moves, more
+output tokens); each block then reports the tokens a step emitted. Per variant and batch size:
 (a) wall ms per engine step and host ms per step in each phase (patched timers; GPU work is
     asynchronous, so a phase's time is its launches plus any wait for the device inside it);
 (b) a few steps under torch.profiler: device ms per step (the sum of kernel times), kernel
@@ -59,6 +62,7 @@ def patch_timers(llm: LLM, acc: dict[str, float]) -> Callable[[], None]:
         (runner, "launch", "launch (all)"), (model_runner, "tree_layout", "  tree layout"),
         (model_runner, "build_forward_batch", "  build batch"), (runner.model, "forward", "  target forward"),
         (runner, "_verify", "  verify chains"), (runner, "_verify_trees", "  verify trees"),
+        (runner, "_move_rows", "    tree KV moves"),
         (runner, "_sample", "  sample"), (runner, "_hand_hidden_states", "  hidden hook"),
         (model_runner.LaunchedStep, "resolve", "resolve"), (eng.scheduler, "update", "update"),
         (sp, "observe", "observe"), (eng.output_processor, "process", "process"),
@@ -146,14 +150,15 @@ def python_profile(llm: LLM, steps: int, top: int = 30) -> str:
     return out.getvalue()
 
 
-def spec_config(variant: str, root: str, config: ModelConfig, tree_shape: dict) -> dict | None:
+def spec_config(variant: str, root: str, config: ModelConfig, tree_shape: dict,
+                drafters: dict[str, str | None]) -> dict | None:
     if variant.startswith("none"):
         return None
     from test_eagle_proposer import _random_drafter_for
     method, rest = variant.split("-", 1)
     tree = rest.startswith("tree-")
     k = int(rest.split("k")[-1])
-    folder = os.path.join(root, method)
+    folder = drafters.get(method) or os.path.join(root, method)
     if not os.path.isdir(folder):
         _random_drafter_for(config, folder, 8192, parallel=method == "peagle")
     cfg = {"method": method, "model": folder, "num_speculative_tokens": k, "adaptive": False}
@@ -177,30 +182,45 @@ def main() -> None:
     ap.add_argument("--tree-budget", type=int, default=10)
     ap.add_argument("--cprofile", type=int, default=0,
                     help="also run this many steps under cProfile and print the top functions")
+    ap.add_argument("--real", action="store_true", help="the model's own weights (not dummy ones)")
+    ap.add_argument("--eagle", default=None, help="a trained EAGLE-3 drafter (else a random one)")
+    ap.add_argument("--peagle", default=None, help="a trained P-EAGLE drafter (else a random one)")
+    ap.add_argument("--data", nargs="+", default=None,
+                    help="texts whose held-out part gives the prompts (else random token ids)")
     args = ap.parse_args()
     if args.tree_block_m is not None:
         import dataclasses
 
         import ember.attention.triton_backend as tb
         tb.CUDA_CONFIG = dataclasses.replace(tb.CUDA_CONFIG, tree_block_m=args.tree_block_m)
-    config = ModelConfig.from_file(args.model)
+    from ember.models.loader import resolve_model
+    config = resolve_model(args.model).config if args.real else ModelConfig.from_file(args.model)
     root = tempfile.mkdtemp()
-    print(f"# {args.model}, dummy bf16 weights, random drafters, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}, "
-          f"torch {torch.__version__}")
+    drafters = {"eagle": args.eagle, "peagle": args.peagle}
+    print(f"# {args.model}, {'its own' if args.real else 'dummy'} bf16 weights, drafters "
+          f"{ {m: d or 'random' for m, d in drafters.items()} }, prompts {'from ' + str(args.data) if args.data else 'random'}, "
+          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}, torch {torch.__version__}")
+    prompts = None
     for variant in args.variants:
-        spec = spec_config(variant, root, config, {"top_k": args.tree_top_k, "budget": args.tree_budget})
-        llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_model_len=2048,
+        spec = spec_config(variant, root, config, {"top_k": args.tree_top_k, "budget": args.tree_budget}, drafters)
+        llm = LLM(args.model, load_format="auto" if args.real else "dummy", dtype="bfloat16", max_model_len=2048,
                   max_num_seqs=max(args.batch_sizes), prefix_cache="none",
                   enforce_eager=variant == "none-eager", speculative_config=spec)
+        if args.data and prompts is None:
+            from spec_decode import held_out_prompts
+            prompts = held_out_prompts(llm.get_tokenizer(), args.data, max(args.batch_sizes), args.prompt_len, 0.8)
         for bs in args.batch_sizes:
-            start_decoding(llm, bs, args.prompt_len)
+            start_decoding(llm, bs, args.prompt_len, prompts)
+            emitted = sum(r.num_output_tokens for r in llm.engine.scheduler.running)
             wall, phases = host_breakdown(llm, args.steps)
+            emitted = sum(r.num_output_tokens for r in llm.engine.scheduler.running) - emitted
             dev = device_profile(llm, args.profile_steps)
             py = python_profile(llm, args.cprofile) if args.cprofile else ""
             stop_all(llm, bs)
             while llm.engine.has_unfinished_requests():
                 llm.engine.step()
-            print(f"\n## {variant}, batch {bs}: {wall:.2f} ms per step (median of {args.steps})")
+            print(f"\n## {variant}, batch {bs}: {wall:.2f} ms per step (median of {args.steps}), "
+                  f"{emitted / (args.steps * bs):.2f} tokens a step per request")
             for name, ms in phases.items():
                 print(f"  {name:32s} {ms:8.3f} ms")
             for name, v in dev.items():

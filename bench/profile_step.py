@@ -32,13 +32,14 @@ from gpu_timing import graph_replay_ms  # noqa: E402
 PHASES = ("schedule", "prepare", "forward", "logits", "sampler", "resolve", "update", "process")
 
 
-def start_decoding(llm: LLM, bs: int, prompt_len: int) -> None:
-    """bs requests past their prefill, so every following step is a pure decode step."""
+def start_decoding(llm: LLM, bs: int, prompt_len: int, prompts: list[list[int]] | None = None) -> None:
+    """bs requests past their prefill, so every following step is a pure decode step; the
+    prompts are random ids of prompt_len tokens, or the given ones (cycled)."""
     eng = llm.engine
     g = torch.Generator().manual_seed(0)
     vocab = eng.model_config.vocab_size
     for i in range(bs):
-        ids = torch.randint(0, vocab, (prompt_len,), generator=g).tolist()
+        ids = prompts[i % len(prompts)] if prompts else torch.randint(0, vocab, (prompt_len,), generator=g).tolist()
         eng.add_request(f"p{i}", ids, SamplingParams(temperature=0, ignore_eos=True, max_tokens=100_000))
     while any(r.num_computed_tokens < r.num_prompt_tokens for r in eng.scheduler.running) \
             or eng.scheduler.waiting:
