@@ -16,6 +16,8 @@
 # pass `--peagle /tmp/drafters/peagle4-smollm2` in INTERLEAVED (the last flag wins) and
 # PEAGLE_DIR=/tmp/drafters/peagle4-smollm2 for EGPU's tests.
 # JOIN_ONLY=1 with phase 3: only assemble and check the GGUF (for bench/train_eagle_h200.sh after it).
+# PROFILE="--batch-sizes 1 --variants none peagle-tree-k5 --tree-budget 24 --cprofile 40" with phase 3:
+#   profile_spec_step.py on the real target and drafters (held-out prompts) before the rest.
 # Speed only, the variants interleaved in one process (bench/spec_decode_interleaved.py):
 #   phase 3 with INTERLEAVED="--batch-sizes 1,64 --repeats 2 --output-len 256 --k 3 --variants none,..."
 set -uo pipefail
@@ -39,6 +41,11 @@ elif [ "$phase" = 3 ]; then
   if [ "${EGPU:-0}" = 1 ]; then
     EMBER_EAGLE_DIR=/tmp/drafters/eagle-smollm2 EMBER_PEAGLE_DIR=${PEAGLE_DIR:-/tmp/drafters/peagle-smollm2} \
         timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider tests/test_gpu_e2e.py 2>&1 | tee "$OUT/gpu_e2e_eagle.txt" | tail -5
+  fi
+  if [ -n "${PROFILE:-}" ]; then   # where a real speculative step's time goes (profile_spec_step.py --real)
+    timeout ${PROFILE_TIMEOUT:-300} python3 bench/profile_spec_step.py --model smollm2-135m --real \
+        --eagle /tmp/drafters/eagle-smollm2 --peagle ${PEAGLE_DIR:-/tmp/drafters/peagle-smollm2} --data $DATA \
+        --prompt-len 64 $PROFILE 2>&1 | grep -v "Warning" | tee "$OUT/profile_spec_real.txt" | grep "^#\|^##"
   fi
   if [ -n "${INTERLEAVED:-}" ]; then   # speed only: the variants interleaved in one process
     (cd bench && timeout ${SPEC_TIMEOUT:-400} python3 spec_decode_interleaved.py --data ../.devrun/data/tinystories_sample.txt \
