@@ -263,6 +263,23 @@ def test_save_roundtrip_writes_the_published_layout(tmp_path, embedding) -> None
     torch.testing.assert_close(src.mask_hidden, w["mask_hidden"] @ w["fc.weight"].T)
 
 
+def test_draft_logq_is_the_target_vocabulary_log_q_in_draft_columns(tmp_path, embedding) -> None:
+    """draft_logq: log q over the draft vocabulary equals the full-vocabulary log q at each
+    column's target token (the missing tokens have q = 0), and the columns map to tokens as
+    d2t says; a new d2t (load_weights) is picked up."""
+    w = _published_tensors(3)
+    d = load_eagle(_write_checkpoint(str(tmp_path / "d"), w), _target_config())
+    o = torch.randn(5, d.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    logq, tokens = d.draft_logq(o)
+    assert logq.shape == (5, d.config.draft_vocab_size)
+    assert tokens.tolist() == d.to_target_ids(torch.arange(d.config.draft_vocab_size)).tolist()
+    full = torch.log_softmax(d.target_logits(o), dim=-1)
+    torch.testing.assert_close(logq, full[:, torch.from_numpy(tokens)])
+    assert torch.isinf(full).sum() == 5 * (d.config.vocab_size - d.config.draft_vocab_size)
+    d.load_weights(dict(w, d2t=torch.zeros_like(w["d2t"])))
+    assert d.draft_logq(o)[1].tolist() == list(range(d.config.draft_vocab_size))
+
+
 def test_parallel_mask_positions_in_one_forward_equal_one_at_a_time(tmp_path, embedding) -> None:
     """P-EAGLE: the k - 1 mask rows after a real prefix, in one forward (a chunk) or one
     row per forward (decodes), give the same outputs: the same inputs, the same mask."""
