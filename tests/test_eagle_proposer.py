@@ -377,6 +377,20 @@ def test_config_errors(tiny_llama, drafters, tmp_path) -> None:
         make_llm(tiny_llama, speculative_config={"method": "eagle"})
 
 
+def test_a_tree_budget_beyond_the_expansion_is_reported(caplog) -> None:
+    """Depth 3, top-3 trees hold at most 3 + 2 * 9 = 21 nodes: a budget of 24 says so."""
+    from ember.spec.config import SpeculativeConfig
+    with caplog.at_level("WARNING", logger="ember"):
+        cfg = SpeculativeConfig.parse({"method": "peagle", "model": "x", "num_speculative_tokens": 3,
+                                       "tree": {"top_k": 3, "budget": 24}})
+    assert cfg.tree.budget_for(3) == 21 and "at most 21 nodes" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ember"):
+        SpeculativeConfig.parse({"method": "peagle", "model": "x", "num_speculative_tokens": 5,
+                                 "tree": {"top_k": 3, "budget": 24}})
+    assert "nodes" not in caplog.text
+
+
 def _random_drafter_for(config: ModelConfig, folder: str, draft_vocab: int, parallel: bool = False) -> str:
     """A random EAGLE-3 (or P-EAGLE) drafter shaped for `config` (greedy identity needs no skill)."""
     cfg = dict(config.hf_config)

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, fields
 from typing import Any
 
 from ember.spec.tree import TreeShape
+
+logger = logging.getLogger("ember")
 
 METHODS = ("none", "ngram", "draft", "mtp", "eagle", "peagle")
 TREE_METHODS = ("eagle", "peagle")
@@ -58,6 +61,10 @@ class SpeculativeConfig:
             self.num_speculative_tokens = shape["depth"]
             shape.setdefault("budget", max(shape["depth"], 4 * shape["depth"]))
             self.tree = TreeShape(**shape, level_slots=self.method == "eagle")
+            most = self.tree.max_nodes(self.tree.depth)
+            if self.tree.budget > most:   # budget_for caps it: say so rather than silently
+                logger.warning("tree budget %d is more than a depth-%d, top-%d expansion makes; trees "
+                               "hold at most %d nodes", self.tree.budget, self.tree.depth, self.tree.top_k, most)
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError("need 1 <= prompt_lookup_min <= prompt_lookup_max")
 
