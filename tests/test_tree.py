@@ -359,13 +359,20 @@ def test_slot_copy_over_the_stacked_layers_equals_one_per_layer(kind: str) -> No
     g = torch.Generator().manual_seed(0)
     for c in caches:
         c.copy_(torch.randn(c.shape, generator=g))
+    before = [c.clone() for c in caches]
     ref = [c.clone() for c in caches]
     src, dst = torch.tensor([7, 9, 12, 3]), torch.tensor([5, 6, 7, 8])   # a destination is an earlier source
     for r in ref:
         spec.copy_slots(r, src, dst)
     spec.copy_slots(stack, src, dst)
     assert all(torch.equal(c, r) for c, r in zip(caches, ref))
-    assert not torch.equal(ref[0], ref[0].clone().zero_())   # something was there to copy
+    # What a slot copy means, written out: each destination holds its source's entry as it
+    # was before the copy (every source read first); the other slots are unchanged.
+    slots = (lambda c: c.view(2, 20, -1).transpose(0, 1)) if kind == "paged" else (lambda c: c.view(20, -1))
+    others = torch.tensor([i for i in range(20) if i not in dst.tolist()])
+    for c, b in zip(caches, before):
+        assert torch.equal(slots(c)[dst], slots(b)[src])
+        assert torch.equal(slots(c)[others], slots(b)[others])
     other = PagedKVSpec(num_kv_heads=1, head_dim=4, dtype=torch.float32)
     mixed = [SimpleNamespace(kv_cache=None, kv_cache_spec=lambda dtype, s=s: s) for s in (spec, other)]
     assert kv_stack(allocate_kv_caches(mixed, 5, 4, torch.float32, torch.device("cpu"))) is None
