@@ -179,6 +179,7 @@ class ModelRunner:
         self.graph_runner: CudaGraphRunner | None = None
         self.num_blocks = 0          # allocate_kv_cache() sizes and allocates the pool
         self.kv_caches: list[torch.Tensor] = []
+        self.kv_stack: torch.Tensor | None = None   # the caches' one [L, ...] allocation, when they share one
 
     def allocate_kv_cache(self, extra_bytes_per_token: int = 0, verify_widths: tuple[int, ...] = ()) -> None:
         """Size the KV pool and allocate it, then capture the CUDA graphs (decode, and the
@@ -191,6 +192,7 @@ class ModelRunner:
         # Each layer's cache is shaped as the model says (its KVCacheSpec).
         self.kv_caches = allocate_kv_caches(self.model.attention_layers(), self.num_blocks,
                                             self.block_size, self.dtype, self.device)
+        self.kv_stack = kv_stack(self.kv_caches)
         if self.device.type == "cuda" and not self.cfg.enforce_eager and self.backend.supports_cuda_graphs:
             self.graph_runner = CudaGraphRunner(self.model, self.backend, self.cfg.max_num_seqs,
                                                 self.max_model_len, self.block_size, mc.hidden_size,
@@ -493,7 +495,7 @@ class ModelRunner:
                 slot_of[end - n + j] = r.block_ids[p // self.block_size] * self.block_size + p % self.block_size
         src_t, dst_t, src_slots, dst_slots = long_tensor(
             [src, dst, [slot_of[x] for x in src], [slot_of[x] for x in dst]], self.device)
-        layers, stack = self.model.attention_layers(), kv_stack(self.kv_caches)
+        layers, stack = self.model.attention_layers(), self.kv_stack
         if stack is not None:   # every layer's K/V in one copy
             layers[0].kv_cache_spec(stack.dtype).copy_slots(stack, src_slots, dst_slots)
         else:
