@@ -58,6 +58,12 @@ class Speculator:
             if cfg.adaptive and cfg.enabled else None
         self.clock = StepClock()
         self._draft_seconds = 0.0   # the last propose()'s
+        # The first drafting step of each (k, drafting requests) is a warm-up: new shapes
+        # compile kernels and capture graphs, seconds to milliseconds, once. Timed, it would
+        # set the cost fits so high that speculation never runs again (they only learn from
+        # the steps that draft); it stays out of them.
+        self._warm: set[tuple[int, int]] = set()
+        self._untimed = False
 
     def plan(self, num_running: int) -> int:
         """The next step's k: draft tokens per decoding request (a tree's depth); 0 = none."""
@@ -91,6 +97,8 @@ class Speculator:
             # without speculation costs them nothing here.
             return
         drafting = sum(1 for s in batch.scheduled if s.num_spec_slots > 0)
+        self._untimed = (k, drafting) not in self._warm
+        self._warm.add((k, drafting))
         start = time.perf_counter()
         self.proposer.propose(batch)
         self._draft_seconds = time.perf_counter() - start
@@ -99,7 +107,7 @@ class Speculator:
         # draft after the prompt, or after steps without drafting) is not what a drafting
         # step costs in steady state: it stays out of the draft-cost fit.
         steady = self.proposer.catch_up_tokens <= drafting * (self.cfg.num_speculative_tokens + 1)
-        if self.controller is not None and drafting and forwards > 0 and steady:
+        if self.controller is not None and drafting and forwards > 0 and steady and not self._untimed:
             self.controller.observe_draft(drafting, self._draft_seconds / forwards)
 
     def launched(self, step: LaunchedStep) -> None:
@@ -134,7 +142,8 @@ class Speculator:
             return
         seconds, steady = self.clock.applied()
         if spec and seconds is not None:
-            seconds -= self._draft_seconds   # a drafting step is applied right after its drafts
+            # A drafting step is applied right after its drafts (no async step between).
+            seconds = None if self._untimed else seconds - self._draft_seconds
         # The cost fits are for the steps k is chosen for: every request decoding (a prefill
         # chunk's cost per token is another regime, and at batch 1 it would set the slope of
         # the line the decode steps are read from).
