@@ -62,6 +62,7 @@ def patch_timers(llm: LLM, acc: dict[str, float]) -> Callable[[], None]:
         (runner, "launch", "launch (all)"), (model_runner, "tree_layout", "  tree layout"),
         (model_runner, "build_forward_batch", "  build batch"), (runner.model, "forward", "  target forward"),
         (runner, "_verify", "  verify chains"), (runner, "_verify_trees", "  verify trees"),
+        (runner, "_verify_device_trees", "  verify device trees"), (prop, "_device_trees", "  draft: device trees"),
         (runner, "_move_rows", "    tree KV moves"),
         (runner, "_sample", "  sample"), (runner, "_hand_hidden_states", "  hidden hook"),
         (model_runner.LaunchedStep, "resolve", "resolve"), (eng.scheduler, "update", "update"),
@@ -156,14 +157,14 @@ def spec_config(variant: str, root: str, config: ModelConfig, tree_shape: dict,
         return None
     from test_eagle_proposer import _random_drafter_for
     method, rest = variant.split("-", 1)
-    tree = rest.startswith("tree-")
+    tree = rest.startswith(("tree-", "hosttree-"))   # hosttree: P-EAGLE greedy trees built on the host
     k = int(rest.split("k")[-1])
     folder = drafters.get(method) or os.path.join(root, method)
     if not os.path.isdir(folder):
         _random_drafter_for(config, folder, 8192, parallel=method == "peagle")
     cfg = {"method": method, "model": folder, "num_speculative_tokens": k, "adaptive": False}
     if tree:
-        cfg["tree"] = dict(tree_shape)
+        cfg["tree"] = dict(tree_shape, **({"device_greedy": False} if rest.startswith("host") else {}))
     return cfg
 
 
@@ -178,6 +179,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--tree-block-m", type=int, default=None,
                     help="the Triton tree kernel's rows per program (default: the backend's)")
+    ap.add_argument("--tree-block-n", type=int, default=None, help="the tree kernel's key tile width")
+    ap.add_argument("--tree-warps", type=int, default=None, help="the tree kernel's warps")
     ap.add_argument("--tree-top-k", type=int, default=3)
     ap.add_argument("--tree-budget", type=int, default=10)
     ap.add_argument("--cprofile", type=int, default=0,
@@ -188,11 +191,13 @@ def main() -> None:
     ap.add_argument("--data", nargs="+", default=None,
                     help="texts whose held-out part gives the prompts (else random token ids)")
     args = ap.parse_args()
-    if args.tree_block_m is not None:
+    tree_tiles = {f: getattr(args, f) for f in ("tree_block_m", "tree_block_n", "tree_warps")
+                  if getattr(args, f) is not None}
+    if tree_tiles:
         import dataclasses
 
         import ember.attention.triton_backend as tb
-        tb.CUDA_CONFIG = dataclasses.replace(tb.CUDA_CONFIG, tree_block_m=args.tree_block_m)
+        tb.CUDA_CONFIG = dataclasses.replace(tb.CUDA_CONFIG, **tree_tiles)
     from ember.models.loader import resolve_model
     config = resolve_model(args.model).config if args.real else ModelConfig.from_file(args.model)
     root = tempfile.mkdtemp()

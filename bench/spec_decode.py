@@ -59,11 +59,13 @@ def spec_config(method: str, args: argparse.Namespace, adaptive: bool) -> dict |
         cfg["model"] = args.draft
     if method == "mtp":
         cfg["model"] = args.mtp
-    base = method.removesuffix("-tree")
+    base = method.removesuffix("-tree").removesuffix("-hosttree")
     if base in ("eagle", "peagle"):   # METHOD-tree: the same drafter, EAGLE-2 trees of depth k
         cfg.update(method=base, model=getattr(args, base))
-        if method.endswith("-tree"):
+        if method.endswith("tree"):
             cfg["tree"] = {"top_k": args.tree_top_k, "budget": args.tree_budget}
+        if method.endswith("-hosttree"):   # peagle-hosttree: greedy trees built on the host too
+            cfg["tree"]["device_greedy"] = False
     return cfg
 
 

@@ -85,8 +85,11 @@ def spec(method: str, model: str, k: int = 3, tree: dict | None = None, adaptive
 
 
 CASES = [("eagle", None), ("eagle", {"top_k": 3, "budget": 9}), ("peagle", None),
-         ("peagle", {"top_k": 3, "budget": 9}), ("peagle-deep", {"top_k": 3, "budget": 9})]
-CASE_IDS = ["eagle-chain", "eagle-tree", "peagle-chain", "peagle-tree", "peagle-2-layers-tree"]
+         ("peagle", {"top_k": 3, "budget": 9}), ("peagle", {"top_k": 3, "budget": 9, "device_greedy": False}),
+         ("peagle-deep", {"top_k": 3, "budget": 9})]
+# peagle trees of greedy requests are built and verified on the device unless device_greedy is off
+CASE_IDS = ["eagle-chain", "eagle-tree", "peagle-chain", "peagle-device-tree", "peagle-host-tree",
+            "peagle-2-layers-tree"]
 
 
 @pytest.mark.parametrize("method,tree", CASES, ids=CASE_IDS)
@@ -307,8 +310,10 @@ def test_trees_are_the_per_node_reference_on_the_drafters_log_probs(tiny_llama, 
     catch_up = eagle_proposer.catch_up
     monkeypatch.setattr(eagle_proposer, "top_children", recording_top_children)
     monkeypatch.setattr(eagle_proposer, "catch_up", recording_catch_up)
-    # A small step budget leaves some requests fewer slots: trees of every depth.
-    llm = make_llm(tiny_llama, speculative_config=spec(method, drafters[method], tree={"top_k": 3, "budget": 9}),
+    # A small step budget leaves some requests fewer slots: trees of every depth. (Greedy
+    # P-EAGLE trees are built on the device unless asked not to: test_device_tree has those.)
+    llm = make_llm(tiny_llama, speculative_config=spec(method, drafters[method],
+                                                       tree={"top_k": 3, "budget": 9, "device_greedy": False}),
                    max_num_batched_tokens=24)
     proposer = llm.engine.speculator.proposer
     propose, checked, depths = proposer.propose, [0], set()
@@ -348,6 +353,64 @@ def test_trees_are_the_per_node_reference_on_the_drafters_log_probs(tiny_llama, 
     tokens, _ = run(llm, prompts)
     assert tokens == reference
     assert checked[0] > 50 and {1, 3} <= depths, (checked, depths)
+
+
+def test_peagle_greedy_trees_are_verified_on_the_device(tiny_llama, drafters, prompts, reference) -> None:
+    """Greedy P-EAGLE trees of one shape take the device path (tree chosen, verified and
+    moved on the device; ember.spec.device_tree) in every drafting step; with a sampled
+    request in the batch the step goes to the host verifier. Output is the target's, no
+    block leaks, drafts accepted (so accepted paths were moved into place)."""
+    llm = make_llm(tiny_llama, speculative_config=spec("peagle", drafters["peagle"], k=4,
+                                                       tree={"top_k": 3, "budget": 12}))
+    runner = llm.engine.runner
+    ctl = force_k(llm, [4] * 1000)
+    on_device = steps_of_calls(runner, "_verify_device_trees", ctl)
+    on_host = steps_of_calls(runner, "_verify_trees", ctl)
+    tokens, _ = run(llm, prompts)
+    assert tokens == reference
+    assert len(on_device) > 10 and not on_host
+    stats = llm.engine.spec_stats()
+    assert stats["num_accepted_tokens"] > 0, stats
+    assert_no_leaks(llm.engine)
+    # One sampled request among greedy ones: those steps verify on the host.
+    sampled = SamplingParams(temperature=0.8, seed=1, max_tokens=24, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:3]], [GREEDY, sampled, GREEDY],
+                        use_tqdm=False)
+    assert [outs[0].outputs[0].token_ids, outs[2].outputs[0].token_ids] == [reference[0], reference[2]]
+    assert on_host
+    assert_no_leaks(llm.engine)
+
+
+def test_adaptive_leaves_each_shapes_first_drafting_step_out_of_its_cost_fits(tiny_llama, drafters, prompts,
+                                                                             reference) -> None:
+    """A new (k, batch) shape's first drafting step compiles and captures (on the H200 tens of
+    ms): fitted, it kept adaptive P-EAGLE off at batch 1 for good. A slow first propose per
+    shape (0.3 s here) must reach neither the draft-cost fit nor the step-cost fit."""
+    import time
+    llm = make_llm(tiny_llama, speculative_config=spec("peagle", drafters["peagle"], k=3,
+                                                       tree={"top_k": 3, "budget": 9}, adaptive=True))
+    sp = llm.engine.speculator
+    ctl, prop = sp.controller, sp.proposer
+    seen, timed = set(), []
+    inner_propose, inner_draft, inner_applied = prop.propose, ctl.observe_draft, ctl.observe_applied
+
+    def slow_first(batch):
+        key = (batch.spec_k, sum(1 for s in batch.scheduled if s.num_spec_slots > 0))
+        slow = key not in seen and key[1] > 0   # a drafting step of a new shape
+        seen.add(key)
+        if slow:
+            time.sleep(0.3)
+        out = inner_propose(batch)
+        if slow:   # as after a short catch-up (a new k on the GPU), which the draft fit takes
+            prop.catch_up_tokens = 0
+        return out
+    prop.propose = slow_first
+    ctl.observe_draft = lambda b, secs: (timed.append(secs), inner_draft(b, secs))
+    ctl.observe_applied = lambda n, secs, *a: (timed.append(secs or 0.0), inner_applied(n, secs, *a))
+    tokens, _ = run(llm, prompts)
+    assert tokens == reference
+    assert any(d for _, d in seen) and sp.stats.num_spec_steps > 0
+    assert timed and max(timed) < 0.3, max(timed)
 
 
 def test_adaptive_sizes_trees_down_to_off(tiny_llama, drafters, prompts, reference) -> None:

@@ -32,12 +32,14 @@ class KernelConfig:
     decode_stages: int
     tree_block_m: int            # tree rows per program (trees are small: 16 measured 1.2-1.5x
                                  # faster than 32 for 11-row trees, bench/profile_spec_step.py)
+    tree_block_n: int            # key tile width of the tree kernel
+    tree_warps: int
 
 
 # GPU tiles for head_dim <= 128. On the CPU (Triton's interpreter: tests) each op costs about
 # a millisecond whatever its size, so fewer, larger tiles run faster.
-CUDA_CONFIG = KernelConfig(128, 64, 8, 3, 128, 64, 4, 3, 16)
-CPU_CONFIG = KernelConfig(32, 32, 4, 1, 32, 32, 4, 1, 32)
+CUDA_CONFIG = KernelConfig(128, 64, 8, 3, 128, 64, 4, 3, 16, 64, 8)
+CPU_CONFIG = KernelConfig(32, 32, 4, 1, 32, 32, 4, 1, 32, 32, 4)
 
 
 @dataclass
@@ -111,6 +113,6 @@ class TritonAttentionBackend(AttentionBackend):
                               cfg.prefill_prefix_block_n)
         if meta.tree_tiles is not None:   # K/V already written above
             tree_attention(q, kv_cache, meta.block_tables, meta.seq_lens, meta.tree_tiles,
-                           meta.tree_mask, scale, out, cfg.tree_block_m, cfg.prefill_block_n,
-                           cfg.prefill_warps)
+                           meta.tree_mask, scale, out, cfg.tree_block_m, cfg.tree_block_n,
+                           cfg.tree_warps)
         return out

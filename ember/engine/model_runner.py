@@ -12,14 +12,16 @@ from ember.cache.kv_spec import allocate_kv_caches, kv_bytes_per_token, kv_stack
 from ember.config import EngineConfig, ModelConfig
 from ember.engine.cuda_graph import CudaGraphRunner
 from ember.engine.forward_batch import ForwardBatch, long_tensor
+from ember.engine.graphed_call import GraphedCall
 from ember.engine.scheduler import SchedulerOutput, ScheduledRequest
 from ember.layers.layer_ops import get_layer_ops
 from ember.layers.sampler import (RowLogprobs, Sampler, SamplerOutput, SamplingBatch, SamplingRow,
-                                  compute_token_logprobs, sampling_probs)
+                                  compute_token_logprobs, greedy_tokens, sampling_probs)
 from ember.models.loader import ModelSource, build_model
 from ember.models.registry import attention_backend_for
+from ember.spec.device_tree import DeviceDraftTree, greedy_verdict_tensors
 from ember.spec.rejection import VerifyOutput, greedy_verify, rejection_sample
-from ember.spec.tree import ancestor_mask_np
+from ember.spec.tree import ancestor_mask_np, tree_step_mask
 from ember.spec.tree_rejection import tree_rejection_sample
 
 logger = logging.getLogger("ember")
@@ -135,25 +137,47 @@ def build_forward_batch(seqs: list[tuple[list[int], int, list[int]]], block_size
 
 def tree_layout(trees: dict[int, ScheduledRequest]
                 ) -> tuple[dict[int, list[int]] | None, dict[int, torch.Tensor] | None]:
-    """RoPE positions and attention masks (on the host) of the sequences that verify a
-    draft tree: the request's own tokens (causal), then each node at the position after
-    its parent's (its depth past the last own token), seeing the own tokens and its
-    ancestors."""
+    """RoPE positions and attention masks of the sequences that verify a draft tree: the
+    request's own tokens (causal), then each node at the position after its parent's (its
+    depth past the last own token), seeing the own tokens and its ancestors. Host trees'
+    masks are built on the host (the backend, or the graph runner, copies all of them at
+    once); device trees' on the device, and their nodes' positions are placeholders
+    (`place_device_trees` writes them)."""
     if not trees:
         return None, None
     positions, masks = {}, {}
     for i, s in trees.items():
         t, own = s.spec_tree, s.num_new_tokens
         start = s.request.num_computed_tokens
+        if isinstance(t, DeviceDraftTree):
+            positions[i] = list(range(start, start + own)) + [start + own] * t.num_nodes
+            masks[i] = t.trees.step_masks[t.row] if own == 1 else tree_step_mask(t.trees.ancestors[t.row], own)
+            continue
         positions[i] = list(range(start, start + own)) + [start + own - 1 + d for d in t.depths]
         n = own + t.num_nodes
         m = np.zeros((n, n), dtype=bool)
         m[:own, :own] = np.tri(own, dtype=bool)
         m[own:, :own] = True
         m[own:, own:] = ancestor_mask_np(t.parents)
-        # On the host: the backend (or the graph runner) copies all of them at once.
         masks[i] = torch.from_numpy(m)
     return positions, masks
+
+
+def place_device_trees(trees: dict[int, ScheduledRequest], fb: ForwardBatch) -> None:
+    """Device trees' node tokens and RoPE positions into the step's inputs (device copies:
+    the host never saw the tokens)."""
+    device = [(i, s) for i, s in trees.items() if isinstance(s.spec_tree, DeviceDraftTree)]
+    if not device:
+        return
+    t = device[0][1].spec_tree.trees
+    n = t.num_nodes
+    first = [fb.query_start_loc[i] + s.num_new_tokens for i, s in device]    # node 0's row
+    base = [s.request.num_computed_tokens + s.num_new_tokens - 1 for _, s in device]   # the root's position
+    which = [s.spec_tree.row for _, s in device]
+    first_t, base_t, which_t = long_tensor([first, base, which], fb.input_ids.device)
+    rows = (first_t[:, None] + torch.arange(n, device=first_t.device)).reshape(-1)
+    fb.input_ids[rows] = t.tokens[which_t].reshape(-1)
+    fb.positions[rows] = (base_t[:, None] + t.depths[which_t]).reshape(-1)
 
 
 class ModelRunner:
@@ -180,6 +204,8 @@ class ModelRunner:
         self.num_blocks = 0          # allocate_kv_cache() sizes and allocates the pool
         self.kv_caches: list[torch.Tensor] = []
         self.kv_stack: torch.Tensor | None = None   # the caches' one [L, ...] allocation, when they share one
+        # Device-tree verdicts (ember.spec.device_tree); graphed once the steps are.
+        self._verdict_graphs = GraphedCall(self._device_verdict, device, capture=False)
 
     def allocate_kv_cache(self, extra_bytes_per_token: int = 0, verify_widths: tuple[int, ...] = ()) -> None:
         """Size the KV pool and allocate it, then capture the CUDA graphs (decode, and the
@@ -199,6 +225,7 @@ class ModelRunner:
                                                 self.dtype, self.device, verify_widths,
                                                 self.max_num_batched_tokens)
             self.graph_runner.capture()
+        self._verdict_graphs = GraphedCall(self._device_verdict, self.device, self.graph_runner is not None)
         logger.info("KV pool: %d blocks of %d tokens = %d tokens (%.2f GiB; proposer state beside "
                     "it %.2f GiB)", self.num_blocks, self.block_size, self.num_blocks * self.block_size,
                     self.num_blocks * self._block_bytes() / GiB,
@@ -280,6 +307,7 @@ class ModelRunner:
         positions, masks = tree_layout(trees)
         fb = build_forward_batch([(s.request.block_ids, s.start, s.query_token_ids) for s in scheduled],
                                  self.block_size, self.device, positions, masks)
+        place_device_trees(trees, fb)
         self._fill_pending_inputs(scheduled, fb, previous)
         key = self.graph_runner.key_for(fb) if self.graph_runner is not None else None
         if key is not None:
@@ -298,8 +326,11 @@ class ModelRunner:
             self._verify([scheduled[i] for i in chains],
                          [fb.query_start_loc[i + 1] for i in chains], hidden, result)
         if trees:
-            self._verify_trees([scheduled[i] for i in trees],
-                               [fb.query_start_loc[i + 1] for i in trees], hidden, result)
+            spec, ends = [scheduled[i] for i in trees], [fb.query_start_loc[i + 1] for i in trees]
+            if all(isinstance(s.spec_tree, DeviceDraftTree) for s in spec):
+                self._verify_device_trees(spec, ends, fb, hidden, result)
+            else:
+                self._verify_trees(spec, ends, fb, hidden, result)
         if sampling:
             sampler_out, reqs = self._sample(scheduled, sampling, fb, hidden)
             tokens = sampler_out.sampled_token_ids.tolist()
@@ -432,8 +463,8 @@ class ModelRunner:
                 lp = compute_token_logprobs(lg, torch.tensor(tokens, device=self.device), n_top)
                 result.logprobs[rid] = lp.to_rows()
 
-    def _verify_trees(self, spec: list[ScheduledRequest], ends: list[int], hidden: torch.Tensor,
-                      result: StepResult) -> None:
+    def _verify_trees(self, spec: list[ScheduledRequest], ends: list[int], fb: ForwardBatch,
+                      hidden: torch.Tensor, result: StepResult) -> None:
         """Verify draft trees (ember.spec.tree_rejection) and move the accepted path into
         place: the accepted nodes' K/V (in every layer) and hidden rows go to the slots and
         rows a chain of them would have had, so the request's cache stays consecutive and
@@ -461,7 +492,8 @@ class ModelRunner:
         probs = sampling_probs(logits, sb)
         out = tree_rejection_sample(probs.view(len(spec), width, vocab), [s.spec_tree for s in spec],
                                     None, [s.request.generator for s in spec], greedy=sb.all_greedy)
-        src, dst = [], []
+        src: list[int] = []
+        dst: list[int] = []
         for i, (s, end, tokens, nodes) in enumerate(zip(spec, ends, out.token_ids, out.accepted_nodes)):
             rid = s.request.request_id
             result.sampled[rid] = tokens
@@ -478,23 +510,45 @@ class ModelRunner:
                                             torch.tensor(tokens, device=self.device), n_top)
                 result.logprobs[rid] = lp.to_rows()
         if src:
-            self._move_rows(spec, ends, src, dst, hidden)
+            src_t, dst_t = long_tensor([src, dst], self.device)
+            self._move_rows(src_t, dst_t, fb, hidden)
 
-    def _move_rows(self, spec: list[ScheduledRequest], ends: list[int], src: list[int],
-                   dst: list[int], hidden: torch.Tensor) -> None:
-        """Copy the K/V of forward rows src to the slots of rows dst (same request), in
-        every layer, and the hidden rows likewise (and the aux hidden states, when the
-        model keeps them). A destination never comes after its source and the accepted
-        nodes are in order, so reading all sources first makes the copy safe."""
-        slot_of: dict[int, int] = {}
-        for s, end in zip(spec, ends):
-            r, n = s.request, s.spec_tree.num_nodes
-            first_pos = r.num_computed_tokens + s.num_new_tokens
-            for j in range(n):
-                p = first_pos + j
-                slot_of[end - n + j] = r.block_ids[p // self.block_size] * self.block_size + p % self.block_size
-        src_t, dst_t, src_slots, dst_slots = long_tensor(
-            [src, dst, [slot_of[x] for x in src], [slot_of[x] for x in dst]], self.device)
+    def _verify_device_trees(self, spec: list[ScheduledRequest], ends: list[int], fb: ForwardBatch,
+                             hidden: torch.Tensor, result: StepResult) -> None:
+        """Greedy verification of device trees (ember.spec.device_tree), the accepted paths
+        moved into place, all on the device; one read-back for the emitted tokens."""
+        trees = spec[0].spec_tree.trees
+        n = trees.num_nodes
+        which = [s.spec_tree.row for s in spec]
+        roots = long_tensor([[e - 1 - n for e in ends], which], self.device)
+        root_rows, which_t = roots[0], roots[1]
+        if which != list(range(trees.tokens.shape[0])):
+            trees = trees.rows(which_t)
+        rows = root_rows[:, None] + torch.arange(n + 1, device=self.device)   # [B, N + 1]: root, nodes
+        packed, src, dst = self._verdict_graphs(hidden[rows.reshape(-1)], trees.tokens, trees.parents,
+                                                trees.depths, trees.ancestors, root_rows, depth=trees.depth)
+        self._move_rows(src, dst, fb, hidden)
+        host = packed.tolist()
+        for s, (n_acc, *emitted) in zip(spec, host):
+            rid = s.request.request_id
+            result.sampled[rid] = emitted[:n_acc + 1]
+            result.num_accepted[rid] = n_acc
+
+    def _device_verdict(self, hidden_rows: torch.Tensor,   # [B * (N + 1), H] each tree's root and node rows
+                        tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor,
+                        ancestors: torch.Tensor, root_rows: torch.Tensor, *, depth: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The target's argmax at every row and device_tree.greedy_verdict_tensors (graphed)."""
+        target = greedy_tokens(self.model.compute_logits(hidden_rows)).view(tokens.shape[0], -1)
+        return greedy_verdict_tensors(target, tokens, parents, depths, ancestors, root_rows, depth)
+
+    def _move_rows(self, src_t: torch.Tensor, dst_t: torch.Tensor, fb: ForwardBatch,
+                   hidden: torch.Tensor) -> None:
+        """Copy the K/V of forward rows src_t to the slots of rows dst_t ([n] long, same
+        request each), in every layer, and the hidden rows likewise (and the aux hidden
+        states, when the model keeps them). A destination never comes after its source and
+        the accepted nodes are in order, so reading all sources first makes the copy safe."""
+        src_slots, dst_slots = fb.slot_mapping[src_t], fb.slot_mapping[dst_t]
         layers, stack = self.model.attention_layers(), self.kv_stack
         if stack is not None:   # every layer's K/V in one copy
             layers[0].kv_cache_spec(stack.dtype).copy_slots(stack, src_slots, dst_slots)

@@ -423,6 +423,14 @@ def _sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return (probs / noise).argmax(dim=-1)
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """[rows, vocab] -> [rows] long: each row's argmax, as plain greedy sampling takes it."""
+    if logits.is_cuda:   # a two-pass Triton argmax: torch's reduces a row in one block
+        from ember.layers.triton_argmax import greedy_argmax
+        return greedy_argmax(logits)
+    return logits.argmax(dim=-1)
+
+
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     """Sample one token per row of ``logits`` ([num_seqs, vocab], any float dtype).
 
@@ -434,11 +442,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
             f"({batch.num_seqs}, {batch.vocab_size})."
         )
     if batch.plain_greedy:
-        if logits.is_cuda:   # a two-pass Triton argmax: torch's reduces a row in one block
-            from ember.layers.triton_argmax import greedy_argmax
-            sampled = greedy_argmax(logits)
-        else:
-            sampled = logits.argmax(dim=-1)
+        sampled = greedy_tokens(logits)
     else:
         x = logits.float()  # [num_seqs, vocab]
         if batch.banned is not None:

@@ -30,7 +30,9 @@ class SpeculativeConfig:
         / peagle.
     tree: eagle / peagle only: None drafts chains; {"top_k": children per expanded node,
         "budget": most nodes, "depth": defaults to num_speculative_tokens} drafts EAGLE-2
-        dynamic trees, verified in one target forward with a tree attention mask.
+        dynamic trees, verified in one target forward with a tree attention mask;
+        "device_greedy" (peagle, default true): greedy requests' trees are chosen, verified
+        and kept on the device with one read-back a step (ember.spec.device_tree).
     adaptive: choose k each step from the measured acceptance and batch size (0 = off
         at large batches); False always drafts num_speculative_tokens.
     prompt_lookup_min / prompt_lookup_max: n-gram sizes the ngram proposer matches.
@@ -54,8 +56,8 @@ class SpeculativeConfig:
         if self.tree is not None and not isinstance(self.tree, TreeShape):
             if self.method not in TREE_METHODS:
                 raise ValueError(f'"tree" needs method eagle or peagle, not {self.method!r}')
-            if not isinstance(self.tree, dict) or set(self.tree) - {"depth", "top_k", "budget"}:
-                raise ValueError('"tree" takes {"depth", "top_k", "budget"}')
+            if not isinstance(self.tree, dict) or set(self.tree) - {"depth", "top_k", "budget", "device_greedy"}:
+                raise ValueError('"tree" takes {"depth", "top_k", "budget", "device_greedy"}')
             shape = dict(self.tree)
             shape.setdefault("depth", self.num_speculative_tokens)
             self.num_speculative_tokens = shape["depth"]

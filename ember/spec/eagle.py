@@ -288,7 +288,11 @@ class EagleDrafter(nn.Module):
         if self._token_ids is None or self._token_ids.shape[0] != self.config.draft_vocab_size:
             ids = torch.arange(self.config.draft_vocab_size, device=self.d2t.device)
             self._token_ids = self.to_target_ids(ids).cpu().numpy()
-        return torch.log_softmax(self.compute_logits(o), dim=-1), self._token_ids
+        return self.draft_log_probs(o), self._token_ids
+
+    def draft_log_probs(self, o: torch.Tensor) -> torch.Tensor:
+        """o: [N, H] -> log q [N, draft_vocab] fp32 (draft_logq's, device only)."""
+        return torch.log_softmax(self.compute_logits(o), dim=-1)
 
     def target_logits(self, o: torch.Tensor) -> torch.Tensor:
         """o: [N, H] -> fp32 logits [N, vocab] over the target's vocabulary (-inf for the

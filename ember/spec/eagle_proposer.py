@@ -51,6 +51,7 @@ import torch
 
 from ember.attention.backend import get_attention_backend
 from ember.engine.forward_batch import ForwardBatch, long_tensor
+from ember.engine.graphed_call import GraphedCall
 from ember.engine.model_runner import TargetHiddenStates, build_forward_batch
 from ember.engine.scheduler import ScheduledRequest, SchedulerOutput
 from ember.spec.draft_graphs import DrafterGraphs, pair_inputs
@@ -60,6 +61,13 @@ from ember.spec.drafting import (
     catch_up,
     draw_drafts,
     state_bytes_per_token,
+)
+from ember.spec.device_tree import (
+    MAX_CANDIDATES,
+    DeviceDraftTree,
+    DeviceTrees,
+    num_candidates,
+    product_tree_tensors,
 )
 from ember.spec.eagle import load_eagle
 from ember.spec.proposer import Proposer
@@ -119,6 +127,8 @@ class EagleProposer(Proposer):
     def allocate(self, runner: ModelRunner) -> None:
         self.kv = ProposerKV(self.drafter.attention_layers(), runner)
         self.aux = TargetRows(self.aux_width, runner)
+        # P-EAGLE's device trees: graphed when the target's steps are.
+        self._tree_graphs = GraphedCall(self._tree_tensors, runner.device, runner.graph_runner is not None)
         if runner.graph_runner is not None:   # the target's steps are graphed: the drafter's too
             self.graphs = DrafterGraphs(self.drafter, self.aux, self.backend, runner, self.max_k, self.parallel,
                                         self.tree)
@@ -244,6 +254,9 @@ class EagleProposer(Proposer):
 
     def _trees(self, spec: list[ScheduledRequest], o: torch.Tensor) -> None:
         shapes = [self.tree.for_room(s.num_spec_slots) for s in spec]   # (depth, budget)
+        if self._on_device(spec, shapes):
+            self._device_trees(spec, *shapes[0], o)
+            return
         root_logq, token_ids = self.drafter.draft_logq(o)   # [B, draft vocab], its target tokens
         if self.parallel:
             builders = self._product_trees(spec, shapes, root_logq, token_ids)
@@ -256,6 +269,41 @@ class EagleProposer(Proposer):
             s.spec_tree = tree
             s.spec_token_ids = list(tree.tokens)
             s.spec_probs = None   # deterministic children: one-hot drafts
+
+    def _on_device(self, spec: list[ScheduledRequest], shapes: list[tuple[int, int]]) -> bool:
+        """P-EAGLE trees of one shape for greedy requests whose argmax nothing else changes
+        (no penalties, min_tokens or logprobs): chosen and verified on the device."""
+        depth, budget = shapes[0]
+        return (self.parallel and self.tree.device_greedy and all(sh == shapes[0] for sh in shapes)
+                and num_candidates(depth, self.tree.top_k) <= MAX_CANDIDATES
+                and budget <= num_candidates(depth, self.tree.top_k)
+                and all(s.request.params.greedy and s.request.samples_without_history for s in spec))
+
+    def _device_trees(self, spec: list[ScheduledRequest], depth: int, budget: int,
+                      o: torch.Tensor) -> None:   # o: [B, H] the roots' drafter outputs
+        """Each request's depth d + 2 from its mask row d: the top_k of every depth, and the
+        product tree's best `budget` nodes, all on the device (ember.spec.device_tree), from
+        a captured graph. The host gets placeholder tokens; the runner puts the real ones in."""
+        outputs = [o]
+        if depth > 1:
+            outputs.append(self._mask_outputs(spec, [depth - 1] * len(spec)))   # [B * (D - 1), H]
+        trees = DeviceTrees(*self._tree_graphs(*outputs, top_k=self.tree.top_k, budget=budget), depth=depth)
+        for i, s in enumerate(spec):
+            s.spec_tree = DeviceDraftTree(trees, i)
+            s.spec_token_ids = [0] * budget
+            s.spec_probs = None
+
+    def _tree_tensors(self, o_root: torch.Tensor, o_mask: torch.Tensor | None = None, *, top_k: int,
+                      budget: int) -> tuple[torch.Tensor, ...]:
+        """The roots' [B, H] and mask rows' [B * (D - 1), H] drafter outputs -> the device
+        trees' tensors (ember.spec.device_tree.product_tree_tensors)."""
+        d, (b, h) = self.drafter, o_root.shape
+        o = o_root[:, None] if o_mask is None else torch.cat([o_root[:, None], o_mask.view(b, -1, h)], dim=1)
+        logq = d.draft_log_probs(o.reshape(-1, h)).view(b, o.shape[1], -1)   # [B, D, V']
+        top = logq.topk(min(top_k, logq.shape[-1]), dim=-1)                   # [B, D, K]
+        # A token the draft vocabulary gives q = 0 scores far below any other, not -inf
+        # (sums of -inf would tie and lose the candidates' order).
+        return product_tree_tensors(top.values.clamp(min=-1e30), d.to_target_ids(top.indices), budget)
 
     def _product_trees(self, spec: list[ScheduledRequest], shapes: list[tuple[int, int]],
                        root_logq: torch.Tensor,   # [B, draft vocab]

@@ -90,11 +90,19 @@ def with_root_row(mask: torch.Tensor) -> torch.Tensor:
     """The visibility among a verify step's new tokens: the root (the request's own last
     token) first, then the nodes. [N, N] node mask -> [N + 1, N + 1]: the root sees itself,
     every node sees the root."""
-    n = mask.shape[0]
-    out = torch.zeros((n + 1, n + 1), dtype=torch.bool, device=mask.device)
-    out[:, 0] = True
-    out[1:, 1:] = mask
-    return out
+    return tree_step_mask(mask, 1)
+
+
+def tree_step_mask(ancestors: torch.Tensor, own: int) -> torch.Tensor:
+    """[N, N] bool ancestor mask -> the [own + N, own + N] visibility of a verify step's
+    rows, built where the mask lies: the request's own tokens causal, every node sees them
+    all and its ancestors."""
+    n = ancestors.shape[0]
+    m = torch.zeros((own + n, own + n), dtype=torch.bool, device=ancestors.device)
+    m[:own, :own] = torch.ones((own, own), dtype=torch.bool, device=ancestors.device).tril()
+    m[own:, :own] = True
+    m[own:, own:] = ancestors
+    return m
 
 
 Children = list[tuple[float, int]]   # a node's children: (log q, token) pairs, most likely first
@@ -208,6 +216,9 @@ class TreeShape:
     top_k: int = 4
     budget: int = 16
     level_slots: bool = True   # the drafter's fed nodes live in the slots (EAGLE, not P-EAGLE)
+    # P-EAGLE: greedy requests' trees are chosen, verified and moved into place on the
+    # device, one read-back a step (ember.spec.device_tree); False builds them on the host.
+    device_greedy: bool = True
 
     def __post_init__(self) -> None:
         if self.depth < 1 or self.top_k < 1 or self.budget < self.depth:
