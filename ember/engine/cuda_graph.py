@@ -57,9 +57,11 @@ class CudaGraphRunner:
         n_seqs, n_tok = self.sizes[-1], max(bs * q for bs, q, _ in self.keys)
         max_blocks = -(-max_model_len // block_size)
         # Static inputs: every replay copies the step's values into these.
-        self.input_ids = torch.zeros(n_tok, dtype=torch.long, device=device)
-        self.positions = torch.zeros(n_tok, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((n_tok,), -1, dtype=torch.long, device=device)
+        # Input ids, positions and slots: rows of one tensor, filled by one copy when the
+        # step's are too (ForwardBatch.token_data).
+        self.token_data = torch.zeros((3, n_tok), dtype=torch.long, device=device)
+        self.input_ids, self.positions, self.slot_mapping = self.token_data
+        self.slot_mapping.fill_(-1)
         self.seq_lens = torch.ones(n_seqs, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros((n_seqs, max_blocks), dtype=torch.int32, device=device)
         self.output = torch.zeros((n_tok, hidden_size), dtype=dtype, device=device)
@@ -67,6 +69,9 @@ class CudaGraphRunner:
         self.aux_output: torch.Tensor | None = None
         self.graphs: dict[Key, torch.cuda.CUDAGraph] = {}
         self.batches: dict[Key, ForwardBatch] = {}
+        # Shapes whose static mask buffer holds causal masks only (as captured): a causal
+        # step (a drafter's catch-up) then copies none.
+        self._causal: set[Key] = set()
         self.num_replays: dict[Key, int] = {}
 
     def _static_batch(self, bs: int, q: int, w: int) -> ForwardBatch:
@@ -108,6 +113,8 @@ class CudaGraphRunner:
             fb = self._static_batch(*key)
             self.backend.prepare(fb)    # its metadata tensors are the graph's from now on
             self.batches[key] = fb
+            if key[1] == key[2] > 1:
+                self._causal.add(key)
         if not self.capture_graphs:
             return
         # Every captured row must see a context of at least its mask's width (a masked row
@@ -153,9 +160,12 @@ class CudaGraphRunner:
         bs, q, w = key
         n, t = fb.num_seqs, fb.num_tokens
         width = fb.block_tables.shape[1]
-        self.input_ids[:t].copy_(fb.input_ids)
-        self.positions[:t].copy_(fb.positions)
-        self.slot_mapping[:t].copy_(fb.slot_mapping)
+        if fb.token_data is not None:
+            self.token_data[:, :t].copy_(fb.token_data)
+        else:
+            self.input_ids[:t].copy_(fb.input_ids)
+            self.positions[:t].copy_(fb.positions)
+            self.slot_mapping[:t].copy_(fb.slot_mapping)
         self.seq_lens[:n].copy_(fb.seq_lens)
         self.block_tables[:n, :width].copy_(fb.block_tables)
         if bs > n:  # padding rows: no K/V write, a w-token context
@@ -178,6 +188,13 @@ class CudaGraphRunner:
         q = key[1]
         static = self.batches[key].attn_metadata.tree_mask   # [bs * q * w] int8
         masks = fb.attn_masks or [None] * fb.num_seqs
+        if all(m is None for m in masks):
+            if key not in self._causal:   # every row's, padding included, so it stays causal
+                causal = torch.ones((q, q), dtype=torch.int8, device=static.device).tril()
+                static[:key[0] * q * q].copy_(causal.reshape(-1).repeat(key[0]))
+                self._causal.add(key)
+            return
+        self._causal.discard(key)
         # Built where the step's masks are (the host, from tree_layout): one copy over.
         where = next((m.device for m in masks if m is not None), torch.device("cpu"))
         causal = torch.ones((q, q), dtype=torch.bool, device=where).tril()

@@ -37,6 +37,9 @@ class ForwardBatch:
     # of those each new token sees; every slot before them is visible. Positions then repeat
     # across siblings while slots stay consecutive (ember.spec.tree).
     attn_masks: list[torch.Tensor | None] | None = None
+    # [3, T] long: input_ids, positions and slot_mapping as the rows of one tensor (what
+    # build_forward_batch makes), so a graph replay copies them in one go; None otherwise.
+    token_data: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

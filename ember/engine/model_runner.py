@@ -132,7 +132,8 @@ def build_forward_batch(seqs: list[tuple[list[int], int, list[int]]], block_size
         seq_lens=per_seq[0], seq_lens_list=seq_lens,
         block_tables=torch.from_numpy(tables).to(device, non_blocking=True),
         num_decodes=nd, logits_indices=per_seq[1], block_size=bs,
-        attn_masks=None if not attn_masks else [attn_masks.get(i) for i in range(len(seqs))])
+        attn_masks=None if not attn_masks else [attn_masks.get(i) for i in range(len(seqs))],
+        token_data=tokens_d)
 
 
 def tree_layout(trees: dict[int, ScheduledRequest]
