@@ -92,15 +92,37 @@ def test_probes_after_a_long_off_stretch_only_where_drafts_could_pay() -> None:
     ctl = AdaptiveK(4, probe_every=10)
     feed(ctl, memory_bound, lambda b: 0.2, accept_prob=0.0)    # drafts useless so far
     picks = [ctl.choose(1) for _ in range(30)]
-    assert picks.count(1) == 3 and picks.count(0) == 27          # one probe per 10 steps
+    assert picks.count(4) == 3 and picks.count(0) == 27          # one probe per 10 steps, at the k that pays best
     # Accepted probes bring the estimate (and speculation) back.
     for _ in range(20):
-        ctl.observe_acceptance(1, 1)
+        ctl.observe_acceptance(4, 4)
     assert ctl.choose(1) >= 2
     # Where even 90% acceptance would lose (compute-bound, large batch) it never probes.
     ctl = AdaptiveK(4, probe_every=10)
     feed(ctl, compute_bound, lambda b: 0.1 * b, accept_prob=0.0)
     assert all(ctl.choose(64) == 0 for _ in range(50))
+
+
+def test_a_few_deep_probes_turn_a_costly_but_accurate_tree_on() -> None:
+    """Batch 1 on a GPU: a verify step costs 3.2 plain steps (drafter, tree, host work), so
+    only a deep tree whose drafts are mostly right pays. Off at first (the 0.6 prior says
+    it would not); the probes draft at the depth that would pay and, accepted, turn
+    speculation on within a few probes (a one-draft probe never measures the depths
+    that decide it)."""
+    ctl = AdaptiveK(5, probe_every=8)
+    for _ in range(20):
+        ctl.observe_step(1, 1.0)
+    for _ in range(5):
+        ctl.observe_step(25, 3.2, speculative=True)
+        ctl.observe_draft(1, 0.05)
+    picks = []
+    for _ in range(8 * 6):
+        k = ctl.choose(1)
+        picks.append(k)
+        if k:
+            ctl.observe_acceptance(k, k)   # a drafter this good: every draft accepted
+    assert picks[0] == 0 and picks[7] == 5          # off, then a probe at the full depth
+    assert picks[-8:] == [5] * 8 or picks[-8:].count(5) == 7, picks   # on (one re-timing step in probe_every)
 
 
 def test_off_until_a_plain_step_of_about_the_batch_size_was_timed() -> None:

@@ -21,8 +21,12 @@ corrected, since plain steps are not timed while speculating. At
 large batch the forward is compute-bound (b * B dominates), so the extra k * B verify
 tokens cost about what they gain and k falls to 0; at batch 1 a forward costs about the
 same for 1 or k + 1 tokens and speculation wins whenever drafts get accepted. While off,
-a rare one-draft probe keeps the acceptance estimate current (see `probe_every`), and
-while on, a rare step without drafts keeps the plain step's cost current.
+a rare probe keeps the acceptance estimate current (see `probe_every`): at the k that
+would pay best if drafts were good, so every position's acceptance gets measured (a
+one-draft probe could never show that a deep tree pays where a shallow one does not);
+and while on, a rare step without drafts keeps the plain step's cost current. The
+acceptance average weighs its first observations as a plain mean (the prior counts as
+one), so a few probes replace the prior rather than nudge it.
 
 What a step costs is its share of the engine's wall time: the interval between the end of
 the previous step's apply and the end of its own (ember.spec.step_clock), so both fits
@@ -105,6 +109,7 @@ class AdaptiveK:
         self.margin = margin
         self.ema = ema
         self.accept = [prior_acceptance] * k_max   # conditional acceptance per position
+        self._seen = [1] * k_max                   # observations per position (the prior: one)
         # Prior shapes (rescaled to the first measurements): a step of x tokens costs
         # 1 + x / 64 units, a draft step for B requests 0.2 + B / 256.
         # Steps with drafts and steps without are fitted apart: they may run differently
@@ -120,10 +125,10 @@ class AdaptiveK:
         self._held: tuple[int, float] | None = None
         self._entry: float | None = 0.0
 
-    def expected_tokens(self, k: int) -> float:
+    def expected_tokens(self, k: int, accept: list[float] | None = None) -> float:
         total, alpha = 1.0, 1.0
         for j in range(k):
-            alpha *= self.accept[j]
+            alpha *= (accept or self.accept)[j]
             total += alpha
         return total
 
@@ -151,10 +156,16 @@ class AdaptiveK:
         else:
             self.steps_on = 0
             self.steps_off += 1
-            optimistic = batch_size * 1.9 / self._step_cost(batch_size, 1, plain, spec)
-            if self.steps_off >= self.probe_every and optimistic > base * self.margin:
-                self.steps_off = 0
-                best_k = 1
+            if self.steps_off >= self.probe_every:
+                # Probe at the k that would pay best with drafts accepted 90% of the time,
+                # if any would (never where even good drafts lose).
+                good = [0.9] * self.k_max
+                rates = [batch_size * self.expected_tokens(k, good) / self._step_cost(batch_size, k, plain, spec)
+                         for k in range(1, self.k_max + 1)]
+                probe = max(range(self.k_max), key=lambda i: rates[i])
+                if rates[probe] > base * self.margin:
+                    self.steps_off = 0
+                    best_k = probe + 1
         self.last_k = best_k
         return best_k
 
@@ -173,7 +184,8 @@ class AdaptiveK:
         """Update a_j for the positions this verification reached."""
         for j in range(min(num_drafts, num_accepted + 1)):
             hit = 1.0 if j < num_accepted else 0.0
-            self.accept[j] += self.ema * (hit - self.accept[j])
+            self._seen[j] += 1
+            self.accept[j] += max(self.ema, 1.0 / self._seen[j]) * (hit - self.accept[j])
 
     def observe_step(self, num_tokens: int, seconds: float, speculative: bool = False) -> None:
         (self.target_spec if speculative else self.target).add(num_tokens, seconds)
