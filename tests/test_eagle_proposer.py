@@ -364,11 +364,15 @@ def test_peagle_greedy_trees_are_verified_on_the_device(tiny_llama, drafters, pr
                                                        tree={"top_k": 3, "budget": 12}))
     runner = llm.engine.runner
     ctl = force_k(llm, [4] * 1000)
+    layouts = []
+    inner = runner._verify_device_trees
+    runner._verify_device_trees = lambda *a: (layouts.append(a[-1]), inner(*a))
     on_device = steps_of_calls(runner, "_verify_device_trees", ctl)
     on_host = steps_of_calls(runner, "_verify_trees", ctl)
     tokens, _ = run(llm, prompts)
     assert tokens == reference
     assert len(on_device) > 10 and not on_host
+    assert set(layouts) == {True, False}   # steps of [B, N + 1] rows, and steps in another order
     stats = llm.engine.spec_stats()
     assert stats["num_accepted_tokens"] > 0, stats
     assert_no_leaks(llm.engine)

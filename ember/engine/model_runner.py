@@ -164,6 +164,18 @@ def tree_layout(trees: dict[int, ScheduledRequest]
     return positions, masks
 
 
+def tree_rows_contiguous(trees: dict[int, ScheduledRequest], num_seqs: int) -> bool:
+    """True when a step's sequences are all device trees of one step, in their DeviceTrees
+    rows' order, each its root and nodes: the step's rows are then [B, N + 1] from row 0
+    (the usual drafting step), and placing and verifying index nothing."""
+    if len(trees) != num_seqs or not all(isinstance(s.spec_tree, DeviceDraftTree) for s in trees.values()):
+        return False
+    t = next(iter(trees.values())).spec_tree.trees
+    return (t.tokens.shape[0] == num_seqs
+            and all(s.spec_tree.trees is t and s.spec_tree.row == i and s.num_new_tokens == 1
+                    for i, s in trees.items()))
+
+
 def place_device_trees(trees: dict[int, ScheduledRequest], fb: ForwardBatch) -> None:
     """Device trees' node tokens and RoPE positions into the step's inputs (device copies:
     the host never saw the tokens)."""
@@ -172,6 +184,12 @@ def place_device_trees(trees: dict[int, ScheduledRequest], fb: ForwardBatch) -> 
         return
     t = device[0][1].spec_tree.trees
     n = t.num_nodes
+    if tree_rows_contiguous(trees, fb.num_seqs):
+        b = len(device)
+        fb.input_ids[:b * (n + 1)].view(b, n + 1)[:, 1:] = t.tokens
+        positions = fb.positions[:b * (n + 1)].view(b, n + 1)   # the roots' own positions first
+        positions[:, 1:] = positions[:, :1] + t.depths
+        return
     first = [fb.query_start_loc[i] + s.num_new_tokens for i, s in device]    # node 0's row
     base = [s.request.num_computed_tokens + s.num_new_tokens - 1 for _, s in device]   # the root's position
     which = [s.spec_tree.row for _, s in device]
@@ -329,7 +347,8 @@ class ModelRunner:
         if trees:
             spec, ends = [scheduled[i] for i in trees], [fb.query_start_loc[i + 1] for i in trees]
             if all(isinstance(s.spec_tree, DeviceDraftTree) for s in spec):
-                self._verify_device_trees(spec, ends, fb, hidden, result)
+                self._verify_device_trees(spec, ends, fb, hidden, result,
+                                          tree_rows_contiguous(trees, fb.num_seqs))
             else:
                 self._verify_trees(spec, ends, fb, hidden, result)
         if sampling:
@@ -515,19 +534,24 @@ class ModelRunner:
             self._move_rows(src_t, dst_t, fb, hidden)
 
     def _verify_device_trees(self, spec: list[ScheduledRequest], ends: list[int], fb: ForwardBatch,
-                             hidden: torch.Tensor, result: StepResult) -> None:
+                             hidden: torch.Tensor, result: StepResult, contiguous: bool) -> None:
         """Greedy verification of device trees (ember.spec.device_tree), the accepted paths
-        moved into place, all on the device; one read-back for the emitted tokens."""
+        moved into place, all on the device; one read-back for the emitted tokens.
+        `contiguous` (tree_rows_contiguous): the step's rows are [B, N + 1] from row 0."""
         trees = spec[0].spec_tree.trees
         n = trees.num_nodes
-        which = [s.spec_tree.row for s in spec]
-        roots = long_tensor([[e - 1 - n for e in ends], which], self.device)
-        root_rows, which_t = roots[0], roots[1]
-        if which != list(range(trees.tokens.shape[0])):
-            trees = trees.rows(which_t)
-        rows = root_rows[:, None] + torch.arange(n + 1, device=self.device)   # [B, N + 1]: root, nodes
-        packed, src, dst = self._verdict_graphs(hidden[rows.reshape(-1)], trees.tokens, trees.parents,
-                                                trees.depths, trees.ancestors, root_rows, depth=trees.depth)
+        if contiguous:
+            packed, src, dst = self._verdict_graphs(hidden[:len(spec) * (n + 1)], trees.tokens, trees.parents,
+                                                    trees.depths, trees.ancestors, depth=trees.depth)
+        else:
+            which = [s.spec_tree.row for s in spec]
+            roots = long_tensor([[e - 1 - n for e in ends], which], self.device)
+            root_rows, which_t = roots[0], roots[1]
+            if which != list(range(trees.tokens.shape[0])):
+                trees = trees.rows(which_t)
+            rows = root_rows[:, None] + torch.arange(n + 1, device=self.device)   # [B, N + 1]: root, nodes
+            packed, src, dst = self._verdict_graphs(hidden[rows.reshape(-1)], trees.tokens, trees.parents,
+                                                    trees.depths, trees.ancestors, root_rows, depth=trees.depth)
         self._move_rows(src, dst, fb, hidden)
         host = packed.tolist()
         for s, (n_acc, *emitted) in zip(spec, host):
@@ -537,10 +561,14 @@ class ModelRunner:
 
     def _device_verdict(self, hidden_rows: torch.Tensor,   # [B * (N + 1), H] each tree's root and node rows
                         tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor,
-                        ancestors: torch.Tensor, root_rows: torch.Tensor, *, depth: int
+                        ancestors: torch.Tensor, root_rows: torch.Tensor | None = None, *, depth: int
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The target's argmax at every row and device_tree.greedy_verdict_tensors (graphed)."""
-        target = greedy_tokens(self.model.compute_logits(hidden_rows)).view(tokens.shape[0], -1)
+        """The target's argmax at every row and device_tree.greedy_verdict_tensors (graphed).
+        root_rows [B]: each tree's root row in the step; None: the rows are [B, N + 1]."""
+        b, n = tokens.shape
+        if root_rows is None:
+            root_rows = torch.arange(b, device=tokens.device) * (n + 1)
+        target = greedy_tokens(self.model.compute_logits(hidden_rows)).view(b, -1)
         return greedy_verdict_tensors(target, tokens, parents, depths, ancestors, root_rows, depth)
 
     def _move_rows(self, src_t: torch.Tensor, dst_t: torch.Tensor, fb: ForwardBatch,
