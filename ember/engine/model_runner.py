@@ -222,6 +222,7 @@ class ModelRunner:
         self.graph_runner: CudaGraphRunner | None = None
         self.num_blocks = 0          # allocate_kv_cache() sizes and allocates the pool
         self.kv_caches: list[torch.Tensor] = []
+        self._kv_specs: list = []   # each cache's KVCacheSpec
         self.kv_stack: torch.Tensor | None = None   # the caches' one [L, ...] allocation, when they share one
         # Device-tree verdicts (ember.spec.device_tree); graphed once the steps are.
         self._verdict_graphs = GraphedCall(self._device_verdict, device, capture=False)
@@ -238,6 +239,7 @@ class ModelRunner:
         self.kv_caches = allocate_kv_caches(self.model.attention_layers(), self.num_blocks,
                                             self.block_size, self.dtype, self.device)
         self.kv_stack = kv_stack(self.kv_caches)
+        self._kv_specs = [layer.kv_cache_spec(c.dtype) for layer, c in zip(self.model.attention_layers(), self.kv_caches)]
         if self.device.type == "cuda" and not self.cfg.enforce_eager and self.backend.supports_cuda_graphs:
             self.graph_runner = CudaGraphRunner(self.model, self.backend, self.cfg.max_num_seqs,
                                                 self.max_model_len, self.block_size, mc.hidden_size,
@@ -578,12 +580,11 @@ class ModelRunner:
         states, when the model keeps them). A destination never comes after its source and
         the accepted nodes are in order, so reading all sources first makes the copy safe."""
         src_slots, dst_slots = fb.slot_mapping[src_t], fb.slot_mapping[dst_t]
-        layers, stack = self.model.attention_layers(), self.kv_stack
-        if stack is not None:   # every layer's K/V in one copy
-            layers[0].kv_cache_spec(stack.dtype).copy_slots(stack, src_slots, dst_slots)
+        if self.kv_stack is not None:   # every layer's K/V in one copy
+            self._kv_specs[0].copy_slots(self.kv_stack, src_slots, dst_slots)
         else:
-            for layer, cache in zip(layers, self.kv_caches):
-                layer.kv_cache_spec(cache.dtype).copy_slots(cache, src_slots, dst_slots)
+            for spec, cache in zip(self._kv_specs, self.kv_caches):
+                spec.copy_slots(cache, src_slots, dst_slots)
         hidden[dst_t] = hidden[src_t]
         aux = getattr(self.model.model, "aux_hidden_states", None)
         if aux is not None and aux.shape[0] == hidden.shape[0]:

@@ -185,8 +185,9 @@ def catch_up(kv: ProposerKV, scheduled: list[ScheduledRequest], block_size: int,
         last = [qsl[i] + n - 1 for i, n in enumerate(n_pairs)]
         tail = [qsl[i] + n + j for i, (n, c) in enumerate(zip(n_pairs, extra)) for j in range(c)]
         o = forward(fb)
-        index = long_tensor(last + tail, device)
-        rows = o[index]
+        picked = last + tail
+        # One request (batch 1): its last pair and mask rows are consecutive, a slice.
+        rows = o[picked[0]:picked[0] + len(picked)] if len(spec) == 1 else o[long_tensor(picked, device)]
         return spec, rows[:len(last)], total, rows[len(last):]
     last = None
     done = [start for start, _ in spans]   # per request, its pairs run so far end here
