@@ -125,6 +125,30 @@ def test_a_few_deep_probes_turn_a_costly_but_accurate_tree_on() -> None:
     assert picks[-8:] == [5] * 8 or picks[-8:].count(5) == 7, picks   # on (one re-timing step in probe_every)
 
 
+def test_a_steep_early_verify_fit_does_not_stop_the_probes() -> None:
+    """Batch 1: two early drafting steps timed 2.5 s at 11 tokens and 4.0 s at 16 (noise: a
+    GPU verify costs about the same at either) give the verify fit a slope that prices a
+    25-token tree at 6.7 s, and their drafts did poorly. Probes are still decided at plain
+    prices, so one comes, at the full depth; timed at what it costs (2.2 s) and accepted,
+    a few of them turn speculation on."""
+    ctl = AdaptiveK(5, probe_every=8, slots=lambda k: 5 * k)
+    for _ in range(20):
+        ctl.observe_step(1, 1.0)
+    ctl.observe_step(11, 2.5, speculative=True)
+    ctl.observe_step(16, 4.0, speculative=True)
+    ctl.observe_draft(1, 0.2)
+    ctl.observe_acceptance(3, 0)
+    picks = []
+    for _ in range(8 * 8):
+        k = ctl.choose(1)
+        picks.append(k)
+        if k:
+            ctl.observe_step(5 * k + 1, 2.2, speculative=True)
+            ctl.observe_acceptance(k, k)
+    assert picks[0] == 0 and picks[7] == 5, picks
+    assert picks[-8:].count(5) >= 7, picks
+
+
 def test_off_until_a_plain_step_of_about_the_batch_size_was_timed() -> None:
     """A CPU-like step costs 0.03 + 0.017 s a token (verify steps 0.1 s more). Plain steps
     timed only at 1 and 2 tokens, with noise that makes their line steep: extrapolated to

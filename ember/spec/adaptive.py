@@ -157,10 +157,12 @@ class AdaptiveK:
             self.steps_on = 0
             self.steps_off += 1
             if self.steps_off >= self.probe_every:
-                # Probe at the k that would pay best with drafts accepted 90% of the time,
-                # if any would (never where even good drafts lose).
+                # Probe at the k that would pay best with drafts accepted 90% of the time and
+                # verify tokens at a plain step's price, if any would: never where even good
+                # drafts lose (a compute-bound forward), and not kept off for good by a
+                # verify-cost fit that a few early drafting steps made steep.
                 good = [0.9] * self.k_max
-                rates = [batch_size * self.expected_tokens(k, good) / self._step_cost(batch_size, k, plain, spec)
+                rates = [batch_size * self.expected_tokens(k, good) / self._step_cost(batch_size, k, plain, plain)
                          for k in range(1, self.k_max + 1)]
                 probe = max(range(self.k_max), key=lambda i: rates[i])
                 if rates[probe] > base * self.margin:
