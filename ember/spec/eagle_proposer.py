@@ -35,7 +35,12 @@ from second choices); they are deterministic given the drafter's outputs, so the
 verifier treats each as a one-hot draft and stays exact (ember.spec.tree_rejection).
 K/V written for candidates past the cache's valid part is overwritten by the next catch-up.
 
-Host work. The trees are built on the host (ember.spec.tree.TreeBuilder, on host lists),
+Device trees. P-EAGLE trees for greedy requests (the tree config's `device_greedy`, on by
+default) are chosen on the device from a captured graph (`_tree_tensors`: the best
+`budget` nodes of the product tree, ember.spec.device_tree) and verified there by the
+runner; the host sees placeholder tokens and reads the accepted ones back once a step.
+
+Host work. Otherwise the trees are built on the host (ember.spec.tree.TreeBuilder, on host lists),
 from one topk over all the rows a depth scores, every request's, read back in one copy
 (`top_children`): an EAGLE tree step waits for the device once per depth, a P-EAGLE one
 once (its roots and mask rows together), whatever the batch and the number of nodes. A
