@@ -103,6 +103,20 @@ def test_probes_after_a_long_off_stretch_only_where_drafts_could_pay() -> None:
     assert all(ctl.choose(64) == 0 for _ in range(50))
 
 
+def accepted_batch1_steps(ctl: AdaptiveK, steps: int, spec_seconds: float | None = None) -> list[int]:
+    """ctl.choose(1) for `steps` steps with a drafter whose every draft is accepted; with
+    spec_seconds each drafting step is also timed at that. Returns the k of each step."""
+    picks = []
+    for _ in range(steps):
+        k = ctl.choose(1)
+        picks.append(k)
+        if k:
+            if spec_seconds is not None:
+                ctl.observe_step(ctl.slots(k) + 1, spec_seconds, speculative=True)
+            ctl.observe_acceptance(k, k)
+    return picks
+
+
 def test_a_few_deep_probes_turn_a_costly_but_accurate_tree_on() -> None:
     """Batch 1 on a GPU: a verify step costs 3.2 plain steps (drafter, tree, host work), so
     only a deep tree whose drafts are mostly right pays. Off at first (the 0.6 prior says
@@ -115,12 +129,7 @@ def test_a_few_deep_probes_turn_a_costly_but_accurate_tree_on() -> None:
     for _ in range(5):
         ctl.observe_step(25, 3.2, speculative=True)
         ctl.observe_draft(1, 0.05)
-    picks = []
-    for _ in range(8 * 6):
-        k = ctl.choose(1)
-        picks.append(k)
-        if k:
-            ctl.observe_acceptance(k, k)   # a drafter this good: every draft accepted
+    picks = accepted_batch1_steps(ctl, 8 * 6)
     assert picks[0] == 0 and picks[7] == 5          # off, then a probe at the full depth
     assert picks[-8:] == [5] * 8 or picks[-8:].count(5) == 7, picks   # on (one re-timing step in probe_every)
 
@@ -138,13 +147,7 @@ def test_a_steep_early_verify_fit_does_not_stop_the_probes() -> None:
     ctl.observe_step(16, 4.0, speculative=True)
     ctl.observe_draft(1, 0.2)
     ctl.observe_acceptance(3, 0)
-    picks = []
-    for _ in range(8 * 8):
-        k = ctl.choose(1)
-        picks.append(k)
-        if k:
-            ctl.observe_step(5 * k + 1, 2.2, speculative=True)
-            ctl.observe_acceptance(k, k)
+    picks = accepted_batch1_steps(ctl, 8 * 8, spec_seconds=2.2)
     assert picks[0] == 0 and picks[7] == 5, picks
     assert picks[-8:].count(5) >= 7, picks
 
