@@ -8,7 +8,12 @@ import itertools
 import pytest
 import torch
 
-from ember.spec.device_tree import build_product_trees, chain_moves, greedy_accept, num_candidates
+from ember.spec.device_tree import (
+    build_product_trees,
+    chain_moves,
+    greedy_accept,
+    num_candidates,
+)
 from ember.spec.tree import ancestor_mask_np
 
 

@@ -8,18 +8,36 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ember.cache.kv_spec import allocate_kv_caches, kv_bytes_per_token, kv_stack
+from ember.cache.kv_spec import (
+    KVCacheSpec,
+    allocate_kv_caches,
+    kv_bytes_per_token,
+    kv_stack,
+)
 from ember.config import EngineConfig, ModelConfig
 from ember.engine.cuda_graph import CudaGraphRunner
 from ember.engine.forward_batch import ForwardBatch, long_tensor
 from ember.engine.graphed_call import GraphedCall
-from ember.engine.scheduler import SchedulerOutput, ScheduledRequest
+from ember.engine.scheduler import ScheduledRequest, SchedulerOutput
 from ember.layers.layer_ops import get_layer_ops
-from ember.layers.sampler import (RowLogprobs, Sampler, SamplerOutput, SamplingBatch, SamplingRow,
-                                  compute_token_logprobs, greedy_tokens, sampling_probs)
+from ember.layers.sampler import (
+    RowLogprobs,
+    Sampler,
+    SamplerOutput,
+    SamplingBatch,
+    SamplingRow,
+    compute_token_logprobs,
+    greedy_tokens,
+    sampling_probs,
+)
 from ember.models.loader import ModelSource, build_model
 from ember.models.registry import attention_backend_for
-from ember.spec.device_tree import DeviceDraftTree, greedy_verdict_tensors
+from ember.spec.device_tree import (
+    DeviceDraftTree,
+    greedy_verdict_tensors,
+    place_device_trees,
+    tree_rows_contiguous,
+)
 from ember.spec.rejection import VerifyOutput, greedy_verify, rejection_sample
 from ember.spec.tree import ancestor_mask_np, tree_step_mask
 from ember.spec.tree_rejection import tree_rejection_sample
@@ -164,41 +182,6 @@ def tree_layout(trees: dict[int, ScheduledRequest]
     return positions, masks
 
 
-def tree_rows_contiguous(trees: dict[int, ScheduledRequest], num_seqs: int) -> bool:
-    """True when a step's sequences are all device trees of one step, in their DeviceTrees
-    rows' order, each its root and nodes: the step's rows are then [B, N + 1] from row 0
-    (the usual drafting step), and placing and verifying index nothing."""
-    if len(trees) != num_seqs or not all(isinstance(s.spec_tree, DeviceDraftTree) for s in trees.values()):
-        return False
-    t = next(iter(trees.values())).spec_tree.trees
-    return (t.tokens.shape[0] == num_seqs
-            and all(s.spec_tree.trees is t and s.spec_tree.row == i and s.num_new_tokens == 1
-                    for i, s in trees.items()))
-
-
-def place_device_trees(trees: dict[int, ScheduledRequest], fb: ForwardBatch) -> None:
-    """Device trees' node tokens and RoPE positions into the step's inputs (device copies:
-    the host never saw the tokens)."""
-    device = [(i, s) for i, s in trees.items() if isinstance(s.spec_tree, DeviceDraftTree)]
-    if not device:
-        return
-    t = device[0][1].spec_tree.trees
-    n = t.num_nodes
-    if tree_rows_contiguous(trees, fb.num_seqs):
-        b = len(device)
-        fb.input_ids[:b * (n + 1)].view(b, n + 1)[:, 1:] = t.tokens
-        positions = fb.positions[:b * (n + 1)].view(b, n + 1)   # the roots' own positions first
-        positions[:, 1:] = positions[:, :1] + t.depths
-        return
-    first = [fb.query_start_loc[i] + s.num_new_tokens for i, s in device]    # node 0's row
-    base = [s.request.num_computed_tokens + s.num_new_tokens - 1 for _, s in device]   # the root's position
-    which = [s.spec_tree.row for _, s in device]
-    first_t, base_t, which_t = long_tensor([first, base, which], fb.input_ids.device)
-    rows = (first_t[:, None] + torch.arange(n, device=first_t.device)).reshape(-1)
-    fb.input_ids[rows] = t.tokens[which_t].reshape(-1)
-    fb.positions[rows] = (base_t[:, None] + t.depths[which_t]).reshape(-1)
-
-
 class ModelRunner:
     """Owns the model, the KV pool and the sampler on one device."""
 
@@ -222,7 +205,7 @@ class ModelRunner:
         self.graph_runner: CudaGraphRunner | None = None
         self.num_blocks = 0          # allocate_kv_cache() sizes and allocates the pool
         self.kv_caches: list[torch.Tensor] = []
-        self._kv_specs: list = []   # each cache's KVCacheSpec
+        self._kv_specs: list[KVCacheSpec] = []   # each cache's layout
         self.kv_stack: torch.Tensor | None = None   # the caches' one [L, ...] allocation, when they share one
         # Device-tree verdicts (ember.spec.device_tree); graphed once the steps are.
         self._verdict_graphs = GraphedCall(self._device_verdict, device, capture=False)

@@ -28,9 +28,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+from ember.engine.forward_batch import ForwardBatch, long_tensor
+
+if TYPE_CHECKING:
+    from ember.engine.scheduler import ScheduledRequest
 
 MAX_CANDIDATES = 1 << 17   # a bigger (depth, top_k) drafts on the host
 
@@ -178,7 +184,6 @@ def greedy_accept(trees: DeviceTrees,
                   target: torch.Tensor,   # [B, N + 1] long: the target's argmax at the root, then at each node
                   ) -> GreedyVerdict:
     """The longest path whose every token is the target's argmax at its parent."""
-    b, n = trees.tokens.shape
     depth = trees.depth
     at_parent = target.gather(1, trees.parents + 1)                          # [B, N]
     wrong = (trees.tokens != at_parent).float()
@@ -215,9 +220,43 @@ def chain_moves(verdict: GreedyVerdict, root_rows: torch.Tensor   # [B] long: ea
     """Rows to copy (src, dst), [B * D] each: the node accepted at depth d + 1 to the row
     d + 1 after the root (where a chain keeps it); depths past the accepted path copy a
     row onto itself, so the shapes never depend on the verdict."""
-    b, depth = verdict.path.shape
+    depth = verdict.path.shape[1]
     steps = torch.arange(depth, device=root_rows.device)[None, :]
     dst = root_rows[:, None] + 1 + steps
     src = torch.where(steps < verdict.num_accepted[:, None], root_rows[:, None] + 1 + verdict.path, dst)
     return src.reshape(-1), dst.reshape(-1)
 
+
+def tree_rows_contiguous(trees: dict[int, ScheduledRequest], num_seqs: int) -> bool:
+    """True when a step's sequences are all device trees of one step, in their DeviceTrees
+    rows' order, each its root and nodes: the step's rows are then [B, N + 1] from row 0
+    (the usual drafting step), and placing and verifying index nothing."""
+    if len(trees) != num_seqs or not all(isinstance(s.spec_tree, DeviceDraftTree) for s in trees.values()):
+        return False
+    t = next(iter(trees.values())).spec_tree.trees
+    return (t.tokens.shape[0] == num_seqs
+            and all(s.spec_tree.trees is t and s.spec_tree.row == i and s.num_new_tokens == 1
+                    for i, s in trees.items()))
+
+
+def place_device_trees(trees: dict[int, ScheduledRequest], fb: ForwardBatch) -> None:
+    """Device trees' node tokens and RoPE positions into the step's inputs (device copies:
+    the host never saw the tokens)."""
+    device = [(i, s) for i, s in trees.items() if isinstance(s.spec_tree, DeviceDraftTree)]
+    if not device:
+        return
+    t = device[0][1].spec_tree.trees
+    n = t.num_nodes
+    if tree_rows_contiguous(trees, fb.num_seqs):
+        b = len(device)
+        fb.input_ids[:b * (n + 1)].view(b, n + 1)[:, 1:] = t.tokens
+        positions = fb.positions[:b * (n + 1)].view(b, n + 1)   # the roots' own positions first
+        positions[:, 1:] = positions[:, :1] + t.depths
+        return
+    first = [fb.query_start_loc[i] + s.num_new_tokens for i, s in device]    # node 0's row
+    base = [s.request.num_computed_tokens + s.num_new_tokens - 1 for _, s in device]   # the root's position
+    which = [s.spec_tree.row for _, s in device]
+    first_t, base_t, which_t = long_tensor([first, base, which], fb.input_ids.device)
+    rows = (first_t[:, None] + torch.arange(n, device=first_t.device)).reshape(-1)
+    fb.input_ids[rows] = t.tokens[which_t].reshape(-1)
+    fb.positions[rows] = (base_t[:, None] + t.depths[which_t]).reshape(-1)

@@ -59,6 +59,13 @@ from ember.engine.forward_batch import ForwardBatch, long_tensor
 from ember.engine.graphed_call import GraphedCall
 from ember.engine.model_runner import TargetHiddenStates, build_forward_batch
 from ember.engine.scheduler import ScheduledRequest, SchedulerOutput
+from ember.spec.device_tree import (
+    MAX_CANDIDATES,
+    DeviceDraftTree,
+    DeviceTrees,
+    num_candidates,
+    product_tree_tensors,
+)
 from ember.spec.draft_graphs import DrafterGraphs, pair_inputs
 from ember.spec.drafting import (
     ProposerKV,
@@ -66,13 +73,6 @@ from ember.spec.drafting import (
     catch_up,
     draw_drafts,
     state_bytes_per_token,
-)
-from ember.spec.device_tree import (
-    MAX_CANDIDATES,
-    DeviceDraftTree,
-    DeviceTrees,
-    num_candidates,
-    product_tree_tensors,
 )
 from ember.spec.eagle import load_eagle
 from ember.spec.proposer import Proposer
