@@ -179,6 +179,25 @@ def test_stays_on_where_the_mean_pays_despite_per_request_noise() -> None:
     assert on >= 0.9 * 1200, on
 
 
+def test_batch_1_speculation_does_not_price_batch_64_verify_steps() -> None:
+    """A server alternating batch 1 (a deep tree pays: verify 2.2 ms at 25 tokens, plain
+    0.86 ms) and batch 64 (plain 1.6 ms; 1,600 verify tokens cost ~15 ms). Hundreds of
+    batch-1 drafting steps leave the verify fit flat in tokens (lone probes of fewer
+    tokens cost more, their pipeline transitions charged to them); at batch 64 the plain
+    steps' own fit must keep it off."""
+    ctl = AdaptiveK(5, slots=lambda k: min(24, max(k, -(-24 * k // 5))), forwards=lambda k: 1)
+    for _ in range(30):
+        ctl.observe_step(1, 0.00086)
+        ctl.observe_step(64, 0.0016)
+    for i in range(300):   # steady full trees, and now and then a lone shallow probe, which
+        x = 25 if i % 10 else 4 + i % 20   # pays the pipeline's transitions: slope <= 0
+        ctl.observe_step(x, 0.0022 if x == 25 else 0.0030, speculative=True)
+        ctl.observe_draft(1, 0.0003)
+        ctl.observe_acceptance(5, 4)
+    assert ctl.choose(1) >= 4
+    assert ctl.choose(64) == 0
+
+
 def test_off_until_a_plain_step_of_about_the_batch_size_was_timed() -> None:
     """A CPU-like step costs 0.03 + 0.017 s a token (verify steps 0.1 s more). Plain steps
     timed only at 1 and 2 tokens, with noise that makes their line steep: extrapolated to

@@ -175,7 +175,12 @@ class AdaptiveK:
         return best_k
 
     def _step_cost(self, batch_size: int, k: int, plain: _LinearFit, spec: _LinearFit) -> float:
-        t = spec(batch_size * (self.slots(k) + 1)) + self.forwards(k) * self._draft_step(batch_size, plain)
+        # A verify step of x tokens costs at least a plain step of x tokens: the plain fit
+        # (timed at every batch size served) bounds a verify fit that has seen one batch
+        # size only (hundreds of batch-1 drafting steps make it flat, and extrapolated to
+        # batch 64 it priced 1,600 verify tokens like 25).
+        x = batch_size * (self.slots(k) + 1)
+        t = max(spec(x), self.target(x)) + self.forwards(k) * self._draft_step(batch_size, plain)
         return max(t, 1e-12)
 
     def _draft_step(self, batch_size: int, target: _LinearFit) -> float:
