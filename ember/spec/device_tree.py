@@ -11,14 +11,16 @@ so the chosen set holds every chosen node's ancestors, and in candidate order it
 topological.
 
 For a greedy request the whole step then stays on the device: the tree's tokens go into
-the verify forward's inputs by a device copy (`place`), the target's argmax at the root
+the verify forward's inputs by a device copy (`place_device_trees`), the target's argmax at the root
 and at each node decides the accepted path (`greedy_accept`: a node is accepted when its
 token is its parent's argmax and its parent is accepted; siblings hold distinct tokens,
 so at most one node per depth is), and the accepted nodes' K/V and hidden rows move to
 the rows a chain would have had, by fixed-shape copies (a path shorter than the depth
 copies rows onto themselves). One read-back a step brings the emitted tokens home,
 against two (the drafts, then the verdict) when the host builds the tree
-(ember.spec.tree.TreeBuilder).
+(ember.spec.tree.TreeBuilder). The selection (the proposer's) and the verdict (the
+runner's) are pure functions of fixed-shape tensors, replayed from CUDA graphs
+(ember.engine.graphed_call).
 
 This is the same selection as a TreeBuilder over the product tree with no per-depth
 feeding limit (every candidate of a depth may get children), so it can only choose paths
