@@ -1,7 +1,7 @@
 """Where the time of one speculative decoding step goes (EAGLE / P-EAGLE chains and trees).
 
     PYTHONPATH=$PWD python3 bench/profile_spec_step.py [--batch-sizes 1 8] \
-        [--variants none none-eager eagle-tree-k3 peagle-tree-k3 peagle-k3]
+        [--variants none none-eager eagle-tree-k3 peagle-tree-k3 peagle-hosttree-k3 peagle-k3]
 
 The target is SmolLM2-135M's shape with dummy bf16 weights (bench/configs/smollm2-135m); the
 drafters are random EAGLE-3 / P-EAGLE networks of the real drafters' shape (draft vocabulary
@@ -14,7 +14,9 @@ output tokens); each block then reports the tokens a step emitted. Per variant a
     asynchronous, so a phase's time is its launches plus any wait for the device inside it);
 (b) a few steps under torch.profiler: device ms per step (the sum of kernel times), kernel
     launches per step, and host-device syncs (cudaStreamSynchronize / DtoH copies) per step.
-`none` is plain decoding with CUDA graphs; `none-eager` the same without graphs.
+`none` is plain decoding with CUDA graphs; `none-eager` the same without graphs;
+`peagle-hosttree-kN` builds P-EAGLE's greedy trees on the host (`"device_greedy": false`).
+`--tree-block-m / --tree-block-n / --tree-warps` override the Triton tree kernel's tiles.
 """
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ from held-out passages. A variant is `none`, `METHOD-adaptive` (adaptive k up to
 
   OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/spec_decode_interleaved.py [--batch-sizes 1,8] \
       [--repeats 2] [--variants none,ngram-adaptive,draft-adaptive] [--draft DIR] [--mtp DIR]
-      [--eagle DIR --peagle DIR]   (variants eagle-k3, eagle-tree-adaptive, peagle-tree-k3, ...)
+      [--eagle DIR --peagle DIR]   (variants eagle-k3, eagle-tree-adaptive, peagle-tree-k3, ...;
+      peagle-hosttree-kN: P-EAGLE trees built on the host even for greedy requests)
 """
 import argparse
 import os
