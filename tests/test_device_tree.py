@@ -12,6 +12,7 @@ from ember.spec.device_tree import (
     build_product_trees,
     chain_moves,
     greedy_accept,
+    greedy_verdict_tensors,
     num_candidates,
 )
 from ember.spec.tree import ancestor_mask_np
@@ -95,6 +96,12 @@ def test_greedy_accept_is_the_tree_walk(seed) -> None:
     verdict = greedy_accept(trees, target)
     root_rows = torch.tensor([0, 20, 40, 60, 80])
     src, dst = chain_moves(verdict, root_rows)
+    # The graphed form: one packed tensor for the host (deepest node, accepted, emitted).
+    packed, src2, dst2 = greedy_verdict_tensors(target, trees.tokens, trees.parents, trees.depths,
+                                                trees.ancestors, root_rows, depth)
+    assert torch.equal(packed[:, 0], trees.depths.max(dim=1).values)
+    assert torch.equal(packed[:, 1], verdict.num_accepted) and torch.equal(packed[:, 2:], verdict.emitted)
+    assert torch.equal(src2, src) and torch.equal(dst2, dst)
     lengths = set()
     for i in range(b):
         toks, parents, tgt = trees.tokens[i].tolist(), trees.parents[i].tolist(), target[i].tolist()

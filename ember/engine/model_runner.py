@@ -539,10 +539,11 @@ class ModelRunner:
                                                     trees.depths, trees.ancestors, root_rows, depth=trees.depth)
         self._move_rows(src, dst, fb, hidden)
         host = packed.tolist()
-        for s, (n_acc, *emitted) in zip(spec, host):
+        for s, (deepest, n_acc, *emitted) in zip(spec, host):
             rid = s.request.request_id
             result.sampled[rid] = emitted[:n_acc + 1]
             result.num_accepted[rid] = n_acc
+            s.spec_tree.deepest = deepest
 
     def _device_verdict(self, hidden_rows: torch.Tensor,   # [B * (N + 1), H] each tree's root and node rows
                         tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor,

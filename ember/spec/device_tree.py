@@ -111,6 +111,7 @@ class DeviceDraftTree:
 
     trees: DeviceTrees
     row: int
+    deepest: int | None = None   # its deepest node's depth, once read back with the verdict
 
     @property
     def num_nodes(self) -> int:
@@ -118,8 +119,9 @@ class DeviceDraftTree:
 
     @property
     def max_depth(self) -> int:
-        """The depth drafted to (statistics count acceptance per depth up to it)."""
-        return self.trees.depth
+        """Its deepest node's depth (the depth drafted to before the verdict): statistics
+        and adaptive k count acceptance per depth up to it, as for a host tree."""
+        return self.deepest if self.deepest is not None else self.trees.depth
 
 
 def build_product_trees(logq_top: torch.Tensor,   # [B, D, K] fp32: each depth's top_k log q, best first
@@ -210,11 +212,13 @@ def greedy_verdict_tensors(target: torch.Tensor,      # [B, N + 1] long: greedy_
                            root_rows: torch.Tensor,   # [B] long: each request's root row
                            depth: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """greedy_accept and chain_moves as one tuple (what a captured graph returns):
-    ([B, D + 2] num_accepted then emitted, the rows to copy src [B * D], dst [B * D])."""
+    ([B, D + 3] the tree's deepest node's depth, num_accepted, then emitted; the rows to
+    copy src [B * D], dst [B * D])."""
     trees = DeviceTrees(tokens, parents, depths, ancestors, ancestors, depth)   # step_masks unused
     verdict = greedy_accept(trees, target)
     src, dst = chain_moves(verdict, root_rows)
-    return torch.cat([verdict.num_accepted[:, None], verdict.emitted], dim=1), src, dst
+    deepest = depths.max(dim=1).values[:, None]
+    return torch.cat([deepest, verdict.num_accepted[:, None], verdict.emitted], dim=1), src, dst
 
 
 def chain_moves(verdict: GreedyVerdict, root_rows: torch.Tensor   # [B] long: each request's root row
