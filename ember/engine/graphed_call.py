@@ -19,6 +19,8 @@ Key = tuple[Any, ...]
 
 
 class GraphedCall:
+    """`fn` behind a cache of CUDA graphs, one per input signature (see the module docstring)."""
+
     def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]], device: torch.device,
                  capture: bool = True, max_graphs: int = 64) -> None:
         self.fn = fn

@@ -180,7 +180,7 @@ class AdaptiveK:
         # size only (hundreds of batch-1 drafting steps make it flat, and extrapolated to
         # batch 64 it priced 1,600 verify tokens like 25).
         x = batch_size * (self.slots(k) + 1)
-        t = max(spec(x), self.target(x)) + self.forwards(k) * self._draft_step(batch_size, plain)
+        t = max(spec(x), plain(x)) + self.forwards(k) * self._draft_step(batch_size, plain)
         return max(t, 1e-12)
 
     def _draft_step(self, batch_size: int, target: _LinearFit) -> float:
