@@ -70,8 +70,12 @@ def spec_config(method: str, args: argparse.Namespace, adaptive: bool) -> dict |
 
 
 def make_llm(args: argparse.Namespace, spec: dict | None) -> LLM:
+    # Room past the last token for a full draft (a tree's budget): a request's last steps
+    # then draft the shapes every other step does (a context cut to the output would shrink
+    # them: new shapes, eager verify steps, captures).
+    room = max(getattr(args, "tree_budget", 0) or 0, getattr(args, "k", 0) or 0) + 1
     return LLM(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
-               max_model_len=args.prompt_len + max(args.output_len, args.quality_output_len) + 16,
+               max_model_len=args.prompt_len + max(args.output_len, args.quality_output_len) + 16 + room,
                max_num_seqs=256,
                speculative_config=spec, enforce_eager=args.enforce_eager,
                gpu_memory_utilization=args.gpu_memory_utilization)
