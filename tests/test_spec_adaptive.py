@@ -179,6 +179,50 @@ def test_stays_on_where_the_mean_pays_despite_per_request_noise() -> None:
     assert on >= 0.9 * 1200, on
 
 
+TOP4_48 = dict(slots=lambda k: max(k, min(-(-48 * k // 6), 4 + (k - 1) * 16)), forwards=lambda k: min(k, 1))
+
+
+def probe_run(ctl: AdaptiveK, steps: int, plain_s: float, verify_s: float) -> list[int]:
+    """Batch-1 steps: plain ones timed at plain_s, drafting ones at verify_s with every
+    draft accepted. Returns each step's k."""
+    picks = []
+    for _ in range(steps):
+        k = ctl.choose(1)
+        picks.append(k)
+        if k:
+            ctl.observe_step(ctl.slots(k) + 1, verify_s, speculative=True)
+            ctl.observe_acceptance(k, k)
+        else:
+            ctl.observe_step(1, plain_s)
+    return picks
+
+
+def test_a_noisy_warm_up_slope_does_not_price_probes_out() -> None:
+    """The H200, batch 1, depth-6 / 48-node trees (a 49-token verify at 2.5 ms, plain 1.07
+    ms): the plain fit starts from warm-up steps of 1 and 2 tokens whose noise gives a
+    slope of 0.5 ms a token, 25 ms at 49 tokens. Probes are priced no further out than the
+    plain steps timed, so one comes at the full depth, and speculation turns on."""
+    ctl = AdaptiveK(6, **TOP4_48)
+    for _ in range(10):
+        ctl.observe_step(1, 0.00107)
+        ctl.observe_step(2, 0.00157)
+    picks = probe_run(ctl, 300, 0.00107, 0.0025)
+    assert 6 in picks[:80], picks[:80]
+    assert picks[-50:].count(6) >= 45, picks[-50:]
+
+
+def test_a_deep_probe_measured_dear_stops_the_probes() -> None:
+    """A CPU, batch 1: plain steps 90 ms, a 49-token verify 0.9 s. One probe at the full
+    depth (not measured yet, it is priced like a few plain tokens) shows it; the next
+    probes are priced at what it cost, and there are none."""
+    ctl = AdaptiveK(6, **TOP4_48)
+    for _ in range(10):
+        ctl.observe_step(1, 0.09)
+        ctl.observe_step(2, 0.16)
+    picks = probe_run(ctl, 640, 0.09, 0.9)
+    assert sum(1 for k in picks if k) <= 2, [k for k in picks if k]
+
+
 def test_batch_1_speculation_does_not_price_batch_64_verify_steps() -> None:
     """A server alternating batch 1 (a deep tree pays: verify 2.2 ms at 25 tokens, plain
     0.86 ms) and batch 64 (plain 1.6 ms; 1,600 verify tokens cost ~15 ms). Hundreds of

@@ -47,14 +47,17 @@ from typing import Callable
 class _LinearFit:
     """Exponentially weighted least squares fit y = a + b x."""
 
-    def __init__(self, decay: float, prior_a: float, prior_b: float) -> None:
+    def __init__(self, decay: float, prior_a: float, prior_b: float, min_spread: float = 0.0) -> None:
         self.decay = decay
+        self.min_spread = min_spread   # past its data, the slope is trusted once x spans this
         self.s = [0.0] * 5   # sum w, w x, w y, w x^2, w x y
         self.prior = (prior_a, prior_b)
+        self.x_min, self.x_max = float("inf"), 0.0   # the range of x observed
 
     def add(self, x: float, y: float) -> None:
         s = [v * self.decay for v in self.s]
         self.s = [s[0] + 1, s[1] + x, s[2] + y, s[3] + x * x, s[4] + x * y]
+        self.x_min, self.x_max = min(self.x_min, x), max(self.x_max, x)
 
     def coef(self) -> tuple[float, float]:
         w, sx, sy, sxx, sxy = self.s
@@ -77,6 +80,11 @@ class _LinearFit:
 
     def __call__(self, x: float) -> float:
         a, b = self.coef()
+        if self.has_data and x > self.x_max and self.x_max - self.x_min < self.min_spread:
+            # Past x observed only within a few tokens: the prior's shape from the largest
+            # x observed instead of their slope.
+            a0, b0 = self.prior
+            return (a + b * self.x_max) * (a0 + b0 * x) / (a0 + b0 * self.x_max)
         return a + b * x
 
 
@@ -117,7 +125,10 @@ class AdaptiveK:
         # 1 + x / 64 units, a draft step for B requests 0.2 + B / 256.
         # Steps with drafts and steps without are fitted apart: they may run differently
         # (on CUDA a plain decode step replays a CUDA graph, a verify step runs eagerly).
-        self.target = _LinearFit(0.97, 1.0, 1.0 / 64)        # steps without drafts
+        # The plain fit's slope is trusted past its data only once its steps span 8 tokens:
+        # batch-1 and -2 decode steps differ by noise, and that slope, stretched to a
+        # 49-token verify as its lower bound, said 25 ms where 1.1 was true (the H200).
+        self.target = _LinearFit(0.97, 1.0, 1.0 / 64, min_spread=8)   # steps without drafts
         self.target_spec = _LinearFit(0.97, 1.0, 1.0 / 64)   # steps with drafts
         self.draft = _LinearFit(0.97, 0.2, 1.0 / 256)
         self.plain_max_tokens = 0   # the largest step without drafts timed so far
@@ -165,7 +176,7 @@ class AdaptiveK:
                 # drafts lose (a compute-bound forward), and not kept off for good by a
                 # verify-cost fit that a few early drafting steps made steep.
                 good = [0.9] * self.k_max
-                rates = [batch_size * self.expected_tokens(k, good) / self._step_cost(batch_size, k, plain, plain)
+                rates = [batch_size * self.expected_tokens(k, good) / self._probe_cost(batch_size, k)
                          for k in range(1, self.k_max + 1)]
                 probe = max(range(self.k_max), key=lambda i: rates[i])
                 if rates[probe] > base * self.margin:
@@ -182,6 +193,14 @@ class AdaptiveK:
         x = batch_size * (self.slots(k) + 1)
         t = max(spec(x), plain(x)) + self.forwards(k) * self._draft_step(batch_size, plain)
         return max(t, 1e-12)
+
+    def _probe_cost(self, batch_size: int, k: int) -> float:
+        """A probe's price: where verify steps this large were timed, what they cost (a
+        CPU's 49-token verify at ten plain steps: no more probes); where not, a plain step
+        of as many tokens (a probe is how the cost gets measured)."""
+        x = batch_size * (self.slots(k) + 1)
+        measured = self.target_spec.has_data and self.target_spec.x_max >= x
+        return self._step_cost(batch_size, k, self.target, self.target_spec if measured else self.target)
 
     def _draft_step(self, batch_size: int, target: _LinearFit) -> float:
         """Seconds per draft step; before any is measured, a tenth of a target step (the
