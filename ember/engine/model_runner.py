@@ -311,7 +311,8 @@ class ModelRunner:
         positions, masks = tree_layout(trees)
         fb = build_forward_batch([(s.request.block_ids, s.start, s.query_token_ids) for s in scheduled],
                                  self.block_size, self.device, positions, masks)
-        place_device_trees(trees, fb)
+        contiguous = tree_rows_contiguous(trees, fb.num_seqs)   # a step of [B, N + 1] device-tree rows
+        place_device_trees(trees, fb, contiguous)
         self._fill_pending_inputs(scheduled, fb, previous)
         key = self.graph_runner.key_for(fb) if self.graph_runner is not None else None
         if key is not None:
@@ -332,8 +333,7 @@ class ModelRunner:
         if trees:
             spec, ends = [scheduled[i] for i in trees], [fb.query_start_loc[i + 1] for i in trees]
             if all(isinstance(s.spec_tree, DeviceDraftTree) for s in spec):
-                self._verify_device_trees(spec, ends, fb, hidden, result,
-                                          tree_rows_contiguous(trees, fb.num_seqs))
+                self._verify_device_trees(spec, ends, fb, hidden, result, contiguous)
             else:
                 self._verify_trees(spec, ends, fb, hidden, result)
         if sampling:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ember.engine.forward_batch import ForwardBatch, long_tensor
+from ember.spec.tree import tree_step_mask
 
 if TYPE_CHECKING:
     from ember.engine.scheduler import ScheduledRequest
@@ -154,10 +155,7 @@ def product_tree_tensors(logq_top: torch.Tensor, tokens_top: torch.Tensor, budge
     last_col = c_cols[chosen].gather(2, (depths - 1)[..., None]).squeeze(-1)  # [B, N]: d * K + rank
     tokens = tokens_top.reshape(b, -1).gather(1, last_col)
     ancestors = _ancestors(parents, depth)
-    step_masks = torch.zeros((b, budget + 1, budget + 1), dtype=torch.bool, device=dev)
-    step_masks[:, :, 0] = True   # the root: seen by every node
-    step_masks[:, 1:, 1:] = ancestors
-    return tokens, parents, depths, ancestors, step_masks
+    return tokens, parents, depths, ancestors, tree_step_mask(ancestors, 1)
 
 
 def _ancestors(parents: torch.Tensor, depth: int) -> torch.Tensor:
@@ -245,15 +243,15 @@ def tree_rows_contiguous(trees: dict[int, ScheduledRequest], num_seqs: int) -> b
                     for i, s in trees.items()))
 
 
-def place_device_trees(trees: dict[int, ScheduledRequest], fb: ForwardBatch) -> None:
+def place_device_trees(trees: dict[int, ScheduledRequest], fb: ForwardBatch, contiguous: bool) -> None:
     """Device trees' node tokens and RoPE positions into the step's inputs (device copies:
-    the host never saw the tokens)."""
+    the host never saw the tokens). `contiguous`: tree_rows_contiguous(trees, fb.num_seqs)."""
     device = [(i, s) for i, s in trees.items() if isinstance(s.spec_tree, DeviceDraftTree)]
     if not device:
         return
     t = device[0][1].spec_tree.trees
     n = t.num_nodes
-    if tree_rows_contiguous(trees, fb.num_seqs):
+    if contiguous:
         b = len(device)
         fb.input_ids[:b * (n + 1)].view(b, n + 1)[:, 1:] = t.tokens
         positions = fb.positions[:b * (n + 1)].view(b, n + 1)   # the roots' own positions first

@@ -94,14 +94,14 @@ def with_root_row(mask: torch.Tensor) -> torch.Tensor:
 
 
 def tree_step_mask(ancestors: torch.Tensor, own: int) -> torch.Tensor:
-    """[N, N] bool ancestor mask -> the [own + N, own + N] visibility of a verify step's
-    rows, built where the mask lies: the request's own tokens causal, every node sees them
-    all and its ancestors."""
-    n = ancestors.shape[0]
-    m = torch.zeros((own + n, own + n), dtype=torch.bool, device=ancestors.device)
-    m[:own, :own] = torch.ones((own, own), dtype=torch.bool, device=ancestors.device).tril()
-    m[own:, :own] = True
-    m[own:, own:] = ancestors
+    """[..., N, N] bool ancestor masks -> the [..., own + N, own + N] visibility of a verify
+    step's rows, built where the masks lie: the request's own tokens causal, every node
+    sees them all and its ancestors."""
+    n = ancestors.shape[-1]
+    m = ancestors.new_zeros((*ancestors.shape[:-2], own + n, own + n))
+    m[..., :own, :own] = torch.ones((own, own), dtype=torch.bool, device=ancestors.device).tril()
+    m[..., own:, :own] = True
+    m[..., own:, own:] = ancestors
     return m
 
 
