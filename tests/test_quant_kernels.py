@@ -90,17 +90,20 @@ def test_int4_kernel_every_tile_config(config):
 
 def _int4_decoder_configs() -> list[tuple]:
     from ember.quant.kernels.w4a16 import INT4_GEMV_CONFIGS
-    return list(INT4_GEMV_CONFIGS) if DEVICE == "cuda" else [(16, 128, 8, 4), (32, 32, 4, 4)]
+    return (list(INT4_GEMV_CONFIGS) if DEVICE == "cuda"
+            else [(16, 128, 8, 4), (32, 32, 4, 4), (8, 256, 2, 2, 1), (16, 512, 4, 4)])
 
 
 @pytest.mark.parametrize("m", [1, 3])
 @pytest.mark.parametrize("config", _int4_decoder_configs())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_decoder_gemv_every_tile_config(m, config, dtype):
-    # The register-decoder GEMV (tiles inside one group): group 128 over K = 512 with
-    # splits, or SmolLM2's group 96 for 32-wide tiles; N = 72 is no multiple of BLOCK_N.
+    # The register-decoder GEMV: tiles inside one group (group 128 over K = 512 with splits,
+    # or SmolLM2's group 96 for 32-wide tiles) and tiles of whole groups (K = 2048: group 64
+    # for 256-wide tiles, else 128; splits left empty); N = 72 is no multiple of BLOCK_N.
     # bf16 activations are read as int32 pairs (decode.x_pair).
-    group, k = (96, 192) if config[1] == 32 else (128, 512)
+    bk = config[1]
+    group, k = (96, 192) if bk == 32 else (128, 512) if bk <= 128 else (64 if bk == 256 else 128, 2048)
     qw, s, z = _int4_weight(72, k, group, seed=m + 11)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEVICE, dtype)
     want = int4_linear_ref(x.float(), qw, s, z)
@@ -167,8 +170,8 @@ def _skinny_configs(kind: str) -> list[tuple]:
     if DEVICE == "cuda":
         return list(configs)
     # The interpreter is slow: the last tile of each kind (INT4: epilogue, FOLD, FOLD with
-    # PREFETCH).
-    kinds = {tuple(c[4:]): c for c in configs}
+    # PREFETCH; inside one group of the tests' 128 and across whole groups).
+    kinds = {(tuple(c[4:]), c[1] > 128): c for c in configs}
     return list(kinds.values())
 
 

@@ -118,19 +118,20 @@ def _w4_gemv_kernel(x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, M, N, K, stride
 
 
 @triton.jit
-def _int4_tile(acc2, q, sc, z, x_row, col, NATIVE: tl.constexpr, X_PAIRS: tl.constexpr):
-    """acc2 [BN, WORDS] += sc * sum_j (c_j - z) x_j for the tile's words q [BN, WORDS] (one
-    group: sc, z [BN]), x at columns col + j. X_PAIRS (bf16 x read as int32 pairs,
+def _int4_tile(acc3, q, sc, z, x_row, col, NATIVE: tl.constexpr, X_PAIRS: tl.constexpr):
+    """acc3 [BN, GROUPS, GW] += sc * sum_j (c_j - z) x_j for the tile's words q [BN, GROUPS,
+    GW] (GW words of each of GROUPS groups: sc, z [BN, GROUPS]), x at columns col + j (col
+    [GROUPS, GW]: each word's first column). X_PAIRS (bf16 x read as int32 pairs,
     decode.x_operand): packed bf16 math (decode.int4_word_dot); otherwise fp32 parts, as
     sc * (sum_j x_j (c_j + 128) - (z + 128) sum_j x_j)."""
     if X_PAIRS:
-        xw = tl.load(x_row + col[:, None] // 2 + tl.arange(0, 4)[None, :])     # [WORDS, 4]
-        x02, x13 = tl.split(tl.reshape(xw, (xw.shape[0], 2, 2)))
+        xw = tl.load(x_row + col[:, :, None] // 2 + tl.arange(0, 4)[None, None, :])  # [GROUPS, GW, 4]
+        x02, x13 = tl.split(tl.reshape(xw, (xw.shape[0], xw.shape[1], 2, 2)))
         x01, x45 = tl.split(x02)
         x23, x67 = tl.split(x13)
-        d = int4_word_dot(q, int4_zero_pair(z)[:, None], x01[None, :], x23[None, :], x45[None, :],
-                          x67[None, :], NATIVE)
-        return acc2 + sc[:, None] * d
+        d = int4_word_dot(q, int4_zero_pair(z)[:, :, None], x01[None], x23[None], x45[None],
+                          x67[None], NATIVE)
+        return acc3 + sc[:, :, None] * d
     p = int4_parts(q, NATIVE, tl.float32)
     x0 = tl.load(x_row + col).to(tl.float32)
     x1 = tl.load(x_row + col + 1).to(tl.float32)
@@ -140,43 +141,57 @@ def _int4_tile(acc2, q, sc, z, x_row, col, NATIVE: tl.constexpr, X_PAIRS: tl.con
     x5 = tl.load(x_row + col + 5).to(tl.float32)
     x6 = tl.load(x_row + col + 6).to(tl.float32)
     x7 = tl.load(x_row + col + 7).to(tl.float32)
-    t = p[0] * x0[None, :] + p[1] * x1[None, :] + p[2] * x2[None, :] + p[3] * x3[None, :]
-    t += p[4] * x4[None, :] + p[5] * x5[None, :] + p[6] * x6[None, :] + p[7] * x7[None, :]
+    t = p[0] * x0[None] + p[1] * x1[None] + p[2] * x2[None] + p[3] * x3[None]
+    t += p[4] * x4[None] + p[5] * x5[None] + p[6] * x6[None] + p[7] * x7[None]
     xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
-    return acc2 + sc[:, None] * (t - (z.to(tl.float32) + INT4_OFFSET)[:, None] * xs[None, :])
+    return acc3 + sc[:, :, None] * (t - (z.to(tl.float32) + INT4_OFFSET)[:, :, None] * xs[None])
 
 
 @triton.jit
 def _int4_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_xm,
                       stride_wn, stride_sn, G: tl.constexpr, NATIVE: tl.constexpr,
                       X_PAIRS: tl.constexpr, SPLIT_K: tl.constexpr, FIXUP: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    """INT4 GEMV with the register decoder (kernels/decode.py), for tiles inside one
-    group (G % BLOCK_K == 0): the scale and zero apply once per word column of the tile.
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GW: tl.constexpr,
+                      PREFETCH: tl.constexpr, PDL: tl.constexpr):
+    """INT4 GEMV with the register decoder (kernels/decode.py). A tile holds GW words of
+    each of BLOCK_K / (8 GW) groups: GW = BLOCK_K / 8 inside one group (BLOCK_K divides G),
+    GW = G / 8 for tiles of whole groups (G divides BLOCK_K), which read each weight row in
+    longer runs (a 128-wide tile is 64 bytes of a row). Scale and zero apply once per
+    group of words. PREFETCH: registers double-buffer the weight words, the first tile
+    requested before PDL's wait (the weights do not depend on the kernel before).
     Grid (N tiles, SPLIT_K, M); y [M, N], split partials and counters as
     splitk.store_split."""
-    WORDS: tl.constexpr = BLOCK_K // 8
+    GROUPS: tl.constexpr = BLOCK_K // (8 * GW)
     m = tl.program_id(2)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
     n_safe = tl.minimum(n, N - 1)     # rows past N re-read the last row; never stored
     start, end = k_range(K, SPLIT_K, BLOCK_K)
-    wi = tl.arange(0, WORDS)
+    gi = tl.arange(0, GROUPS)
+    words = gi[:, None] * GW + tl.arange(0, GW)[None, :]                 # [GROUPS, GW]
+    w_rows = w_ptr + n_safe[:, None, None] * stride_wn + words[None, :, :]
+    s_rows = n_safe[:, None] * stride_sn + gi[None, :]                   # [BN, GROUPS]
     x_row = x_ptr + m * stride_xm
-    acc2 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, GROUPS, GW), dtype=tl.float32)
+    if PREFETCH:
+        q_next = tl.load(w_rows + start // 8, mask=start < end, other=0)
+    else:
+        q_next = tl.zeros((BLOCK_N, GROUPS, GW), dtype=tl.int32)
     if PDL:
         tl.extra.cuda.gdc_wait()      # x is written by the kernel before
         tl.extra.cuda.gdc_launch_dependents()
-    # No register double-buffering or evict-first loads here: both measured slower or
-    # equal on the H200 (bench/results/h200_2026-11-29f_skinny_ab.txt); FP8's GEMV gains.
     for k0 in range(start, end, BLOCK_K):
-        q = tl.load(w_ptr + n_safe[:, None] * stride_wn + (k0 // 8 + wi)[None, :])
+        if PREFETCH:
+            q = q_next
+            q_next = tl.load(w_rows + (k0 + BLOCK_K) // 8, mask=k0 + BLOCK_K < end, other=0)
+        else:
+            q = tl.load(w_rows + k0 // 8)
         g = k0 // G
-        sc = tl.load(s_ptr + n_safe * stride_sn + g).to(tl.float32)
-        z = tl.load(z_ptr + n_safe * stride_sn + g)
-        acc2 = _int4_tile(acc2, q, sc, z, x_row, k0 + 8 * wi, NATIVE, X_PAIRS)
-    store_split(tl.sum(acc2, axis=1), y_ptr, part_ptr, cnt_ptr, m * N + n, n_mask, M * N,
-                tl.program_id(0) + tl.num_programs(0) * m, SPLIT_K, FIXUP)
+        sc = tl.load(s_ptr + s_rows + g).to(tl.float32)
+        z = tl.load(z_ptr + s_rows + g)
+        acc3 = _int4_tile(acc3, q, sc, z, x_row, k0 + 8 * words, NATIVE, X_PAIRS)
+    store_split(tl.sum(tl.sum(acc3, axis=2), axis=1), y_ptr, part_ptr, cnt_ptr, m * N + n, n_mask,
+                M * N, tl.program_id(0) + tl.num_programs(0) * m, SPLIT_K, FIXUP)
 
 
 @triton.jit
@@ -263,11 +278,15 @@ def int4_dequant_triton(qweight: torch.Tensor, scales: torch.Tensor, qzeros: tor
 # them and keeps the fastest (kernels/splitk.py).
 # GEMV: (BLOCK_N, BLOCK_K, SPLIT_K); GEMM: (BLOCK_N, BLOCK_K, warps, SPLIT_K).
 GEMV_CONFIGS = ((32, 256, 2), (16, 256, 4), (32, 128, 4), (64, 128, 2), (16, 128, 8), (32, 256, 1))
-# The INT4 GEMV with the register decoder: (BLOCK_N, BLOCK_K, SPLIT_K, num_warps); BLOCK_K
-# must divide the group (32 serves groups like SmolLM2's 96).
+# The INT4 GEMV with the register decoder: (BLOCK_N, BLOCK_K, SPLIT_K, num_warps[, PREFETCH]);
+# BLOCK_K divides the group (32 serves groups like SmolLM2's 96) or is a multiple of it
+# (whole groups: longer runs of each weight row per load).
 INT4_GEMV_CONFIGS = ((32, 128, 4, 4), (16, 128, 8, 4), (32, 128, 8, 4), (16, 128, 4, 2), (8, 128, 8, 2),
                      (64, 128, 4, 8), (64, 128, 8, 4), (128, 128, 8, 4), (128, 128, 4, 8), (64, 128, 8, 8),
-                     (32, 64, 4, 4), (32, 32, 4, 4))
+                     (32, 64, 4, 4), (32, 32, 4, 4),
+                     (16, 512, 4, 4), (8, 1024, 4, 4), (16, 1024, 2, 4), (32, 512, 2, 4), (8, 512, 8, 2),
+                     (4, 1024, 8, 2), (16, 256, 4, 4), (32, 256, 4, 4), (8, 2048, 2, 4), (16, 512, 8, 4),
+                     (16, 512, 4, 4, 1), (8, 1024, 4, 4, 1), (32, 256, 4, 4, 1), (32, 128, 4, 4, 1))
 GEMM_CONFIGS = ((64, 128, 4, 2), (32, 128, 4, 4), (64, 64, 4, 4), (128, 128, 8, 2), (64, 128, 4, 1))
 
 
@@ -286,18 +305,24 @@ def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor |
         """INT4 tiles that never leave a group read one scale and zero per row."""
         return not nvfp4 and group % bk == 0
 
-    decoder_tiles = [c for c in INT4_GEMV_CONFIGS if one_group(c[1]) and k_in % c[1] == 0]
-    # A 3-tuple config asks for the plain GEMV (tests); at GEMV sizes a 4-tuple is a decoder tile.
-    if m <= GEMV_MAX_ROWS and decoder_tiles and (config is None or len(config) == 4):
+    def decoder_tile(bk: int) -> bool:
+        """The decoder GEMV's tiles: inside a group, or whole groups of a power-of-two width."""
+        whole = bk % group == 0 and (group // 8) & (group // 8 - 1) == 0
+        return not nvfp4 and k_in % bk == 0 and (group % bk == 0 or whole)
+
+    decoder_tiles = [c for c in INT4_GEMV_CONFIGS if decoder_tile(c[1])]
+    # A 3-tuple config asks for the plain GEMV (tests); at GEMV sizes a longer one is a decoder tile.
+    if m <= GEMV_MAX_ROWS and decoder_tiles and (config is None or len(config) >= 4):
         xk, pairs = x_operand(x2)
 
         def run(c: tuple) -> None:
-            bn, bk, split, warps = c
+            bn, bk, split, warps = c[:4]
             part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, bn) * m, True)
             _int4_gemv_kernel[(triton.cdiv(n_out, bn), split, m)](
                 xk, y, part, cnt, w, s, z, m, n_out, k_in, xk.stride(0), w.stride(0), s.stride(0),
                 G=group, NATIVE=native_decode(), X_PAIRS=pairs, SPLIT_K=split, FIXUP=fixup,
-                BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **pdl_launch(x2))
+                BLOCK_N=bn, BLOCK_K=bk, GW=min(bk, group) // 8, PREFETCH=len(c) > 4 and bool(c[4]),
+                num_warps=warps, **pdl_launch(x2))
             finish_splits(part, y, fixup)
         cands = decoder_tiles
         key = ("int4_gemv", m, n_out, k_in, group)
