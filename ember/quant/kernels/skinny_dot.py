@@ -42,64 +42,59 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K
                    stride_wn, stride_sn, G: tl.constexpr, FP8: tl.constexpr, NATIVE: tl.constexpr,
                    DOT: tl.constexpr, SPLIT_K: tl.constexpr, FIXUP: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   GW: tl.constexpr, PDL: tl.constexpr, FOLD: tl.constexpr, PREFETCH: tl.constexpr):
+                   PDL: tl.constexpr, FOLD: tl.constexpr, PREFETCH: tl.constexpr):
     """Grid (N tiles, SPLIT_K, M tiles). w: [N, K / PER] int32 words (PER = 8 INT4 codes or
-    4 E4M3 bytes), read as [BLOCK_N, GROUPS, GW] tiles: GW words of each of GROUPS
-    quantization groups (INT4 FOLD tiles may hold several whole groups: longer runs of
-    each weight row per load; otherwise GROUPS = 1). INT4: s, z [N, K / G]; FP8: s [N].
+    4 E4M3 bytes). INT4: s, z [N, K / G] (G a multiple of BLOCK_K); FP8: s [N].
     y [M, N], split partials and counters as splitk.store_split."""
     PER: tl.constexpr = 4 if FP8 else 8
-    GROUPS: tl.constexpr = BLOCK_K // (PER * GW)
+    WORDS: tl.constexpr = BLOCK_K // PER
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
     n_safe = tl.minimum(n, N - 1)       # rows past N re-read the last row; never stored
     rm = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     r_mask = rm < M
     start, end = k_range(K, SPLIT_K, BLOCK_K)
-    gi = tl.arange(0, GROUPS)
-    words = gi[:, None] * GW + tl.arange(0, GW)[None, :]                 # [GROUPS, GW]
-    w_rows = w_ptr + n_safe[:, None, None] * stride_wn + words[None, :, :]
-    s_rows = n_safe[:, None] * stride_sn + gi[None, :]                   # [BN, GROUPS]
+    wi = tl.arange(0, WORDS)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    w_rows = w_ptr + n_safe[:, None] * stride_wn
     # PREFETCH: registers double-buffer the weight words (the next tile's in flight while
     # this one is decoded); the weights do not depend on the kernel before, so the first
     # tile's load may go before PDL's wait.
     if PREFETCH:
-        q_next = tl.load(w_rows + start // PER, mask=start < end, other=0)
+        q_next = tl.load(w_rows + (start // PER + wi)[None, :], mask=start < end, other=0)
     else:
-        q_next = tl.zeros((BLOCK_N, GROUPS, GW), dtype=tl.int32)
+        q_next = tl.zeros((BLOCK_N, WORDS), dtype=tl.int32)
     if PDL:
         tl.extra.cuda.gdc_wait()        # x is written by the kernel before
         tl.extra.cuda.gdc_launch_dependents()
     for k0 in range(start, end, BLOCK_K):
         if PREFETCH:
             q = q_next
-            q_next = tl.load(w_rows + (k0 + BLOCK_K) // PER, mask=k0 + BLOCK_K < end, other=0)
+            q_next = tl.load(w_rows + ((k0 + BLOCK_K) // PER + wi)[None, :], mask=k0 + BLOCK_K < end, other=0)
         else:
-            q = tl.load(w_rows + k0 // PER)
+            q = tl.load(w_rows + (k0 // PER + wi)[None, :])
         kk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rm[None, :] * stride_xm + kk[:, None], mask=r_mask[None, :], other=0.0)
         x = x.to(DOT)                                                       # [BLOCK_K, BM]
-        # The decoded parts interleaved back into column order: [BN, GROUPS, PER * GW],
-        # column PER * w + j of each group's run.
         if FP8:
             p = e4m3_parts(q, NATIVE, DOT)
+            # Interleave the parts back into column order: [BN, BLOCK_K], column PER*w + j.
             w = tl.interleave(tl.interleave(p[0], p[2]), tl.interleave(p[1], p[3]))
-            acc = tl.dot(tl.reshape(w, (BLOCK_N, BLOCK_K)), x, acc)
+            acc = tl.dot(w, x, acc)
         else:
             p = int4_parts(q, NATIVE, DOT)
             w = tl.interleave(tl.interleave(tl.interleave(p[0], p[4]), tl.interleave(p[2], p[6])),
                               tl.interleave(tl.interleave(p[1], p[5]), tl.interleave(p[3], p[7])))
-            sz = s_rows + k0 // G
-            sc = tl.load(s_ptr + sz).to(tl.float32)                        # [BN, GROUPS]
-            zp = tl.load(z_ptr + sz).to(tl.float32)
+            g = k0 // G
+            sc = tl.load(s_ptr + n_safe * stride_sn + g).to(tl.float32)
+            zp = tl.load(z_ptr + n_safe * stride_sn + g).to(tl.float32)
             if FOLD:   # (c + 128) - (z + 128) is exact in bf16; times s (bf16 in a bf16 model): one rounding
-                w = (w - (zp + INT4_OFFSET).to(DOT)[:, :, None]) * sc.to(DOT)[:, :, None]
-                acc = tl.dot(tl.reshape(w, (BLOCK_N, BLOCK_K)), x, acc)
-            else:      # one group (GROUPS == 1): sc, zp [BN, 1] broadcast over the rows
-                raw = tl.dot(tl.reshape(w, (BLOCK_N, BLOCK_K)), x)
+                w = (w - (zp + INT4_OFFSET).to(DOT)[:, None]) * sc.to(DOT)[:, None]
+                acc = tl.dot(w, x, acc)
+            else:
+                raw = tl.dot(w, x)
                 xsum = tl.sum(x.to(tl.float32), axis=0)
-                acc += sc * (raw - (zp + INT4_OFFSET) * xsum[None, :])
+                acc += sc[:, None] * (raw - (zp + INT4_OFFSET)[:, None] * xsum[None, :])
     if FP8:
         acc = acc * (tl.load(s_ptr + n_safe) * E4M3_FACTOR_HALF)[:, None] * E4M3_FACTOR_HALF
     store_split(acc, y_ptr, part_ptr, cnt_ptr, rm[None, :] * N + n[:, None],
@@ -116,11 +111,7 @@ INT4_CONFIGS = ((64, 128, 4, 4), (32, 128, 4, 4), (64, 128, 2, 4), (128, 128, 1,
                 (32, 128, 8, 4), (128, 128, 2, 8), (16, 128, 4, 1), (16, 128, 8, 1),
                 (64, 128, 4, 4, 1), (64, 128, 2, 4, 1), (128, 128, 1, 8, 1), (128, 128, 2, 8, 1),
                 (64, 128, 8, 4, 1), (32, 128, 4, 4, 1),
-                (64, 128, 4, 4, 1, 1), (64, 128, 8, 4, 1, 1), (128, 128, 1, 8, 1, 1),
-                # whole groups per tile (FOLD only)
-                (64, 256, 4, 4, 1), (64, 256, 2, 4, 1), (128, 256, 1, 8, 1), (128, 256, 2, 8, 1),
-                (64, 512, 2, 4, 1), (64, 512, 4, 8, 1), (32, 512, 4, 4, 1), (64, 256, 4, 4, 1, 1),
-                (128, 256, 1, 8, 1, 1))
+                (64, 128, 4, 4, 1, 1), (64, 128, 8, 4, 1, 1), (128, 128, 1, 8, 1, 1))
 FP8_CONFIGS = ((64, 256, 4, 4), (64, 128, 4, 4), (64, 256, 2, 4), (64, 128, 2, 4), (32, 256, 4, 4),
                (64, 256, 8, 4), (32, 512, 4, 4), (16, 256, 4, 1),
                (128, 128, 2, 8))
@@ -145,29 +136,20 @@ def _launch(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, z: torch.Tens
             x2, y, part, cnt, words, s, z if z is not None else s, m, n_out, k_in, x2.stride(0),
             words.stride(0), s.stride(0) if s.dim() > 1 else 0, G=group, FP8=fp8, NATIVE=native,
             DOT=dot, SPLIT_K=split, FIXUP=fixup, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            GW=bk // 4 if fp8 else min(bk, group) // 8, num_warps=warps, FOLD=fold,
-            PREFETCH=prefetch, **pdl_launch(x2))
+            num_warps=warps, FOLD=fold, PREFETCH=prefetch, **pdl_launch(x2))
         finish_splits(part, y, fixup)
 
     cands = [c for c in (FP8_CONFIGS if fp8 else INT4_CONFIGS)
-             if k_in % c[1] == 0 and (fp8 or int4_tile_fits(c, group))]
+             if k_in % c[1] == 0 and (fp8 or group % c[1] == 0)]
     if not cands:
         raise ValueError(f"no skinny tile fits K = {k_in}, group {group}")
     run(config or choose_config(("skinny", fp8, bm, n_out, k_in, group), cands, run, x))
     return y.reshape(*x.shape[:-1], n_out)
 
 
-def int4_tile_fits(config: tuple, group: int) -> bool:
-    """An INT4 tile lies inside one group, or (FOLD tiles) holds whole groups of a
-    power-of-two number of words."""
-    bk, fold = config[1], len(config) > 4 and bool(config[4])
-    whole = fold and bk % group == 0 and (group // 8) & (group // 8 - 1) == 0
-    return group % bk == 0 or whole
-
-
 def int4_fits(k_in: int, group: int) -> bool:
-    """Whether an INT4 layer's shape suits the skinny kernel."""
-    return any(k_in % c[1] == 0 and int4_tile_fits(c, group) for c in INT4_CONFIGS)
+    """Whether an INT4 layer's shape suits the skinny kernel (a tile inside one group)."""
+    return any(k_in % c[1] == 0 and group % c[1] == 0 for c in INT4_CONFIGS)
 
 
 def fp8_fits(k_in: int) -> bool:

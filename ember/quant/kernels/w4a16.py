@@ -241,35 +241,57 @@ def _w4_gemm_kernel(x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, M, N, K, stride
 
 @triton.jit
 def _int4_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn,
-                         G: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
-    """Grid (N tiles, K / (8 WORDS) tiles): out [N, K] = (code - zero) * scale, written
-    straight from the [BLOCK_N, WORDS, 8] unpacked tile (no reshape)."""
+                         G: tl.constexpr, NATIVE: tl.constexpr, DT: tl.constexpr,
+                         BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GW: tl.constexpr):
+    """Grid (N tiles, K / (8 GROUPS GW) tiles): out [N, K] = (code - zero) * scale. Each
+    program reads [BLOCK_N, GROUPS, GW] words (GW words of each of GROUPS groups, or
+    GROUPS = 1 inside one group), decodes them by register moves (decode.int4_parts),
+    subtracts z + 128 exactly and multiplies by the scale in DT (one rounding: the
+    product of a small integer and a DT scale is exact before it) and writes rows of
+    8 GROUPS GW contiguous columns."""
+    BK: tl.constexpr = 8 * GROUPS * GW
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    word = tl.program_id(1) * WORDS + tl.arange(0, WORDS)
-    j8 = tl.arange(0, 8)
-    mask2 = (n < N)[:, None] & (word < K // 8)[None, :]
-    q = tl.load(w_ptr + n[:, None] * stride_wn + word[None, :], mask=mask2, other=0)
-    g = (word * 8) // G
-    sc = tl.load(s_ptr + n[:, None] * stride_sn + g[None, :], mask=mask2, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + n[:, None] * stride_sn + g[None, :], mask=mask2, other=0).to(tl.float32)
-    c = ((q[:, :, None] >> (4 * j8)[None, None, :]) & 0xF).to(tl.float32)
-    w = (c - z[:, :, None]) * sc[:, :, None]
-    col = word[None, :, None] * 8 + j8[None, None, :]
-    tl.store(out_ptr + n[:, None, None] * K + col, w.to(out_ptr.dtype.element_ty),
-             mask=mask2[:, :, None])
+    n_mask = n < N
+    n_safe = tl.minimum(n, N - 1)       # rows past N re-read the last row; never stored
+    gi = tl.arange(0, GROUPS)
+    words = tl.program_id(1) * (BK // 8) + gi[:, None] * GW + tl.arange(0, GW)[None, :]
+    q = tl.load(w_ptr + n_safe[:, None, None] * stride_wn + words[None, :, :])
+    g = (tl.program_id(1) * BK) // G + gi
+    sz = n_safe[:, None] * stride_sn + g[None, :]                       # [BN, GROUPS]
+    sc = tl.load(s_ptr + sz).to(tl.float32).to(DT)[:, :, None]
+    zz = (tl.load(z_ptr + sz).to(tl.float32) + INT4_OFFSET).to(DT)[:, :, None]
+    p = int4_parts(q, NATIVE, DT)
+    w = tl.interleave(tl.interleave(tl.interleave((p[0] - zz) * sc, (p[4] - zz) * sc),
+                                    tl.interleave((p[2] - zz) * sc, (p[6] - zz) * sc)),
+                      tl.interleave(tl.interleave((p[1] - zz) * sc, (p[5] - zz) * sc),
+                                    tl.interleave((p[3] - zz) * sc, (p[7] - zz) * sc)))
+    col = tl.program_id(1) * BK + tl.arange(0, BK)
+    tl.store(out_ptr + n[:, None] * K + col[None, :],
+             tl.reshape(w, (BLOCK_N, BK)).to(out_ptr.dtype.element_ty), mask=n_mask[:, None])
 
 
 def int4_dequant_triton(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
                         dtype: torch.dtype) -> torch.Tensor:
     """qweight [N, K // 8] int32, scales / qzeros [N, K // G] -> W [N, K] in dtype: the
     large-batch path dequantizes once and runs the dense GEMM, where the MMA work per
-    weight dwarfs the one extra pass over it."""
+    weight dwarfs the one extra pass over it. K must be a multiple of 32."""
     n_out, k_in = qweight.shape[0], qweight.shape[1] * 8
+    group = k_in // scales.shape[1]
     out = torch.empty((n_out, k_in), dtype=dtype, device=qweight.device)
-    bn, words = 32, 32
-    _int4_dequant_kernel[(triton.cdiv(n_out, bn), triton.cdiv(k_in // 8, words))](
+    # Tiles of up to 256 columns: whole groups where the group is a power-of-two number
+    # of words, else the widest power-of-two run of words inside one group.
+    if (group // 8) & (group // 8 - 1) == 0 and group <= 256 and k_in % 256 == 0:
+        gw, groups = group // 8, 256 // group
+    else:
+        gw, groups = (group // 8) & -(group // 8), 1
+        gw = min(gw, 32)
+    native = native_decode()
+    # bf16 arithmetic for bf16 outputs (exact up to the one rounding), fp32 otherwise.
+    dt = tl.bfloat16 if native and dtype == torch.bfloat16 else tl.float32
+    bn = 16
+    _int4_dequant_kernel[(triton.cdiv(n_out, bn), k_in // (8 * groups * gw))](
         qweight, scales, qzeros, out, n_out, k_in, qweight.stride(0), scales.stride(0),
-        G=k_in // scales.shape[1], BLOCK_N=bn, WORDS=words, num_warps=4)
+        G=group, NATIVE=native, DT=dt, BLOCK_N=bn, GROUPS=groups, GW=gw, num_warps=4)
     return out
 
 
@@ -279,14 +301,14 @@ def int4_dequant_triton(qweight: torch.Tensor, scales: torch.Tensor, qzeros: tor
 # GEMV: (BLOCK_N, BLOCK_K, SPLIT_K); GEMM: (BLOCK_N, BLOCK_K, warps, SPLIT_K).
 GEMV_CONFIGS = ((32, 256, 2), (16, 256, 4), (32, 128, 4), (64, 128, 2), (16, 128, 8), (32, 256, 1))
 # The INT4 GEMV with the register decoder: (BLOCK_N, BLOCK_K, SPLIT_K, num_warps[, PREFETCH]);
-# BLOCK_K divides the group (32 serves groups like SmolLM2's 96) or is a multiple of it
-# (whole groups: longer runs of each weight row per load).
-INT4_GEMV_CONFIGS = ((32, 128, 4, 4), (16, 128, 8, 4), (32, 128, 8, 4), (16, 128, 4, 2), (8, 128, 8, 2),
-                     (64, 128, 4, 8), (64, 128, 8, 4), (128, 128, 8, 4), (128, 128, 4, 8), (64, 128, 8, 8),
-                     (32, 64, 4, 4), (32, 32, 4, 4),
-                     (16, 512, 4, 4), (8, 1024, 4, 4), (16, 1024, 2, 4), (32, 512, 2, 4), (8, 512, 8, 2),
-                     (4, 1024, 8, 2), (16, 256, 4, 4), (32, 256, 4, 4), (8, 2048, 2, 4), (16, 512, 8, 4),
-                     (16, 512, 4, 4, 1), (8, 1024, 4, 4, 1), (32, 256, 4, 4, 1), (32, 128, 4, 4, 1))
+# BLOCK_K divides the group (32 serves groups like SmolLM2's 96) or holds whole groups. The
+# 256-wide tiles won every Llama-8B shape on the H200 (2026-11-30 sweep of 40 tiles,
+# bench/results/h200_2026-11-30k_gemv_sweep.txt); the 128-wide and narrower ones serve
+# other groups and widths.
+INT4_GEMV_CONFIGS = ((32, 256, 4, 4, 1), (32, 256, 8, 4, 1), (32, 256, 2, 4, 1), (32, 256, 3, 4, 1),
+                     (32, 256, 6, 4, 1), (16, 256, 4, 2, 1), (16, 256, 8, 2, 1), (64, 256, 8, 8, 1),
+                     (32, 256, 2, 4), (32, 256, 8, 4),
+                     (32, 128, 4, 4), (64, 128, 8, 4), (16, 128, 8, 4), (32, 32, 4, 4))
 GEMM_CONFIGS = ((64, 128, 4, 2), (32, 128, 4, 4), (64, 64, 4, 4), (128, 128, 8, 2), (64, 128, 4, 1))
 
 
