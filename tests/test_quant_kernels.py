@@ -112,6 +112,28 @@ def test_int4_decoder_gemv_every_tile_config(m, config, dtype):
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
 
 
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("config", _int4_decoder_configs())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nvfp4_decoder_gemv_every_tile_config(m, config, dtype):
+    # The NVFP4 GEMV through the register decoder (tiles of whole 16-column blocks; bf16
+    # x in packed bf16 math, the E2M1 bits looked up by prmt), every code and sign present;
+    # K = 512 with empty splits, N = 72 no multiple of BLOCK_N, per-row global scales.
+    n, k = 72, 512
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(m + 20)) * 0.05
+    packed, bs, gs = quantize_nvfp4(w)
+    packed[::5, 3] = (packed[::5, 3] & 0xF0) | 8          # -0, which quantization never gives
+    codes = torch.stack([packed & 0xF, packed >> 4], -1)
+    assert len(torch.unique(codes)) == 16
+    gs_rows = torch.linspace(0.5, 2.0, n) * gs
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEVICE, dtype)
+    args = (packed.to(DEVICE), bs.to(DEVICE), gs_rows.to(DEVICE))
+    want = nvfp4_linear_ref(x.float(), *args)
+    got = nvfp4_linear_triton(x, *args, config=config).float()
+    tol = 1e-3 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
+
+
 @pytest.mark.parametrize("config", [(16, 128, 2), (32, 64, 4, 2)])
 def test_nvfp4_kernel_split_k(config):
     # Split-K partials summed by the reduce kernel, GEMV and GEMM, 16-blocks inside a tile.

@@ -197,6 +197,78 @@ def int4_word_dot(q, zz, x01, x23, x45, x67, NATIVE: tl.constexpr):
         return t
 
 
+# One NVFP4 word (8 E2M1 codes s e e m, column 8w + j in nibble j) against its 8 bf16
+# activations, in packed bf16 math (GEMV, one row). E2M1 has 8 magnitudes, whose bf16 bits
+# are looked up with prmt (an 8-entry byte table in two registers: the low bytes and the
+# high bytes of 0, 0.5, 1, 1.5, 2, 3, 4, 6), 4 codes at a time (selectors: the codes with
+# their sign bits cleared); prmt then pairs each code's two bytes as bf16 in x's column-pair
+# order, and the signs (bits 3 and 7 of each byte, from q and q << 4) are xor-ed into
+# bits 15 and 31. The values are exact; the products accumulate in bf16x2 as in
+# _INT4_WORD_DOT_ASM. Outputs $0 (fp32 bits); inputs $1 word, $2..$5 x pairs, $6..$9 the
+# table (low bytes 0-3, 4-7, high bytes 0-3, 4-7).
+_NVFP4_PAIR = """
+prmt.b32 v, {L}, {H}, {pair};
+prmt.b32 sg, t4, t, {sign};
+lop3.b32 v, v, sg, 0x80008000, 0x78;"""
+
+_NVFP4_WORD_DOT_ASM = tl.constexpr("""
+{
+.reg .b32 s0, s1, t, t4, L0, H0, L1, H1, v, sg, a;
+and.b32 s0, $1, 0x7777;
+shr.u32 s1, $1, 16;
+and.b32 s1, s1, 0x7777;
+and.b32 t, $1, 0x88888888;
+shl.b32 t4, t, 4;
+prmt.b32 L0, $6, $7, s0;
+prmt.b32 H0, $8, $9, s0;
+prmt.b32 L1, $6, $7, s1;
+prmt.b32 H1, $8, $9, s1;""" + _NVFP4_PAIR.format(L="L0", H="H0", pair="0x5140", sign="0x4000") + """
+mul.rn.bf16x2 a, v, $2;""" + _NVFP4_PAIR.format(L="L0", H="H0", pair="0x7362", sign="0x5010") + """
+fma.rn.bf16x2 a, v, $3, a;""" + _NVFP4_PAIR.format(L="L1", H="H1", pair="0x5140", sign="0x6020") + """
+fma.rn.bf16x2 a, v, $4, a;""" + _NVFP4_PAIR.format(L="L1", H="H1", pair="0x7362", sign="0x7030") + """
+fma.rn.bf16x2 a, v, $5, a;
+shl.b32 t, a, 16;
+and.b32 v, a, 0xFFFF0000;
+add.f32 $0, t, v;
+}
+""")
+# bf16 bits of the E2M1 magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6: low bytes, then high bytes,
+# as two little-endian 4-byte registers each.
+E2M1_LO_0, E2M1_LO_4 = tl.constexpr(-1065353216), tl.constexpr(-1065336832)   # 0xC0800000, 0xC0804000
+E2M1_HI_0, E2M1_HI_4 = tl.constexpr(0x3F3F3F00), tl.constexpr(0x40404040)
+
+
+@triton.jit
+def e2m1_value(code):
+    """E2M1 codes (int32 0..15: sign, 2 exponent bits, 1 mantissa bit) -> fp32 values."""
+    e = (code >> 1) & 3
+    m = (code & 1).to(tl.float32)
+    mag = tl.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * tl.exp2((e - 1).to(tl.float32)))
+    return tl.where((code & 8) != 0, -mag, mag)
+
+
+@triton.jit
+def nvfp4_word_dot(q, x01, x23, x45, x67, NATIVE: tl.constexpr):
+    """sum_j value(c_j) x_j over each word's 8 E2M1 codes, fp32 (shapes broadcast as in
+    int4_word_dot). Compiled: the prmt table lookup in packed bf16 math (see the asm); the
+    interpreter computes the same sum in fp32."""
+    if NATIVE:
+        table = [tl.full(q.shape, c, tl.int32) for c in (E2M1_LO_0, E2M1_LO_4, E2M1_HI_0, E2M1_HI_4)]
+        return tl.inline_asm_elementwise(_NVFP4_WORD_DOT_ASM, "=r,r,r,r,r,r,r,r,r,r",
+                                         [q, x01, x23, x45, x67, *table],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        x0, x1 = _bf16_pair(x01)
+        x2, x3 = _bf16_pair(x23)
+        x4, x5 = _bf16_pair(x45)
+        x6, x7 = _bf16_pair(x67)
+        t = (e2m1_value(q & 0xF) * x0 + e2m1_value((q >> 4) & 0xF) * x1
+             + e2m1_value((q >> 8) & 0xF) * x2 + e2m1_value((q >> 12) & 0xF) * x3)
+        t += (e2m1_value((q >> 16) & 0xF) * x4 + e2m1_value((q >> 20) & 0xF) * x5
+              + e2m1_value((q >> 24) & 0xF) * x6 + e2m1_value((q >> 28) & 0xF) * x7)
+        return t
+
+
 @triton.jit
 def _e4m3_part(q, shift: tl.constexpr, DTYPE: tl.constexpr):
     """Interpreter path: byte shift // 8 of each word as its E4M3 value times 2^-120."""

@@ -26,8 +26,9 @@ import triton
 import triton.language as tl
 
 from ember.layers.pdl import pdl_launch
-from ember.quant.kernels.decode import (INT4_OFFSET, e4m3_from_bits, int4_parts, int4_word_dot,
-                                        int4_zero_pair, native_decode, x_operand)
+from ember.quant.kernels.decode import (INT4_OFFSET, e2m1_value, e4m3_from_bits, int4_parts,
+                                        int4_word_dot, int4_zero_pair, native_decode, nvfp4_word_dot,
+                                        x_operand)
 from ember.quant.kernels.splitk import (choose_config, finish_splits, k_range,
                                         rows_and_output, split_buffers, split_output, store_split,
                                         sum_splits)
@@ -118,6 +119,32 @@ def _w4_gemv_kernel(x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, M, N, K, stride
 
 
 @triton.jit
+def _nvfp4_tile(acc3, q, sc, x_row, col, NATIVE: tl.constexpr, X_PAIRS: tl.constexpr):
+    """acc3 [BN, GROUPS, 2] += sc * sum_j value(c_j) x_j for the tile's words q [BN, GROUPS,
+    2] (the two words of each 16-column block: sc [BN, GROUPS], the block scales), x at
+    columns col + j (col [GROUPS, 2]). X_PAIRS: packed bf16 math (decode.nvfp4_word_dot);
+    otherwise fp32."""
+    if X_PAIRS:
+        x01, x23, x45, x67 = _x_word_pairs(x_row, col)
+        return acc3 + sc[:, :, None] * nvfp4_word_dot(q, x01[None], x23[None], x45[None], x67[None], NATIVE)
+    t = e2m1_value(q & 0xF) * tl.load(x_row + col).to(tl.float32)[None]
+    for j in tl.static_range(1, 8):
+        t += e2m1_value((q >> (4 * j)) & 0xF) * tl.load(x_row + col + j).to(tl.float32)[None]
+    return acc3 + sc[:, :, None] * t
+
+
+@triton.jit
+def _x_word_pairs(x_row, col):
+    """x's bf16 pairs (int32) at each word's columns col + 0/1, 2/3, 4/5, 6/7 (col [GROUPS,
+    GW]; x_row points at x as int32 pairs) -> four [GROUPS, GW] tensors."""
+    xw = tl.load(x_row + col[:, :, None] // 2 + tl.arange(0, 4)[None, None, :])  # [GROUPS, GW, 4]
+    x02, x13 = tl.split(tl.reshape(xw, (xw.shape[0], xw.shape[1], 2, 2)))
+    x01, x45 = tl.split(x02)
+    x23, x67 = tl.split(x13)
+    return x01, x23, x45, x67
+
+
+@triton.jit
 def _int4_tile(acc3, q, sc, z, x_row, col, NATIVE: tl.constexpr, X_PAIRS: tl.constexpr):
     """acc3 [BN, GROUPS, GW] += sc * sum_j (c_j - z) x_j for the tile's words q [BN, GROUPS,
     GW] (GW words of each of GROUPS groups: sc, z [BN, GROUPS]), x at columns col + j (col
@@ -125,10 +152,7 @@ def _int4_tile(acc3, q, sc, z, x_row, col, NATIVE: tl.constexpr, X_PAIRS: tl.con
     decode.x_operand): packed bf16 math (decode.int4_word_dot); otherwise fp32 parts, as
     sc * (sum_j x_j (c_j + 128) - (z + 128) sum_j x_j)."""
     if X_PAIRS:
-        xw = tl.load(x_row + col[:, :, None] // 2 + tl.arange(0, 4)[None, None, :])  # [GROUPS, GW, 4]
-        x02, x13 = tl.split(tl.reshape(xw, (xw.shape[0], xw.shape[1], 2, 2)))
-        x01, x45 = tl.split(x02)
-        x23, x67 = tl.split(x13)
+        x01, x23, x45, x67 = _x_word_pairs(x_row, col)
         d = int4_word_dot(q, int4_zero_pair(z)[:, :, None], x01[None], x23[None], x45[None],
                           x67[None], NATIVE)
         return acc3 + sc[:, :, None] * d
@@ -148,12 +172,14 @@ def _int4_tile(acc3, q, sc, z, x_row, col, NATIVE: tl.constexpr, X_PAIRS: tl.con
 
 
 @triton.jit
-def _int4_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_xm,
-                      stride_wn, stride_sn, G: tl.constexpr, NATIVE: tl.constexpr,
-                      X_PAIRS: tl.constexpr, SPLIT_K: tl.constexpr, FIXUP: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GW: tl.constexpr,
-                      PREFETCH: tl.constexpr, PDL: tl.constexpr):
-    """INT4 GEMV with the register decoder (kernels/decode.py). A tile holds GW words of
+def _decoder_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, M, N, K,
+                         stride_xm, stride_wn, stride_sn, G: tl.constexpr, NVFP4: tl.constexpr,
+                         NATIVE: tl.constexpr, X_PAIRS: tl.constexpr, SPLIT_K: tl.constexpr,
+                         FIXUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         GW: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
+    """INT4 or NVFP4 GEMV with the register decoders (kernels/decode.py). NVFP4: G = 16,
+    the E4M3 block scales in s, the per-row global scale in gs; INT4: s and z per group.
+    A tile holds GW words of
     each of BLOCK_K / (8 GW) groups: GW = BLOCK_K / 8 inside one group (BLOCK_K divides G),
     GW = G / 8 for tiles of whole groups (G divides BLOCK_K), which read each weight row in
     longer runs (a 128-wide tile is 64 bytes of a row). Scale and zero apply once per
@@ -187,11 +213,18 @@ def _int4_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N
         else:
             q = tl.load(w_rows + k0 // 8)
         g = k0 // G
-        sc = tl.load(s_ptr + s_rows + g).to(tl.float32)
-        z = tl.load(z_ptr + s_rows + g)
-        acc3 = _int4_tile(acc3, q, sc, z, x_row, k0 + 8 * words, NATIVE, X_PAIRS)
-    store_split(tl.sum(tl.sum(acc3, axis=2), axis=1), y_ptr, part_ptr, cnt_ptr, m * N + n, n_mask,
-                M * N, tl.program_id(0) + tl.num_programs(0) * m, SPLIT_K, FIXUP)
+        if NVFP4:
+            sc = e4m3_from_bits(tl.load(s_ptr + s_rows + g).to(tl.int32))
+            acc3 = _nvfp4_tile(acc3, q, sc, x_row, k0 + 8 * words, NATIVE, X_PAIRS)
+        else:
+            sc = tl.load(s_ptr + s_rows + g).to(tl.float32)
+            z = tl.load(z_ptr + s_rows + g)
+            acc3 = _int4_tile(acc3, q, sc, z, x_row, k0 + 8 * words, NATIVE, X_PAIRS)
+    acc = tl.sum(tl.sum(acc3, axis=2), axis=1)
+    if NVFP4:
+        acc *= tl.load(gs_ptr + n_safe)
+    store_split(acc, y_ptr, part_ptr, cnt_ptr, m * N + n, n_mask, M * N,
+                tl.program_id(0) + tl.num_programs(0) * m, SPLIT_K, FIXUP)
 
 
 @triton.jit
@@ -328,9 +361,10 @@ def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor |
         return not nvfp4 and group % bk == 0
 
     def decoder_tile(bk: int) -> bool:
-        """The decoder GEMV's tiles: inside a group, or whole groups of a power-of-two width."""
+        """The decoder GEMV's tiles: inside a group, or whole groups (NVFP4's 16-blocks, or
+        INT4 groups of a power-of-two number of words)."""
         whole = bk % group == 0 and (group // 8) & (group // 8 - 1) == 0
-        return not nvfp4 and k_in % bk == 0 and (group % bk == 0 or whole)
+        return k_in % bk == 0 and (whole if nvfp4 else group % bk == 0 or whole)
 
     decoder_tiles = [c for c in INT4_GEMV_CONFIGS if decoder_tile(c[1])]
     # A 3-tuple config asks for the plain GEMV (tests); at GEMV sizes a longer one is a decoder tile.
@@ -340,14 +374,14 @@ def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor |
         def run(c: tuple) -> None:
             bn, bk, split, warps = c[:4]
             part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, bn) * m, True)
-            _int4_gemv_kernel[(triton.cdiv(n_out, bn), split, m)](
-                xk, y, part, cnt, w, s, z, m, n_out, k_in, xk.stride(0), w.stride(0), s.stride(0),
-                G=group, NATIVE=native_decode(), X_PAIRS=pairs, SPLIT_K=split, FIXUP=fixup,
+            _decoder_gemv_kernel[(triton.cdiv(n_out, bn), split, m)](
+                xk, y, part, cnt, *ptrs, m, n_out, k_in, xk.stride(0), w.stride(0), s.stride(0),
+                G=group, NVFP4=nvfp4, NATIVE=native_decode(), X_PAIRS=pairs, SPLIT_K=split, FIXUP=fixup,
                 BLOCK_N=bn, BLOCK_K=bk, GW=min(bk, group) // 8, PREFETCH=len(c) > 4 and bool(c[4]),
                 num_warps=warps, **pdl_launch(x2))
             finish_splits(part, y, fixup)
         cands = decoder_tiles
-        key = ("int4_gemv", m, n_out, k_in, group)
+        key = ("decoder_gemv", nvfp4, m, n_out, k_in, group)
     elif m <= GEMV_MAX_ROWS:
         def run(c: tuple) -> None:
             bn, bk, split = c
