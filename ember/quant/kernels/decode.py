@@ -253,9 +253,12 @@ def nvfp4_word_dot(q, x01, x23, x45, x67, NATIVE: tl.constexpr):
     int4_word_dot). Compiled: the prmt table lookup in packed bf16 math (see the asm); the
     interpreter computes the same sum in fp32."""
     if NATIVE:
-        table = [tl.full(q.shape, c, tl.int32) for c in (E2M1_LO_0, E2M1_LO_4, E2M1_HI_0, E2M1_HI_4)]
+        lo0 = tl.full(q.shape, E2M1_LO_0, tl.int32)
+        lo4 = tl.full(q.shape, E2M1_LO_4, tl.int32)
+        hi0 = tl.full(q.shape, E2M1_HI_0, tl.int32)
+        hi4 = tl.full(q.shape, E2M1_HI_4, tl.int32)
         return tl.inline_asm_elementwise(_NVFP4_WORD_DOT_ASM, "=r,r,r,r,r,r,r,r,r,r",
-                                         [q, x01, x23, x45, x67, *table],
+                                         [q, x01, x23, x45, x67, lo0, lo4, hi0, hi4],
                                          dtype=tl.float32, is_pure=True, pack=1)
     else:
         x0, x1 = _bf16_pair(x01)
