@@ -1,20 +1,22 @@
-"""Triton W4A16 kernels: y = x @ dequant(W)^T with the dequantization fused into the GEMM,
-for ember's INT4 (AWQ/RTN) and NVFP4 layouts. Torch references: `int4_linear_ref`,
-`nvfp4_linear_ref` in kernels/__init__.py.
+"""Triton W4A16 kernels: y = x @ dequant(W)^T with the dequantization fused into the GEMV /
+GEMM, for ember's INT4 (AWQ/RTN) and NVFP4 layouts, and the INT4 dequantization that
+serves large batches. Torch references: `int4_linear_ref`, `nvfp4_linear_ref` in
+kernels/__init__.py.
 
 Both formats are read as int32 words of eight 4-bit codes (NVFP4's byte pairs, viewed as
-little-endian int32, put column 8w + j in nibble j exactly as INT4 packs them): one load
-per word, nibble j split off by a shift, one scale (and zero) per row per group (INT4) or
-16-column block (NVFP4). Tiles stay in word form, [BLOCK_N, BLOCK_K / 8] words.
+little-endian int32, put column 8w + j in nibble j exactly as INT4 packs them).
 
-- INT4 GEMV (M <= GEMV_MAX_ROWS, decode), tiles inside one group: with bf16 x, each word's
-  sum_j (c_j - z) x_j in packed bf16 math (decode.int4_word_dot), times the scale in fp32;
-  otherwise the register decoder's fp32 parts code + 128, as sum_j x_j (c_j + 128) less
-  (zero + 128) sum_j x_j.
-- GEMV otherwise (NVFP4, tiles across groups): one program per (BLOCK_N outputs, K split,
-  row); products accumulate in a [BLOCK_N, BLOCK_K / 8, 8] register tile reduced once at
-  the end (tl.dot needs 16 rows).
+- Decoder GEMV (M <= GEMV_MAX_ROWS, decode): tiles of [BLOCK_N, GROUPS, GW] words, GW
+  words of each of GROUPS quantization groups (whole groups, or one run inside a group);
+  one scale (and zero) per row per group. With bf16 x each word's dot runs in packed bf16
+  math (decode.int4_word_dot: sum_j (c_j - z) x_j; decode.nvfp4_word_dot: the E2M1 values
+  looked up by prmt), times the scale in fp32; otherwise fp32 parts. NVFP4's E4M3 block
+  scales are decoded per 16 columns, its per-row global scale applied at the end.
+- Word-form GEMV (NVFP4 widths no decoder tile fits): products accumulate in a
+  [BLOCK_N, BLOCK_K / 8, 8] register tile reduced once at the end.
 - GEMM (batched): the tile unpacked to [BLOCK_N, BLOCK_K] for one tl.dot.
+- INT4 dequantization to [N, K] (AWQ above 64 rows, then the dense GEMM): the register
+  decoder in 256-column rows.
 - Split-K (kernels/splitk.py): more programs than output tiles alone give.
 
 Launchers allocate only their outputs, so they are CUDA-graph capturable.
@@ -307,7 +309,7 @@ def int4_dequant_triton(qweight: torch.Tensor, scales: torch.Tensor, qzeros: tor
                         dtype: torch.dtype) -> torch.Tensor:
     """qweight [N, K // 8] int32, scales / qzeros [N, K // G] -> W [N, K] in dtype: the
     large-batch path dequantizes once and runs the dense GEMM, where the MMA work per
-    weight dwarfs the one extra pass over it. K must be a multiple of 32."""
+    weight dwarfs the one extra pass over it."""
     n_out, k_in = qweight.shape[0], qweight.shape[1] * 8
     group = k_in // scales.shape[1]
     out = torch.empty((n_out, k_in), dtype=dtype, device=qweight.device)
