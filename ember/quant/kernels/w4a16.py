@@ -181,12 +181,12 @@ def _decoder_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, g
                          GW: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
     """INT4 or NVFP4 GEMV with the register decoders (kernels/decode.py). NVFP4: G = 16,
     the E4M3 block scales in s, the per-row global scale in gs; INT4: s and z per group.
-    A tile holds GW words of
-    each of BLOCK_K / (8 GW) groups: GW = BLOCK_K / 8 inside one group (BLOCK_K divides G),
-    GW = G / 8 for tiles of whole groups (G divides BLOCK_K), which read each weight row in
-    longer runs (a 128-wide tile is 64 bytes of a row). Scale and zero apply once per
-    group of words. PREFETCH: registers double-buffer the weight words, the first tile
-    requested before PDL's wait (the weights do not depend on the kernel before).
+    A tile holds GW words of each of BLOCK_K / (8 GW) groups: GW = BLOCK_K / 8 inside one
+    group (BLOCK_K divides G), GW = G / 8 for tiles of whole groups (G divides BLOCK_K),
+    which read each weight row in longer runs (a 128-wide tile is 64 bytes of a row).
+    Scale and zero apply once per group of words. PREFETCH: registers double-buffer the
+    weight words, the first tile requested before PDL's wait (the weights do not depend on
+    the kernel before).
     Grid (N tiles, SPLIT_K, M); y [M, N], split partials and counters as
     splitk.store_split."""
     GROUPS: tl.constexpr = BLOCK_K // (8 * GW)
