@@ -32,7 +32,6 @@ CONFIGS = {
     "AWQ-INT4 g128 block loss": ("awq", {}, {"loss": "block"}),
     "AWQ-INT4 g128 duo": ("awq", {}, {"duo": True}),
     "AWQ-INT4 g128 sequential": ("awq", {}, {"sequential": True}),
-    "AWQ-INT4 g128 row clip": ("awq", {}, {"clip_row_loss": True}),
     "NVFP4 weight-only": ("nvfp4", {}, {}),
     "NVFP4 W4A4 (emulated)": ("nvfp4", {"activations": "nvfp4"}, {}),
     "SmoothQuant W8A8 a=0.5": ("smoothquant", {}, {}),

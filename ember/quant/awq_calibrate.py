@@ -152,17 +152,14 @@ def diagonal_blocks(m2: torch.Tensor, g: int) -> torch.Tensor:
 
 @torch.no_grad()
 def search_clip(weight: torch.Tensor, m2: torch.Tensor, group_size: int, steps: int = 10,
-                step: float = 0.05, row_loss: bool = False) -> torch.Tensor:
+                step: float = 0.05) -> torch.Tensor:
     """AWQ's clipping search (AutoAWQ's auto_clip). weight: [out, in]; m2: E[x x^T] [in, in] of
     the inputs as the weight sees them -> the weight with each (row, group) clamped to
     r * [-max|w|, max|w|], r in {1, 1 - step, ...} chosen to minimise the group's share of the
     output error, E_n (x_g . (w_g - Q(clip_r(w_g))))^2 = d_g^T M_gg d_g. The clamp is
     symmetric (only the side(s) beyond r * max|w| are cut): clamping r * [min, max] instead
     also cut the other, in-range side of one-sided groups and measured worse on SmolLM2, and
-    searching each side's ratio separately measured no better (docs/BENCHMARKS.md).
-    row_loss: then refine the ratios against each row's whole output error d^T M d (the
-    cross-group terms M_gh the per-group error leaves out), by coordinate descent over the
-    groups from the per-group choice (search_clip_rows)."""
+    searching each side's ratio separately measured no better (docs/BENCHMARKS.md)."""
     w = weight.float()
     out, k = w.shape
     g = effective_group_size(k, group_size)
@@ -170,8 +167,7 @@ def search_clip(weight: torch.Tensor, m2: torch.Tensor, group_size: int, steps: 
     mg = diagonal_blocks(m2.float(), g)                                   # [groups, g, g]
     best_err = torch.full((out, k // g), float("inf"), device=w.device)
     hi0 = wg.abs().amax(-1, keepdim=True)
-    best_i = torch.zeros(out, k // g, dtype=torch.long, device=w.device)
-    deltas = []
+    best_r = torch.ones(out, k // g, 1, device=w.device)
     for i in range(steps):
         r = 1.0 - i * step
         wc = wg.clamp(-hi0 * r, hi0 * r)
@@ -179,38 +175,8 @@ def search_clip(weight: torch.Tensor, m2: torch.Tensor, group_size: int, steps: 
         err = (torch.einsum("ogi,gij->ogj", delta, mg) * delta).sum(-1)            # [out, groups]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best_i = torch.where(better, i, best_i)
-        deltas.append(delta)
-    if row_loss:
-        best_i = search_clip_rows(torch.stack(deltas), best_i, m2.float())
-    best_r = 1.0 - best_i[..., None].float() * step
+        best_r = torch.where(better[..., None], torch.tensor(r, device=w.device), best_r)
     return wg.clamp(-hi0 * best_r, hi0 * best_r).reshape(out, k).to(weight.dtype)
-
-
-@torch.no_grad()
-def search_clip_rows(deltas: torch.Tensor, chosen: torch.Tensor, m2: torch.Tensor,
-                     sweeps: int = 2) -> torch.Tensor:
-    """deltas: [steps, out, groups, g] each clip candidate's weight error; chosen: [out,
-    groups] candidate indices to start from; m2: E[x x^T] [in, in]. Returns the indices after
-    coordinate descent on each row's output error d M d^T: group by group, the candidate
-    whose change of it, 2 e.(M d)_g + e M_gg e for e = d_g' - d_g, is lowest (never above
-    0, the current one's), then M d updated."""
-    steps, out, groups, g = deltas.shape
-    rows = torch.arange(out, device=deltas.device)
-    d = torch.stack([deltas[chosen[:, j], rows, j] for j in range(groups)], 1).reshape(out, -1)
-    md = d @ m2                                                            # [out, in]
-    chosen = chosen.clone()
-    for _ in range(sweeps):
-        for j in range(groups):
-            cols = slice(j * g, (j + 1) * g)
-            e = deltas[:, :, j] - d[None, :, cols]                         # [steps, out, g]
-            change = 2 * (e * md[None, :, cols]).sum(-1) + ((e @ m2[cols, cols]) * e).sum(-1)
-            pick = change.argmin(0)                                        # [out]
-            e_pick = e[pick, rows]                                         # [out, g]
-            d[:, cols] += e_pick
-            md += e_pick @ m2[cols, :]
-            chosen[:, j] = pick
-    return chosen
 
 
 def group_loss(model: nn.Module, layer: nn.Module, lin: nn.Module, st: InputStats, x: torch.Tensor,
@@ -241,8 +207,7 @@ def clip_rows(layer: nn.Module, lin: nn.Module) -> slice:
 @torch.no_grad()
 def awq_layer(model: nn.Module, layer: nn.Module, prefix: str, stats: dict[str, InputStats],
               group_size: int = 128, grid: int = 20, clip: bool = True, loss: str = "linear",
-              duo: bool = False, attn_rows: int = 64, clip_row_loss: bool = False
-              ) -> dict[str, tuple[float | None, float, float]]:
+              duo: bool = False, attn_rows: int = 64) -> dict[str, tuple[float | None, float, float]]:
     """Search and fold AWQ scales for one decoder layer (its linears' input stats in `stats`,
     named `prefix`.self_attn.qkv_proj etc.), then clip its weights (`clip`), in place. Returns {linear name: (alpha (None: identity), loss, rtn loss)}."""
     att, mlp = layer.self_attn, layer.mlp
@@ -275,8 +240,7 @@ def awq_layer(model: nn.Module, layer: nn.Module, prefix: str, stats: dict[str, 
         logger.info("awq %s: alpha %s, loss %.3g (rtn %.3g)", name, alpha, best, rtn)
     # After every fold of the layer (fold_o and fold_down rescale qkv's and gate_up's rows).
     for lin, rows, m2 in seen:
-        lin.weight.data[rows] = search_clip(lin.weight.data[rows], m2, group_size,
-                                            row_loss=clip_row_loss)
+        lin.weight.data[rows] = search_clip(lin.weight.data[rows], m2, group_size)
     return report
 
 
