@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=512)
     ap.add_argument("--calib-seqs", type=int, default=16)
     ap.add_argument("--calib-len", type=int, default=512)
+    ap.add_argument("--calib-skip", type=int, default=0,
+                    help="calibrate on each text's sequences after its first K (another window of the first 80%%)")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -68,7 +70,7 @@ def main() -> None:
           f"{torch.get_num_threads()}; model {args.model}; eval: last {100 * (1 - args.split):.0f}% of "
           f"each text, first {args.eval_tokens} tokens, window {args.window} stride {args.stride}; "
           f"calibration: {args.calib_seqs} x {args.calib_len} tokens from the first "
-          f"{100 * args.split:.0f}%", flush=True)
+          f"{100 * args.split:.0f}% (after each text's first {args.calib_skip} sequences)", flush=True)
     groups = {n: effective_group_size(k, args.group_size) for n, k in
               [("qkv/gate_up (in %d)" % cfg.hidden_size, cfg.hidden_size),
                ("o (in %d)" % (cfg.num_attention_heads * cfg.head_dim), cfg.num_attention_heads * cfg.head_dim),
@@ -78,7 +80,8 @@ def main() -> None:
     if any(CONFIGS[c][0] in ("awq", "smoothquant") and not CONFIGS[c][2].get("sequential")
            for c in args.configs):
         t = time.perf_counter()
-        seqs = calibration_sequences(tok, args.texts, args.calib_seqs, args.calib_len, args.split)
+        skip = args.calib_skip * len(args.texts)    # the texts' sequences alternate
+        seqs = calibration_sequences(tok, args.texts, args.calib_seqs + skip, args.calib_len, args.split)[skip:]
         block = any(CONFIGS[c][2].get("loss") == "block" for c in args.configs)
         gram = any(CONFIGS[c][0] == "awq" for c in args.configs)   # AWQ's losses over every token
         stats = collect_input_stats(llm, seqs, full_seqs=16 if block else 0, gram=gram)
