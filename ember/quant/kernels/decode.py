@@ -238,13 +238,17 @@ E2M1_LO_0, E2M1_LO_4 = tl.constexpr(-1065353216), tl.constexpr(-1065336832)   # 
 E2M1_HI_0, E2M1_HI_4 = tl.constexpr(0x3F3F3F00), tl.constexpr(0x40404040)
 
 
+E2M1_UNSCALE = tl.constexpr(16384.0)     # e2m1_scaled's values are E2M1 / 2^14
+
+
 @triton.jit
-def e2m1_value(code):
-    """E2M1 codes (int32 0..15: sign, 2 exponent bits, 1 mantissa bit) -> fp32 values."""
-    e = (code >> 1) & 3
-    m = (code & 1).to(tl.float32)
-    mag = tl.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * tl.exp2((e - 1).to(tl.float32)))
-    return tl.where((code & 8) != 0, -mag, mag)
+def e2m1_scaled(code):
+    """E2M1 codes (int32, 0..15) -> values / 2^14. Bits s e e m, placed as fp16 bits
+    s 0 0 0 e e m 0..0, read as fp16: e == 0 gives the subnormal m * 2^-15 and e > 0 gives
+    2^(e-15) (1 + m/2), both exactly the E2M1 value times 2^-14 (callers fold E2M1_UNSCALE
+    into a scale)."""
+    bits = ((code & 7) << 9) | ((code & 8) << 12)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
@@ -265,11 +269,11 @@ def nvfp4_word_dot(q, x01, x23, x45, x67, NATIVE: tl.constexpr):
         x2, x3 = _bf16_pair(x23)
         x4, x5 = _bf16_pair(x45)
         x6, x7 = _bf16_pair(x67)
-        t = (e2m1_value(q & 0xF) * x0 + e2m1_value((q >> 4) & 0xF) * x1
-             + e2m1_value((q >> 8) & 0xF) * x2 + e2m1_value((q >> 12) & 0xF) * x3)
-        t += (e2m1_value((q >> 16) & 0xF) * x4 + e2m1_value((q >> 20) & 0xF) * x5
-              + e2m1_value((q >> 24) & 0xF) * x6 + e2m1_value((q >> 28) & 0xF) * x7)
-        return t
+        t = (e2m1_scaled(q & 0xF) * x0 + e2m1_scaled((q >> 4) & 0xF) * x1
+             + e2m1_scaled((q >> 8) & 0xF) * x2 + e2m1_scaled((q >> 12) & 0xF) * x3)
+        t += (e2m1_scaled((q >> 16) & 0xF) * x4 + e2m1_scaled((q >> 20) & 0xF) * x5
+              + e2m1_scaled((q >> 24) & 0xF) * x6 + e2m1_scaled((q >> 28) & 0xF) * x7)
+        return t * E2M1_UNSCALE
 
 
 @triton.jit

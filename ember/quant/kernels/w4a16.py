@@ -28,9 +28,9 @@ import triton
 import triton.language as tl
 
 from ember.layers.pdl import pdl_launch
-from ember.quant.kernels.decode import (INT4_OFFSET, e2m1_value, e4m3_from_bits, int4_parts,
-                                        int4_word_dot, int4_zero_pair, native_decode, nvfp4_word_dot,
-                                        x_operand)
+from ember.quant.kernels.decode import (INT4_OFFSET, E2M1_UNSCALE, e2m1_scaled, e4m3_from_bits,
+                                        int4_parts, int4_word_dot, int4_zero_pair, native_decode,
+                                        nvfp4_word_dot, x_operand)
 from ember.quant.kernels.splitk import (choose_config, finish_splits, k_range,
                                         rows_and_output, split_buffers, split_output, store_split,
                                         sum_splits)
@@ -39,15 +39,6 @@ GEMV_MAX_ROWS = 8
 
 
 # ---- dequantization (inlined into the kernels) ------------------------------------------------
-@triton.jit
-def _e2m1(code):
-    """E2M1 codes (int32, 0..15) -> values / 2^14. Bits s e e m, placed as fp16 bits
-    s 0 0 0 e e m 0..0, read as fp16: e == 0 gives the subnormal m * 2^-15 and e > 0 gives
-    2^(e-15) (1 + m/2), both exactly the E2M1 value times 2^-14 (folded into the scale)."""
-    bits = ((code & 7) << 9) | ((code & 8) << 12)
-    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-
-
 @triton.jit
 def _scales(s_ptr, z_ptr, n, n_mask, k0, word, w_mask, stride_sn, G: tl.constexpr,
             NVFP4: tl.constexpr, ONE_GROUP: tl.constexpr):
@@ -63,7 +54,7 @@ def _scales(s_ptr, z_ptr, n, n_mask, k0, word, w_mask, stride_sn, G: tl.constexp
         mask = n_mask[:, None] & w_mask[None, :]
         if NVFP4:
             sb = tl.load(s_ptr + off, mask=mask, other=0).to(tl.int32)
-            sc = e4m3_from_bits(sb) * 16384.0   # 2^14: see _e2m1
+            sc = e4m3_from_bits(sb) * E2M1_UNSCALE   # see decode.e2m1_scaled
             zp = tl.zeros_like(sc)
         else:
             sc = tl.load(s_ptr + off, mask=mask, other=0.0).to(tl.float32)
@@ -109,7 +100,7 @@ def _w4_gemv_kernel(x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, M, N, K, stride
                     mask=w_mask[:, None], other=0.0).to(tl.float32)      # [WORDS, 8]
         c = (q[:, :, None] >> (4 * j8)[None, None, :]) & 0xF              # [BN, WORDS, 8]
         if NVFP4:
-            v = _e2m1(c) * sc[:, :, None]
+            v = e2m1_scaled(c) * sc[:, :, None]
         else:
             v = c.to(tl.float32) * sc[:, :, None] + off[:, :, None]
         acc3 += v * x[None, :, :]
@@ -129,10 +120,10 @@ def _nvfp4_tile(acc3, q, sc, x_row, col, NATIVE: tl.constexpr, X_PAIRS: tl.const
     if X_PAIRS:
         x01, x23, x45, x67 = _x_word_pairs(x_row, col)
         return acc3 + sc[:, :, None] * nvfp4_word_dot(q, x01[None], x23[None], x45[None], x67[None], NATIVE)
-    t = e2m1_value(q & 0xF) * tl.load(x_row + col).to(tl.float32)[None]
+    t = e2m1_scaled(q & 0xF) * tl.load(x_row + col).to(tl.float32)[None]
     for j in tl.static_range(1, 8):
-        t += e2m1_value((q >> (4 * j)) & 0xF) * tl.load(x_row + col + j).to(tl.float32)[None]
-    return acc3 + sc[:, :, None] * t
+        t += e2m1_scaled((q >> (4 * j)) & 0xF) * tl.load(x_row + col + j).to(tl.float32)[None]
+    return acc3 + sc[:, :, None] * (t * E2M1_UNSCALE)
 
 
 @triton.jit
@@ -261,7 +252,7 @@ def _w4_gemm_kernel(x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, M, N, K, stride
             sc = _expand(sc, BLOCK_N, 8, BLOCK_K)
             off = _expand(off, BLOCK_N, 8, BLOCK_K)
         if NVFP4:
-            v = _e2m1(c) * sc
+            v = e2m1_scaled(c) * sc
         else:
             v = c.to(tl.float32) * sc + off
         kk = k0 + tl.arange(0, BLOCK_K)
