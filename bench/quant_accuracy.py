@@ -20,8 +20,7 @@ import torch
 from ember import LLM
 from ember.eval.ppl import perplexity, read_split
 from ember.quant.base import effective_group_size
-from ember.quant.calibrate import (attention_input_linears, calibration_sequences, collect_input_stats,
-                                   quantizable_linears)
+from ember.quant.calibrate import calibration_sequences, collect_input_stats
 from ember.quant.cli import quantize_llm
 
 # name -> (ember quantize method, extra QuantConfig params, AWQ search options)
@@ -31,8 +30,6 @@ CONFIGS = {
     "AWQ-INT4 g128": ("awq", {}, {}),                       # the default: linear loss + clipping
     "AWQ-INT4 g128 no clip": ("awq", {}, {"clip": False}),
     "AWQ-INT4 g128 block loss": ("awq", {}, {"loss": "block"}),
-    # the block outputs over every calibration token (every query position; the whole MLP input)
-    "AWQ-INT4 g128 block loss, every token": ("awq", {}, {"loss": "block", "attn_rows": 100000}),
     "AWQ-INT4 g128 duo": ("awq", {}, {"duo": True}),
     "AWQ-INT4 g128 sequential": ("awq", {}, {"sequential": True}),
     "NVFP4 weight-only": ("nvfp4", {}, {}),
@@ -86,13 +83,8 @@ def main() -> None:
         skip = args.calib_skip * len(args.texts)    # the texts' sequences alternate
         seqs = calibration_sequences(tok, args.texts, args.calib_seqs + skip, args.calib_len, args.split)[skip:]
         block = any(CONFIGS[c][2].get("loss") == "block" for c in args.configs)
-        every = any("every token" in c for c in args.configs)
         gram = any(CONFIGS[c][0] == "awq" for c in args.configs)   # AWQ's losses over every token
-        model = llm.engine.runner.model
-        full = (set(attention_input_linears(model)) | {n for n in quantizable_linears(model) if n.endswith("gate_up_proj")}
-                if every else None)
-        stats = collect_input_stats(llm, seqs, full_seqs=len(seqs) if every else 16 if block else 0,
-                                    full_inputs_of=full, gram=gram)
+        stats = collect_input_stats(llm, seqs, full_seqs=16 if block else 0, gram=gram)
         print(f"# calibration statistics: {len(seqs)} sequences in {time.perf_counter() - t:.0f} s",
               flush=True)
 

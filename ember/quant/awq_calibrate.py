@@ -191,8 +191,7 @@ def group_loss(model: nn.Module, layer: nn.Module, lin: nn.Module, st: InputStat
                              "(collect_input_stats(full_seqs=...))")
         return attention_loss(model, layer, st.seqs, group_size, attn_rows)
     if loss == "block" and lin is mlp.gate_up_proj:
-        # every calibration token where whole sequences of the MLP input were kept
-        return mlp_loss(layer, torch.cat(st.seqs).to(x.device) if st.seqs else x, group_size)
+        return mlp_loss(layer, x, group_size)
     return linear_loss(lin.weight.data, st.second_moment().to(x.device), group_size)
 
 
