@@ -329,3 +329,76 @@ def test_int4_dequant_kernel_matches_reference(n, k, group):
         assert torch.equal(bf, want16)
     else:
         torch.testing.assert_close(bf.float(), want16.float(), rtol=2 ** -7, atol=0)
+
+
+def _run_ptx(asm: str, inputs: dict[int, int]) -> tuple[dict[str, int], list[int]]:
+    """Run a decoder's inline PTX on 32-bit integers: the integer instructions it uses
+    (and / shr / shl / prmt / lop3) exactly, the bf16x2 and fp32 arithmetic not (its results
+    are None); returns the registers and, for each bf16x2 mul / fma, the value of its first
+    operand (the decoded weight pair)."""
+    regs: dict[str, int | None] = {f"${i}": v for i, v in inputs.items()}
+    pairs = []
+
+    def val(tok: str) -> int | None:
+        return int(tok, 0) if tok[0].isdigit() else regs[tok]
+
+    for line in asm.replace("{", "\n").replace("}", "\n").splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        a = [t.strip() for t in args.split(",")]
+        if op in ("mul.rn.bf16x2", "fma.rn.bf16x2"):
+            pairs.append(val(a[1]))
+            regs[a[0]] = None          # the bf16x2 accumulator: not emulated
+            continue
+        x = [val(t) for t in a[1:]]
+        if op == "add.f32" or None in x:   # the accumulator's widening to fp32
+            regs[a[0]] = None
+            continue
+        if op == "and.b32":
+            r = x[0] & x[1]
+        elif op == "shr.u32":
+            r = x[0] >> x[1]
+        elif op == "shl.b32":
+            r = (x[0] << x[1]) & 0xFFFFFFFF
+        elif op == "prmt.b32":
+            by = [(x[0] >> 8 * i) & 0xFF for i in range(4)] + [(x[1] >> 8 * i) & 0xFF for i in range(4)]
+            r = 0
+            for i in range(4):
+                sel = (x[2] >> 4 * i) & 0xF
+                b = by[sel & 7]
+                r |= ((0xFF if b & 0x80 else 0) if sel & 8 else b) << 8 * i
+        elif op == "lop3.b32":
+            r = 0
+            for bit in range(32):
+                i = ((x[0] >> bit & 1) << 2) | ((x[1] >> bit & 1) << 1) | (x[2] >> bit & 1)
+                r |= (x[3] >> i & 1) << bit
+        else:
+            raise AssertionError(f"unexpected instruction {op}")
+        regs[a[0]] = r
+    return regs, pairs
+
+
+def test_nvfp4_word_dot_asm_decodes_every_code_exactly():
+    # The compiled NVFP4 decoder (decode._NVFP4_WORD_DOT_ASM) runs only on a GPU; here its
+    # integer part runs on an emulator: the bf16 pair fed to each multiply must be the E2M1
+    # values of that word's codes 2i, 2i + 1, bit for bit, for every code in every position.
+    import struct
+    from ember.quant.kernels import decode
+    table = [int(v) & 0xFFFFFFFF for v in (decode.E2M1_LO_0, decode.E2M1_LO_4, decode.E2M1_HI_0, decode.E2M1_HI_4)]
+    mags = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+
+    def bf16_bits(v: float) -> int:
+        return struct.unpack("<I", struct.pack("<f", v))[0] >> 16
+
+    gen = torch.Generator().manual_seed(0)
+    words = [int(w) & 0xFFFFFFFF for w in torch.randint(-2 ** 31, 2 ** 31 - 1, (300,), generator=gen)]
+    words += [sum(c << 4 * j for j in range(8)) for c in range(16)]          # each code everywhere
+    for q in words:
+        _, pairs = _run_ptx(decode._NVFP4_WORD_DOT_ASM.value, {1: q, 2: 0, 3: 0, 4: 0, 5: 0,
+                                                               6: table[0], 7: table[1], 8: table[2], 9: table[3]})
+        codes = [(q >> 4 * j) & 0xF for j in range(8)]
+        want = [bf16_bits(-mags[c & 7] if c & 8 else mags[c & 7]) for c in codes]
+        got = [h for p in pairs for h in (p & 0xFFFF, p >> 16)]
+        assert got == want, hex(q)
