@@ -125,6 +125,14 @@ def int4_parts(q, NATIVE: tl.constexpr, DTYPE: tl.constexpr):
     return p
 
 
+@triton.jit
+def int4_columns(p):
+    """int4_parts' 8 parts [..., WORDS] -> [..., 8 WORDS] in column order (column 8w + j is
+    part j of word w)."""
+    return tl.interleave(tl.interleave(tl.interleave(p[0], p[4]), tl.interleave(p[2], p[6])),
+                         tl.interleave(tl.interleave(p[1], p[5]), tl.interleave(p[3], p[7])))
+
+
 # One INT4 word against its 8 bf16 activations in packed bf16 math (GEMV, one row): per
 # column pair (2i, 2i+1), prmt puts nibble 2i in the low half and nibble 2i + 1 in the
 # high half (from q and q >> 4), so the lop3 gives bf16 pairs in x's own pair order;

@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from ember.layers.pdl import pdl_launch
-from ember.quant.kernels.decode import (E4M3_FACTOR_HALF, INT4_OFFSET, e4m3_parts, int4_parts,
-                                        native_decode)
+from ember.quant.kernels.decode import (E4M3_FACTOR_HALF, INT4_OFFSET, e4m3_parts, int4_columns,
+                                        int4_parts, native_decode)
 from ember.quant.kernels.splitk import (choose_config, finish_splits, k_range, rows_and_output,
                                         split_buffers, store_split)
 
@@ -83,8 +83,7 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K
             acc = tl.dot(w, x, acc)
         else:
             p = int4_parts(q, NATIVE, DOT)
-            w = tl.interleave(tl.interleave(tl.interleave(p[0], p[4]), tl.interleave(p[2], p[6])),
-                              tl.interleave(tl.interleave(p[1], p[5]), tl.interleave(p[3], p[7])))
+            w = int4_columns(p)
             g = k0 // G
             sc = tl.load(s_ptr + n_safe * stride_sn + g).to(tl.float32)
             zp = tl.load(z_ptr + n_safe * stride_sn + g).to(tl.float32)

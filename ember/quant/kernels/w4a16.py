@@ -29,7 +29,7 @@ import triton.language as tl
 
 from ember.layers.pdl import pdl_launch
 from ember.quant.kernels.decode import (INT4_OFFSET, E2M1_UNSCALE, e2m1_scaled, e4m3_from_bits,
-                                        int4_parts, int4_word_dot, int4_zero_pair, native_decode,
+                                        int4_columns, int4_parts, int4_word_dot, int4_zero_pair, native_decode,
                                         nvfp4_word_dot, x_operand)
 from ember.quant.kernels.splitk import (choose_config, finish_splits, k_range,
                                         rows_and_output, split_buffers, split_output, store_split,
@@ -287,10 +287,8 @@ def _int4_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_s
     sc = tl.load(s_ptr + sz).to(tl.float32).to(DT)[:, :, None]
     zz = (tl.load(z_ptr + sz).to(tl.float32) + INT4_OFFSET).to(DT)[:, :, None]
     p = int4_parts(q, NATIVE, DT)
-    w = tl.interleave(tl.interleave(tl.interleave((p[0] - zz) * sc, (p[4] - zz) * sc),
-                                    tl.interleave((p[2] - zz) * sc, (p[6] - zz) * sc)),
-                      tl.interleave(tl.interleave((p[1] - zz) * sc, (p[5] - zz) * sc),
-                                    tl.interleave((p[3] - zz) * sc, (p[7] - zz) * sc)))
+    w = int4_columns(((p[0] - zz) * sc, (p[1] - zz) * sc, (p[2] - zz) * sc, (p[3] - zz) * sc,
+                      (p[4] - zz) * sc, (p[5] - zz) * sc, (p[6] - zz) * sc, (p[7] - zz) * sc))
     col = tl.program_id(1) * BK + tl.arange(0, BK)
     tl.store(out_ptr + n[:, None] * K + col[None, :],
              tl.reshape(w, (BLOCK_N, BK)).to(out_ptr.dtype.element_ty), mask=n_mask[:, None])
