@@ -1,11 +1,11 @@
 """The decoder GEMV's SASS for sm_90, compiled on any machine (no GPU: the triton wheel's
 ptxas and cuobjdump), with the launch's 16-divisibility of pointers, sizes and strides:
 instruction classes inside the K loop and the barriers there, for the INT4 and NVFP4
-tiles. `--x-direct` compiles the X_PAIRS == 2 variant (w4a16._x_word_pairs), which loads x's four bf16 pairs as four plain loads
+tiles. `--x-direct` compiles a variant that loads x's four bf16 pairs as four plain loads
 in the word tile's layout (instead of one [GROUPS, GW, 4] load split in registers), to see
 whether the layout conversion through shared memory leaves the loop.
 
-  PYTHONPATH=$PWD python bench/sass_decoder_gemv.py [--x-direct] [--tile 32 256 4 4 0 1]
+  PYTHONPATH=$PWD python bench/sass_decoder_gemv.py [--x-direct] [--tile 32 256 4 4 0]
 """
 from __future__ import annotations
 
@@ -17,10 +17,17 @@ import subprocess
 import tempfile
 
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ember.quant.kernels import w4a16
+
+
+@triton.jit
+def _x_pairs_direct(x_row, col):
+    p = x_row + col // 2
+    return tl.load(p), tl.load(p + 1), tl.load(p + 2), tl.load(p + 3)
 
 
 SIG = {"x_ptr": "*i32", "y_ptr": "*bf16", "part_ptr": "*fp32", "cnt_ptr": "*i32", "w_ptr": "*i32",
@@ -29,12 +36,11 @@ SIG = {"x_ptr": "*i32", "y_ptr": "*bf16", "part_ptr": "*fp32", "cnt_ptr": "*i32"
 DIVISIBLE = [n for n in SIG if n not in ("M",)]
 
 
-def sass(nvfp4: bool, tile: list[int], x_direct: bool = False) -> str:
-    bn, bk, split, warps, prefetch, stages = tile
-    const = {"G": 16 if nvfp4 else 128, "NVFP4": nvfp4, "NATIVE": True, "X_PAIRS": 2 if x_direct else 1,
+def sass(nvfp4: bool, tile: list[int]) -> str:
+    bn, bk, split, warps, prefetch = tile
+    const = {"G": 16 if nvfp4 else 128, "NVFP4": nvfp4, "NATIVE": True, "X_PAIRS": True,
              "SPLIT_K": split, "FIXUP": split > 1, "BLOCK_N": bn, "BLOCK_K": bk,
-             "GW": 2 if nvfp4 else min(bk, 128) // 8, "PREFETCH": bool(prefetch), "STAGES": stages,
-             "PDL": False}
+             "GW": 2 if nvfp4 else min(bk, 128) // 8, "PREFETCH": bool(prefetch), "PDL": False}
     sig = dict(SIG, s_ptr="*u8") if nvfp4 else SIG
     names = list(sig)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in DIVISIBLE}
@@ -66,12 +72,14 @@ def loop_report(text: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--x-direct", action="store_true")
-    ap.add_argument("--tile", type=int, nargs=6, default=[32, 256, 4, 4, 0, 1],
-                    metavar=("BLOCK_N", "BLOCK_K", "SPLIT_K", "WARPS", "PREFETCH", "STAGES"))
+    ap.add_argument("--tile", type=int, nargs=5, default=[32, 256, 4, 4, 0],
+                    metavar=("BLOCK_N", "BLOCK_K", "SPLIT_K", "WARPS", "PREFETCH"))
     args = ap.parse_args()
+    if args.x_direct:
+        w4a16._x_word_pairs = _x_pairs_direct
     for nvfp4 in (False, True):
         print(f"{'NVFP4' if nvfp4 else 'INT4'} tile {args.tile}{' x-direct' if args.x_direct else ''}: "
-              + loop_report(sass(nvfp4, args.tile, args.x_direct)), flush=True)
+              + loop_report(sass(nvfp4, args.tile)), flush=True)
 
 
 if __name__ == "__main__":

@@ -35,8 +35,6 @@ MAX_ROWS = 64   # above this, the GEMM kernels (w4a16.py) / torch._scaled_mm
 # tile's partials are up to 64 x 128 values, and summing them in the last split's tail
 # measured slower (FP8 at one row 82.9 -> 92.6 us per layer, h200_2026-11-29f_skinny_ab).
 FIXUP_SKINNY = False
-import os  # noqa: E402  (A/B switch, temporary)
-SZ_AHEAD = os.environ.get("EMBER_SKINNY_SZ_AHEAD", "1") == "1"
 
 
 @triton.jit
@@ -44,8 +42,7 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K
                    stride_wn, stride_sn, G: tl.constexpr, FP8: tl.constexpr, NATIVE: tl.constexpr,
                    DOT: tl.constexpr, SPLIT_K: tl.constexpr, FIXUP: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   PDL: tl.constexpr, FOLD: tl.constexpr, PREFETCH: tl.constexpr,
-                   SZ_AHEAD: tl.constexpr):
+                   PDL: tl.constexpr, FOLD: tl.constexpr, PREFETCH: tl.constexpr):
     """Grid (N tiles, SPLIT_K, M tiles). w: [N, K / PER] int32 words (PER = 8 INT4 codes or
     4 E4M3 bytes). INT4: s, z [N, K / G] (G a multiple of BLOCK_K); FP8: s [N].
     y [M, N], split partials and counters as splitk.store_split."""
@@ -67,17 +64,18 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K
         q_next = tl.load(w_rows + (start // PER + wi)[None, :], mask=start < end, other=0)
     else:
         q_next = tl.zeros((BLOCK_N, WORDS), dtype=tl.int32)
-    # SZ_AHEAD: the next tile's scales and zeros load one K step ahead, in registers. They are
-    # 2-byte values per row, too narrow for the asynchronous copies that pipeline the weight
-    # and x tiles, so loaded in the step that used them each step waited on a memory round trip.
+    # INT4 scales and zeros load one K step ahead, in registers: 2-byte values per row are too
+    # narrow for the asynchronous copies that pipeline the weight and x tiles, and loaded in
+    # the step that uses them every step waited on a memory round trip (Llama-8B layer at 64
+    # rows on the H200: 145.4 -> 128.7 us, h200_2026-11-30l_stages).
     s_rows = s_ptr + n_safe * stride_sn
     z_rows = z_ptr + n_safe * stride_sn
-    if SZ_AHEAD and not FP8:
-        sc_next = tl.load(s_rows + start // G, mask=start < end, other=0)
-        zp_next = tl.load(z_rows + start // G, mask=start < end, other=0)
-    else:
+    if FP8:
         sc_next = tl.zeros((BLOCK_N,), dtype=s_ptr.dtype.element_ty)
         zp_next = tl.zeros((BLOCK_N,), dtype=z_ptr.dtype.element_ty)
+    else:
+        sc_next = tl.load(s_rows + start // G, mask=start < end, other=0)
+        zp_next = tl.load(z_rows + start // G, mask=start < end, other=0)
     if PDL:
         tl.extra.cuda.gdc_wait()        # x is written by the kernel before
         tl.extra.cuda.gdc_launch_dependents()
@@ -98,15 +96,11 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K
         else:
             p = int4_parts(q, NATIVE, DOT)
             w = int4_columns(p)
-            if SZ_AHEAD:
-                sc = sc_next.to(tl.float32)
-                zp = zp_next.to(tl.float32)
-                nxt = k0 + BLOCK_K < end
-                sc_next = tl.load(s_rows + (k0 + BLOCK_K) // G, mask=nxt, other=0)
-                zp_next = tl.load(z_rows + (k0 + BLOCK_K) // G, mask=nxt, other=0)
-            else:
-                sc = tl.load(s_rows + k0 // G).to(tl.float32)
-                zp = tl.load(z_rows + k0 // G).to(tl.float32)
+            sc = sc_next.to(tl.float32)
+            zp = zp_next.to(tl.float32)
+            nxt = k0 + BLOCK_K < end
+            sc_next = tl.load(s_rows + (k0 + BLOCK_K) // G, mask=nxt, other=0)
+            zp_next = tl.load(z_rows + (k0 + BLOCK_K) // G, mask=nxt, other=0)
             if FOLD:   # (c + 128) - (z + 128) is exact in bf16; times s (bf16 in a bf16 model): one rounding
                 w = (w - (zp + INT4_OFFSET).to(DOT)[:, None]) * sc.to(DOT)[:, None]
                 acc = tl.dot(w, x, acc)
@@ -131,8 +125,8 @@ INT4_CONFIGS = ((64, 128, 4, 4), (32, 128, 4, 4), (64, 128, 2, 4), (128, 128, 1,
                 (64, 128, 4, 4, 1), (64, 128, 2, 4, 1), (128, 128, 1, 8, 1), (128, 128, 2, 8, 1),
                 (64, 128, 8, 4, 1), (32, 128, 4, 4, 1),
                 (64, 128, 4, 4, 1, 1), (64, 128, 8, 4, 1, 1), (128, 128, 1, 8, 1, 1),
-                (128, 128, 1, 8, 1, 0, 4), (64, 128, 4, 4, 1, 0, 4), (64, 128, 8, 4, 1, 0, 4),
-                (128, 128, 2, 8, 1, 0, 4), (64, 128, 2, 4, 1, 0, 4))
+                (64, 128, 4, 4, 1, 0, 1), (64, 128, 2, 4, 1, 0, 1), (64, 128, 8, 4, 1, 0, 1),
+                (128, 128, 2, 8, 1, 0, 1), (32, 128, 4, 4, 1, 0, 1), (64, 128, 4, 4, 1, 1, 1))
 FP8_CONFIGS = ((64, 256, 4, 4), (64, 128, 4, 4), (64, 256, 2, 4), (64, 128, 2, 4), (32, 256, 4, 4),
                (64, 256, 8, 4), (32, 512, 4, 4), (16, 256, 4, 1),
                (128, 128, 2, 8))
@@ -152,13 +146,13 @@ def _launch(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, z: torch.Tens
         bn, bk, split, warps = c[:4]
         fold = bool(c[4]) if len(c) > 4 else False
         prefetch = bool(c[5]) if len(c) > 5 else False
-        stages = {"num_stages": c[6]} if len(c) > 6 else {}
-        part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, bn) * triton.cdiv(m, bm), FIXUP_SKINNY)
+        fixup_tile = bool(c[6]) if len(c) > 6 else FIXUP_SKINNY
+        part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, bn) * triton.cdiv(m, bm), fixup_tile)
         _skinny_kernel[(triton.cdiv(n_out, bn), split, triton.cdiv(m, bm))](
             x2, y, part, cnt, words, s, z if z is not None else s, m, n_out, k_in, x2.stride(0),
             words.stride(0), s.stride(0) if s.dim() > 1 else 0, G=group, FP8=fp8, NATIVE=native,
             DOT=dot, SPLIT_K=split, FIXUP=fixup, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            num_warps=warps, FOLD=fold, PREFETCH=prefetch, SZ_AHEAD=SZ_AHEAD, **stages, **pdl_launch(x2))
+            num_warps=warps, FOLD=fold, PREFETCH=prefetch, **pdl_launch(x2))
         finish_splits(part, y, fixup)
 
     cands = [c for c in (FP8_CONFIGS if fp8 else INT4_CONFIGS)

@@ -118,7 +118,7 @@ def _nvfp4_tile(acc3, q, sc, x_row, col, NATIVE: tl.constexpr, X_PAIRS: tl.const
     columns col + j (col [GROUPS, 2]). X_PAIRS: packed bf16 math (decode.nvfp4_word_dot);
     otherwise fp32."""
     if X_PAIRS:
-        x01, x23, x45, x67 = _x_word_pairs(x_row, col, X_PAIRS == 2)
+        x01, x23, x45, x67 = _x_word_pairs(x_row, col)
         return acc3 + sc[:, :, None] * nvfp4_word_dot(q, x01[None], x23[None], x45[None], x67[None], NATIVE)
     t = e2m1_scaled(q & 0xF) * tl.load(x_row + col).to(tl.float32)[None]
     for j in tl.static_range(1, 8):
@@ -127,15 +127,9 @@ def _nvfp4_tile(acc3, q, sc, x_row, col, NATIVE: tl.constexpr, X_PAIRS: tl.const
 
 
 @triton.jit
-def _x_word_pairs(x_row, col, DIRECT: tl.constexpr):
+def _x_word_pairs(x_row, col):
     """x's bf16 pairs (int32) at each word's columns col + 0/1, 2/3, 4/5, 6/7 (col [GROUPS,
-    GW]; x_row points at x as int32 pairs) -> four [GROUPS, GW] tensors. One 16-byte load
-    per word split in registers goes through shared memory (a layout conversion, two
-    barriers a step); DIRECT loads each pair in the word tile's layout (four 4-byte loads,
-    from L1 after the first program)."""
-    if DIRECT:
-        p = x_row + col // 2
-        return tl.load(p), tl.load(p + 1), tl.load(p + 2), tl.load(p + 3)
+    GW]; x_row points at x as int32 pairs) -> four [GROUPS, GW] tensors."""
     xw = tl.load(x_row + col[:, :, None] // 2 + tl.arange(0, 4)[None, None, :])  # [GROUPS, GW, 4]
     x02, x13 = tl.split(tl.reshape(xw, (xw.shape[0], xw.shape[1], 2, 2)))
     x01, x45 = tl.split(x02)
@@ -151,7 +145,7 @@ def _int4_tile(acc3, q, sc, z, x_row, col, NATIVE: tl.constexpr, X_PAIRS: tl.con
     decode.x_operand): packed bf16 math (decode.int4_word_dot); otherwise fp32 parts, as
     sc * (sum_j x_j (c_j + 128) - (z + 128) sum_j x_j)."""
     if X_PAIRS:
-        x01, x23, x45, x67 = _x_word_pairs(x_row, col, X_PAIRS == 2)
+        x01, x23, x45, x67 = _x_word_pairs(x_row, col)
         d = int4_word_dot(q, int4_zero_pair(z)[:, :, None], x01[None], x23[None], x45[None],
                           x67[None], NATIVE)
         return acc3 + sc[:, :, None] * d
@@ -175,8 +169,7 @@ def _decoder_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, g
                          stride_xm, stride_wn, stride_sn, G: tl.constexpr, NVFP4: tl.constexpr,
                          NATIVE: tl.constexpr, X_PAIRS: tl.constexpr, SPLIT_K: tl.constexpr,
                          FIXUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         GW: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr,
-                         PDL: tl.constexpr):
+                         GW: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
     """INT4 or NVFP4 GEMV with the register decoders (kernels/decode.py). NVFP4: G = 16,
     the E4M3 block scales in s, the per-row global scale in gs; INT4: s and z per group.
     A tile holds GW words of each of BLOCK_K / (8 GW) groups: GW = BLOCK_K / 8 inside one
@@ -201,33 +194,25 @@ def _decoder_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, g
     acc3 = tl.zeros((BLOCK_N, GROUPS, GW), dtype=tl.float32)
     if PREFETCH:
         q_next = tl.load(w_rows + start // 8, mask=start < end, other=0)
-        s_next = tl.load(s_ptr + s_rows + start // G, mask=start < end, other=0)
-        z_next = tl.load(z_ptr + s_rows + start // G, mask=start < end, other=0)
     else:
         q_next = tl.zeros((BLOCK_N, GROUPS, GW), dtype=tl.int32)
-        s_next = tl.zeros((BLOCK_N, GROUPS), dtype=s_ptr.dtype.element_ty)
-        z_next = tl.zeros((BLOCK_N, GROUPS), dtype=z_ptr.dtype.element_ty)
     if PDL:
         tl.extra.cuda.gdc_wait()      # x is written by the kernel before
         tl.extra.cuda.gdc_launch_dependents()
-    # STAGES > 1: Triton's pipeliner copies the weight, scale and x tiles of the next
-    # STAGES - 1 steps asynchronously into shared memory (loads wider than 4 bytes a thread).
-    for k0 in tl.range(start, end, BLOCK_K, num_stages=STAGES):
-        if PREFETCH:   # the next step's words, scales and zeros, in registers
-            q, s_raw, z = q_next, s_next, z_next
-            nxt = k0 + BLOCK_K < end
-            q_next = tl.load(w_rows + (k0 + BLOCK_K) // 8, mask=nxt, other=0)
-            s_next = tl.load(s_ptr + s_rows + (k0 + BLOCK_K) // G, mask=nxt, other=0)
-            z_next = tl.load(z_ptr + s_rows + (k0 + BLOCK_K) // G, mask=nxt, other=0)
+    for k0 in range(start, end, BLOCK_K):
+        if PREFETCH:
+            q = q_next
+            q_next = tl.load(w_rows + (k0 + BLOCK_K) // 8, mask=k0 + BLOCK_K < end, other=0)
         else:
             q = tl.load(w_rows + k0 // 8)
-            s_raw = tl.load(s_ptr + s_rows + k0 // G)
-            z = tl.load(z_ptr + s_rows + k0 // G)
+        g = k0 // G
         if NVFP4:
-            sc = e4m3_from_bits(s_raw.to(tl.int32))
+            sc = e4m3_from_bits(tl.load(s_ptr + s_rows + g).to(tl.int32))
             acc3 = _nvfp4_tile(acc3, q, sc, x_row, k0 + 8 * words, NATIVE, X_PAIRS)
         else:
-            acc3 = _int4_tile(acc3, q, s_raw.to(tl.float32), z, x_row, k0 + 8 * words, NATIVE, X_PAIRS)
+            sc = tl.load(s_ptr + s_rows + g).to(tl.float32)
+            z = tl.load(z_ptr + s_rows + g)
+            acc3 = _int4_tile(acc3, q, sc, z, x_row, k0 + 8 * words, NATIVE, X_PAIRS)
     acc = tl.sum(tl.sum(acc3, axis=2), axis=1)
     if NVFP4:
         acc *= tl.load(gs_ptr + n_safe)
@@ -347,12 +332,7 @@ GEMV_CONFIGS = ((32, 256, 2), (16, 256, 4), (32, 128, 4), (64, 128, 2), (16, 128
 INT4_GEMV_CONFIGS = ((32, 256, 4, 4, 1), (32, 256, 8, 4, 1), (32, 256, 2, 4, 1), (32, 256, 3, 4, 1),
                      (32, 256, 6, 4, 1), (16, 256, 4, 2, 1), (16, 256, 8, 2, 1), (64, 256, 8, 8, 1),
                      (32, 256, 2, 4), (32, 256, 8, 4),
-                     (32, 128, 4, 4), (64, 128, 8, 4), (16, 128, 8, 4), (32, 32, 4, 4),
-                     (32, 256, 4, 4, 1, 1, 1), (32, 256, 8, 4, 1, 1, 1), (32, 256, 2, 4, 1, 1, 1),
-                     (32, 256, 4, 4, 0, 3), (32, 256, 8, 4, 0, 3), (32, 256, 2, 4, 0, 3),
-                     (32, 256, 4, 4, 0, 4), (32, 256, 4, 4, 1, 3), (32, 256, 4, 4, 0, 3, 1),
-                     (16, 256, 8, 2, 0, 3), (64, 256, 8, 8, 0, 3), (16, 256, 8, 2, 1, 1, 1),
-                     (64, 256, 8, 8, 1, 1, 1), (32, 256, 6, 4, 1, 1, 1), (32, 256, 3, 4, 0, 3))
+                     (32, 128, 4, 4), (64, 128, 8, 4), (16, 128, 8, 4), (32, 32, 4, 4))
 GEMM_CONFIGS = ((64, 128, 4, 2), (32, 128, 4, 4), (64, 64, 4, 4), (128, 128, 8, 2), (64, 128, 4, 1))
 
 
@@ -387,10 +367,9 @@ def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor |
             part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, bn) * m, True)
             _decoder_gemv_kernel[(triton.cdiv(n_out, bn), split, m)](
                 xk, y, part, cnt, *ptrs, m, n_out, k_in, xk.stride(0), w.stride(0), s.stride(0),
-                G=group, NVFP4=nvfp4, NATIVE=native_decode(), SPLIT_K=split, FIXUP=fixup,
-                X_PAIRS=2 if pairs and len(c) > 6 and c[6] else int(pairs),
+                G=group, NVFP4=nvfp4, NATIVE=native_decode(), X_PAIRS=pairs, SPLIT_K=split, FIXUP=fixup,
                 BLOCK_N=bn, BLOCK_K=bk, GW=min(bk, group) // 8, PREFETCH=len(c) > 4 and bool(c[4]),
-                STAGES=c[5] if len(c) > 5 else 1, num_warps=warps, **pdl_launch(x2))
+                num_warps=warps, **pdl_launch(x2))
             finish_splits(part, y, fixup)
         cands = decoder_tiles
         key = ("decoder_gemv", nvfp4, m, n_out, k_in, group)
