@@ -143,6 +143,12 @@ def bench_kernels(shapes: dict, rows: list[int], methods: list[str], device: tor
     return out
 
 
+def tuned_tiles() -> str:
+    """The quantized kernels' tuned tile per (kernel, format, rows, N, K, group) key."""
+    from ember.quant.kernels.splitk import _TUNED
+    return json.dumps({" ".join(map(str, k)): list(v) for k, v in _TUNED.items()})
+
+
 def bench_e2e(model: str, methods: list[str], prompt_len: int, decode_len: int, batch: int,
               tput_len: int, budget_s: float, max_model_len: int) -> list[dict]:
     from ember import LLM, SamplingParams
@@ -181,6 +187,7 @@ def bench_e2e(model: str, methods: list[str], prompt_len: int, decode_len: int, 
                "decode_bs1_tok_s": round(decode, 1), f"throughput_bs{batch}_tok_s": round(tput, 1)}
         results.append(row)
         print(json.dumps(row), flush=True)
+        print("# tiles the kernels' tuner chose so far:", tuned_tiles(), flush=True)
         del llm
         gc.collect()
         if torch.cuda.is_available():

@@ -136,6 +136,8 @@ def main() -> None:
         got = {r["kernel"]: r["us_per_layer"] for r in rows if r["m"] == m}
         cells = [f"{got[k]:.1f} us ({base / got[k]:.2f}x)" if k in got else "-" for k in KERNELS]
         print(f"| {m} | " + " | ".join(cells) + " |")
+    from quant_gpu import tuned_tiles
+    print("# tiles the kernels' tuner chose:", tuned_tiles(), flush=True)
     if args.skinny_configs:
         for m in [m for m in args.rows if 2 <= m <= 64]:
             x = {name: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for name, (k, n) in SHAPES.items()}

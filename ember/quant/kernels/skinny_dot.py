@@ -116,17 +116,16 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K
 
 
 # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps[, FOLD[, PREFETCH]]). An INT4 BLOCK_K divides the
-# group and gives WORDS >= 16 (an MMA's K). On the H200 at the Llama-8B shape (2026-11-29h)
-# FOLD tiles won every shape at 16 and 64 rows; the epilogue tiles stay for the shapes and
-# row counts not measured. 256-wide tiles and the fold through fp32 (the same values) never
-# won and went.
-INT4_CONFIGS = ((64, 128, 4, 4), (32, 128, 4, 4), (64, 128, 2, 4), (128, 128, 1, 4), (64, 128, 8, 4),
-                (32, 128, 8, 4), (128, 128, 2, 8), (16, 128, 4, 1), (16, 128, 8, 1),
-                (64, 128, 4, 4, 1), (64, 128, 2, 4, 1), (128, 128, 1, 8, 1), (128, 128, 2, 8, 1),
-                (64, 128, 8, 4, 1), (32, 128, 4, 4, 1),
-                (64, 128, 4, 4, 1, 1), (64, 128, 8, 4, 1, 1), (128, 128, 1, 8, 1, 1),
-                (64, 128, 4, 4, 1, 0, 1), (64, 128, 2, 4, 1, 0, 1), (64, 128, 8, 4, 1, 0, 1),
-                (128, 128, 2, 8, 1, 0, 1), (32, 128, 4, 4, 1, 0, 1), (64, 128, 4, 4, 1, 1, 1))
+# group and gives WORDS >= 16 (an MMA's K). On the H200 at the Llama-8B shape FOLD tiles won
+# every shape at 16 and 64 rows (2026-11-29h and 2026-11-30l sweeps); the kept ones were
+# each shape's best or within 10% of it, and two epilogue tiles stay for other shapes.
+# Pruned (2026-11-30l) because the tuner times a tile alone and ranked tiles that lose in a
+# chained layer first (a Llama-8B layer at 64 rows: 136.9 us tuned against 128.6 summing
+# each shape's best). Tried and gone: 256-wide tiles, the fold through fp32, four pipeline
+# stages, split partials summed in-kernel (all no faster).
+INT4_CONFIGS = ((64, 128, 4, 4, 1), (128, 128, 1, 8, 1), (64, 128, 4, 4, 1, 1), (64, 128, 8, 4, 1, 1),
+                (64, 128, 8, 4, 1), (64, 128, 2, 4, 1), (128, 128, 1, 8, 1, 1), (32, 128, 4, 4, 1),
+                (64, 128, 4, 4), (64, 128, 8, 4))
 FP8_CONFIGS = ((64, 256, 4, 4), (64, 128, 4, 4), (64, 256, 2, 4), (64, 128, 2, 4), (32, 256, 4, 4),
                (64, 256, 8, 4), (32, 512, 4, 4), (16, 256, 4, 1),
                (128, 128, 2, 8))
@@ -146,8 +145,7 @@ def _launch(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, z: torch.Tens
         bn, bk, split, warps = c[:4]
         fold = bool(c[4]) if len(c) > 4 else False
         prefetch = bool(c[5]) if len(c) > 5 else False
-        fixup_tile = bool(c[6]) if len(c) > 6 else FIXUP_SKINNY
-        part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, bn) * triton.cdiv(m, bm), fixup_tile)
+        part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, bn) * triton.cdiv(m, bm), FIXUP_SKINNY)
         _skinny_kernel[(triton.cdiv(n_out, bn), split, triton.cdiv(m, bm))](
             x2, y, part, cnt, words, s, z if z is not None else s, m, n_out, k_in, x2.stride(0),
             words.stride(0), s.stride(0) if s.dim() > 1 else 0, G=group, FP8=fp8, NATIVE=native,
