@@ -117,18 +117,14 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K
 
 # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps[, FOLD[, PREFETCH]]). An INT4 BLOCK_K divides the
 # group and gives WORDS >= 16 (an MMA's K). On the H200 at the Llama-8B shape FOLD tiles won
-# every shape at 16 and 64 rows (2026-11-29h and 2026-11-30l sweeps); the kept ones were
-# each shape's best or within 10% of it, and two epilogue tiles stay for other shapes.
-# Pruned (2026-11-30l) because the tuner times a tile alone and ranked tiles that lose in a
-# chained layer first (a Llama-8B layer at 64 rows: 136.9 us tuned against 128.6 summing
-# each shape's best). Tried and gone: 256-wide tiles, the fold through fp32, four pipeline
-# stages, split partials summed in-kernel (all no faster).
+# every shape at 16 and 64 rows (2026-11-29h and 2026-11-30l sweeps, bench/results/
+# h200_2026-11-30l_*); the kept ones were a shape's best or within 10% of it at 16 or 64
+# rows, and two epilogue tiles stay for other shapes. Tried and gone: BLOCK_K 256 and 512
+# (whole groups), BLOCK_N 256, the fold through fp32, four pipeline stages, split partials
+# summed in-kernel (none faster on any shape).
 INT4_CONFIGS = ((64, 128, 4, 4, 1), (128, 128, 1, 8, 1), (64, 128, 4, 4, 1, 1), (64, 128, 8, 4, 1, 1),
                 (64, 128, 8, 4, 1), (64, 128, 2, 4, 1), (128, 128, 1, 8, 1, 1), (32, 128, 4, 4, 1),
-                (64, 128, 4, 4), (64, 128, 8, 4),
-                (128, 128, 4, 8, 1), (128, 128, 8, 8, 1), (128, 128, 2, 8, 1), (128, 128, 4, 8, 1, 1),
-                (256, 128, 1, 8, 1), (256, 128, 2, 8, 1), (256, 128, 4, 8, 1), (256, 128, 8, 8, 1),
-                (256, 128, 4, 8, 1, 1), (128, 128, 16, 8, 1))
+                (128, 128, 8, 8, 1), (64, 128, 4, 4), (64, 128, 8, 4))
 FP8_CONFIGS = ((64, 256, 4, 4), (64, 128, 4, 4), (64, 256, 2, 4), (64, 128, 2, 4), (32, 256, 4, 4),
                (64, 256, 8, 4), (32, 512, 4, 4), (16, 256, 4, 1),
                (128, 128, 2, 8))
