@@ -119,7 +119,7 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K
 # group and gives WORDS >= 16 (an MMA's K). On the H200 at the Llama-8B shape FOLD tiles won
 # every shape at 16 and 64 rows (2026-11-29h and 2026-11-30l sweeps, bench/results/
 # h200_2026-11-30l_*); the kept ones were a shape's best or within 10% of it at 16 or 64
-# rows, and two epilogue tiles stay for other shapes. Tried and gone: BLOCK_K 256 and 512
+# rows, plus a 32-row FOLD tile and two epilogue tiles for other shapes. Tried and gone: BLOCK_K 256 and 512
 # (whole groups), BLOCK_N 256, the fold through fp32, four pipeline stages, split partials
 # summed in-kernel (none faster on any shape).
 INT4_CONFIGS = ((64, 128, 4, 4, 1), (128, 128, 1, 8, 1), (64, 128, 4, 4, 1, 1), (64, 128, 8, 4, 1, 1),
