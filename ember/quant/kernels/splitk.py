@@ -18,8 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ember.layers.pdl import pdl_launch
-
 
 @triton.jit
 def k_range(K, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -32,11 +30,7 @@ def k_range(K, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _sum_splits_kernel(part_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
-                       PDL: tl.constexpr):
-    if PDL:   # in the decode step's PDL chain (layers/pdl.py), not a break in it
-        tl.extra.cuda.gdc_wait()          # the partials are the split kernel's output
-        tl.extra.cuda.gdc_launch_dependents()
+def _sum_splits_kernel(part_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < MN
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -122,8 +116,7 @@ def sum_splits(part: torch.Tensor, y: torch.Tensor) -> None:
     if part is y:
         return
     mn = y.numel()
-    _sum_splits_kernel[(triton.cdiv(mn, 1024),)](part, y, mn, SPLIT_K=part.shape[0], BLOCK=1024,
-                                                 **pdl_launch(y))
+    _sum_splits_kernel[(triton.cdiv(mn, 1024),)](part, y, mn, SPLIT_K=part.shape[0], BLOCK=1024)
 
 
 # On CUDA the first call per shape key (eager, e.g. CUDA-graph warm-up) times every
