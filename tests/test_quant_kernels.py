@@ -402,3 +402,51 @@ def test_nvfp4_word_dot_asm_decodes_every_code_exactly():
         want = [bf16_bits(-mags[c & 7] if c & 8 else mags[c & 7]) for c in codes]
         got = [h for p in pairs for h in (p & 0xFFFF, p >> 16)]
         assert got == want, hex(q)
+
+
+def test_fp8_word_dot_asm_decodes_every_byte_exactly():
+    # The compiled packed FP8 GEMV decoder (decode._FP8_WORD_DOT2_ASM) runs only on a GPU;
+    # its integer part runs here on the emulator: the bf16 pairs fed to the four multiplies
+    # must be each word's bytes (0, 2) then (1, 3), as E4M3 value times 2^-120, bit for bit
+    # (subnormals and signs included), the pairing fp8_x_pairs gives x.
+    import struct
+    from ember.quant.kernels import decode
+
+    def bits(byte: int) -> int:
+        v = torch.tensor([byte], dtype=torch.uint8).view(torch.float8_e4m3fn).double().item()
+        return struct.unpack("<I", struct.pack("<f", v * 2.0 ** -120))[0] >> 16
+
+    codes = [b for b in range(256) if b & 0x7F != 0x7F]          # every byte but the NaNs
+    words = [sum(codes[(4 * i + j) % len(codes)] << 8 * j for j in range(4)) for i in range(len(codes))]
+    for qa, qb in zip(words, words[1:] + words[:1]):
+        _, pairs = _run_ptx(decode._FP8_WORD_DOT2_ASM.value, {1: qa, 2: qb, 3: 0, 4: 0, 5: 0, 6: 0})
+        want = []
+        for q in (qa, qb):
+            by = [(q >> 8 * j) & 0xFF for j in range(4)]
+            want += [bits(by[0]), bits(by[2]), bits(by[1]), bits(by[3])]
+        got = [h for p in pairs for h in (p & 0xFFFF, p >> 16)]
+        assert got == want, (hex(qa), hex(qb))
+
+
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+def test_skinny_defer_returns_split_partials_that_sum_to_the_output(kind):
+    # defer=True leaves a split tile's partials unsummed for the consumer (the fused norm);
+    # their total is the non-deferred output exactly. One split: a plain tensor.
+    from ember.layers.linear import SplitPartials
+    from ember.quant.fp8 import quantize_fp8
+    from ember.quant.kernels.skinny_dot import fp8_skinny, int4_skinny
+    x = _skinny_x(5, 512, seed=3)
+    if kind == "int4":
+        qw, s, z = _int4_weight(72, 512, 128, seed=2)
+        s = s.to(x.dtype)
+        split_cfg, whole_cfg = (64, 128, 2, 4, 1), (128, 128, 1, 8, 1)
+        run = lambda cfg, defer: int4_skinny(x, qw, s, z, config=cfg, defer=defer)  # noqa: E731
+    else:
+        q, sc = quantize_fp8(torch.randn(72, 512, generator=torch.Generator().manual_seed(2)), per_row=True)
+        q, sc = q.to(DEVICE), sc.reshape(-1).to(DEVICE)
+        split_cfg, whole_cfg = (64, 128, 2, 4), (64, 128, 1, 4)
+        run = lambda cfg, defer: fp8_skinny(x, q, sc, config=cfg, defer=defer)  # noqa: E731
+    got = run(split_cfg, True)
+    assert isinstance(got, SplitPartials) and got.part.shape == (2, 5, 72)
+    torch.testing.assert_close(got.total(), run(split_cfg, False), rtol=0, atol=0)
+    assert isinstance(run(whole_cfg, True), torch.Tensor)
