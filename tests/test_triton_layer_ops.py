@@ -211,28 +211,3 @@ def test_eagle_layer_leaves_its_inputs_alone_with_in_place_layer_ops():
     outs = {name: layer(rope, embeds, mask_hidden.expand(3, -1), attend) for name, layer in layers.items()}
     assert torch.equal(mask_hidden, before), "the layer wrote into its hidden-state input"
     torch.testing.assert_close(outs["triton"], outs["torch"], rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("splits", [2, 3])
-def test_add_rms_norm_sums_split_partials_as_the_reduce_kernel_would(dtype, splits):
-    # A linear layer's deferred split-K partials (SplitPartials) summed inside the fused
-    # residual add + RMSNorm give exactly what the reduce kernel followed by the in-place
-    # kernel give: the same split order, the same roundings.
-    from ember.layers.linear import SplitPartials
-    from ember.quant.kernels.splitk import sum_splits
-    part = randn(splits, 5, 96, dtype=torch.float32, seed=5)
-    res = randn(5, 96, dtype=dtype, seed=6)
-    w = randn(96, dtype=dtype, seed=7)
-    y = torch.empty(5, 96, dtype=dtype, device=DEVICE)
-    sum_splits(part, y)
-    want_norm, want_sum = TRITON.add_rms_norm(y, res.clone(), w, 1e-5)
-    res2 = res.clone()
-    got_norm, got_sum = TRITON.add_rms_norm(SplitPartials(part, dtype), res2, w, 1e-5)
-    assert got_sum.data_ptr() == res2.data_ptr() and got_norm.dtype == dtype
-    torch.testing.assert_close(got_sum, want_sum, rtol=0, atol=0)
-    torch.testing.assert_close(got_norm, want_norm, rtol=0, atol=0)
-    # The torch ops sum them first (SplitPartials.total), then add and normalize.
-    ref_norm, ref_sum = TORCH_LAYER_OPS.add_rms_norm(SplitPartials(part, dtype), res.clone(), w, 1e-5)
-    torch.testing.assert_close(ref_sum, want_sum, **TOL[dtype])
-    torch.testing.assert_close(ref_norm, want_norm, **TOL[dtype])

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ember.layers.linear import SplitPartials, as_tensor
-
 LAYER_KERNELS = ("auto", "torch", "triton")
 
 
@@ -41,10 +39,9 @@ class LayerOps:
         """x: [T, d] -> weight * x / rms(x)."""
         raise NotImplementedError
 
-    def add_rms_norm(self, x: "torch.Tensor | SplitPartials", residual: torch.Tensor,
-                     weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """x, residual: [T, d] -> (rms_norm(x + residual), x + residual). x may be a linear
-        layer's deferred split-K partials (ember.layers.linear.SplitPartials)."""
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, residual: [T, d] -> (rms_norm(x + residual), x + residual)."""
         raise NotImplementedError
 
     def rope_step(self, cos_table: torch.Tensor, sin_table: torch.Tensor,
@@ -76,9 +73,9 @@ class TorchLayerOps(LayerOps):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
         return weight * x32.to(x.dtype)
 
-    def add_rms_norm(self, x: "torch.Tensor | SplitPartials", residual: torch.Tensor,
-                     weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        x = as_tensor(x) + residual
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + residual
         return self.rms_norm(x, weight, eps), x
 
     def rope_step(self, cos_table: torch.Tensor, sin_table: torch.Tensor,

@@ -6,41 +6,9 @@ layer with several named shards so a single GEMM serves them all.
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-@dataclass(frozen=True)
-class SplitPartials:
-    """A linear layer's output left as split-K fp32 partials [splits, T, out]; the output
-    is their sum in split order, cast to `dtype`. Linear.forward returns one only when the
-    layer's `defer_sum` is set and its kernel split K (the quantized skinny kernels), so
-    that the kernel consuming the output sums the partials (the fused residual add +
-    RMSNorm, TritonLayerOps) and no reduce kernel runs between the two."""
-
-    part: torch.Tensor
-    dtype: torch.dtype
-
-    def total(self) -> torch.Tensor:
-        """The output itself, [T, out] in `dtype` (one reduce launch)."""
-        from ember.quant.kernels.splitk import sum_splits
-        y = torch.empty(self.part.shape[1:], dtype=self.dtype, device=self.part.device)
-        sum_splits(self.part, y)
-        return y
-
-
-def as_tensor(y: "torch.Tensor | SplitPartials") -> torch.Tensor:
-    """A linear output as a tensor (summing deferred partials)."""
-    return y.total() if isinstance(y, SplitPartials) else y
-
-
-# Deferred split sums are on unless EMBER_DEFER_SPLIT_SUM=0 (the null behaviour: every
-# linear returns a tensor).
-DEFER_SPLIT_SUM = os.environ.get("EMBER_DEFER_SPLIT_SUM", "1") == "1"
 
 
 class LinearMethod:
@@ -67,11 +35,6 @@ class LinearMethod:
 
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
-
-    def apply_deferred(self, layer: "Linear", x: torch.Tensor) -> "torch.Tensor | SplitPartials":
-        """apply, but a kernel that splits K may leave its partials unsummed (SplitPartials);
-        layers without a bias only."""
-        return self.apply(layer, x)
 
 
 class UnquantizedLinearMethod(LinearMethod):
@@ -136,8 +99,6 @@ class Linear(nn.Module):
         self.method = method or UnquantizedLinearMethod()
         self.method.create_weights(self)
         self.bias = nn.Parameter(torch.zeros(offset), requires_grad=False) if bias else None
-        # Set by a model whose every consumer of this output takes SplitPartials.
-        self.defer_sum = False
 
     def load(self, weight: torch.Tensor, shard: str | None = None) -> None:
         self.method.load_shard(self, self.shard_offsets[shard], weight)
@@ -155,8 +116,6 @@ class Linear(nn.Module):
         offset = self.shard_offsets[shard]
         self.bias.data[offset:offset + bias.shape[0]].copy_(bias)
 
-    def forward(self, x: torch.Tensor) -> "torch.Tensor | SplitPartials":
-        """x: [..., in_features] -> [..., out_features] (SplitPartials only with defer_sum)."""
-        if self.defer_sum and self.bias is None and DEFER_SPLIT_SUM:
-            return self.method.apply_deferred(self, x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., in_features] -> [..., out_features]."""
         return self.method.apply(self, x)

@@ -5,7 +5,6 @@ import torch
 from torch import nn
 
 from ember.layers.layer_ops import TORCH_LAYER_OPS, LayerOps
-from ember.layers.linear import SplitPartials, as_tensor
 
 
 class RMSNorm(nn.Module):
@@ -16,11 +15,10 @@ class RMSNorm(nn.Module):
         self.ops = ops
 
     def forward(
-        self, x: torch.Tensor | SplitPartials, residual: torch.Tensor | None = None
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """x: [T, hidden], or a linear layer's deferred split-K partials. With `residual`,
-        returns (norm(x + residual), x + residual); the fused path reuses x's and
-        residual's buffers for them."""
+        """x: [T, hidden]. With `residual`, returns (norm(x + residual), x + residual);
+        the fused path reuses x's and residual's buffers for them."""
         if residual is None:
-            return self.ops.rms_norm(as_tensor(x), self.weight, self.eps)
+            return self.ops.rms_norm(x, self.weight, self.eps)
         return self.ops.add_rms_norm(x, residual, self.weight, self.eps)

@@ -17,17 +17,12 @@ import triton
 import triton.language as tl
 
 from ember.layers.layer_ops import LayerOps, RopeStep
-from ember.layers.linear import SplitPartials
 from ember.layers.pdl import pdl_launch
 
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, n_cols, eps,
-                    split_stride, HAS_RESIDUAL: tl.constexpr, SPLITS: tl.constexpr,
-                    BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """SPLITS > 0: x is a split-K kernel's fp32 partials (SPLITS planes split_stride apart),
-    summed here in split order and rounded to the output dtype, as splitk.sum_splits
-    would before this kernel."""
+                    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     if PDL:   # launched early (ember.layers.pdl): wait for the kernel before, let the next start
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -35,10 +30,6 @@ def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    if SPLITS > 0:
-        for s in range(1, SPLITS):
-            x += tl.load(x_ptr + s * split_stride + row * stride_x + cols, mask=mask, other=0.0)
-        x = x.to(out_ptr.dtype.element_ty)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
         # The sum is rounded to the activation dtype before it is normalized, as in torch.
@@ -129,25 +120,18 @@ class TritonLayerOps(LayerOps):
         out = torch.empty_like(x2)
         block = triton.next_power_of_2(x2.shape[1])
         _rmsnorm_kernel[(x2.shape[0],)](x2, x2, weight, out, x2.stride(0), x2.stride(0),
-                                        out.stride(0), x2.shape[1], eps, 0, HAS_RESIDUAL=False,
-                                        SPLITS=0, BLOCK=block, num_warps=_norm_warps(block), **pdl_launch(x2))
+                                        out.stride(0), x2.shape[1], eps, HAS_RESIDUAL=False,
+                                        BLOCK=block, num_warps=_norm_warps(block), **pdl_launch(x2))
         return out.view(x.shape)
 
-    def add_rms_norm(self, x: torch.Tensor | SplitPartials, residual: torch.Tensor,
-                     weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        # In place: residual <- x + residual, x <- norm(x + residual). No allocation, but
-        # for split partials (summed here, saving the reduce launch): a new output.
-        assert residual.dim() == 2 and residual.stride(-1) == 1
-        splits, src = 0, x
-        if isinstance(x, SplitPartials):
-            splits, src = x.part.shape[0], x.part
-            x = torch.empty(residual.shape, dtype=x.dtype, device=residual.device)
-        assert x.dim() == 2 and x.stride(-1) == 1
-        t, d = residual.shape
-        block = triton.next_power_of_2(d)
-        _rmsnorm_kernel[(t,)](src, residual, weight, x, src.stride(-2), residual.stride(0),
-                              x.stride(0), d, eps, t * d, HAS_RESIDUAL=True, SPLITS=splits,
-                              BLOCK=block, num_warps=_norm_warps(block), **pdl_launch(x))
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        # In place: residual <- x + residual, x <- norm(x + residual). No allocation.
+        assert x.dim() == 2 and x.stride(-1) == 1 and residual.stride(-1) == 1
+        block = triton.next_power_of_2(x.shape[1])
+        _rmsnorm_kernel[(x.shape[0],)](x, residual, weight, x, x.stride(0), residual.stride(0),
+                                       x.stride(0), x.shape[1], eps, HAS_RESIDUAL=True,
+                                       BLOCK=block, num_warps=_norm_warps(block), **pdl_launch(x))
         return x, residual
 
     def rope_step(self, cos_table: torch.Tensor, sin_table: torch.Tensor,

@@ -15,7 +15,7 @@ from ember.config import ModelConfig
 from ember.engine.forward_batch import ForwardBatch
 from ember.layers.attention import Attention
 from ember.layers.layer_ops import TORCH_LAYER_OPS, LayerOps, RopeStep
-from ember.layers.linear import Linear, as_tensor
+from ember.layers.linear import Linear
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import RotaryEmbedding
 from ember.models.mtp_block import DecoderLayerBlock
@@ -119,11 +119,6 @@ class LlamaModel(nn.Module):
                                       cfg.rope_scaling, ops)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, backend, qk_norm, ops)
                                     for _ in range(cfg.num_hidden_layers))
-        # o_proj's and down_proj's outputs only ever reach a residual add + RMSNorm (the
-        # next norm here; the aux path sums them first), which can sum split-K partials
-        # itself: a split skinny kernel then runs without its reduce launch.
-        for layer in self.layers:
-            layer.self_attn.o_proj.defer_sum = layer.mlp.down_proj.defer_sum = True
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         # Opt-in (EAGLE-3 drafters read them): the residual stream entering each of these
         # layers, concatenated, is kept in `aux_hidden_states` after every forward.
@@ -148,11 +143,9 @@ class LlamaModel(nn.Module):
         for i, layer in enumerate(self.layers):
             if i in self.aux_layers:
                 # A copy: the fused layer ops reuse h's and residual's buffers.
-                h = as_tensor(h)
                 aux.append(h.clone() if residual is None else h + residual)
             h, residual = layer(rope, h, residual, fb)
         if len(self.layers) in self.aux_layers:   # the stream after the last layer
-            h = as_tensor(h)
             aux.append(h + residual)
         self.aux_hidden_states = torch.cat(aux, dim=-1)
         h, _ = self.norm(h, residual)

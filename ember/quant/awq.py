@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ember.layers.linear import Linear, SplitPartials
+from ember.layers.linear import Linear
 from ember.quant.base import QuantConfig, QuantLinearMethod, effective_group_size, register
 from ember.quant.int4 import dequantize_int4, from_autoawq, pack_int4, quantize_int4
 
@@ -58,12 +58,6 @@ class Int4LinearMethod(QuantLinearMethod):
         else:
             y = F.linear(x, self.cpu_weight(layer, x.dtype))
         return y if layer.bias is None else y + layer.bias
-
-    def apply_deferred(self, layer: Linear, x: torch.Tensor) -> torch.Tensor | SplitPartials:
-        if x.is_cuda and self._skinny(layer, x):
-            from ember.quant.kernels.skinny_dot import int4_skinny
-            return int4_skinny(x, layer.qweight, layer.scales, layer.qzeros, defer=True)
-        return self.apply(layer, x)
 
     def _skinny(self, layer: Linear, x: torch.Tensor) -> bool:
         """bf16 inputs of 2..MAX_ROWS rows take the tensor-core kernel (kernels/skinny_dot.py);

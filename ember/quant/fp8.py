@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ember.layers.linear import Linear, SplitPartials
+from ember.layers.linear import Linear
 from ember.quant.base import QuantLinearMethod, register
 
 FP8 = torch.float8_e4m3fn
@@ -84,12 +84,6 @@ class FP8LinearMethod(QuantLinearMethod):
                 x = (q.float() * s).to(x.dtype).reshape(x.shape)
             y = F.linear(x, self.cpu_weight(layer, x.dtype))
         return y if layer.bias is None else y + layer.bias
-
-    def apply_deferred(self, layer: Linear, x: torch.Tensor) -> torch.Tensor | SplitPartials:
-        if x.is_cuda and self._small_batch_kernel(layer, x) == "skinny":
-            from ember.quant.kernels.skinny_dot import fp8_skinny
-            return fp8_skinny(x, layer.weight, layer.weight_scale, defer=True)
-        return self.apply(layer, x)
 
     def _small_batch_kernel(self, layer: Linear, x: torch.Tensor) -> str | None:
         """Which weight-only kernel serves a few rows (kernels/fp8_gemv.py says why

@@ -24,7 +24,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ember.layers.linear import SplitPartials
 from ember.layers.pdl import pdl_launch
 from ember.quant.kernels.decode import (E4M3_FACTOR_HALF, INT4_OFFSET, e4m3_parts, int4_columns,
                                         int4_parts, native_decode)
@@ -132,8 +131,7 @@ FP8_CONFIGS = ((64, 256, 4, 4), (64, 128, 4, 4), (64, 256, 2, 4), (64, 128, 2, 4
 
 
 def _launch(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
-            n_out: int, k_in: int, group: int, fp8: bool, config: tuple | None,
-            defer: bool) -> torch.Tensor | SplitPartials:
+            n_out: int, k_in: int, group: int, fp8: bool, config: tuple | None) -> torch.Tensor:
     x2, y = rows_and_output(x, k_in, n_out, MAX_ROWS)
     m = x2.shape[0]
     if m == 0:
@@ -142,9 +140,7 @@ def _launch(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, z: torch.Tens
     dot = tl.bfloat16 if native else tl.float32
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
 
-    def run(c: tuple, keep_partials: bool = False) -> SplitPartials | None:
-        """Launch tile c; with keep_partials and more than one split, return the partials
-        unsummed."""
+    def run(c: tuple) -> None:
         bn, bk, split, warps = c[:4]
         fold = bool(c[4]) if len(c) > 4 else False
         prefetch = bool(c[5]) if len(c) > 5 else False
@@ -154,19 +150,14 @@ def _launch(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, z: torch.Tens
             words.stride(0), s.stride(0) if s.dim() > 1 else 0, G=group, FP8=fp8, NATIVE=native,
             DOT=dot, SPLIT_K=split, FIXUP=fixup, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
             num_warps=warps, FOLD=fold, PREFETCH=prefetch, **pdl_launch(x2))
-        if keep_partials and part is not y and not fixup:
-            return SplitPartials(part, y.dtype)
         finish_splits(part, y, fixup)
-        return None
 
     cands = [c for c in (FP8_CONFIGS if fp8 else INT4_CONFIGS)
              if k_in % c[1] == 0 and (fp8 or group % c[1] == 0)]
     if not cands:
         raise ValueError(f"no skinny tile fits K = {k_in}, group {group}")
-    # Tiles are timed with their reduce: deferred partials are summed by a later kernel.
-    partials = run(config or choose_config(("skinny", fp8, bm, n_out, k_in, group), cands, run, x),
-                   keep_partials=defer and x.dim() == 2)
-    return partials if partials is not None else y.reshape(*x.shape[:-1], n_out)
+    run(config or choose_config(("skinny", fp8, bm, n_out, k_in, group), cands, run, x))
+    return y.reshape(*x.shape[:-1], n_out)
 
 
 def int4_fits(k_in: int, group: int) -> bool:
@@ -179,20 +170,18 @@ def fp8_fits(k_in: int) -> bool:
 
 
 def int4_skinny(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
-                config: tuple | None = None, defer: bool = False) -> torch.Tensor | SplitPartials:
+                config: tuple | None = None) -> torch.Tensor:
     """x: [..., K] (at most MAX_ROWS rows); qweight: [N, K // 8] int32; scales, qzeros:
-    [N, K // G] -> [..., N] in x's dtype (bf16 products on the GPU). defer (x [M, K]): a
-    split tile's partials are returned unsummed (SplitPartials)."""
+    [N, K // G] -> [..., N] in x's dtype (bf16 products on the GPU)."""
     n_out, k_in = qweight.shape[0], qweight.shape[1] * 8
     group = k_in // scales.shape[1]
-    return _launch(x, qweight, scales, qzeros, n_out, k_in, group, False, config, defer)
+    return _launch(x, qweight, scales, qzeros, n_out, k_in, group, False, config)
 
 
 def fp8_skinny(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-               config: tuple | None = None, defer: bool = False) -> torch.Tensor | SplitPartials:
+               config: tuple | None = None) -> torch.Tensor:
     """x: [..., K] (at most MAX_ROWS rows); weight: [N, K] float8_e4m3fn (K % 4 == 0);
-    scale: [N] fp32 -> [..., N] in x's dtype (bf16 products on the GPU); defer as in
-    int4_skinny."""
+    scale: [N] fp32 -> [..., N] in x's dtype (bf16 products on the GPU)."""
     n_out, k_in = weight.shape
     words = weight.view(torch.uint8).view(torch.int32)   # [N, K // 4], little-endian bytes
-    return _launch(x, words, scale, None, n_out, k_in, 1, True, config, defer)
+    return _launch(x, words, scale, None, n_out, k_in, 1, True, config)
