@@ -150,7 +150,7 @@ def test_nvfp4_kernel_split_k(config):
 def _fp8_gemv_configs() -> list[tuple]:
     """Every tile the autotuner may pick on a GPU; two on the CPU (the interpreter is slow)."""
     from ember.quant.kernels.fp8_gemv import CONFIGS
-    return list(CONFIGS) if DEVICE == "cuda" else [(16, 128, 1, 4), (16, 64, 4, 2)]
+    return list(CONFIGS) if DEVICE == "cuda" else [(16, 128, 1, 4), (16, 64, 4, 2), (16, 128, 2, 4, 1)]
 
 
 @pytest.mark.parametrize("m", [1, 3])
@@ -402,3 +402,27 @@ def test_nvfp4_word_dot_asm_decodes_every_code_exactly():
         want = [bf16_bits(-mags[c & 7] if c & 8 else mags[c & 7]) for c in codes]
         got = [h for p in pairs for h in (p & 0xFFFF, p >> 16)]
         assert got == want, hex(q)
+
+
+def test_fp8_word_dot_asm_decodes_every_byte_exactly():
+    # The compiled packed FP8 GEMV decoder (decode._FP8_WORD_DOT2_ASM) runs only on a GPU;
+    # its integer part runs here on the emulator: the bf16 pairs fed to the four multiplies
+    # must be each word's bytes (0, 2) then (1, 3), as E4M3 value times 2^-120, bit for bit
+    # (subnormals and signs included), the pairing fp8_x_quad gives x.
+    import struct
+    from ember.quant.kernels import decode
+
+    def bits(byte: int) -> int:
+        v = torch.tensor([byte], dtype=torch.uint8).view(torch.float8_e4m3fn).double().item()
+        return struct.unpack("<I", struct.pack("<f", v * 2.0 ** -120))[0] >> 16
+
+    codes = [b for b in range(256) if b & 0x7F != 0x7F]          # every byte but the NaNs
+    words = [sum(codes[(4 * i + j) % len(codes)] << 8 * j for j in range(4)) for i in range(len(codes))]
+    for qa, qb in zip(words, words[1:] + words[:1]):
+        _, pairs = _run_ptx(decode._FP8_WORD_DOT2_ASM.value, {1: qa, 2: qb, 3: 0, 4: 0, 5: 0, 6: 0})
+        want = []
+        for q in (qa, qb):
+            by = [(q >> 8 * j) & 0xFF for j in range(4)]
+            want += [bits(by[0]), bits(by[2]), bits(by[1]), bits(by[3])]
+        got = [h for p in pairs for h in (p & 0xFFFF, p >> 16)]
+        assert got == want, (hex(qa), hex(qb))

@@ -17,16 +17,20 @@ import triton
 import triton.language as tl
 
 from ember.layers.pdl import pdl_launch
-from ember.quant.kernels.decode import E4M3_FACTOR_HALF, e4m3_parts, native_decode, x_operand, x_pair
+from ember.quant.kernels.decode import (E4M3_FACTOR_HALF, e4m3_parts, fp8_word_dot2, fp8_x_operand,
+                                        fp8_x_quad,
+                                        native_decode, x_operand, x_pair)
 from ember.quant.kernels.splitk import (choose_config, finish_splits, k_range, rows_and_output,
                                         split_buffers, store_split)
 
 GEMV_MAX_ROWS = 8
-# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps). Long K wants few rows per program with long
-# tiles and splits (the down projection: K = 14336, N = 4096); wide N wants many programs.
-CONFIGS = ((32, 256, 2, 4), (16, 256, 4, 4), (32, 128, 4, 4), (16, 512, 2, 4), (8, 1024, 1, 2),
-           (16, 512, 4, 4), (8, 512, 4, 2), (4, 1024, 4, 2), (32, 256, 1, 4), (16, 512, 1, 4),
-           (64, 256, 4, 4), (32, 512, 4, 4), (64, 128, 8, 4), (32, 256, 8, 4), (64, 256, 4, 8))
+# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps[, PACKED]). Long K wants few rows per program with
+# long tiles and splits (the down projection: K = 14336, N = 4096); wide N wants many
+# programs. PACKED tiles (bf16 x only) multiply in packed bf16 math (_fp8_packed_tile).
+_TILES = ((32, 256, 2, 4), (16, 256, 4, 4), (32, 128, 4, 4), (16, 512, 2, 4), (8, 1024, 1, 2),
+          (16, 512, 4, 4), (8, 512, 4, 2), (4, 1024, 4, 2), (32, 256, 1, 4), (16, 512, 1, 4),
+          (64, 256, 4, 4), (32, 512, 4, 4), (64, 128, 8, 4), (32, 256, 8, 4), (64, 256, 4, 8))
+CONFIGS = _TILES + tuple((*t, 1) for t in _TILES)
 
 
 @triton.jit
@@ -57,13 +61,25 @@ def _fp8_tile_load(w_ptr, n_safe, wi, k0, live, stride_wn):
 
 
 @triton.jit
+def _fp8_packed_tile(acc2, qa, qb, x_row, col, half: tl.constexpr, live, NATIVE: tl.constexpr):
+    """acc2 [BN, HALF] += the dot of each word pair (qa at columns col, qb at col + half:
+    the two halves of a tile) with x, times 2^-60 (decode.fp8_word_dot2); x_row points at
+    x's bf16 quads as int64 (decode.fp8_x_operand)."""
+    xa02, xa13 = fp8_x_quad(x_row + col // 4, live, NATIVE)
+    xb02, xb13 = fp8_x_quad(x_row + (col + half) // 4, live, NATIVE)
+    return acc2 + fp8_word_dot2(qa, qb, xa02[None, :], xa13[None, :], xb02[None, :], xb13[None, :], NATIVE)
+
+
+@triton.jit
 def _fp8_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, M, N, K, stride_xm, stride_wn,
-                     NATIVE: tl.constexpr, X_PAIRS: tl.constexpr, SPLIT_K: tl.constexpr,
-                     FIXUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PDL: tl.constexpr):
+                     NATIVE: tl.constexpr, X_PAIRS: tl.constexpr, PACKED: tl.constexpr,
+                     SPLIT_K: tl.constexpr, FIXUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Grid (N tiles, SPLIT_K, M). w: [N, K / 4] int32 words of 4 E4M3 bytes; y [M, N],
-    split partials and counters as splitk.store_split."""
-    WORDS: tl.constexpr = BLOCK_K // 4
+    split partials and counters as splitk.store_split. PACKED (bf16 x read as quads): each
+    tile is two halves of BLOCK_K / 2 columns whose words pair up in packed bf16 math;
+    else fp32 FMAs per weight."""
+    WORDS: tl.constexpr = BLOCK_K // 4 // (2 if PACKED else 1)
     m = tl.program_id(2)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
@@ -76,6 +92,8 @@ def _fp8_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, M, N, K, str
     # The first weight tile is requested before waiting for the kernel that writes x
     # (launched early under PDL, ember.layers.pdl); an empty split adds nothing.
     q = _fp8_tile_load(w_ptr, n_safe, wi, start, start < end, stride_wn)
+    if PACKED:
+        qb = _fp8_tile_load(w_ptr, n_safe, wi, start + BLOCK_K // 2, start < end, stride_wn)
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -83,11 +101,20 @@ def _fp8_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, M, N, K, str
     # this one is decoded (65.8 against 74.0 us per Llama-8B layer on the H200,
     # bench/results/h200_2026-11-29f_skinny_ab.txt).
     for k0 in range(start, end, BLOCK_K):
-        nq = _fp8_tile_load(w_ptr, n_safe, wi, k0 + BLOCK_K, k0 + BLOCK_K < end, stride_wn)
-        acc2 = _fp8_tile(acc2, q, x_row, k0 + 4 * wi, wi < WORDS, NATIVE, X_PAIRS)
+        nxt = k0 + BLOCK_K < end
+        nq = _fp8_tile_load(w_ptr, n_safe, wi, k0 + BLOCK_K, nxt, stride_wn)
+        if PACKED:
+            nqb = _fp8_tile_load(w_ptr, n_safe, wi, k0 + BLOCK_K + BLOCK_K // 2, nxt, stride_wn)
+            acc2 = _fp8_packed_tile(acc2, q, qb, x_row, k0 + 4 * wi, BLOCK_K // 2, wi < WORDS, NATIVE)
+            qb = nqb
+        else:
+            acc2 = _fp8_tile(acc2, q, x_row, k0 + 4 * wi, wi < WORDS, NATIVE, X_PAIRS)
         q = nq
     scale = tl.load(s_ptr + n_safe) * E4M3_FACTOR_HALF
-    acc = tl.sum(acc2, axis=1) * scale * E4M3_FACTOR_HALF
+    if PACKED:
+        acc = tl.sum(acc2, axis=1) * scale              # products carry 2^-60
+    else:
+        acc = tl.sum(acc2, axis=1) * scale * E4M3_FACTOR_HALF
     store_split(acc, y_ptr, part_ptr, cnt_ptr, m * N + n, n_mask, M * N,
                 tl.program_id(0) + tl.num_programs(0) * m, SPLIT_K, FIXUP)
 
@@ -106,16 +133,22 @@ def fp8_gemv_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     w = weight.view(torch.uint8).view(torch.int32)   # [N, K // 4], little-endian bytes
     kmax = k_in & -k_in   # BLOCK_K must divide K (masks cover N only)
 
-    xk, pairs = x_operand(x2)
+    # bf16 x: PACKED tiles read it four at a time (tiles of two halves of >= 2 words)
+    quads = fp8_x_operand(x2) if kmax >= 16 else None
+    xp, pairs = x_operand(x2)
 
     def run(c: tuple) -> None:
-        bn, bk, split, warps = c
+        bn, bk, split, warps = c[:4]
+        packed = len(c) > 4 and bool(c[4]) and quads is not None
+        bk = min(bk, kmax)
+        xk = quads if packed else xp
         part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, bn) * m, True)
         _fp8_gemv_kernel[(triton.cdiv(n_out, bn), split, m)](
             xk, y, part, cnt, w, scale, m, n_out, k_in, xk.stride(0), w.stride(0),
-            NATIVE=native_decode(), X_PAIRS=pairs, SPLIT_K=split, FIXUP=fixup, BLOCK_N=bn,
-            BLOCK_K=min(bk, kmax), num_warps=warps, **pdl_launch(x2))
+            NATIVE=native_decode(), X_PAIRS=pairs, PACKED=packed, SPLIT_K=split, FIXUP=fixup,
+            BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **pdl_launch(x2))
         finish_splits(part, y, fixup)
 
-    run(config or choose_config(("fp8_gemv", m, n_out, k_in), list(CONFIGS), run, x))
+    cands = [c for c in CONFIGS if quads is not None or len(c) == 4]
+    run(config or choose_config(("fp8_gemv", m, n_out, k_in), cands, run, x))
     return y.reshape(*x.shape[:-1], n_out)
