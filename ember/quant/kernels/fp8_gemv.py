@@ -9,6 +9,8 @@ through torch._scaled_mm (ember/quant/fp8.py).
 Grid (N tiles, K splits, rows). Weights are read as int32 words of four E4M3 bytes and
 decoded by moving bits (kernels/decode.py); decoding with Triton's fp8 casts held this
 kernel to ~65% of the H200's bandwidth (conversions run at a fraction of the FMA rate).
+Two inner loops: fp32 FMAs per weight, or (PACKED tiles, bf16 x) pairs of words in packed
+bf16 math with one widening to fp32 per pair (decode.fp8_word_dot2).
 """
 from __future__ import annotations
 
@@ -18,19 +20,23 @@ import triton.language as tl
 
 from ember.layers.pdl import pdl_launch
 from ember.quant.kernels.decode import (E4M3_FACTOR_HALF, e4m3_parts, fp8_word_dot2, fp8_x_operand,
-                                        fp8_x_quad,
-                                        native_decode, x_operand, x_pair)
+                                        fp8_x_quad, native_decode, x_operand, x_pair)
 from ember.quant.kernels.splitk import (choose_config, finish_splits, k_range, rows_and_output,
                                         split_buffers, store_split)
 
 GEMV_MAX_ROWS = 8
 # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps[, PACKED]). Long K wants few rows per program with
 # long tiles and splits (the down projection: K = 14336, N = 4096); wide N wants many
-# programs. PACKED tiles (bf16 x only) multiply in packed bf16 math (_fp8_packed_tile).
-_TILES = ((32, 256, 2, 4), (16, 256, 4, 4), (32, 128, 4, 4), (16, 512, 2, 4), (8, 1024, 1, 2),
-          (16, 512, 4, 4), (8, 512, 4, 2), (4, 1024, 4, 2), (32, 256, 1, 4), (16, 512, 1, 4),
-          (64, 256, 4, 4), (32, 512, 4, 4), (64, 128, 8, 4), (32, 256, 8, 4), (64, 256, 4, 8))
-CONFIGS = _TILES + tuple((*t, 1) for t in _TILES)
+# programs. PACKED tiles (bf16 x only) multiply in packed bf16 math (_fp8_packed_tile): a
+# quarter fewer instructions per weight, which won qkv (9.7 -> 8.4 us), gate_up (33.0 ->
+# 32.3) and down (18.0 -> 17.8) at one row of the Llama-8B shape on the H200, not o (6.6 ->
+# 7.2); the kept ones were a shape's best or within 3% of it
+# (bench/results/h200_2026-11-30m_fp8_packed_configs.txt).
+CONFIGS = ((32, 256, 2, 4), (16, 256, 4, 4), (32, 128, 4, 4), (16, 512, 2, 4), (8, 1024, 1, 2),
+           (16, 512, 4, 4), (8, 512, 4, 2), (4, 1024, 4, 2), (32, 256, 1, 4), (16, 512, 1, 4),
+           (64, 256, 4, 4), (32, 512, 4, 4), (64, 128, 8, 4), (32, 256, 8, 4), (64, 256, 4, 8),
+           (8, 1024, 1, 2, 1), (64, 256, 4, 4, 1), (64, 256, 4, 8, 1), (32, 512, 4, 4, 1),
+           (16, 512, 4, 4, 1), (32, 256, 8, 4, 1))
 
 
 @triton.jit
