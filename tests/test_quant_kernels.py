@@ -426,3 +426,29 @@ def test_fp8_word_dot_asm_decodes_every_byte_exactly():
             want += [bits(by[0]), bits(by[2]), bits(by[1]), bits(by[3])]
         got = [h for p in pairs for h in (p & 0xFFFF, p >> 16)]
         assert got == want, (hex(qa), hex(qb))
+
+
+def test_tuner_retimes_its_finalists(monkeypatch):
+    # Round one ranks every tile by one sample (noise only slows a replay); the three
+    # fastest are timed again in turn and the best of all their samples decides: tile "c"
+    # ranked second behind "b" in round one, slowed by noise, and is the fastest after;
+    # "e" cannot run (infinite).
+    from types import SimpleNamespace
+    from ember.quant.kernels import splitk
+    first = {"a": 5.0, "b": 3.2, "c": 3.4, "d": 3.6, "e": float("inf")}
+    later = {"b": [3.3, 3.2, 3.4, 3.3], "c": [3.1, 3.0, 3.2, 3.1], "d": [3.5, 3.5, 3.5, 3.5]}
+    ran = []
+    monkeypatch.setattr(splitk, "_time_or_inf", lambda fn: fn())
+    monkeypatch.setattr(splitk, "_time_ms", lambda fn: later[fn()].pop(0))
+    monkeypatch.setattr(splitk, "_TUNED", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(splitk, "AUTOTUNE", True)
+
+    def run(c):
+        ran.append(c)
+        return first[c] if ran.count(c) == 1 else c
+
+    assert splitk.choose_config(("k",), list(first), run, SimpleNamespace(is_cuda=True)) == "c"
+    assert ran.count("a") == 1 and ran.count("e") == 1            # not finalists
+    assert all(not v for v in later.values())                     # each finalist re-timed 4 times
+    assert splitk.choose_config(("k",), list(first), run, SimpleNamespace(is_cuda=True)) == "c"   # cached
