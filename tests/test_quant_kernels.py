@@ -452,3 +452,25 @@ def test_tuner_retimes_its_finalists(monkeypatch):
     assert ran.count("a") == 1 and ran.count("e") == 1            # not finalists
     assert all(not v for v in later.values())                     # each finalist re-timed 4 times
     assert splitk.choose_config(("k",), list(first), run, SimpleNamespace(is_cuda=True)) == "c"   # cached
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_row_quantization_matches_torch_bit_for_bit(dtype):
+    # The one-launch per-token FP8 quantization (W8A8 prefill) against quantize_fp8: the
+    # same scales and the same E4M3 codes, over rows spanning 2^-20..2^8 in magnitude (so
+    # every row has subnormal codes), rows longer than one block, a zero row and -0.
+    from ember.quant.fp8 import quantize_fp8
+    from ember.quant.kernels.fp8_quant import quantize_fp8_rows
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(6, 5000, generator=g) * torch.exp2(torch.randint(-20, 9, (6, 5000), generator=g).float())
+    x[2] = 0.0
+    # Row 3's scale is 1: exact E4M3 ties (1.0625, 3.25 -> even; 3 * 2^-10 between subnormal
+    # codes 1 and 2 -> 2), the largest subnormal step and 2^-6 from below.
+    x[3] = torch.linspace(-400, 400, 5000)
+    x[3, :9] = torch.tensor([-0.0, 448.0, -3.25, 2.0 ** -10, 3 * 2.0 ** -10, 1.125, 1.0625,
+                             7.5 * 2.0 ** -9, 0.0155])
+    x = x.to(dtype).to(DEVICE)
+    want_q, want_s = quantize_fp8(x, per_row=True)
+    got_q, got_s = quantize_fp8_rows(x)
+    torch.testing.assert_close(got_s, want_s, rtol=0, atol=0)
+    assert torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8))

@@ -1,5 +1,5 @@
 """FP8 W8A8 (E4M3): weights per output channel (default) or per tensor, activations
-quantized dynamically per token (default) or per tensor, one `torch._scaled_mm` on CUDA;
+quantized dynamically per token (default, one Triton launch: kernels/fp8_quant.py) or per tensor, one `torch._scaled_mm` on CUDA;
 decode-sized inputs (<= 8 rows) run weight-only through a Triton FP8 GEMV instead.
 On the CPU: the weight-only dequant fallback (activations stay in the run dtype), or with
 `params["emulate_activations"]` the activations are quantized and dequantized too, so the
@@ -105,7 +105,12 @@ class FP8LinearMethod(QuantLinearMethod):
 
     def _scaled_mm(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        q, sx = quantize_fp8(x2, self.per_token)
+        if self.per_token:
+            # One launch per layer (kernels/fp8_quant.py), not the reference's nine.
+            from ember.quant.kernels.fp8_quant import quantize_fp8_rows
+            q, sx = quantize_fp8_rows(x2)
+        else:
+            q, sx = quantize_fp8(x2, False)
         if self.per_token or self.per_channel:
             # Row-wise scaling: [M, 1] for activations, [1, N] for weights.
             sx = sx.expand(x2.shape[0], 1).contiguous()
