@@ -24,7 +24,9 @@ FP8_MAX = 448.0
 def quantize_fp8(x: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [rows, K] -> (fp8 [rows, K], scale fp32 [rows, 1] (per_row) or [1, 1])."""
     amax = x.abs().amax(-1, keepdim=True) if per_row else x.abs().amax().reshape(1, 1)
-    scale = (amax.float() / FP8_MAX).clamp(min=1e-12)
+    # Times the reciprocal: what torch's CUDA division by a scalar computes (its CPU one
+    # divides), so the CPU and the GPU and kernels/fp8_quant.py agree bit for bit.
+    scale = (amax.float() * (1.0 / FP8_MAX)).clamp(min=1e-12)
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
