@@ -1,6 +1,6 @@
 """Dynamic per-token FP8 (E4M3) quantization of activations in one Triton launch: each
-row's absolute maximum, its scale amax / 448 (at least 1e-12), and the row divided by it,
-rounded to E4M3. Torch reference: `ember.quant.fp8.quantize_fp8(x, per_row=True)`, which
+row's absolute maximum, its scale amax * (1 / 448) (at least 1e-12), and the row divided
+by it, rounded to E4M3. Torch reference: `ember.quant.fp8.quantize_fp8(x, per_row=True)`, which
 this reproduces bit for bit.
 
 Why: W8A8 prefill (torch._scaled_mm) quantizes the input of every linear layer, and the
