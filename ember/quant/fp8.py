@@ -1,7 +1,8 @@
 """FP8 W8A8 (E4M3): weights per output channel (default) or per tensor, activations
 quantized dynamically per token (default; one Triton launch on CUDA, kernels/fp8_quant.py)
 or per tensor, one `torch._scaled_mm` on CUDA; decode-sized inputs run weight-only through
-the Triton FP8 GEMV or skinny kernel instead (_small_batch_kernel). On the CPU: the weight-only dequant fallback (activations stay in the run dtype), or with
+the Triton FP8 GEMV or skinny kernel instead (_small_batch_kernel). On the CPU: the
+weight-only dequant fallback (activations stay in the run dtype), or with
 `params["emulate_activations"]` the activations are quantized and dequantized too, so the
 CPU measures what the GPU path computes.
 
