@@ -9,8 +9,8 @@ torch reference is about nine launches (abs, amax, divide, clamp, cast, ...) per
 took 29-60 ms against bf16's 22-25 ms (bench/results/h200_2026-11-30m_*_quant_e2e.txt).
 
 The E4M3 rounding is done on the fp32 bits (round to nearest even), not with Triton's
-fp8 cast: the interpreter's cast rounds wrongly at binade edges (125.4 -> 64), and the
-tests run on it.
+fp8 cast: the interpreter's cast rounds wrongly at binade edges (-126.3 -> -64,
+bench/results/cpu_2026-11-30m_sass_fp8_gemv.txt), and the tests run on it.
 """
 from __future__ import annotations
 
