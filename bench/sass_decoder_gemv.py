@@ -42,10 +42,15 @@ def sass(nvfp4: bool, tile: list[int]) -> str:
              "SPLIT_K": split, "FIXUP": split > 1, "BLOCK_N": bn, "BLOCK_K": bk,
              "GW": 2 if nvfp4 else min(bk, 128) // 8, "PREFETCH": bool(prefetch), "PDL": False}
     sig = dict(SIG, s_ptr="*u8") if nvfp4 else SIG
+    return compile_sass(w4a16._decoder_gemv_kernel, sig, const, DIVISIBLE, warps)
+
+
+def compile_sass(fn, sig: dict[str, str], const: dict, divisible: list[str], warps: int) -> str:
+    """A jitted kernel's SASS for sm_90 (cuobjdump), its pointer/size arguments in
+    `divisible` marked 16-divisible as a launch would specialize them."""
     names = list(sig)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in DIVISIBLE}
-    src = ASTSource(fn=w4a16._decoder_gemv_kernel, signature={**sig, **{c: "constexpr" for c in const}},
-                    constexprs=const, attrs=attrs)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    src = ASTSource(fn=fn, signature={**sig, **{c: "constexpr" for c in const}}, constexprs=const, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:

@@ -9,16 +9,10 @@ kernels/fp8_quant.py rounds on the fp32 bits.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import tempfile
-
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(__file__))
-from sass_decoder_gemv import loop_report  # noqa: E402
+from sass_decoder_gemv import compile_sass, loop_report  # noqa: E402
 
 from ember.quant.kernels import fp8_gemv  # noqa: E402
 
@@ -31,16 +25,7 @@ def sass(tile: tuple[int, int, int, int], packed: bool) -> str:
     bn, bk, split, warps = tile
     const = {"NATIVE": True, "X_PAIRS": True, "PACKED": packed, "SPLIT_K": split, "FIXUP": split > 1,
              "BLOCK_N": bn, "BLOCK_K": bk, "PDL": False}
-    names = list(SIG)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in DIVISIBLE}
-    src = ASTSource(fn=fp8_gemv._fp8_gemv_kernel, signature={**SIG, **{c: "constexpr" for c in const}},
-                    constexprs=const, attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
-        f.flush()
-        return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    return compile_sass(fp8_gemv._fp8_gemv_kernel, SIG, const, DIVISIBLE, warps)
 
 
 def interpreter_fp8_cast() -> str:
