@@ -6,7 +6,10 @@ For each format:
 (a) the first token of one P-token prompt as `LLM.generate(max_tokens=1)` serves it: wall
     time, the median and minimum of --reps runs after three warm-up runs;
 (b) one such run under torch.profiler: device kernel time, launch count and the top kernels;
-(c) with --gemm-rows, the W8A8 pieces at each Llama-8B layer shape and row count, as CUDA
+(c) with --ab, the same first-token timing with PDL off (EMBER_PDL=0) and with Python's
+    garbage collector frozen and off, in the same process; with --cprofile, the host
+    functions of one run by own time (cProfile);
+(d) with --gemm-rows, the W8A8 pieces at each Llama-8B layer shape and row count, as CUDA
     graph replays (device time) and as eager calls (host launch time included): bf16
     F.linear, FP8 activation quantization, torch._scaled_mm with row-wise scales, and
     torch._scaled_mm with per-tensor scales.
@@ -61,6 +64,43 @@ def profile_first_token(llm, prompt_len: int, top: int) -> None:
         print(f"    {sum(times):8.3f} ms  x{len(times):<4d} {name[:110]}")
 
 
+def ab_runs(llm, prompt_len: int, reps: int) -> None:
+    """First-token medians under host-side variants, one process, one model."""
+    import gc
+    variants = [("as is", {}, False), ("EMBER_PDL=0", {"EMBER_PDL": "0"}, False),
+                ("gc frozen + off", {}, True), ("as is, again", {}, False)]
+    for name, env, no_gc in variants:
+        old = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)
+        if no_gc:
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+        try:
+            ms = first_token_runs(llm, prompt_len, reps)
+        finally:
+            if no_gc:
+                gc.enable()
+                gc.unfreeze()
+            for key, val in old.items():
+                os.environ.pop(key) if val is None else os.environ.__setitem__(key, val)
+        print(f"  {name:16s} median {statistics.median(ms):6.1f} ms, min {min(ms):6.1f} "
+              f"({', '.join(f'{m:.1f}' for m in ms)})", flush=True)
+
+
+def host_profile(llm, prompt_len: int, top: int) -> None:
+    import cProfile
+    import io
+    import pstats
+    pr = cProfile.Profile()
+    pr.enable()
+    first_token_runs(llm, prompt_len, 1)
+    pr.disable()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(top)
+    print("\n".join(line for line in buf.getvalue().splitlines() if line.strip())[:6000])
+
+
 def gemm_pieces(rows: int) -> None:
     """us per call of the W8A8 pieces at each Llama-8B layer shape (graph / eager)."""
     from gpu_timing import graph_replay_ms
@@ -113,6 +153,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--top", type=int, default=14)
+    ap.add_argument("--ab", action="store_true")
+    ap.add_argument("--cprofile", action="store_true")
     ap.add_argument("--gemm-rows", type=int, nargs="*", default=[])
     args = ap.parse_args()
     from ember import LLM
@@ -124,7 +166,12 @@ def main() -> None:
         print(f"\n== {method}: first token of a {args.prompt_len}-token prompt: median "
               f"{statistics.median(ms):.1f} ms, min {min(ms):.1f} ms "
               f"({', '.join(f'{m:.1f}' for m in ms)})", flush=True)
-        profile_first_token(llm, args.prompt_len, args.top)
+        if args.top:
+            profile_first_token(llm, args.prompt_len, args.top)
+        if args.ab:
+            ab_runs(llm, args.prompt_len, args.reps)
+        if args.cprofile:
+            host_profile(llm, args.prompt_len, 25)
         del llm
         gc.collect()
         torch.cuda.empty_cache()
