@@ -65,8 +65,22 @@ def profile_first_token(llm, prompt_len: int, top: int) -> None:
 
 
 def ab_runs(llm, prompt_len: int, reps: int) -> None:
-    """First-token medians under host-side variants, one process, one model."""
+    """First-token medians under host-side variants, one process, one model; per run also
+    the host time spent launching the model's forward (the rest is scheduling, sampling
+    and the wait for the device), and per variant the garbage collections and the CUDA
+    allocator's device allocations / retries."""
     import gc
+    model = llm.engine.runner.model
+    launch_ms: list[float] = []
+    inner = model.forward
+
+    def timed_forward(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return inner(*a, **kw)
+        finally:
+            launch_ms.append((time.perf_counter() - t) * 1e3)
+    model.forward = timed_forward
     variants = [("as is", {}, False), ("EMBER_PDL=0", {"EMBER_PDL": "0"}, False),
                 ("gc frozen + off", {}, True), ("as is, again", {}, False)]
     for name, env, no_gc in variants:
@@ -76,6 +90,9 @@ def ab_runs(llm, prompt_len: int, reps: int) -> None:
             gc.collect()
             gc.freeze()
             gc.disable()
+        launch_ms.clear()
+        collections = [st["collections"] for st in gc.get_stats()]
+        mem = torch.cuda.memory_stats()
         try:
             ms = first_token_runs(llm, prompt_len, reps)
         finally:
@@ -84,8 +101,14 @@ def ab_runs(llm, prompt_len: int, reps: int) -> None:
                 gc.unfreeze()
             for key, val in old.items():
                 os.environ.pop(key) if val is None else os.environ.__setitem__(key, val)
+        mem2 = torch.cuda.memory_stats()
+        gcs = [st["collections"] - c for st, c in zip(gc.get_stats(), collections)]
         print(f"  {name:16s} median {statistics.median(ms):6.1f} ms, min {min(ms):6.1f} "
-              f"({', '.join(f'{m:.1f}' for m in ms)})", flush=True)
+              f"({', '.join(f'{m:.1f}' for m in ms)}); forward launch ms "
+              f"({', '.join(f'{m:.1f}' for m in launch_ms)}); gc collections by generation {gcs}; "
+              f"cudaMalloc {mem2['num_device_alloc'] - mem['num_device_alloc']}, retries "
+              f"{mem2['num_alloc_retries'] - mem['num_alloc_retries']}", flush=True)
+    del model.forward
 
 
 def host_profile(llm, prompt_len: int, top: int) -> None:
