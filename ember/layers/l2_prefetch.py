@@ -66,17 +66,11 @@ def prefetch_rows_l2(row0, row_stride, row_offset, nbytes, valid_rows, ROWS: tl.
     issue_once_per_row(PREFETCH_ASM, row0, row_stride, row_offset, nbytes, valid_rows, ROWS, THREADS)
 
 
-# Weights larger than this are not prefetched: the whole slice of every program at once
-# overflows the L2 (50 MB on the H200) and evicts lines before they are read.
-MAX_BYTES = int(os.environ.get("EMBER_L2_PREFETCH_MAX_MB", "24")) << 20
-
-
-def l2_prefetch_enabled(t: torch.Tensor, weight_bytes: int, *aligned: int) -> bool:
-    """True when a kernel on t's device should prefetch its weights (weight_bytes in all)
-    into L2: PDL on, `EMBER_L2_PREFETCH` not "0", the weights at most MAX_BYTES, and every
-    value in `aligned` (byte addresses, row strides and row-slice lengths) a multiple of
-    16, as the bulk prefetch requires."""
-    if os.environ.get("EMBER_L2_PREFETCH", "1") == "0" or not pdl_enabled(t) or weight_bytes > MAX_BYTES:
+def l2_prefetch_enabled(t: torch.Tensor, *aligned: int) -> bool:
+    """True when the kernels on t's device should prefetch their weights into L2: PDL on,
+    `EMBER_L2_PREFETCH` not "0", and every value in `aligned` (byte addresses, row strides
+    and row-slice lengths) a multiple of 16, as the bulk prefetch requires."""
+    if os.environ.get("EMBER_L2_PREFETCH", "1") == "0" or not pdl_enabled(t):
         return False
     return all(v % 16 == 0 for v in aligned)
 

@@ -100,7 +100,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     out = torch.empty(n, dtype=x.dtype, device=x.device)
     even_k = k % config.block_k == 0
     l2 = even_k and weight.dtype in (torch.bfloat16, torch.float16) and l2_prefetch_enabled(
-        x, weight.numel() * 2, weight.data_ptr(), 2 * weight.stride(0), 2 * config.block_k)
+        x, weight.data_ptr(), 2 * weight.stride(0), 2 * config.block_k)
     _gemv_kernel[(triton.cdiv(n, config.block_n),)](
         xv, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
         HAS_BIAS=bias is not None, EVEN_K=even_k,

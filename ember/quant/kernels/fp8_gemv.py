@@ -155,7 +155,7 @@ def fp8_gemv_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         bk = min(bk, kmax)
         xk = quads if packed else xp
         part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, bn) * m, True)
-        l2 = m == 1 and l2_prefetch_enabled(x2, weight.numel(), w.data_ptr(), 4 * w.stride(0), bk, k_in)
+        l2 = m == 1 and l2_prefetch_enabled(x2, w.data_ptr(), 4 * w.stride(0), bk, k_in)
         _fp8_gemv_kernel[(triton.cdiv(n_out, bn), split, m)](
             xk, y, part, cnt, w, scale, m, n_out, k_in, xk.stride(0), w.stride(0),
             NATIVE=native_decode(), X_PAIRS=pairs, PACKED=packed, SPLIT_K=split, FIXUP=fixup,

@@ -372,7 +372,7 @@ def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor |
         def run(c: tuple) -> None:
             bn, bk, split, warps = c[:4]
             part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, bn) * m, True)
-            l2 = m == 1 and l2_prefetch_enabled(x2, w.numel() * 4, w.data_ptr(), 4 * w.stride(0), bk // 2, k_in // 2)
+            l2 = m == 1 and l2_prefetch_enabled(x2, w.data_ptr(), 4 * w.stride(0), bk // 2, k_in // 2)
             _decoder_gemv_kernel[(triton.cdiv(n_out, bn), split, m)](
                 xk, y, part, cnt, *ptrs, m, n_out, k_in, xk.stride(0), w.stride(0), s.stride(0),
                 G=group, NVFP4=nvfp4, NATIVE=native_decode(), X_PAIRS=pairs, SPLIT_K=split, FIXUP=fixup,
