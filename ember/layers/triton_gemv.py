@@ -18,7 +18,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ember.layers.l2_prefetch import l2_prefetch_enabled, prefetch_rows_l2
 from ember.layers.pdl import pdl_launch
 
 
@@ -48,8 +47,7 @@ def choose_config(n: int, k: int) -> GemvConfig:
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn,
                  HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                 L2_PREFETCH: tl.constexpr, THREADS: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     n_mask = rn < N
@@ -59,10 +57,6 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn,
         # Launched early (ember.layers.pdl): the first weight tile is requested before
         # waiting for the kernel that writes x. (PDL launches only with EVEN_K.)
         w = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0, eviction_policy="evict_first")
-        if L2_PREFETCH:   # the rest of the rows, into L2 (ember.layers.l2_prefetch)
-            n0 = tl.program_id(0) * BLOCK_N
-            prefetch_rows_l2(w_ptr + n0 * stride_wn, stride_wn, BLOCK_K, (K - BLOCK_K) * 2, N - n0,
-                             BLOCK_N, THREADS)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
         x = tl.load(x_ptr + rk)
@@ -99,13 +93,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     xv = xv.contiguous()
     out = torch.empty(n, dtype=x.dtype, device=x.device)
     even_k = k % config.block_k == 0
-    l2 = even_k and weight.dtype in (torch.bfloat16, torch.float16) and l2_prefetch_enabled(
-        x, weight.data_ptr(), 2 * weight.stride(0), 2 * config.block_k)
     _gemv_kernel[(triton.cdiv(n, config.block_n),)](
         xv, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
         HAS_BIAS=bias is not None, EVEN_K=even_k,
-        BLOCK_N=config.block_n, BLOCK_K=config.block_k, L2_PREFETCH=l2,
-        THREADS=32 * config.num_warps, num_warps=config.num_warps,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
         **(pdl_launch(x) if even_k else {"PDL": False}))
     return out.view(*x.shape[:-1], n)
 

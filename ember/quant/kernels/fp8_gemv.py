@@ -18,7 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ember.layers.l2_prefetch import l2_prefetch_enabled, prefetch_rows_l2
 from ember.layers.pdl import pdl_launch
 from ember.quant.kernels.decode import (E4M3_FACTOR_HALF, e4m3_parts, fp8_word_dot2, fp8_x_operand,
                                         fp8_x_quad, native_decode, x_operand, x_pair)
@@ -81,8 +80,7 @@ def _fp8_packed_tile(acc2, qa, qb, x_row, col, half: tl.constexpr, live, NATIVE:
 def _fp8_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, M, N, K, stride_xm, stride_wn,
                      NATIVE: tl.constexpr, X_PAIRS: tl.constexpr, PACKED: tl.constexpr,
                      SPLIT_K: tl.constexpr, FIXUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, PDL: tl.constexpr, L2_PREFETCH: tl.constexpr,
-                     THREADS: tl.constexpr):
+                     BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Grid (N tiles, SPLIT_K, M). w: [N, K / 4] int32 words of 4 E4M3 bytes; y [M, N],
     split partials and counters as splitk.store_split. PACKED (bf16 x read as quads): each
     tile is two halves of BLOCK_K / 2 columns whose words pair up in packed bf16 math;
@@ -102,10 +100,6 @@ def _fp8_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, M, N, K, str
     q = _fp8_tile_load(w_ptr, n_safe, wi, start, start < end, stride_wn)
     if PACKED:
         qb = _fp8_tile_load(w_ptr, n_safe, wi, start + BLOCK_K // 2, start < end, stride_wn)
-    if L2_PREFETCH:   # the rest of this program's weights, while the kernel before runs
-        n0 = tl.program_id(0) * BLOCK_N
-        prefetch_rows_l2(w_ptr + n0 * stride_wn, stride_wn, start // 4,
-                         tl.maximum(end - start, 0), N - n0, BLOCK_N, THREADS)
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -155,12 +149,10 @@ def fp8_gemv_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         bk = min(bk, kmax)
         xk = quads if packed else xp
         part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, bn) * m, True)
-        l2 = m == 1 and l2_prefetch_enabled(x2, w.data_ptr(), 4 * w.stride(0), bk, k_in)
         _fp8_gemv_kernel[(triton.cdiv(n_out, bn), split, m)](
             xk, y, part, cnt, w, scale, m, n_out, k_in, xk.stride(0), w.stride(0),
             NATIVE=native_decode(), X_PAIRS=pairs, PACKED=packed, SPLIT_K=split, FIXUP=fixup,
-            BLOCK_N=bn, BLOCK_K=bk, L2_PREFETCH=l2, THREADS=32 * warps, num_warps=warps,
-            **pdl_launch(x2))
+            BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **pdl_launch(x2))
         finish_splits(part, y, fixup)
 
     cands = [c for c in CONFIGS if quads is not None or len(c) == 4]

@@ -27,7 +27,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ember.layers.l2_prefetch import l2_prefetch_enabled, prefetch_rows_l2
 from ember.layers.pdl import pdl_launch
 from ember.quant.kernels.decode import (INT4_OFFSET, E2M1_UNSCALE, e2m1_scaled, e4m3_from_bits,
                                         int4_columns, int4_parts, int4_word_dot, int4_zero_pair, native_decode,
@@ -170,8 +169,7 @@ def _decoder_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, g
                          stride_xm, stride_wn, stride_sn, G: tl.constexpr, NVFP4: tl.constexpr,
                          NATIVE: tl.constexpr, X_PAIRS: tl.constexpr, SPLIT_K: tl.constexpr,
                          FIXUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         GW: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
-                         L2_PREFETCH: tl.constexpr, THREADS: tl.constexpr):
+                         GW: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
     """INT4 or NVFP4 GEMV with the register decoders (kernels/decode.py). NVFP4: G = 16,
     the E4M3 block scales in s, the per-row global scale in gs; INT4: s and z per group.
     A tile holds GW words of each of BLOCK_K / (8 GW) groups: GW = BLOCK_K / 8 inside one
@@ -179,8 +177,7 @@ def _decoder_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, g
     which read each weight row in longer runs (a 128-wide tile is 64 bytes of a row).
     Scale and zero apply once per group of words. PREFETCH: registers double-buffer the
     weight words, the first tile requested before PDL's wait (the weights do not depend on
-    the kernel before). L2_PREFETCH: the program's whole weight slice asked of the L2
-    before that wait (ember.layers.l2_prefetch).
+    the kernel before).
     Grid (N tiles, SPLIT_K, M); y [M, N], split partials and counters as
     splitk.store_split."""
     GROUPS: tl.constexpr = BLOCK_K // (8 * GW)
@@ -199,10 +196,6 @@ def _decoder_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, g
         q_next = tl.load(w_rows + start // 8, mask=start < end, other=0)
     else:
         q_next = tl.zeros((BLOCK_N, GROUPS, GW), dtype=tl.int32)
-    if L2_PREFETCH:
-        n0 = tl.program_id(0) * BLOCK_N
-        prefetch_rows_l2(w_ptr + n0 * stride_wn, stride_wn, start // 8,
-                         tl.maximum(end - start, 0) // 2, N - n0, BLOCK_N, THREADS)
     if PDL:
         tl.extra.cuda.gdc_wait()      # x is written by the kernel before
         tl.extra.cuda.gdc_launch_dependents()
@@ -372,12 +365,11 @@ def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor |
         def run(c: tuple) -> None:
             bn, bk, split, warps = c[:4]
             part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, bn) * m, True)
-            l2 = m == 1 and l2_prefetch_enabled(x2, w.data_ptr(), 4 * w.stride(0), bk // 2, k_in // 2)
             _decoder_gemv_kernel[(triton.cdiv(n_out, bn), split, m)](
                 xk, y, part, cnt, *ptrs, m, n_out, k_in, xk.stride(0), w.stride(0), s.stride(0),
                 G=group, NVFP4=nvfp4, NATIVE=native_decode(), X_PAIRS=pairs, SPLIT_K=split, FIXUP=fixup,
                 BLOCK_N=bn, BLOCK_K=bk, GW=min(bk, group) // 8, PREFETCH=len(c) > 4 and bool(c[4]),
-                L2_PREFETCH=l2, THREADS=32 * warps, num_warps=warps, **pdl_launch(x2))
+                num_warps=warps, **pdl_launch(x2))
             finish_splits(part, y, fixup)
         cands = decoder_tiles
         key = ("decoder_gemv", nvfp4, m, n_out, k_in, group)
