@@ -24,7 +24,7 @@ DIVISIBLE = [n for n in SIG if n != "M"]
 def sass(tile: tuple[int, int, int, int], packed: bool) -> str:
     bn, bk, split, warps = tile
     const = {"NATIVE": True, "X_PAIRS": True, "PACKED": packed, "SPLIT_K": split, "FIXUP": split > 1,
-             "BLOCK_N": bn, "BLOCK_K": bk, "PDL": False}
+             "BLOCK_N": bn, "BLOCK_K": bk, "AHEAD": 0, "PDL": False}
     return compile_sass(fp8_gemv._fp8_gemv_kernel, SIG, const, DIVISIBLE, warps)
 
 

@@ -21,6 +21,7 @@ import triton.language as tl
 from ember.layers.pdl import pdl_launch
 from ember.quant.kernels.decode import (E4M3_FACTOR_HALF, e4m3_parts, fp8_word_dot2, fp8_x_operand,
                                         fp8_x_quad, native_decode, x_operand, x_pair)
+from ember.quant.kernels.prefetch import prefetch_l2, row_lines, with_ahead
 from ember.quant.kernels.splitk import (choose_config, finish_splits, k_range, rows_and_output,
                                         split_buffers, store_split)
 
@@ -80,11 +81,12 @@ def _fp8_packed_tile(acc2, qa, qb, x_row, col, half: tl.constexpr, live, NATIVE:
 def _fp8_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, M, N, K, stride_xm, stride_wn,
                      NATIVE: tl.constexpr, X_PAIRS: tl.constexpr, PACKED: tl.constexpr,
                      SPLIT_K: tl.constexpr, FIXUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                     BLOCK_K: tl.constexpr, AHEAD: tl.constexpr, PDL: tl.constexpr):
     """Grid (N tiles, SPLIT_K, M). w: [N, K / 4] int32 words of 4 E4M3 bytes; y [M, N],
     split partials and counters as splitk.store_split. PACKED (bf16 x read as quads): each
     tile is two halves of BLOCK_K / 2 columns whose words pair up in packed bf16 math;
-    else fp32 FMAs per weight."""
+    else fp32 FMAs per weight. AHEAD > 0: tile i + 1 + AHEAD is prefetched into L2 while
+    tile i is decoded (kernels/prefetch.py), tiles 1..AHEAD before PDL's wait."""
     WORDS: tl.constexpr = BLOCK_K // 4 // (2 if PACKED else 1)
     m = tl.program_id(2)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -100,6 +102,9 @@ def _fp8_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, M, N, K, str
     q = _fp8_tile_load(w_ptr, n_safe, wi, start, start < end, stride_wn)
     if PACKED:
         qb = _fp8_tile_load(w_ptr, n_safe, wi, start + BLOCK_K // 2, start < end, stride_wn)
+    for j in tl.static_range(1, AHEAD + 1):
+        prefetch_l2(row_lines(w_ptr, n_safe, stride_wn, (start + j * BLOCK_K) // 4, BLOCK_K // 4),
+                    start + j * BLOCK_K < end, NATIVE)
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -108,6 +113,9 @@ def _fp8_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, M, N, K, str
     # bench/results/h200_2026-11-29f_skinny_ab.txt).
     for k0 in range(start, end, BLOCK_K):
         nxt = k0 + BLOCK_K < end
+        if AHEAD > 0:
+            ahead = k0 + (AHEAD + 1) * BLOCK_K
+            prefetch_l2(row_lines(w_ptr, n_safe, stride_wn, ahead // 4, BLOCK_K // 4), ahead < end, NATIVE)
         nq = _fp8_tile_load(w_ptr, n_safe, wi, k0 + BLOCK_K, nxt, stride_wn)
         if PACKED:
             nqb = _fp8_tile_load(w_ptr, n_safe, wi, k0 + BLOCK_K + BLOCK_K // 2, nxt, stride_wn)
@@ -146,15 +154,16 @@ def fp8_gemv_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     def run(c: tuple) -> None:
         bn, bk, split, warps = c[:4]
         packed = len(c) > 4 and bool(c[4]) and quads is not None
+        ahead = c[5] if len(c) > 5 else 0
         bk = min(bk, kmax)
         xk = quads if packed else xp
         part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, bn) * m, True)
         _fp8_gemv_kernel[(triton.cdiv(n_out, bn), split, m)](
             xk, y, part, cnt, w, scale, m, n_out, k_in, xk.stride(0), w.stride(0),
             NATIVE=native_decode(), X_PAIRS=pairs, PACKED=packed, SPLIT_K=split, FIXUP=fixup,
-            BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **pdl_launch(x2))
+            BLOCK_N=bn, BLOCK_K=bk, AHEAD=ahead, num_warps=warps, **pdl_launch(x2))
         finish_splits(part, y, fixup)
 
-    cands = [c for c in CONFIGS if quads is not None or len(c) == 4]
+    cands = with_ahead([c for c in CONFIGS if quads is not None or len(c) == 4], 5)
     run(config or choose_config(("fp8_gemv", m, n_out, k_in), cands, run, x))
     return y.reshape(*x.shape[:-1], n_out)
