@@ -40,7 +40,7 @@ def sass(nvfp4: bool, tile: list[int]) -> str:
     bn, bk, split, warps, prefetch = tile
     const = {"G": 16 if nvfp4 else 128, "NVFP4": nvfp4, "NATIVE": True, "X_PAIRS": True,
              "SPLIT_K": split, "FIXUP": split > 1, "BLOCK_N": bn, "BLOCK_K": bk,
-             "GW": 2 if nvfp4 else min(bk, 128) // 8, "PREFETCH": bool(prefetch), "AHEAD": 0, "PDL": False}
+             "GW": 2 if nvfp4 else min(bk, 128) // 8, "PREFETCH": bool(prefetch), "PDL": False}
     sig = dict(SIG, s_ptr="*u8") if nvfp4 else SIG
     return compile_sass(w4a16._decoder_gemv_kernel, sig, const, DIVISIBLE, warps)
 

@@ -114,7 +114,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="*", default=[1, 2, 4, 8, 16, 64])
     ap.add_argument("--configs", action="store_true", help="also time every GEMV tile config at M=1")
     ap.add_argument("--ahead", type=int, nargs="*", default=[],
-                    help="with --configs, each GEMV tile also with these L2 prefetch distances")
+                    help="with --configs, each FP8 GEMV tile also with these L2 prefetch distances (AHEAD)")
     ap.add_argument("--skinny-configs", action="store_true",
                     help="also time every INT4 skinny tile config (epilogue and FOLD) at each of --rows in 2..64")
     args = ap.parse_args()
@@ -150,7 +150,7 @@ def main() -> None:
         x = {name: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for name, (k, n) in SHAPES.items()}
         def ahead(cfgs):
             return [tuple(c) + (0,) * (5 - len(c)) + (a,) for a in args.ahead for c in cfgs]
-        for fmt, cfgs, fn in (("int4", list(INT4_GEMV_CONFIGS) + ahead(INT4_GEMV_CONFIGS), int4_linear_triton),
+        for fmt, cfgs, fn in (("int4", INT4_GEMV_CONFIGS, int4_linear_triton),
                               ("fp8", list(FP8_GEMV_CONFIGS) + ahead(FP8_GEMV_CONFIGS), fp8_gemv_triton)):
             for name in SHAPES:
                 print(f"# {fmt} {name} M=1 us per config: " + per_config(fn, fmt, cfgs, x, layers, name), flush=True)

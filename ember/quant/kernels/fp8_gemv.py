@@ -21,23 +21,25 @@ import triton.language as tl
 from ember.layers.pdl import pdl_launch
 from ember.quant.kernels.decode import (E4M3_FACTOR_HALF, e4m3_parts, fp8_word_dot2, fp8_x_operand,
                                         fp8_x_quad, native_decode, x_operand, x_pair)
-from ember.quant.kernels.prefetch import prefetch_l2, row_lines, with_ahead
+from ember.quant.kernels.prefetch import prefetch_l2, row_lines
 from ember.quant.kernels.splitk import (choose_config, finish_splits, k_range, rows_and_output,
                                         split_buffers, store_split)
 
 GEMV_MAX_ROWS = 8
-# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps[, PACKED]). Long K wants few rows per program with
+# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps[, PACKED[, AHEAD]]). Long K wants few rows per program with
 # long tiles and splits (the down projection: K = 14336, N = 4096); wide N wants many
 # programs. PACKED tiles (bf16 x only) multiply in packed bf16 math (_fp8_packed_tile): a
 # quarter fewer instructions per weight, which won qkv (9.7 -> 8.4 us), gate_up (33.0 ->
 # 32.3) and down (18.0 -> 17.8) at one row of the Llama-8B shape on the H200, not o (6.6 ->
 # 7.2); the kept ones were a shape's best or within 3% of it
-# (bench/results/h200_2026-11-30m_fp8_packed_configs.txt).
+# (bench/results/h200_2026-11-30m_fp8_packed_configs.txt). AHEAD tiles prefetch into L2
+# (kernels/prefetch.py): the two kept won qkv (8.4 -> 7.9 us), o (6.7 -> 6.3) and down
+# (18.0 -> 17.8) in bench/results/h200_2026-11-30n_ahead_configs.txt.
 CONFIGS = ((32, 256, 2, 4), (16, 256, 4, 4), (32, 128, 4, 4), (16, 512, 2, 4), (8, 1024, 1, 2),
            (16, 512, 4, 4), (8, 512, 4, 2), (4, 1024, 4, 2), (32, 256, 1, 4), (16, 512, 1, 4),
            (64, 256, 4, 4), (32, 512, 4, 4), (64, 128, 8, 4), (32, 256, 8, 4), (64, 256, 4, 8),
            (8, 1024, 1, 2, 1), (64, 256, 4, 4, 1), (64, 256, 4, 8, 1), (32, 512, 4, 4, 1),
-           (16, 512, 4, 4, 1), (32, 256, 8, 4, 1))
+           (16, 512, 4, 4, 1), (32, 256, 8, 4, 1), (8, 1024, 1, 2, 1, 1), (8, 1024, 1, 2, 0, 1))
 
 
 @triton.jit
@@ -164,6 +166,6 @@ def fp8_gemv_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
             BLOCK_N=bn, BLOCK_K=bk, AHEAD=ahead, num_warps=warps, **pdl_launch(x2))
         finish_splits(part, y, fixup)
 
-    cands = with_ahead([c for c in CONFIGS if quads is not None or len(c) == 4], 5)
+    cands = [c for c in CONFIGS if quads is not None or len(c) == 4 or not c[4]]
     run(config or choose_config(("fp8_gemv", m, n_out, k_in), cands, run, x))
     return y.reshape(*x.shape[:-1], n_out)

@@ -1,26 +1,20 @@
-"""Software prefetch into L2 for the weight-streaming GEMVs.
+"""Software prefetch into L2 for the FP8 weight-streaming GEMV.
 
 A batch-1 GEMV keeps its next weight tile in flight in registers while it decodes the
 current one; under load a DRAM round trip can outlast one tile's decode, and then the
 warps stall. Asking the L2 for tiles further ahead (`prefetch.global.L2`, one 128-byte
 line per element, no register held) keeps more bytes in flight, so the register loads
 that follow find their lines in L2. A hint: results are the same with or without it.
+
+Measured per tile at one row of the Llama-8B shapes on the H200 (AHEAD 0 / 1, us; raw
+bench/results/h200_2026-11-30n_ahead_configs.txt): FP8 qkv 8.4 / 7.9, o 6.7 / 6.3, down
+18.0 / 17.8, gate_up 32.3 / 33.4 (kept without). The INT4 decoder GEMV lost on every shape
+(gate_up 23.4 / 28.5), so it has no prefetch.
 """
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
-
-
-def with_ahead(configs, width: int) -> list[tuple]:
-    """The tile configs plus, for each prefetch distance in EMBER_GEMV_AHEAD (e.g. "1 2"),
-    a copy of each with that AHEAD as field `width` (shorter configs padded with zeros)."""
-    out = [tuple(c) for c in configs]
-    for a in map(int, os.environ.get("EMBER_GEMV_AHEAD", "").split()):
-        out += [tuple(c) + (0,) * (width - len(c)) + (a,) for c in configs]
-    return out
 
 # $1 the address, $2 nonzero to issue; $0 a dummy result (inline asm returns one).
 _PREFETCH_L2_ASM = tl.constexpr("""{

@@ -31,7 +31,6 @@ from ember.layers.pdl import pdl_launch
 from ember.quant.kernels.decode import (INT4_OFFSET, E2M1_UNSCALE, e2m1_scaled, e4m3_from_bits,
                                         int4_columns, int4_parts, int4_word_dot, int4_zero_pair, native_decode,
                                         nvfp4_word_dot, x_operand)
-from ember.quant.kernels.prefetch import prefetch_l2, row_lines, with_ahead
 from ember.quant.kernels.splitk import (choose_config, finish_splits, k_range,
                                         rows_and_output, split_buffers, split_output, store_split,
                                         sum_splits)
@@ -170,8 +169,7 @@ def _decoder_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, g
                          stride_xm, stride_wn, stride_sn, G: tl.constexpr, NVFP4: tl.constexpr,
                          NATIVE: tl.constexpr, X_PAIRS: tl.constexpr, SPLIT_K: tl.constexpr,
                          FIXUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         GW: tl.constexpr, PREFETCH: tl.constexpr, AHEAD: tl.constexpr,
-                         PDL: tl.constexpr):
+                         GW: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
     """INT4 or NVFP4 GEMV with the register decoders (kernels/decode.py). NVFP4: G = 16,
     the E4M3 block scales in s, the per-row global scale in gs; INT4: s and z per group.
     A tile holds GW words of each of BLOCK_K / (8 GW) groups: GW = BLOCK_K / 8 inside one
@@ -179,8 +177,7 @@ def _decoder_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, g
     which read each weight row in longer runs (a 128-wide tile is 64 bytes of a row).
     Scale and zero apply once per group of words. PREFETCH: registers double-buffer the
     weight words, the first tile requested before PDL's wait (the weights do not depend on
-    the kernel before). AHEAD > 0: tile i + 1 + AHEAD is prefetched into L2 while tile i is
-    decoded (kernels/prefetch.py), tiles 1..AHEAD before PDL's wait.
+    the kernel before).
     Grid (N tiles, SPLIT_K, M); y [M, N], split partials and counters as
     splitk.store_split."""
     GROUPS: tl.constexpr = BLOCK_K // (8 * GW)
@@ -199,16 +196,10 @@ def _decoder_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, g
         q_next = tl.load(w_rows + start // 8, mask=start < end, other=0)
     else:
         q_next = tl.zeros((BLOCK_N, GROUPS, GW), dtype=tl.int32)
-    for j in tl.static_range(1, AHEAD + 1):
-        prefetch_l2(row_lines(w_ptr, n_safe, stride_wn, (start + j * BLOCK_K) // 8, BLOCK_K // 8),
-                    start + j * BLOCK_K < end, NATIVE)
     if PDL:
         tl.extra.cuda.gdc_wait()      # x is written by the kernel before
         tl.extra.cuda.gdc_launch_dependents()
     for k0 in range(start, end, BLOCK_K):
-        if AHEAD > 0:
-            ahead = k0 + (AHEAD + 1) * BLOCK_K
-            prefetch_l2(row_lines(w_ptr, n_safe, stride_wn, ahead // 8, BLOCK_K // 8), ahead < end, NATIVE)
         if PREFETCH:
             q = q_next
             q_next = tl.load(w_rows + (k0 + BLOCK_K) // 8, mask=k0 + BLOCK_K < end, other=0)
@@ -378,9 +369,9 @@ def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor |
                 xk, y, part, cnt, *ptrs, m, n_out, k_in, xk.stride(0), w.stride(0), s.stride(0),
                 G=group, NVFP4=nvfp4, NATIVE=native_decode(), X_PAIRS=pairs, SPLIT_K=split, FIXUP=fixup,
                 BLOCK_N=bn, BLOCK_K=bk, GW=min(bk, group) // 8, PREFETCH=len(c) > 4 and bool(c[4]),
-                AHEAD=c[5] if len(c) > 5 else 0, num_warps=warps, **pdl_launch(x2))
+                num_warps=warps, **pdl_launch(x2))
             finish_splits(part, y, fixup)
-        cands = with_ahead(decoder_tiles, 5)
+        cands = decoder_tiles
         key = ("decoder_gemv", nvfp4, m, n_out, k_in, group)
     elif m <= GEMV_MAX_ROWS:
         def run(c: tuple) -> None:
