@@ -1,0 +1,102 @@
+"""How fast can a GEMV-shaped kernel stream a weight matrix at all? (H200)
+
+    PYTHONPATH=$PWD python3 bench/stream_probe.py
+
+For the FP8 gate_up matrix of Llama-3.1-8B (28672 x 4096 bytes, 117 MB) and its bf16
+twin (235 MB), a probe kernel reads every int32 word once in the FP8 GEMV's tiling
+(BLOCK_N rows x BLOCK_K bytes per step, SPLIT_K splits, the next tile in registers while
+the current one is folded by xor) and writes one word per row: the bandwidth a GEMV of
+that tiling could reach if decoding cost nothing. Timed as CUDA-graph replays
+(bench/gpu_timing.py), with the real FP8 GEMV and the bf16 Triton GEMV at the same shape
+for comparison. If the probe streams no faster than the FP8 GEMV, the GEMV is at its
+memory floor for that tiling; if it is faster, the decode is what costs.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from gpu_timing import graph_replay_ms  # noqa: E402
+
+TILES = ((8, 1024, 1, 2), (16, 512, 1, 4), (64, 256, 4, 4), (64, 256, 4, 8), (32, 512, 4, 4),
+         (16, 1024, 1, 4), (32, 1024, 1, 8), (8, 2048, 1, 4), (16, 2048, 1, 8), (4, 4096, 1, 4))
+
+
+@triton.jit
+def _probe_kernel(w_ptr, out_ptr, N, KW, stride_wn, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
+                  SPLIT_K: tl.constexpr):
+    n = tl.minimum(tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
+    per = (KW // WORDS + SPLIT_K - 1) // SPLIT_K * WORDS
+    start = tl.program_id(1) * per
+    end = tl.minimum(start + per, KW)
+    wi = tl.arange(0, WORDS)
+    rows = w_ptr + n[:, None] * stride_wn + wi[None, :]
+    acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.int32)
+    q = tl.load(rows + start, mask=(start < end), other=0, eviction_policy="evict_first")
+    for k0 in range(start, end, WORDS):
+        nq = tl.load(rows + k0 + WORDS, mask=(k0 + WORDS < end), other=0, eviction_policy="evict_first")
+        acc ^= q
+        q = nq
+    tl.store(out_ptr + tl.program_id(1) * N + n, tl.xor_sum(acc, axis=1))
+
+
+def probe_us(w: torch.Tensor, tile: tuple[int, int, int, int]) -> float:
+    bn, bk, split, warps = tile
+    n, kw = w.shape
+    out = torch.empty((split, n), dtype=torch.int32, device=w.device)
+    fn = lambda: _probe_kernel[(triton.cdiv(n, bn), split)](  # noqa: E731
+        w, out, n, kw, w.stride(0), BLOCK_N=bn, WORDS=bk // 4, SPLIT_K=split, num_warps=warps)
+    return graphed_us(fn)
+
+
+def graphed_us(fn, calls: int = 10) -> float:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    return min(graph_replay_ms(g, 10) for _ in range(5)) * 1e3 / calls
+
+
+def main() -> None:
+    from ember.layers.triton_gemv import gemv
+    from ember.quant.fp8 import quantize_fp8
+    from ember.quant.kernels.fp8_gemv import CONFIGS, fp8_gemv_triton
+    torch.manual_seed(0)
+    n, k = 28672, 4096
+    wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    q8, s8 = quantize_fp8(wb, True)
+    s8 = s8.reshape(-1)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    words8 = q8.view(torch.uint8).view(torch.int32)          # [N, K / 4]
+    words16 = wb.view(torch.int32)                          # [N, K / 2]
+    print(f"{torch.cuda.get_device_name()}, gate_up {n} x {k}: FP8 {q8.numel() / 1e6:.0f} MB, "
+          f"bf16 {wb.numel() * 2 / 1e6:.0f} MB")
+    us = graphed_us(lambda: gemv(x, wb))
+    print(f"bf16 Triton GEMV (its default tile): {us:.1f} us, {wb.numel() * 2 / us / 1e6:.2f} TB/s")
+    for tile in TILES:
+        cells = []
+        for name, w, nbytes in (("FP8", words8, q8.numel()), ("bf16", words16, wb.numel() * 2)):
+            us = probe_us(w, tile)
+            cells.append(f"probe {name} matrix {us:.1f} us {nbytes / us / 1e6:.2f} TB/s")
+        for packed in (0, 1):
+            us = graphed_us(lambda: fp8_gemv_triton(x, q8, s8, config=tile + (packed,)))
+            cells.append(f"FP8 GEMV{' packed' if packed else ''} {us:.1f} us {q8.numel() / us / 1e6:.2f} TB/s")
+        print(f"tile {tile}{' (a tuner candidate)' if tile in [c[:4] for c in CONFIGS] else ''}: "
+              + "; ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
