@@ -34,12 +34,15 @@ GEMV_MAX_ROWS = 8
 # 7.2); the kept ones were a shape's best or within 3% of it
 # (bench/results/h200_2026-11-30m_fp8_packed_configs.txt). AHEAD tiles prefetch into L2
 # (kernels/prefetch.py): the two kept won qkv (8.4 -> 7.9 us), o (6.7 -> 6.3) and down
-# (18.0 -> 17.8) in bench/results/h200_2026-11-30n_ahead_configs.txt.
+# (18.0 -> 17.8) in bench/results/h200_2026-11-30n_ahead_configs.txt. Longer packed tiles
+# with 4-8 warps streamed gate_up faster (16 x 2048, 8 warps: 30.6 against 32.0 us; a read
+# of the same tiling with no decode takes 28.2; bench/results/h200_2026-11-30n_stream_probe.txt).
 CONFIGS = ((32, 256, 2, 4), (16, 256, 4, 4), (32, 128, 4, 4), (16, 512, 2, 4), (8, 1024, 1, 2),
            (16, 512, 4, 4), (8, 512, 4, 2), (4, 1024, 4, 2), (32, 256, 1, 4), (16, 512, 1, 4),
            (64, 256, 4, 4), (32, 512, 4, 4), (64, 128, 8, 4), (32, 256, 8, 4), (64, 256, 4, 8),
            (8, 1024, 1, 2, 1), (64, 256, 4, 4, 1), (64, 256, 4, 8, 1), (32, 512, 4, 4, 1),
-           (16, 512, 4, 4, 1), (32, 256, 8, 4, 1), (8, 1024, 1, 2, 1, 1), (8, 1024, 1, 2, 0, 1))
+           (16, 512, 4, 4, 1), (32, 256, 8, 4, 1), (8, 1024, 1, 2, 1, 1), (8, 1024, 1, 2, 0, 1),
+           (16, 2048, 1, 8, 1), (32, 1024, 1, 8, 1), (16, 1024, 1, 4, 1), (16, 2048, 1, 8, 1, 1))
 
 
 @triton.jit
