@@ -113,6 +113,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="*", default=[1, 2, 4, 8, 16, 64])
     ap.add_argument("--configs", action="store_true", help="also time every GEMV tile config at M=1")
+    ap.add_argument("--config-formats", nargs="*", default=["int4", "fp8"],
+                    help="with --configs, which formats' GEMV tiles to time")
     ap.add_argument("--ahead", type=int, nargs="*", default=[],
                     help="with --configs, each FP8 GEMV tile also with these L2 prefetch distances (AHEAD)")
     ap.add_argument("--skinny-configs", action="store_true",
@@ -152,6 +154,8 @@ def main() -> None:
             return [tuple(c) + (0,) * (5 - len(c)) + (a,) for a in args.ahead for c in cfgs]
         for fmt, cfgs, fn in (("int4", INT4_GEMV_CONFIGS, int4_linear_triton),
                               ("fp8", list(FP8_GEMV_CONFIGS) + ahead(FP8_GEMV_CONFIGS), fp8_gemv_triton)):
+            if fmt not in args.config_formats:
+                continue
             for name in SHAPES:
                 print(f"# {fmt} {name} M=1 us per config: " + per_config(fn, fmt, cfgs, x, layers, name), flush=True)
 
