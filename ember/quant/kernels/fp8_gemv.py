@@ -36,15 +36,15 @@ GEMV_MAX_ROWS = 8
 # (kernels/prefetch.py): the two kept won qkv (8.4 -> 7.9 us), o (6.7 -> 6.3) and down
 # (18.0 -> 17.8) in bench/results/h200_2026-11-30n_ahead_configs.txt. Longer packed tiles
 # with 4-8 warps streamed gate_up faster (16 x 2048, 8 warps: 30.6 against 32.0 us; a read
-# of the same tiling with no decode takes 28.2; bench/results/h200_2026-11-30n_stream_probe.txt).
+# of the same tiling with no decode takes 28.2; bench/results/h200_2026-11-30n_stream_probe.txt);
+# 16 x 2048 also won o and down (6.2, 15.9 us; ..._final_configs.txt). Five more (16 x 4096,
+# 32 x 2048, 8 x 2048, 16 warps) won no shape (..._more_tiles.txt).
 CONFIGS = ((32, 256, 2, 4), (16, 256, 4, 4), (32, 128, 4, 4), (16, 512, 2, 4), (8, 1024, 1, 2),
            (16, 512, 4, 4), (8, 512, 4, 2), (4, 1024, 4, 2), (32, 256, 1, 4), (16, 512, 1, 4),
            (64, 256, 4, 4), (32, 512, 4, 4), (64, 128, 8, 4), (32, 256, 8, 4), (64, 256, 4, 8),
            (8, 1024, 1, 2, 1), (64, 256, 4, 4, 1), (64, 256, 4, 8, 1), (32, 512, 4, 4, 1),
            (16, 512, 4, 4, 1), (32, 256, 8, 4, 1), (8, 1024, 1, 2, 1, 1), (8, 1024, 1, 2, 0, 1),
-           (16, 2048, 1, 8, 1), (32, 1024, 1, 8, 1), (16, 1024, 1, 4, 1), (16, 2048, 1, 8, 1, 1),
-           (16, 4096, 1, 8, 1), (32, 2048, 1, 8, 1), (8, 2048, 1, 4, 1), (16, 2048, 1, 16, 1),
-           (32, 1024, 1, 16, 1))
+           (16, 2048, 1, 8, 1), (32, 1024, 1, 8, 1), (16, 1024, 1, 4, 1), (16, 2048, 1, 8, 1, 1))
 
 
 @triton.jit
