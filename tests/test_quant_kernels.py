@@ -118,8 +118,9 @@ def test_int4_decoder_gemv_every_tile_config(m, config, dtype):
 def test_nvfp4_decoder_gemv_every_tile_config(m, config, dtype):
     # The NVFP4 GEMV through the register decoder (tiles of whole 16-column blocks; bf16
     # x in packed bf16 math, the E2M1 bits looked up by prmt), every code and sign present;
-    # K = 512 with empty splits, N = 72 no multiple of BLOCK_N, per-row global scales.
-    n, k = 72, 512
+    # K = 512 with empty splits (or one tile of a longer one), N = 72 no multiple of
+    # BLOCK_N, per-row global scales.
+    n, k = 72, max(512, config[1])
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(m + 20)) * 0.05
     packed, bs, gs = quantize_nvfp4(w)
     packed[::5, 3] = (packed[::5, 3] & 0xF0) | 8          # -0, which quantization never gives
