@@ -328,13 +328,14 @@ GEMV_CONFIGS = ((32, 256, 2), (16, 256, 4), (32, 128, 4), (64, 128, 2), (16, 128
 # BLOCK_K divides the group (32 serves groups like SmolLM2's 96) or holds whole groups. The
 # 256-wide tiles won every Llama-8B shape on the H200 (2026-11-30 sweep of 40 tiles,
 # bench/results/h200_2026-11-30k_gemv_sweep.txt); the 128-wide and narrower ones serve
-# other groups and widths. Two long tiles with 8 warps (after the FP8 GEMV's) won qkv (8.0 ->
-# 7.3 us) and o (6.0 -> 5.6) at one row (bench/results/h200_2026-11-30n_int4_long_tiles.txt).
+# other groups and widths. Two long tiles with 8 warps (16 x 1024, 16 x 2048, after the FP8
+# GEMV's) won qkv (8.0 -> 7.3 us) and o (6.0 -> 5.6) at one row in a sweep
+# (bench/results/h200_2026-11-30n_int4_long_tiles.txt) but are not candidates: their GPU
+# tests have not run.
 INT4_GEMV_CONFIGS = ((32, 256, 4, 4, 1), (32, 256, 8, 4, 1), (32, 256, 2, 4, 1), (32, 256, 3, 4, 1),
                      (32, 256, 6, 4, 1), (16, 256, 4, 2, 1), (16, 256, 8, 2, 1), (64, 256, 8, 8, 1),
                      (32, 256, 2, 4), (32, 256, 8, 4),
-                     (32, 128, 4, 4), (64, 128, 8, 4), (16, 128, 8, 4), (32, 32, 4, 4),
-                     (16, 1024, 1, 8, 1), (16, 2048, 1, 8, 1))
+                     (32, 128, 4, 4), (64, 128, 8, 4), (16, 128, 8, 4), (32, 32, 4, 4))
 GEMM_CONFIGS = ((64, 128, 4, 2), (32, 128, 4, 4), (64, 64, 4, 4), (128, 128, 8, 2), (64, 128, 4, 1))
 
 
