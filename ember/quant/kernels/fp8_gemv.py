@@ -26,19 +26,20 @@ from ember.quant.kernels.splitk import (choose_config, finish_splits, k_range, r
                                         split_buffers, store_split)
 
 GEMV_MAX_ROWS = 8
-# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps[, PACKED[, AHEAD]]). Long K wants few rows per program with
-# long tiles and splits (the down projection: K = 14336, N = 4096); wide N wants many
-# programs. PACKED tiles (bf16 x only) multiply in packed bf16 math (_fp8_packed_tile): a
-# quarter fewer instructions per weight, which won qkv (9.7 -> 8.4 us), gate_up (33.0 ->
-# 32.3) and down (18.0 -> 17.8) at one row of the Llama-8B shape on the H200, not o (6.6 ->
-# 7.2); the kept ones were a shape's best or within 3% of it
+# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps[, PACKED[, AHEAD]]). Long K wants few rows per
+# program with long tiles and splits (the down projection: K = 14336, N = 4096); wide N
+# wants many programs. PACKED tiles (bf16 x only) multiply in packed bf16 math
+# (_fp8_packed_tile): a quarter fewer instructions per weight, which won qkv (9.7 -> 8.4
+# us), gate_up (33.0 -> 32.3) and down (18.0 -> 17.8) at one row of the Llama-8B shape on
+# the H200, not o (6.6 -> 7.2); the kept ones were a shape's best or within 3% of it
 # (bench/results/h200_2026-11-30m_fp8_packed_configs.txt). AHEAD tiles prefetch into L2
 # (kernels/prefetch.py): the two kept won qkv (8.4 -> 7.9 us), o (6.7 -> 6.3) and down
 # (18.0 -> 17.8) in bench/results/h200_2026-11-30n_ahead_configs.txt. Longer packed tiles
-# with 4-8 warps streamed gate_up faster (16 x 2048, 8 warps: 30.6 against 32.0 us; a read
-# of the same tiling with no decode takes 28.2; bench/results/h200_2026-11-30n_stream_probe.txt);
-# 16 x 2048 also won o and down (6.2, 15.9 us; ..._final_configs.txt). Five more (16 x 4096,
-# 32 x 2048, 8 x 2048, 16 warps) won no shape (..._more_tiles.txt).
+# with 4-8 warps stream gate_up faster (16 x 2048, 8 warps: 30.6 against 32.0 us, where a
+# read of the same tiling with no decode takes 28.2;
+# bench/results/h200_2026-11-30n_stream_probe.txt); 16 x 2048 also won o and down (6.2,
+# 15.9 us; ..._final_configs.txt). Five more (16 x 4096, 32 x 2048, 8 x 2048, 16 warps)
+# won no shape (..._more_tiles.txt).
 CONFIGS = ((32, 256, 2, 4), (16, 256, 4, 4), (32, 128, 4, 4), (16, 512, 2, 4), (8, 1024, 1, 2),
            (16, 512, 4, 4), (8, 512, 4, 2), (4, 1024, 4, 2), (32, 256, 1, 4), (16, 512, 1, 4),
            (64, 256, 4, 4), (32, 512, 4, 4), (64, 128, 8, 4), (32, 256, 8, 4), (64, 256, 4, 8),
@@ -122,7 +123,8 @@ def _fp8_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, M, N, K, str
         nxt = k0 + BLOCK_K < end
         if AHEAD > 0:
             ahead = k0 + (AHEAD + 1) * BLOCK_K
-            prefetch_l2(row_lines(w_ptr, n_safe, stride_wn, ahead // 4, BLOCK_K // 4), ahead < end, NATIVE)
+            prefetch_l2(row_lines(w_ptr, n_safe, stride_wn, ahead // 4, BLOCK_K // 4), ahead < end,
+                        NATIVE)
         nq = _fp8_tile_load(w_ptr, n_safe, wi, k0 + BLOCK_K, nxt, stride_wn)
         if PACKED:
             nqb = _fp8_tile_load(w_ptr, n_safe, wi, k0 + BLOCK_K + BLOCK_K // 2, nxt, stride_wn)
