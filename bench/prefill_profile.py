@@ -126,21 +126,12 @@ def host_profile(llm, prompt_len: int, top: int) -> None:
 
 def gemm_pieces(rows: int) -> None:
     """us per call of the W8A8 pieces at each Llama-8B layer shape (graph / eager)."""
-    from gpu_timing import graph_replay_ms
+    from gpu_timing import capture, graph_replay_ms
     from ember.quant.fp8 import quantize_fp8
     from ember.quant.kernels.fp8_quant import quantize_fp8_rows
 
     def both(fn) -> str:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(10):
-                fn()
+        g = capture(fn, 10)
         graph_us = graph_replay_ms(g, 20) * 100
         torch.cuda.synchronize()
         t = time.perf_counter()

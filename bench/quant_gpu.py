@@ -22,7 +22,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from gpu_timing import graph_replay_ms
+from gpu_timing import capture, graph_replay_ms
 
 SHAPES_8B = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
 SHAPES_TINY = {"qkv": (128, 192), "down": (256, 128)}
@@ -35,17 +35,7 @@ def timer(fn, device: torch.device, reps: int = 20, iters: int = 10) -> float:
         t = time.perf_counter()
         fn()
         return (time.perf_counter() - t) * 1e6
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()  # compile, autotune, cuBLAS heuristics
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
+    g = capture(fn, reps)   # after warm-up calls: compile, autotune, cuBLAS heuristics
     return graph_replay_ms(g, iters) * 1e3 / reps
 
 

@@ -16,7 +16,7 @@ import torch
 import triton
 import torch.nn.functional as F
 from triton.runtime.errors import OutOfResources
-from gpu_timing import graph_replay_ms
+from gpu_timing import capture, graph_replay_ms
 
 from ember.quant.fp8 import quantize_fp8
 from ember.quant.int4 import pack_int4, quantize_int4
@@ -70,15 +70,7 @@ def time_layers(fn, xs: dict, layers: list, shapes=tuple(SHAPES)) -> float:
         for w in layers:
             for name in shapes:
                 fn(xs[name], w[name])
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
+    g = capture(step, 1, warmup=2)
     return graph_replay_ms(g, 20) * 1e3 / len(layers)
 
 

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from gpu_timing import graph_replay_ms  # noqa: E402
+from gpu_timing import capture, graph_replay_ms  # noqa: E402
 
 TILES = ((8, 1024, 1, 2), (16, 512, 1, 4), (64, 256, 4, 4), (64, 256, 4, 8), (32, 512, 4, 4),
          (16, 1024, 1, 4), (32, 1024, 1, 8), (8, 2048, 1, 4), (16, 2048, 1, 8), (4, 4096, 1, 4))
@@ -57,16 +57,7 @@ def probe_us(w: torch.Tensor, tile: tuple[int, int, int, int]) -> float:
 
 
 def graphed_us(fn, calls: int = 10) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
+    g = capture(fn, calls)
     return min(graph_replay_ms(g, 10) for _ in range(5)) * 1e3 / calls
 
 
