@@ -21,7 +21,7 @@ import triton.language as tl
 from ember.layers.pdl import pdl_launch
 from ember.quant.kernels.decode import (E4M3_FACTOR_HALF, e4m3_parts, fp8_word_dot2, fp8_x_operand,
                                         fp8_x_quad, native_decode, x_operand, x_pair)
-from ember.quant.kernels.prefetch import prefetch_l2, row_lines
+from ember.quant.kernels.prefetch import prefetch_tile_l2
 from ember.quant.kernels.splitk import (choose_config, finish_splits, k_range, rows_and_output,
                                         split_buffers, store_split)
 
@@ -111,8 +111,7 @@ def _fp8_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, M, N, K, str
     if PACKED:
         qb = _fp8_tile_load(w_ptr, n_safe, wi, start + BLOCK_K // 2, start < end, stride_wn)
     for j in tl.static_range(1, AHEAD + 1):
-        prefetch_l2(row_lines(w_ptr, n_safe, stride_wn, (start + j * BLOCK_K) // 4, BLOCK_K // 4),
-                    start + j * BLOCK_K < end, NATIVE)
+        prefetch_tile_l2(w_ptr, n_safe, stride_wn, start + j * BLOCK_K, end, BLOCK_K, NATIVE)
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -122,9 +121,7 @@ def _fp8_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, M, N, K, str
     for k0 in range(start, end, BLOCK_K):
         nxt = k0 + BLOCK_K < end
         if AHEAD > 0:
-            ahead = k0 + (AHEAD + 1) * BLOCK_K
-            prefetch_l2(row_lines(w_ptr, n_safe, stride_wn, ahead // 4, BLOCK_K // 4), ahead < end,
-                        NATIVE)
+            prefetch_tile_l2(w_ptr, n_safe, stride_wn, k0 + (AHEAD + 1) * BLOCK_K, end, BLOCK_K, NATIVE)
         nq = _fp8_tile_load(w_ptr, n_safe, wi, k0 + BLOCK_K, nxt, stride_wn)
         if PACKED:
             nqb = _fp8_tile_load(w_ptr, n_safe, wi, k0 + BLOCK_K + BLOCK_K // 2, nxt, stride_wn)

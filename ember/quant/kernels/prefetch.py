@@ -36,8 +36,10 @@ def prefetch_l2(ptrs, live, NATIVE: tl.constexpr):
 
 
 @triton.jit
-def row_lines(w_ptr, n_safe, stride_wn, word, WORDS_PER_ROW: tl.constexpr):
-    """[BN, LINES] addresses of the 128-byte lines in WORDS_PER_ROW int32 words of each row
-    n_safe [BN] (row stride stride_wn words), from word `word` on."""
-    LINES: tl.constexpr = (WORDS_PER_ROW + 31) // 32
-    return w_ptr + n_safe[:, None] * stride_wn + (word + 32 * tl.arange(0, LINES))[None, :]
+def prefetch_tile_l2(w_ptr, n_safe, stride_wn, k0, end, BLOCK_K: tl.constexpr, NATIVE: tl.constexpr):
+    """Prefetch the FP8 weight tile at column k0 (BLOCK_K one-byte columns = BLOCK_K / 4
+    int32 words of each row n_safe [BN], row stride stride_wn words) into L2, one element
+    per 128-byte line; nothing when k0 >= end."""
+    LINES: tl.constexpr = (BLOCK_K // 4 + 31) // 32
+    lines = w_ptr + n_safe[:, None] * stride_wn + (k0 // 4 + 32 * tl.arange(0, LINES))[None, :]
+    prefetch_l2(lines, k0 < end, NATIVE)
