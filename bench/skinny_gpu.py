@@ -23,6 +23,7 @@ from ember.quant.int4 import pack_int4, quantize_int4
 from ember.quant.kernels import fp8_linear_ref, int4_linear_ref
 from ember.quant.kernels.fp8_gemv import CONFIGS as FP8_GEMV_CONFIGS
 from ember.quant.kernels.fp8_gemv import fp8_gemv_triton
+from ember.quant.kernels.skinny_dot import FP8_CONFIGS as FP8_SKINNY_CONFIGS
 from ember.quant.kernels.skinny_dot import INT4_CONFIGS as INT4_SKINNY_CONFIGS
 from ember.quant.kernels.skinny_dot import fp8_skinny, int4_skinny
 from ember.quant.kernels.w4a16 import INT4_GEMV_CONFIGS, int4_dequant_triton, int4_linear_triton
@@ -110,7 +111,9 @@ def main() -> None:
     ap.add_argument("--ahead", type=int, nargs="*", default=[],
                     help="with --configs, each FP8 GEMV tile also with these L2 prefetch distances (AHEAD)")
     ap.add_argument("--skinny-configs", action="store_true",
-                    help="also time every INT4 skinny tile config (epilogue and FOLD) at each of --rows in 2..64")
+                    help="also time every skinny tile config (INT4 and FP8) at each of --rows in 2..64")
+    ap.add_argument("--skinny-formats", nargs="*", default=["int4", "fp8"],
+                    help="with --skinny-configs, which formats' skinny tiles to time")
     args = ap.parse_args()
     print("#", json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}), flush=True)
@@ -137,9 +140,12 @@ def main() -> None:
     if args.skinny_configs:
         for m in [m for m in args.rows if 2 <= m <= 64]:
             x = {name: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for name, (k, n) in SHAPES.items()}
-            for name in SHAPES:
-                print(f"# int4-skinny {name} M={m} us per config: "
-                      + per_config(int4_skinny, "int4", INT4_SKINNY_CONFIGS, x, layers, name), flush=True)
+            for fmt, cfgs, fn in (("int4", INT4_SKINNY_CONFIGS, int4_skinny), ("fp8", FP8_SKINNY_CONFIGS, fp8_skinny)):
+                if fmt not in args.skinny_formats:
+                    continue
+                for name in SHAPES:
+                    print(f"# {fmt}-skinny {name} M={m} us per config: "
+                          + per_config(fn, fmt, cfgs, x, layers, name), flush=True)
     if args.configs:
         x = {name: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for name, (k, n) in SHAPES.items()}
         def ahead(cfgs):

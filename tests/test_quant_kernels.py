@@ -91,7 +91,7 @@ def test_int4_kernel_every_tile_config(config):
 def _int4_decoder_configs() -> list[tuple]:
     from ember.quant.kernels.w4a16 import INT4_GEMV_CONFIGS
     return (list(INT4_GEMV_CONFIGS) if DEVICE == "cuda"
-            else [(16, 128, 8, 4), (32, 32, 4, 4), (8, 256, 2, 2, 1), (16, 512, 4, 4)])
+            else [(16, 128, 8, 4), (32, 32, 4, 4), (8, 256, 2, 2, 1), (16, 512, 4, 4), (16, 1024, 1, 8, 1)])
 
 
 @pytest.mark.parametrize("m", [1, 3])

@@ -42,7 +42,8 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K
                    stride_wn, stride_sn, G: tl.constexpr, FP8: tl.constexpr, NATIVE: tl.constexpr,
                    DOT: tl.constexpr, SPLIT_K: tl.constexpr, FIXUP: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   PDL: tl.constexpr, FOLD: tl.constexpr, PREFETCH: tl.constexpr):
+                   PDL: tl.constexpr, FOLD: tl.constexpr, PREFETCH: tl.constexpr,
+                   XW: tl.constexpr):
     """Grid (N tiles, SPLIT_K, M tiles). w: [N, K / PER] int32 words (PER = 8 INT4 codes or
     4 E4M3 bytes). INT4: s, z [N, K / G] (G a multiple of BLOCK_K); FP8: s [N].
     y [M, N], split partials and counters as splitk.store_split."""
@@ -55,7 +56,10 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K
     r_mask = rm < M
     start, end = k_range(K, SPLIT_K, BLOCK_K)
     wi = tl.arange(0, WORDS)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if XW:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     w_rows = w_ptr + n_safe[:, None] * stride_wn
     # PREFETCH: registers double-buffer the weight words (the next tile's in flight while
     # this one is decoded); the weights do not depend on the kernel before, so the first
@@ -86,13 +90,19 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K
         else:
             q = tl.load(w_rows + (k0 // PER + wi)[None, :])
         kk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rm[None, :] * stride_xm + kk[:, None], mask=r_mask[None, :], other=0.0)
-        x = x.to(DOT)                                                       # [BLOCK_K, BM]
+        if XW:
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=r_mask[:, None], other=0.0)
+        else:
+            x = tl.load(x_ptr + rm[None, :] * stride_xm + kk[:, None], mask=r_mask[None, :], other=0.0)
+        x = x.to(DOT)                                                       # [BLOCK_K, BM] ([BM, BLOCK_K] XW)
         if FP8:
             p = e4m3_parts(q, NATIVE, DOT)
             # Interleave the parts back into column order: [BN, BLOCK_K], column PER*w + j.
             w = tl.interleave(tl.interleave(p[0], p[2]), tl.interleave(p[1], p[3]))
-            acc = tl.dot(w, x, acc)
+            if XW:
+                acc = tl.dot(x, tl.trans(w), acc)
+            else:
+                acc = tl.dot(w, x, acc)
         else:
             p = int4_parts(q, NATIVE, DOT)
             w = int4_columns(p)
@@ -103,16 +113,30 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K
             zp_next = tl.load(z_rows + (k0 + BLOCK_K) // G, mask=nxt, other=0)
             if FOLD:   # (c + 128) - (z + 128) is exact in bf16; times s (bf16 in a bf16 model): one rounding
                 w = (w - (zp + INT4_OFFSET).to(DOT)[:, None]) * sc.to(DOT)[:, None]
-                acc = tl.dot(w, x, acc)
+                if XW:
+                    acc = tl.dot(x, tl.trans(w), acc)
+                else:
+                    acc = tl.dot(w, x, acc)
             else:
-                raw = tl.dot(w, x)
-                xsum = tl.sum(x.to(tl.float32), axis=0)
-                acc += sc[:, None] * (raw - (zp + INT4_OFFSET)[:, None] * xsum[None, :])
-    if FP8:
-        acc = acc * (tl.load(s_ptr + n_safe) * E4M3_FACTOR_HALF)[:, None] * E4M3_FACTOR_HALF
-    store_split(acc, y_ptr, part_ptr, cnt_ptr, rm[None, :] * N + n[:, None],
-                n_mask[:, None] & r_mask[None, :], M * N,
-                tl.program_id(0) + tl.num_programs(0) * tl.program_id(2), SPLIT_K, FIXUP)
+                if XW:
+                    raw = tl.dot(x, tl.trans(w))
+                    xsum = tl.sum(x.to(tl.float32), axis=1)
+                    acc += sc[None, :] * (raw - (zp + INT4_OFFSET)[None, :] * xsum[:, None])
+                else:
+                    raw = tl.dot(w, x)
+                    xsum = tl.sum(x.to(tl.float32), axis=0)
+                    acc += sc[:, None] * (raw - (zp + INT4_OFFSET)[:, None] * xsum[None, :])
+    tile = tl.program_id(0) + tl.num_programs(0) * tl.program_id(2)
+    if XW:
+        if FP8:
+            acc = acc * (tl.load(s_ptr + n_safe) * E4M3_FACTOR_HALF)[None, :] * E4M3_FACTOR_HALF
+        store_split(acc, y_ptr, part_ptr, cnt_ptr, rm[:, None] * N + n[None, :],
+                    r_mask[:, None] & n_mask[None, :], M * N, tile, SPLIT_K, FIXUP)
+    else:
+        if FP8:
+            acc = acc * (tl.load(s_ptr + n_safe) * E4M3_FACTOR_HALF)[:, None] * E4M3_FACTOR_HALF
+        store_split(acc, y_ptr, part_ptr, cnt_ptr, rm[None, :] * N + n[:, None],
+                    n_mask[:, None] & r_mask[None, :], M * N, tile, SPLIT_K, FIXUP)
 
 
 # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps[, FOLD[, PREFETCH]]). An INT4 BLOCK_K divides the
@@ -128,6 +152,11 @@ INT4_CONFIGS = ((64, 128, 4, 4, 1), (128, 128, 1, 8, 1), (64, 128, 4, 4, 1, 1), 
 FP8_CONFIGS = ((64, 256, 4, 4), (64, 128, 4, 4), (64, 256, 2, 4), (64, 128, 2, 4), (32, 256, 4, 4),
                (64, 256, 8, 4), (32, 512, 4, 4), (16, 256, 4, 1),
                (128, 128, 2, 8))
+# XW (field 6): the same tiles computed as y = x @ dequant(W)^T, x the MMA's left operand and
+# the decoded weight tile its right one, written to shared memory once (trial list).
+INT4_CONFIGS = INT4_CONFIGS + tuple(tuple(c[:4]) + (c[4] if len(c) > 4 else 0, c[5] if len(c) > 5 else 0, 1)
+                                    for c in INT4_CONFIGS)
+FP8_CONFIGS = FP8_CONFIGS + tuple(tuple(c) + (0, 0, 1) for c in FP8_CONFIGS)
 
 
 def _launch(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
@@ -144,12 +173,13 @@ def _launch(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, z: torch.Tens
         bn, bk, split, warps = c[:4]
         fold = bool(c[4]) if len(c) > 4 else False
         prefetch = bool(c[5]) if len(c) > 5 else False
+        xw = bool(c[6]) if len(c) > 6 else False
         part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, bn) * triton.cdiv(m, bm), FIXUP_SKINNY)
         _skinny_kernel[(triton.cdiv(n_out, bn), split, triton.cdiv(m, bm))](
             x2, y, part, cnt, words, s, z if z is not None else s, m, n_out, k_in, x2.stride(0),
             words.stride(0), s.stride(0) if s.dim() > 1 else 0, G=group, FP8=fp8, NATIVE=native,
             DOT=dot, SPLIT_K=split, FIXUP=fixup, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            num_warps=warps, FOLD=fold, PREFETCH=prefetch, **pdl_launch(x2))
+            num_warps=warps, FOLD=fold, PREFETCH=prefetch, XW=xw, **pdl_launch(x2))
         finish_splits(part, y, fixup)
 
     cands = [c for c in (FP8_CONFIGS if fp8 else INT4_CONFIGS)
