@@ -20,6 +20,8 @@ in fp32. Torch references: `int4_linear_ref`, `fp8_linear_ref` in kernels/__init
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -34,7 +36,7 @@ MAX_ROWS = 64   # above this, the GEMM kernels (w4a16.py) / torch._scaled_mm
 # Split partials summed by the reduce kernel, not in-kernel (splitk.store_split): a skinny
 # tile's partials are up to 64 x 128 values, and summing them in the last split's tail
 # measured slower (FP8 at one row 82.9 -> 92.6 us per layer, h200_2026-11-29f_skinny_ab).
-FIXUP_SKINNY = False
+FIXUP_SKINNY = os.environ.get("EMBER_SKINNY_FIXUP", "0") == "1"
 
 
 @triton.jit
@@ -154,9 +156,9 @@ FP8_CONFIGS = ((64, 256, 4, 4), (64, 128, 4, 4), (64, 256, 2, 4), (64, 128, 2, 4
                (128, 128, 2, 8))
 # XW (field 6): the same tiles computed as y = x @ dequant(W)^T, x the MMA's left operand and
 # the decoded weight tile its right one, written to shared memory once (trial list).
-INT4_CONFIGS = INT4_CONFIGS + tuple(tuple(c[:4]) + (c[4] if len(c) > 4 else 0, c[5] if len(c) > 5 else 0, 1)
-                                    for c in INT4_CONFIGS)
-FP8_CONFIGS = FP8_CONFIGS + tuple(tuple(c) + (0, 0, 1) for c in FP8_CONFIGS)
+INT4_CONFIGS = INT4_CONFIGS + ((128, 128, 1, 8, 1, 0, 1), (128, 128, 8, 8, 1, 0, 1), (64, 128, 4, 4, 1, 0, 1))
+FP8_CONFIGS = FP8_CONFIGS + ((64, 128, 2, 4, 0, 0, 1), (64, 128, 4, 4, 0, 0, 1), (64, 256, 4, 4, 0, 0, 1),
+                             (32, 256, 4, 4, 0, 0, 1))
 
 
 def _launch(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
