@@ -37,6 +37,9 @@ CONFIGS = {
     "SmoothQuant W8A8 a=0.5": ("smoothquant", {}, {}),
     "FP8 W8A8 (emulated on CPU)": ("fp8", {"emulate_activations": True}, {}),
     "FP8 weight-only (CPU path)": ("fp8", {}, {}),
+    # --quantize-lm-head / `ember quantize --lm-head`: the (tied) LM head in the same format
+    "AWQ-INT4 g128 + INT4 LM head": ("awq", {"lm_head": True}, {}),
+    "FP8 W8A8 (emulated on CPU) + FP8 LM head": ("fp8", {"emulate_activations": True, "lm_head": True}, {}),
 }
 
 

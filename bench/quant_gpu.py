@@ -45,6 +45,9 @@ VARIANTS = {
     "fp8-gemv": ("fp8", {"decode_kernel": "gemv"}),        # CUDA-core GEMV, no tensor cores
     "awq-gemv": ("awq", {"small_batch_kernel": "gemv", "large_batch_kernel": "gemm"}),  # CUDA-core kernels only
     "awq-fused-gemm": ("awq", {"large_batch_kernel": "gemm"}),   # > 64 rows: fused W4A16 GEMM
+    "awq+head": ("awq", {"lm_head": True}),        # --quantize-lm-head: the LM head in INT4 too
+    "fp8+head": ("fp8", {"lm_head": True}),
+    "nvfp4+head": ("nvfp4", {"lm_head": True}),
 }
 
 
@@ -67,8 +70,8 @@ def use_variant(method: str) -> str | None:
         return None
     name, params = VARIANTS.get(method, (method, {}))
 
-    def resolve(q, hf):
-        cfg = resolve_quant_config(q, hf)
+    def resolve(q, hf, *rest):
+        cfg = resolve_quant_config(q, hf, *rest)
         if cfg is not None:
             cfg.params.update(params)
         return cfg

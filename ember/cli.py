@@ -39,6 +39,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    choices=["none", "awq", "smoothquant", "nvfp4", "fp8"],
                    help="quantize a full-precision model on load (round to nearest; calibrated "
                         "checkpoints come from `ember quantize`); default: as the checkpoint says")
+    p.add_argument("--quantize-lm-head", action="store_true",
+                   help="quantize the LM head too (off by default, as in most quantized checkpoints)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--speculative-config", default=None,
                    help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\' '
@@ -57,7 +59,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
                 prefix_cache=args.prefix_cache, scheduling_policy=args.scheduling_policy,
                 seed=args.seed, speculative_config=args.speculative_config,
-                quantization=args.quantization)
+                quantization=args.quantization, quantize_lm_head=args.quantize_lm_head)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

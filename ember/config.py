@@ -137,6 +137,7 @@ class EngineConfig:
     # e.g. {"method": "ngram", "num_speculative_tokens": 3}; parsed to a SpeculativeConfig.
     speculative_config: Any = None
     quantization: str | None = None       # None: as the checkpoint says | none | awq | smoothquant | nvfp4 | fp8
+    quantize_lm_head: bool = False        # the LM head in the quantization's format too (ember.models.lm_head)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

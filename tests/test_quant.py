@@ -412,3 +412,60 @@ def test_quantize_cli_writes_a_loadable_checkpoint(tiny_llama, tmp_path, capsys)
     assert lin.weight.dtype == torch.float8_e4m3fn
     with pytest.raises(SystemExit):  # awq without calibration text is refused
         main(["quantize", "--model", tiny_llama.path, "--method", "awq", "--out", str(tmp_path / "x")])
+
+
+# ---- the LM head ----------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["llama-gqa", "llama-tied"])
+def test_quantized_lm_head_on_load(tiny_checkpoints, arch):
+    # --quantize-lm-head: the head is a Linear in the model's format (a tied head a quantized
+    # copy of the embedding, which itself stays exact) and the logits are x @ dequant(head)^T.
+    ckpt = tiny_checkpoints(arch)
+    plain = load(ckpt.path, quantization="awq")
+    llm = load(ckpt.path, quantization="awq", quantize_lm_head=True)
+    model, ref_model = llm.engine.runner.model, plain.engine.runner.model
+    head = model.lm_head
+    assert type(head.method).__name__ == "Int4LinearMethod" and not hasattr(head, "weight")
+    assert llm.engine.model_config.quantization.params["lm_head"] is True
+    emb = model.model.embed_tokens.weight
+    torch.testing.assert_close(emb, ref_model.model.embed_tokens.weight, rtol=0, atol=0)
+    fp_head = emb if arch == "llama-tied" else ref_model.lm_head.weight
+    w = head.method.dequantize(head)
+    assert 0 < rel_err(w, fp_head) < 0.2            # RTN INT4 of the full-precision head
+    h = torch.randn(3, emb.shape[1], generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(model.compute_logits(h), h @ w.t(), rtol=1e-5, atol=1e-5)
+    prompts = random_prompts([24], seed=3)
+    err = rel_err(logits_of(llm, prompts), logits_of(plain, prompts))
+    assert 0 < err < 0.4
+
+
+def test_quantize_lm_head_needs_a_quantization(tiny_llama, tmp_path):
+    with pytest.raises(ValueError, match="needs a quantization"):
+        load(tiny_llama.path, quantize_lm_head=True)
+    llm = load(tiny_llama.path)
+    quant = quantize_llm(llm, "fp8", [])
+    save_quantized(llm, quant, str(tmp_path / "q"))
+    with pytest.raises(ValueError, match="LM head is not quantized"):
+        load(str(tmp_path / "q"), quantize_lm_head=True)
+
+
+def test_quantize_cli_lm_head_round_trip(tiny_checkpoints, tmp_path):
+    # `ember quantize --lm-head` on a tied model writes the head's own quantized tensors;
+    # the checkpoint loads back (without the flag) to the same logits as the quantized
+    # model in memory.
+    from ember.cli import main
+    ckpt = tiny_checkpoints("llama-tied")
+    out = str(tmp_path / "rtn")
+    main(["quantize", "--model", ckpt.path, "--method", "rtn", "--group-size", str(GROUP),
+          "--dtype", "float32", "--lm-head", "--out", out])
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["quantization_config"]["lm_head"] is True and cfg["tie_word_embeddings"] is True
+    from safetensors import safe_open
+    with safe_open(os.path.join(out, "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+    assert {"lm_head.qweight", "lm_head.scales", "lm_head.qzeros", "model.embed_tokens.weight"} <= names
+    llm = load(ckpt.path)
+    quantize_llm(llm, "rtn", [], group_size=GROUP, extra_params={"lm_head": True})
+    back = load(out)
+    assert back.engine.runner.model.lm_head is not None
+    prompts = random_prompts([20], seed=8)
+    torch.testing.assert_close(logits_of(back, prompts), logits_of(llm, prompts), rtol=0, atol=0)

@@ -127,6 +127,9 @@ class CudaGraphRunner:
             with torch.cuda.stream(stream):  # warm up (Triton compiles, cuBLAS picks kernels)
                 for _ in range(2):
                     self._forward(key)
+                # The LM head runs outside the graphs: its kernels compile and tune here too
+                # (a quantized head's tuner would otherwise time tiles in a live step).
+                self.model.compute_logits(self.output[:key[0] * key[1]])
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):

@@ -27,7 +27,8 @@ class PromptTooLongError(ValueError):
 class Engine:
     def __init__(self, cfg: EngineConfig) -> None:
         self.cfg = cfg
-        source = resolve_model(cfg.model, cfg.load_format, cfg.tokenizer, cfg.quantization)
+        source = resolve_model(cfg.model, cfg.load_format, cfg.tokenizer, cfg.quantization,
+                               cfg.quantize_lm_head)
         self.model_config = source.config
         self.tokenizer = source.tokenizer
         device = resolve_device(cfg.device)

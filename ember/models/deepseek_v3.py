@@ -39,6 +39,7 @@ from ember.layers.norm import RMSNorm
 from ember.layers.rotary import RotaryEmbedding, rope_type, yarn_mscale
 from ember.models.llama import LlamaMLP, PreNormDecoderLayer, load_hf_tensors
 from ember.models.mtp_block import DecoderLayerBlock
+from ember.models.lm_head import build_lm_head, compute_logits, head_weights
 from ember.quant.base import linear_method_for
 
 # checkpoint projection name -> (merged module name, shard name)
@@ -235,7 +236,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.config = cfg
         self.ds = DeepseekConfig.from_model_config(cfg)
         self.model = DeepseekV3Model(cfg, self.ds, backend, ops)
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
+        self.lm_head = build_lm_head(cfg)
 
     @classmethod
     def make_attention_backend(cls, name: str, device: torch.device | None,
@@ -254,9 +255,7 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> logits [N, vocab] in fp32."""
-        if self.lm_head is None:
-            return torch.nn.functional.linear(hidden, self.model.embed_tokens.weight).float()
-        return self.lm_head(hidden).float()
+        return compute_logits(self.lm_head, self.model.embed_tokens, hidden)
 
     def mtp_block(self, backend: MLABackend, ops: LayerOps) -> DecoderLayerBlock:
         """The decoder layer of a DeepSeek-V3 MTP module (ember.spec.mtp): MLA + MoE, built as
@@ -271,10 +270,9 @@ class DeepseekV3ForCausalLM(nn.Module):
         n_layers = self.config.num_hidden_layers
 
         def keep(name: str) -> bool:
-            if name == "lm_head.weight" and self.lm_head is None:
-                return False  # tied: the embedding serves as the head
             return not is_mtp_weight(name, n_layers)
-        load_deepseek_tensors(self, ((name, t) for name, t in weights if keep(name)))
+        load_deepseek_tensors(self, ((name, t) for name, t in head_weights(
+            self.config, self.lm_head, self.model.embed_tokens, weights) if keep(name)))
 
 
 def load_deepseek_tensors(root: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -19,6 +19,7 @@ from ember.layers.linear import Linear
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import RotaryEmbedding
 from ember.models.mtp_block import DecoderLayerBlock
+from ember.models.lm_head import build_lm_head, compute_logits, head_weights
 from ember.quant.base import linear_method_for
 
 # checkpoint projection name -> (merged module name, shard name)
@@ -162,7 +163,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = LlamaModel(cfg, backend, self.qk_norm, ops)
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
+        self.lm_head = build_lm_head(cfg)
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]
@@ -192,9 +193,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> logits [N, vocab] in fp32."""
-        if self.lm_head is None:
-            return torch.nn.functional.linear(hidden, self.model.embed_tokens.weight).float()
-        return self.lm_head(hidden).float()
+        return compute_logits(self.lm_head, self.model.embed_tokens, hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load Hugging Face-named tensors; raises if any parameter is left unloaded.
@@ -207,11 +206,10 @@ class LlamaForCausalLM(nn.Module):
         last_mtp = first_mtp + int(cfg.hf_config.get("num_nextn_predict_layers") or 0)
 
         def keep(name: str) -> bool:
-            if name == "lm_head.weight" and self.lm_head is None:
-                return False  # tied: the embedding serves as the head
             parts = name.split(".")
             return not (name.startswith("model.layers.") and first_mtp <= int(parts[2]) < last_mtp)
-        load_hf_tensors(self, (nt for nt in weights if keep(nt[0])))
+        load_hf_tensors(self, (nt for nt in head_weights(cfg, self.lm_head, self.model.embed_tokens, weights)
+                              if keep(nt[0])))
 
 
 def load_hf_tensors(root: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],

@@ -55,13 +55,15 @@ def safetensors_stream(folder: str, keep: Callable[[str], bool] | None = None) -
 
 
 def resolve_model(model: str, load_format: str = "auto", tokenizer: str | None = None,
-                  quantization: str | None = None) -> ModelSource:
+                  quantization: str | None = None, quantize_lm_head: bool = False) -> ModelSource:
     """Turn a user's --model into a ModelSource. Raises with a clear message when it can't.
 
-    `quantization` (None = as the checkpoint says) becomes `config.quantization`."""
+    `quantization` (None = as the checkpoint says) and `quantize_lm_head` become
+    `config.quantization`."""
     source = _resolve_model(model, load_format, tokenizer)
     from ember.quant import resolve_quant_config
-    source.config.quantization = resolve_quant_config(quantization, source.config.hf_config)
+    source.config.quantization = resolve_quant_config(quantization, source.config.hf_config,
+                                                      quantize_lm_head)
     return source
 
 

@@ -36,7 +36,8 @@ def effective_group_size(in_features: int, group_size: int, multiple: int = 8) -
 @dataclass
 class QuantConfig:
     """What quantization a model uses. `params` holds method-specific options
-    (e.g. nvfp4 `activations`: "none" | "nvfp4"; fp8 `weight_scheme`: "channel" | "tensor")."""
+    (e.g. nvfp4 `activations`: "none" | "nvfp4"; fp8 `weight_scheme`: "channel" | "tensor";
+    `lm_head`: True when the LM head is quantized too)."""
 
     method: str                      # a key of QUANT_METHODS
     group_size: int = 128            # int4 only
@@ -187,8 +188,23 @@ def detect_quant_config(hf_config: dict[str, Any]) -> QuantConfig | None:
     raise ValueError(f"checkpoint quantization {method!r} is not supported")
 
 
-def resolve_quant_config(requested: str | None, hf_config: dict[str, Any]) -> QuantConfig | None:
-    """`--quantization` (None/'auto' = whatever the checkpoint says) against the checkpoint."""
+def resolve_quant_config(requested: str | None, hf_config: dict[str, Any],
+                         lm_head: bool = False) -> QuantConfig | None:
+    """`--quantization` (None/'auto' = whatever the checkpoint says) against the checkpoint;
+    `lm_head` (`--quantize-lm-head`): the LM head in the same format too (models/lm_head.py)."""
+    quant = _resolve_method(requested, hf_config)
+    if lm_head:
+        if quant is None or quant.method == "none":
+            raise ValueError("--quantize-lm-head needs a quantization (--quantization M, or a "
+                             "quantized checkpoint)")
+        if quant.prequantized and not quant.params.get("lm_head"):
+            raise ValueError("this checkpoint's LM head is not quantized and a quantized "
+                             "checkpoint is not re-quantized; `ember quantize --lm-head` writes one")
+        quant.params["lm_head"] = True
+    return quant
+
+
+def _resolve_method(requested: str | None, hf_config: dict[str, Any]) -> QuantConfig | None:
     detected = detect_quant_config(hf_config)
     if requested in (None, "auto"):
         return detected

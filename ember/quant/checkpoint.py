@@ -19,8 +19,13 @@ _SPLIT = {v: k for k, v in MERGED_PROJECTIONS.items()}
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, quant: QuantConfig) -> None:
-    """Replace every quantizable full-precision linear's weight with `quant`'s tensors."""
-    for layer in quantizable_linears(model).values():
+    """Replace every quantizable full-precision linear's weight with `quant`'s tensors; with
+    quant.params["lm_head"] the LM head's too (round to nearest; a tied head becomes a
+    quantized copy of the embedding, models/lm_head.py)."""
+    layers = list(quantizable_linears(model).values())
+    if quant.params.get("lm_head"):
+        layers.append(_untied_head(model))
+    for layer in layers:
         if not isinstance(layer.method, UnquantizedLinearMethod):
             raise ValueError("the model is already quantized")
         method = quant.linear_method()
@@ -29,6 +34,17 @@ def quantize_model(model: nn.Module, quant: QuantConfig) -> None:
         del layer.weight
         QuantLinearMethod._register(layer, method.quantize(layer, weight))
         layer.method = method
+
+
+def _untied_head(model: nn.Module) -> Linear:
+    """The model's LM head as a Linear of its own (a copy of the embedding when tied)."""
+    if model.lm_head is None:
+        emb = model.model.embed_tokens.weight
+        with torch.device(emb.device):
+            head = Linear(emb.shape[1], emb.shape[0])
+        head.weight = nn.Parameter(emb.data.clone(), requires_grad=False)
+        model.lm_head = head
+    return model.lm_head
 
 
 def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

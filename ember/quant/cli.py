@@ -20,6 +20,8 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--calib-len", type=int, default=512)
     q.add_argument("--group-size", type=int, default=128, help="INT4 group size")
     q.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength")
+    q.add_argument("--lm-head", action="store_true",
+                   help="quantize the LM head too (round to nearest; a tied head gets its own quantized copy)")
     q.add_argument("--out", required=True, help="output folder")
     q.set_defaults(func=cmd_quantize)
 
@@ -74,11 +76,13 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from ember.quant.checkpoint import save_quantized
     kw = engine_kwargs(args)
     kw["quantization"] = "none"
+    lm_head = args.lm_head or kw.pop("quantize_lm_head", False)   # the engine flag means the same here
     if args.method in ("awq", "smoothquant"):  # room for one calibration sequence
         kw["max_model_len"] = max(kw.get("max_model_len") or 0, args.calib_len + 1)
     t = time.perf_counter()
     llm = LLM(args.model, **kw)
     quant = quantize_llm(llm, args.method, args.calib, args.calib_split, args.calib_seqs,
-                         args.calib_len, args.group_size, args.alpha)
+                         args.calib_len, args.group_size, args.alpha,
+                         extra_params={"lm_head": True} if lm_head else None)
     save_quantized(llm, quant, args.out)
     print(f"wrote {args.method} checkpoint to {args.out} in {time.perf_counter() - t:.1f} s")

@@ -283,6 +283,9 @@ def new_drafter(target, hf_config: dict[str, Any], draft_ids: torch.Tensor, para
         for layer in drafter.more_layers:   # start as the identity on the stream
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
+        if target.lm_head is not None and not hasattr(target.lm_head, "weight"):
+            raise ValueError("EAGLE training starts its head from the target's full-precision "
+                             "LM head; this target's head is quantized (--quantize-lm-head)")
         head = target.lm_head.weight if target.lm_head is not None else target.model.embed_tokens.weight
         drafter.lm_head.weight.copy_(head[draft_ids.to(head.device)])
         h = ecfg.hidden_size

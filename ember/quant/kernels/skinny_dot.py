@@ -14,6 +14,8 @@ decoded parts are interleaved back into column order for one dot per tile.
   not grow with the rows, where the epilogue does (Llama-8B layer at 64 rows on the H200:
   191.5 -> 146.0 us). The autotuner picks between them per shape and row count.
 - FP8 (E4M3, weight-only): the decoder's 2^-120 factor is folded into the per-row scale.
+- XW tiles compute y = x @ dequant(W)^T instead (the decoded tile the MMA's shared-memory
+  operand; see the tile lists).
 
 Under the CPU interpreter (tests) the parts come from plain integer ops and the dot runs
 in fp32. Torch references: `int4_linear_ref`, `fp8_linear_ref` in kernels/__init__.py.
@@ -35,7 +37,9 @@ from ember.quant.kernels.splitk import (choose_config, finish_splits, k_range, r
 MAX_ROWS = 64   # above this, the GEMM kernels (w4a16.py) / torch._scaled_mm
 # Split partials summed by the reduce kernel, not in-kernel (splitk.store_split): a skinny
 # tile's partials are up to 64 x 128 values, and summing them in the last split's tail
-# measured slower (FP8 at one row 82.9 -> 92.6 us per layer, h200_2026-11-29f_skinny_ab).
+# measured slower (FP8 at one row 82.9 -> 92.6 us per layer, h200_2026-11-29f_skinny_ab; AWQ
+# batch-64 captured forward 4.78 -> 5.33 ms, h200_2026-11-30o_fixup_ab). EMBER_SKINNY_FIXUP=1
+# turns it on for such A/Bs.
 FIXUP_SKINNY = os.environ.get("EMBER_SKINNY_FIXUP", "0") == "1"
 
 
@@ -47,7 +51,7 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K
                    PDL: tl.constexpr, FOLD: tl.constexpr, PREFETCH: tl.constexpr,
                    XW: tl.constexpr):
     """Grid (N tiles, SPLIT_K, M tiles). w: [N, K / PER] int32 words (PER = 8 INT4 codes or
-    4 E4M3 bytes). INT4: s, z [N, K / G] (G a multiple of BLOCK_K); FP8: s [N].
+    4 E4M3 bytes). XW: acc is [BLOCK_M, BLOCK_N] (x @ w^T) instead of [BLOCK_N, BLOCK_M]. INT4: s, z [N, K / G] (G a multiple of BLOCK_K); FP8: s [N].
     y [M, N], split partials and counters as splitk.store_split."""
     PER: tl.constexpr = 4 if FP8 else 8
     WORDS: tl.constexpr = BLOCK_K // PER
@@ -154,8 +158,12 @@ INT4_CONFIGS = ((64, 128, 4, 4, 1), (128, 128, 1, 8, 1), (64, 128, 4, 4, 1, 1), 
 FP8_CONFIGS = ((64, 256, 4, 4), (64, 128, 4, 4), (64, 256, 2, 4), (64, 128, 2, 4), (32, 256, 4, 4),
                (64, 256, 8, 4), (32, 512, 4, 4), (16, 256, 4, 1),
                (128, 128, 2, 8))
-# XW (field 6): the same tiles computed as y = x @ dequant(W)^T, x the MMA's left operand and
-# the decoded weight tile its right one, written to shared memory once (trial list).
+# XW (field 6): the tile computed as y = x @ dequant(W)^T, x the MMA's left operand and the
+# decoded weight tile its right one, written to shared memory once for the wgmma (the swapped
+# form moves it into the register operand's layout through shared memory: 9 barriers a K step
+# against 3, sm_90 SASS). In the H200 sweep of every tile both ways (h200_2026-11-30o_skinny_xw_
+# sweep.txt) these won: INT4 at 64 rows gate_up 60.0 -> 57.6 us, down 34.7 -> 33.8, o 14.1 ->
+# 13.7; FP8 at 16 rows qkv 14.0 -> 12.1, o 10.6 -> 10.3, gate_up 43.8 -> 36.3. Others lost.
 INT4_CONFIGS = INT4_CONFIGS + ((128, 128, 1, 8, 1, 0, 1), (128, 128, 8, 8, 1, 0, 1), (64, 128, 4, 4, 1, 0, 1))
 FP8_CONFIGS = FP8_CONFIGS + ((64, 128, 2, 4, 0, 0, 1), (64, 128, 4, 4, 0, 0, 1), (64, 256, 4, 4, 0, 0, 1),
                              (32, 256, 4, 4, 0, 0, 1))
