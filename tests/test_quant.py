@@ -431,8 +431,9 @@ def test_quantized_lm_head_on_load(tiny_checkpoints, arch):
     fp_head = emb if arch == "llama-tied" else ref_model.lm_head.weight
     w = head.method.dequantize(head)
     assert 0 < rel_err(w, fp_head) < 0.2            # RTN INT4 of the full-precision head
-    h = torch.randn(3, emb.shape[1], generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(model.compute_logits(h), h @ w.t(), rtol=1e-5, atol=1e-5)
+    h = torch.randn(3, emb.shape[1], generator=torch.Generator().manual_seed(2)).to(emb.device)
+    tol = 1e-5 if emb.device.type == "cpu" else 2e-3     # the GPU kernels' own summation order
+    torch.testing.assert_close(model.compute_logits(h), h @ w.t(), rtol=tol, atol=tol * 10)
     prompts = random_prompts([24], seed=3)
     err = rel_err(logits_of(llm, prompts), logits_of(plain, prompts))
     assert 0 < err < 0.4
