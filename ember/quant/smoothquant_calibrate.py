@@ -15,9 +15,11 @@ from ember.quant.fold import fold_down, fold_gate_up, fold_o, fold_qkv
 
 
 def smooth_scale(act_max: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
-    """act_max: [in]; weight: [out, in] -> s [in]."""
+    """act_max: [in] (calibration statistics live on the CPU); weight: [out, in] -> s [in],
+    on the weight's device."""
     w_max = weight.abs().amax(0).float().clamp(min=1e-5)
-    return (act_max.float().clamp(min=1e-5).pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
+    a = act_max.to(w_max.device).float().clamp(min=1e-5)
+    return (a.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
 
 
 @torch.no_grad()
@@ -33,4 +35,4 @@ def apply_smoothquant(model: nn.Module, stats: dict[str, InputStats], alpha: flo
         kvh, g, d = att.num_kv_heads, att.num_heads // att.num_kv_heads, att.head_dim
         a_kv = stats[f"{p}.self_attn.o_proj"].abs_max.reshape(kvh, g, d).amax(1).reshape(-1)
         w_kv = att.o_proj.weight.abs().reshape(-1, kvh, g, d).amax(dim=(0, 2)).reshape(1, -1)
-        fold_o(layer, smooth_scale(a_kv, w_kv.to(a_kv.device), alpha))
+        fold_o(layer, smooth_scale(a_kv, w_kv, alpha))
