@@ -87,8 +87,10 @@ def test_apply_matches_its_dequantized_weight(tiny_llama, method):
     # Weight-only paths on the CPU compute exactly x @ dequantize(W)^T.
     llm = load(tiny_llama.path, quantization=method)
     lin = llm.engine.runner.model.model.layers[1].mlp.down_proj
-    x = torch.randn(5, lin.in_features, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(lin(x), x @ lin.method.dequantize(lin).t(), rtol=1e-5, atol=1e-5)
+    w = lin.method.dequantize(lin)
+    x = torch.randn(5, lin.in_features, generator=torch.Generator().manual_seed(0)).to(w.device)
+    tol = 1e-5 if w.device.type == "cpu" else 1e-3     # the GPU kernels' own summation order
+    torch.testing.assert_close(lin(x), x @ w.t(), rtol=tol, atol=tol)
 
 
 def test_dummy_weights_with_quantization(tiny_llama):
@@ -163,7 +165,8 @@ def test_awq_layerwise_stats_match_the_engine(tiny_llama):
     model = llm.engine.runner.model
     prompts = random_prompts([37, 20], seed=7)
     want = collect_input_stats(llm, prompts, rows_per_seq=8, gram=True)
-    streams = [model.model.embed_tokens(torch.tensor(p)).float() for p in prompts]
+    dev = model.model.embed_tokens.weight.device
+    streams = [model.model.embed_tokens(torch.tensor(p, device=dev)).float() for p in prompts]
     gen = torch.Generator().manual_seed(0)
     picks = [torch.randperm(len(p), generator=gen)[:8] for p in prompts]
     for i, layer in enumerate(model.model.layers):
@@ -209,8 +212,9 @@ def test_awq_block_forwards_match_the_engine(tiny_llama):
     for h in hooks:
         h.remove()
     x = stats["model.layers.1.self_attn.qkv_proj"].seqs[0]                  # [37, hidden]
-    rows = torch.tensor([0, 5, 36])
-    rope = model.model.rotary.lookup(torch.arange(x.shape[0]))
+    dev = layer.self_attn.qkv_proj.weight.device
+    x, rows = x.to(dev), torch.tensor([0, 5, 36], device=dev)
+    rope = model.model.rotary.lookup(torch.arange(x.shape[0], device=dev))
     got = attention_rows(layer, rope, x, layer.self_attn.qkv_proj.weight, rows)
     torch.testing.assert_close(got, seen["attn"][rows], rtol=1e-4, atol=1e-5)
     got = mlp_rows(layer, seen["mlp_in"], layer.mlp.gate_up_proj.weight)
@@ -325,7 +329,7 @@ def test_autoawq_gemm_checkpoint_loads(tiny_llama, tmp_path):
     attn = llm.engine.runner.model.model.layers[1].self_attn
     got = attn.qkv_proj.method.dequantize(attn.qkv_proj)
     want = torch.cat([expected[f"model.layers.1.self_attn.{p}"] for p in ("q_proj", "k_proj", "v_proj")])
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("layout", ["modelopt", "compressed-tensors"])
@@ -352,7 +356,7 @@ def test_nvfp4_checkpoint_layouts_load(tiny_llama, tmp_path, layout):
     mlp = llm.engine.runner.model.model.layers[0].mlp
     got = mlp.gate_up_proj.method.dequantize(mlp.gate_up_proj)
     want = torch.cat([expected[f"model.layers.0.mlp.{p}"] for p in ("gate_proj", "up_proj")])
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=0)
 
 
 # ---- perplexity -----------------------------------------------------------------------------
@@ -376,7 +380,7 @@ def test_perplexity_matches_transformers_and_slides(tiny_llama, fp):
             while k * stride + window <= t:
                 k += 1
             lg = sequence_logits(llm, ids[k * stride:t])[-1:]
-            nll += torch.nn.functional.cross_entropy(lg, torch.tensor([ids[t]])).item()
+            nll += torch.nn.functional.cross_entropy(lg, torch.tensor([ids[t]], device=lg.device)).item()
         assert got.nll == pytest.approx(nll / 99, rel=1e-5)
     with pytest.raises(ValueError):
         perplexity(llm, ids, window=25, stride=25)

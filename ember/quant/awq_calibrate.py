@@ -45,8 +45,10 @@ def weight_stat(weight: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def quantized_at(weight: torch.Tensor, s: torch.Tensor, group_size: int) -> torch.Tensor:
-    """The weight [out, in] as INT4 at per-input-channel scale s [in]: Q(W diag(s)) diag(1/s)."""
+    """The weight [out, in] as INT4 at per-input-channel scale s [in]: Q(W diag(s)) diag(1/s)
+    (on the weight's device: scales built from CPU statistics move there)."""
     g = effective_group_size(weight.shape[1], group_size)
+    s = s.to(weight.device)
     return fake_quantize_int4(weight.float() * s, g) / s
 
 
