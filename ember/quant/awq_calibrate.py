@@ -99,7 +99,8 @@ def mlp_rows(layer: nn.Module, x: torch.Tensor, w_gu: torch.Tensor) -> torch.Ten
 
 def mlp_loss(layer: nn.Module, x: torch.Tensor, group_size: int) -> LossFn:
     """The MLP output error on rows x [n, hidden] with gate_up quantized, down_proj exact."""
-    w, x = layer.mlp.gate_up_proj.weight, x.float()
+    w = layer.mlp.gate_up_proj.weight
+    x = x.to(w.device).float()
     ref = mlp_rows(layer, x, w.float())
     return lambda s: (mlp_rows(layer, x, quantized_at(w, s, group_size)) - ref).pow(2).mean().item()
 
