@@ -38,7 +38,8 @@ CONFIGS = {
     "FP8 W8A8 (emulated on CPU)": ("fp8", {"emulate_activations": True}, {}),
     "FP8 weight-only (CPU path)": ("fp8", {}, {}),
     # --quantize-lm-head / `ember quantize --lm-head`: the (tied) LM head in the same format
-    "AWQ-INT4 g128 + INT4 LM head": ("awq", {"lm_head": True}, {}),
+    "RTN-INT4 g128 + INT4 LM head": ("rtn", {"lm_head": True}, {}),
+    "AWQ-INT4 g128 + INT4 LM head": ("awq", {"lm_head": True}, {}),   # the head searched too (awq_head)
     "FP8 W8A8 (emulated on CPU) + FP8 LM head": ("fp8", {"emulate_activations": True, "lm_head": True}, {}),
 }
 
@@ -87,7 +88,8 @@ def main() -> None:
         seqs = calibration_sequences(tok, args.texts, args.calib_seqs + skip, args.calib_len, args.split)[skip:]
         block = any(CONFIGS[c][2].get("loss") == "block" for c in args.configs)
         gram = any(CONFIGS[c][0] == "awq" for c in args.configs)   # AWQ's losses over every token
-        stats = collect_input_stats(llm, seqs, full_seqs=16 if block else 0, gram=gram)
+        head = any(CONFIGS[c][1].get("lm_head") for c in args.configs)   # the LM head's input too
+        stats = collect_input_stats(llm, seqs, full_seqs=16 if block else 0, gram=gram, head=head)
         print(f"# calibration statistics: {len(seqs)} sequences in {time.perf_counter() - t:.0f} s",
               flush=True)
 

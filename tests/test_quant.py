@@ -474,3 +474,45 @@ def test_quantize_cli_lm_head_round_trip(tiny_checkpoints, tmp_path):
     assert back.engine.runner.model.lm_head is not None
     prompts = random_prompts([20], seed=8)
     torch.testing.assert_close(logits_of(back, prompts), logits_of(llm, prompts), rtol=0, atol=0)
+
+
+def test_awq_head_beats_rtn_on_the_head_output(tiny_llama):
+    # AWQ for the LM head (ember quantize --method awq --lm-head): with outlier channels
+    # planted in the final norm, the searched scales (folded into that norm) and clipping
+    # must give held-out logits much closer to full precision than the head's RTN.
+    from ember.quant.awq_calibrate import awq_head
+    from ember.quant.int4 import fake_quantize_int4
+    llm = load(tiny_llama.path)
+    model = llm.engine.runner.model
+    norm, head = model.model.norm, model.lm_head
+    norm.weight.data[OUTLIERS] *= 30.0
+    head.weight.data[:, OUTLIERS] /= 30.0
+    held = random_prompts([48] * 4, seed=12)
+    x = collect_input_stats(llm, held, rows_per_seq=48, head=True)["lm_head"].sample
+    ref = x @ head.weight.t()
+    rtn_err = (x @ fake_quantize_int4(head.weight, GROUP).t() - ref).pow(2).mean()
+    calib = collect_input_stats(llm, random_prompts([64] * 8, seed=11), gram=True, head=True)
+    alpha, loss, rtn = awq_head(model, calib["lm_head"], GROUP)
+    assert alpha is not None and loss < rtn
+    x2 = collect_input_stats(llm, held, rows_per_seq=48, head=True)["lm_head"].sample   # after the fold
+    awq_err = (x2 @ fake_quantize_int4(head.weight, GROUP).t() - ref).pow(2).mean()
+    assert awq_err < 0.5 * rtn_err, (awq_err, rtn_err)
+
+
+def test_quantize_llm_awq_lm_head_searches_the_head(tiny_checkpoints, tmp_path):
+    # quantize_llm("awq", lm_head) on a tied model: the head becomes a quantized copy of the
+    # embedding with its AWQ scales folded into the final norm (the embedding untouched),
+    # and the checkpoint loads back to the same logits.
+    ckpt = tiny_checkpoints("llama-tied")
+    llm = load(ckpt.path)
+    model = llm.engine.runner.model
+    emb, norm = model.model.embed_tokens.weight.clone(), model.model.norm.weight.clone()
+    stats = collect_input_stats(llm, random_prompts([32] * 4, seed=4), gram=True, head=True)
+    quant = quantize_llm(llm, "awq", [], group_size=GROUP, stats=stats, extra_params={"lm_head": True})
+    assert not torch.equal(model.model.norm.weight, norm)               # the head's scales
+    torch.testing.assert_close(model.model.embed_tokens.weight, emb, rtol=0, atol=0)
+    assert hasattr(model.lm_head, "qweight")
+    prompts = random_prompts([20], seed=6)
+    want = logits_of(llm, prompts)
+    save_quantized(llm, quant, str(tmp_path / "q"))
+    torch.testing.assert_close(logits_of(load(str(tmp_path / "q")), prompts), want, rtol=0, atol=0)

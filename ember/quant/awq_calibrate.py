@@ -248,6 +248,27 @@ def awq_layer(model: nn.Module, layer: nn.Module, prefix: str, stats: dict[str, 
 
 
 @torch.no_grad()
+def awq_head(model: nn.Module, st: InputStats, group_size: int = 128, grid: int = 20,
+             clip: bool = True) -> tuple[float | None, float, float]:
+    """AWQ for an LM head of its own (`model.lm_head` with a full-precision weight; a tied
+    head is first copied, checkpoint.untied_head): the scale search on the head's output
+    error, folded into the final norm (whose output only the head reads), then clipping.
+    `st`: the head input's statistics (collect_input_stats(head=True)).
+    Returns (alpha (None: identity), loss, rtn loss)."""
+    head, norm = model.lm_head, model.model.norm
+    dev = head.weight.device
+    m2 = st.second_moment().to(dev)
+    s, alpha, best, rtn = search_scale(linear_loss(head.weight.data, m2, group_size),
+                                       st.mean_abs.to(dev), None, grid)
+    norm.weight.data.div_(s.to(norm.weight.dtype))
+    head.weight.data.mul_(s.to(head.weight.dtype))
+    if clip:
+        head.weight.data = search_clip(head.weight.data, m2 / (s[:, None] * s[None, :]), group_size)
+    logger.info("awq lm_head: alpha %s, loss %.3g (rtn %.3g)", alpha, best, rtn)
+    return alpha, best, rtn
+
+
+@torch.no_grad()
 def apply_awq(model: nn.Module, stats: dict[str, InputStats], group_size: int = 128,
               **options) -> dict[str, tuple[float | None, float, float]]:
     """Search and fold AWQ scales, then clip the weights, in every decoder layer of a

@@ -79,6 +79,9 @@ class InputStats:
         return (x.t() @ x / x.shape[0]).float()
 
 
+HEAD_STATS = "lm_head"   # collect_input_stats' name for the LM head's input
+
+
 def quantizable_linears(model: nn.Module) -> dict[str, Linear]:
     """The linear layers quantization applies to: all but the LM head."""
     head = getattr(model, "lm_head", None)
@@ -104,7 +107,7 @@ def sample_rows(seq_len: int, rows: int, gen: torch.Generator) -> torch.Tensor:
 @torch.inference_mode()
 def collect_input_stats(llm, sequences: list[list[int]], rows_per_seq: int = 32, seed: int = 0,
                         full_seqs: int = 0, full_inputs_of: Collection[str] | None = None,
-                        gram: bool = False) -> dict[str, InputStats]:
+                        gram: bool = False, head: bool = False) -> dict[str, InputStats]:
     """Run every sequence through the model; for each quantizable linear keep per-channel
     mean/max |x| over all tokens and `rows_per_seq` rows of each sequence (its first token and
     random others); for the linears in `full_inputs_of` (default: attention_input_linears)
@@ -112,7 +115,8 @@ def collect_input_stats(llm, sequences: list[list[int]], rows_per_seq: int = 32,
     the first `full_seqs` sequences (only AWQ's block loss needs them; they cost
     layers x full_seqs x seq_len x hidden floats). With `gram`, also each input's Gram matrix
     sum x x^T over every token, so AWQ's losses see all the calibration tokens, not just the
-    sampled rows (in^2 doubles per linear)."""
+    sampled rows (in^2 doubles per linear). With `head`, also the LM head's input (the final
+    norm's output) at every position, as "lm_head" (the engine itself scores only the last)."""
     from ember.eval.forward import sequence_logits
     model = llm.engine.runner.model
     if full_inputs_of is None:
@@ -131,6 +135,10 @@ def collect_input_stats(llm, sequences: list[list[int]], rows_per_seq: int = 32,
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in quantizable_linears(model).items()]
+    if head:
+        head_hook = hook(HEAD_STATS)
+        handles.append(model.model.norm.register_forward_hook(
+            lambda m, args, out: head_hook(m, (out[0] if isinstance(out, tuple) else out,))))
     try:
         for seq in sequences:
             picks.append(sample_rows(len(seq), rows_per_seq, gen))

@@ -24,7 +24,7 @@ def quantize_model(model: nn.Module, quant: QuantConfig) -> None:
     quantized copy of the embedding, models/lm_head.py)."""
     layers = list(quantizable_linears(model).values())
     if quant.params.get("lm_head"):
-        layers.append(_untied_head(model))
+        layers.append(untied_head(model))
     for layer in layers:
         if not isinstance(layer.method, UnquantizedLinearMethod):
             raise ValueError("the model is already quantized")
@@ -36,7 +36,7 @@ def quantize_model(model: nn.Module, quant: QuantConfig) -> None:
         layer.method = method
 
 
-def _untied_head(model: nn.Module) -> Linear:
+def untied_head(model: nn.Module) -> Linear:
     """The model's LM head as a Linear of its own (a copy of the embedding when tied)."""
     if model.lm_head is None:
         emb = model.model.embed_tokens.weight

@@ -34,12 +34,16 @@ def quantize_llm(llm, method: str, calib: list[str], calib_split: float = 0.8, c
     forwards; `extra_params` go into the QuantConfig (e.g. nvfp4 activations="nvfp4");
     `awq_options` are apply_awq's search options (e.g. clip=True), with sequential=True
     apply_awq_sequential's (calibrating layer by layer on the quantized layers' outputs;
-    it needs `calib`, not `stats`)."""
+    it needs `calib`, not `stats`). With extra_params["lm_head"] the LM head is quantized too:
+    for awq with its own scale search and clipping (awq_head; round to nearest after
+    sequential AWQ, or when `stats` lacks the head's input), else round to nearest."""
     from ember.quant.base import QuantConfig
     from ember.quant.calibrate import calibration_sequences, collect_input_stats
-    from ember.quant.checkpoint import quantize_model
+    from ember.quant.calibrate import HEAD_STATS
+    from ember.quant.checkpoint import quantize_model, untied_head
     model = llm.engine.runner.model
     awq_options = dict(awq_options or {})
+    head = method == "awq" and bool((extra_params or {}).get("lm_head"))
     if method == "awq" and awq_options.pop("sequential", False):
         if not calib:
             raise ValueError("sequential AWQ needs calibration text files (it runs its own forwards)")
@@ -53,10 +57,15 @@ def quantize_llm(llm, method: str, calib: list[str], calib_split: float = 0.8, c
             seqs = calibration_sequences(llm.get_tokenizer(), calib, calib_seqs, calib_len, calib_split)
             block = awq_options.get("loss") == "block"   # whole sequences only for it
             # AWQ's losses over every token (Gram matrices), not only the sampled rows.
-            stats = collect_input_stats(llm, seqs, full_seqs=16 if block else 0, gram=method == "awq")
+            stats = collect_input_stats(llm, seqs, full_seqs=16 if block else 0, gram=method == "awq",
+                                        head=head)
         if method == "awq":
-            from ember.quant.awq_calibrate import apply_awq
+            from ember.quant.awq_calibrate import apply_awq, awq_head
             apply_awq(model, stats, group_size, **awq_options)
+            if head and HEAD_STATS in stats:
+                untied_head(model)
+                awq_head(model, stats[HEAD_STATS], group_size, awq_options.get("grid", 20),
+                         awq_options.get("clip", True))
         else:
             from ember.quant.smoothquant_calibrate import apply_smoothquant
             apply_smoothquant(model, stats, alpha)
