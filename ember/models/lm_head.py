@@ -7,7 +7,8 @@ INT4 model's decode step; quantizing it is off by default (AutoAWQ, ModelOpt and
 published checkpoints keep the head in full precision) and costs accuracy of its own
 (docs/BENCHMARKS.md). A tied head, quantized, becomes a quantized copy of the embedding
 (the embedding lookup keeps full precision): made when the checkpoint is full precision,
-read from the checkpoint's `lm_head.*` tensors when `ember quantize --lm-head` wrote them.
+read from the checkpoint's `lm_head.*` tensors when `ember quantize --lm-head` wrote them
+(with `--method awq` after a scale search of its own, folded into the final norm).
 """
 from __future__ import annotations
 

@@ -21,7 +21,8 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--group-size", type=int, default=128, help="INT4 group size")
     q.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength")
     q.add_argument("--lm-head", action="store_true",
-                   help="quantize the LM head too (round to nearest; a tied head gets its own quantized copy)")
+                   help="quantize the LM head too (awq: with its own scale search; a tied head gets "
+                        "its own quantized copy)")
     q.add_argument("--out", required=True, help="output folder")
     q.set_defaults(func=cmd_quantize)
 
