@@ -488,13 +488,14 @@ def test_awq_head_beats_rtn_on_the_head_output(tiny_llama):
     norm.weight.data[OUTLIERS] *= 30.0
     head.weight.data[:, OUTLIERS] /= 30.0
     held = random_prompts([48] * 4, seed=12)
-    x = collect_input_stats(llm, held, rows_per_seq=48, head=True)["lm_head"].sample
+    dev = head.weight.device
+    x = collect_input_stats(llm, held, rows_per_seq=48, head=True)["lm_head"].sample.to(dev)
     ref = x @ head.weight.t()
     rtn_err = (x @ fake_quantize_int4(head.weight, GROUP).t() - ref).pow(2).mean()
     calib = collect_input_stats(llm, random_prompts([64] * 8, seed=11), gram=True, head=True)
     alpha, loss, rtn = awq_head(model, calib["lm_head"], GROUP)
     assert alpha is not None and loss < rtn
-    x2 = collect_input_stats(llm, held, rows_per_seq=48, head=True)["lm_head"].sample   # after the fold
+    x2 = collect_input_stats(llm, held, rows_per_seq=48, head=True)["lm_head"].sample.to(dev)   # after the fold
     awq_err = (x2 @ fake_quantize_int4(head.weight, GROUP).t() - ref).pow(2).mean()
     assert awq_err < 0.5 * rtn_err, (awq_err, rtn_err)
 
