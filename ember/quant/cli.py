@@ -86,7 +86,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from ember.quant.checkpoint import save_quantized
     kw = engine_kwargs(args)
     kw["quantization"] = "none"
-    lm_head = args.lm_head or kw.pop("quantize_lm_head", False)   # the engine flag means the same here
+    lm_head = kw.pop("quantize_lm_head", False) or args.lm_head   # the engine flag means the same here
     if args.method in ("awq", "smoothquant"):  # room for one calibration sequence
         kw["max_model_len"] = max(kw.get("max_model_len") or 0, args.calib_len + 1)
     t = time.perf_counter()
