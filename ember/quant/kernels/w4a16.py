@@ -330,8 +330,9 @@ GEMV_CONFIGS = ((32, 256, 2), (16, 256, 4), (32, 128, 4), (64, 128, 2), (16, 128
 # bench/results/h200_2026-11-30k_gemv_sweep.txt); the 128-wide and narrower ones serve
 # other groups and widths. Two long tiles with 8 warps (16 x 1024, 16 x 2048, after the FP8
 # GEMV's) won qkv (8.0 -> 7.3 us) and o (6.0 -> 5.6) at one row in a sweep
-# (bench/results/h200_2026-11-30n_int4_long_tiles.txt) but are not candidates: their GPU
-# tests have not run.
+# (bench/results/h200_2026-11-30n_int4_long_tiles.txt); their GPU tests passed in
+# h200_2026-11-30o_skinny_xw_sweep.txt and they are candidates (the tuner, timing each tile
+# alone, had not picked them in that session's end-to-end runs).
 INT4_GEMV_CONFIGS = ((32, 256, 4, 4, 1), (32, 256, 8, 4, 1), (32, 256, 2, 4, 1), (32, 256, 3, 4, 1),
                      (32, 256, 6, 4, 1), (16, 256, 4, 2, 1), (16, 256, 8, 2, 1), (64, 256, 8, 8, 1),
                      (32, 256, 2, 4), (32, 256, 8, 4),
