@@ -51,12 +51,12 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K
                    PDL: tl.constexpr, FOLD: tl.constexpr, PREFETCH: tl.constexpr,
                    XW: tl.constexpr):
     """Grid (N tiles, SPLIT_K, M tiles). w: [N, K / PER] int32 words (PER = 8 INT4 codes or
-    4 E4M3 bytes). XW: acc is [BLOCK_M, BLOCK_N] (x @ w^T) instead of [BLOCK_N, BLOCK_M]. INT4: s, z [N, K / G] (G a multiple of BLOCK_K); FP8: s [N].
+    4 E4M3 bytes). INT4: s, z [N, K / G] (G a multiple of BLOCK_K); FP8: s [N]. XW: acc is
+    [BLOCK_M, BLOCK_N] (x @ w^T) instead of [BLOCK_N, BLOCK_M].
     y [M, N], split partials and counters as splitk.store_split."""
     PER: tl.constexpr = 4 if FP8 else 8
     WORDS: tl.constexpr = BLOCK_K // PER
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = n < N
     n_safe = tl.minimum(n, N - 1)       # rows past N re-read the last row; never stored
     rm = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     r_mask = rm < M
@@ -105,10 +105,7 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K
             p = e4m3_parts(q, NATIVE, DOT)
             # Interleave the parts back into column order: [BN, BLOCK_K], column PER*w + j.
             w = tl.interleave(tl.interleave(p[0], p[2]), tl.interleave(p[1], p[3]))
-            if XW:
-                acc = tl.dot(x, tl.trans(w), acc)
-            else:
-                acc = tl.dot(w, x, acc)
+            acc = _tile_dot(w, x, acc, XW)
         else:
             p = int4_parts(q, NATIVE, DOT)
             w = int4_columns(p)
@@ -119,10 +116,7 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K
             zp_next = tl.load(z_rows + (k0 + BLOCK_K) // G, mask=nxt, other=0)
             if FOLD:   # (c + 128) - (z + 128) is exact in bf16; times s (bf16 in a bf16 model): one rounding
                 w = (w - (zp + INT4_OFFSET).to(DOT)[:, None]) * sc.to(DOT)[:, None]
-                if XW:
-                    acc = tl.dot(x, tl.trans(w), acc)
-                else:
-                    acc = tl.dot(w, x, acc)
+                acc = _tile_dot(w, x, acc, XW)
             else:
                 if XW:
                     raw = tl.dot(x, tl.trans(w))
@@ -132,17 +126,25 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K
                     raw = tl.dot(w, x)
                     xsum = tl.sum(x.to(tl.float32), axis=0)
                     acc += sc[:, None] * (raw - (zp + INT4_OFFSET)[:, None] * xsum[None, :])
-    tile = tl.program_id(0) + tl.num_programs(0) * tl.program_id(2)
+    # acc's axes: (rows of x, n) with XW, else (n, rows of x).
     if XW:
-        if FP8:
-            acc = acc * (tl.load(s_ptr + n_safe) * E4M3_FACTOR_HALF)[None, :] * E4M3_FACTOR_HALF
-        store_split(acc, y_ptr, part_ptr, cnt_ptr, rm[:, None] * N + n[None, :],
-                    r_mask[:, None] & n_mask[None, :], M * N, tile, SPLIT_K, FIXUP)
+        n2, r2 = n[None, :], rm[:, None]
     else:
-        if FP8:
-            acc = acc * (tl.load(s_ptr + n_safe) * E4M3_FACTOR_HALF)[:, None] * E4M3_FACTOR_HALF
-        store_split(acc, y_ptr, part_ptr, cnt_ptr, rm[None, :] * N + n[:, None],
-                    n_mask[:, None] & r_mask[None, :], M * N, tile, SPLIT_K, FIXUP)
+        n2, r2 = n[:, None], rm[None, :]
+    if FP8:
+        acc = acc * (tl.load(s_ptr + tl.minimum(n2, N - 1)) * E4M3_FACTOR_HALF) * E4M3_FACTOR_HALF
+    store_split(acc, y_ptr, part_ptr, cnt_ptr, r2 * N + n2, (n2 < N) & (r2 < M), M * N,
+                tl.program_id(0) + tl.num_programs(0) * tl.program_id(2), SPLIT_K, FIXUP)
+
+
+@triton.jit
+def _tile_dot(w, x, acc, XW: tl.constexpr):
+    """acc += the tile's product: w [BN, BK] decoded weights, x [BK, BM] (XW: [BM, BK])."""
+    if XW:
+        acc = tl.dot(x, tl.trans(w), acc)
+    else:
+        acc = tl.dot(w, x, acc)
+    return acc
 
 
 # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps[, FOLD[, PREFETCH]]). An INT4 BLOCK_K divides the
