@@ -4,7 +4,7 @@ Llama-3.1-8B shape (qkv, o, gate_up, down), for M rows, the CUDA-core kernels
 tensor-core skinny kernels (skinny_dot.py), beside bf16 cuBLAS. Four distinct layers' weights are chained in
 one CUDA graph (their weights exceed L2, as in a decode step), timed per layer.
 
-  PYTHONPATH=$PWD python bench/skinny_gpu.py [--rows 1 16 64] [--configs]
+  PYTHONPATH=$PWD python bench/skinny_gpu.py [--rows 1 16 64] [--configs] [--mma-configs]
 """
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ from ember.quant.kernels.skinny_dot import FP8_CONFIGS as FP8_SKINNY_CONFIGS
 from ember.quant.kernels.skinny_dot import INT4_CONFIGS as INT4_SKINNY_CONFIGS
 from ember.quant.kernels.skinny_dot import fp8_skinny, int4_skinny
 from ember.quant.kernels.w4a16 import INT4_GEMV_CONFIGS, int4_dequant_triton, int4_linear_triton
+
+# every (warps, SPLIT_K, PREFETCH, SUB) of the tensor-core INT4 GEMV (kernels/int4_mma.py)
+MMA_SWEEP = [("mma", w, s, p, sub) for w in (2, 4, 8) for s in (1, 2, 4) for p in (0, 1) for sub in (0, 1)]
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
 LAYERS = 4
@@ -110,6 +113,8 @@ def main() -> None:
                     help="with --configs, which formats' GEMV tiles to time")
     ap.add_argument("--ahead", type=int, nargs="*", default=[],
                     help="with --configs, each FP8 GEMV tile also with these L2 prefetch distances (AHEAD)")
+    ap.add_argument("--mma-configs", action="store_true",
+                    help="also time every tensor-core INT4 GEMV config at each of --rows up to 8")
     ap.add_argument("--skinny-configs", action="store_true",
                     help="also time every skinny tile config (INT4 and FP8) at each of --rows in 2..64")
     ap.add_argument("--skinny-formats", nargs="*", default=["int4", "fp8"],
@@ -146,6 +151,12 @@ def main() -> None:
                 for name in SHAPES:
                     print(f"# {fmt}-skinny {name} M={m} us per config: "
                           + per_config(fn, fmt, cfgs, x, layers, name), flush=True)
+    if args.mma_configs:
+        for m in [m for m in args.rows if m <= 8]:
+            x = {name: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for name, (k, n) in SHAPES.items()}
+            for name in SHAPES:
+                print(f"# int4-mma {name} M={m} us per config: "
+                      + per_config(int4_linear_triton, "int4", MMA_SWEEP, x, layers, name), flush=True)
     if args.configs:
         x = {name: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for name, (k, n) in SHAPES.items()}
         def ahead(cfgs):

@@ -112,6 +112,37 @@ def test_int4_decoder_gemv_every_tile_config(m, config, dtype):
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
 
 
+def _int4_mma_configs() -> list[tuple]:
+    from ember.quant.kernels.int4_mma import INT4_MMA_CONFIGS
+    configs = list(INT4_MMA_CONFIGS) if DEVICE == "cuda" else [(4, 2, 0, 0), (2, 1, 1, 1), (2, 2, 1, 0)]
+    return [("mma", *c) for c in configs]
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("config", _int4_mma_configs())
+@pytest.mark.parametrize("k,group", [(1024, 128), (384, 128), (1024, 256)])
+def test_int4_mma_gemv_every_config(m, config, k, group):
+    # The tensor-core GEMV (kernels/int4_mma.py): N = 72 is no multiple of its 16 rows; K =
+    # 384 leaves warps and splits without a step (masked), K = 1024 fills them for most
+    # configs (unmasked); group 256 spans two steps. On the CPU the interpreter computes
+    # each MMA from the lanes' fragments as the hardware would add them up.
+    qw, s, z = _int4_weight(72, k, group, seed=m + 5)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + 1)).to(DEVICE, torch.bfloat16)
+    want = int4_linear_ref(x.float(), qw, s, z)
+    got = int4_linear_triton(x, qw, s, z, config=config).float()
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
+def test_int4_mma_gemv_is_a_candidate_only_where_it_applies():
+    from ember.quant.kernels.int4_mma import mma_applies
+    assert mma_applies(4096, 128, True) and mma_applies(14336, 128, True)
+    assert not mma_applies(576, 96, True)          # SmolLM2's group 96
+    assert not mma_applies(4096, 128, False)       # fp32 / fp16 activations
+    qw, s, z = _int4_weight(16, 256, 128, seed=0)
+    with pytest.raises(ValueError, match="int32 pairs"):
+        int4_linear_triton(torch.randn(1, 256, device=DEVICE), qw, s, z, config=("mma", 4, 1, 0, 0))
+
+
 @pytest.mark.parametrize("m", [1, 3])
 @pytest.mark.parametrize("config", _int4_decoder_configs())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -31,6 +31,7 @@ from ember.layers.pdl import pdl_launch
 from ember.quant.kernels.decode import (INT4_OFFSET, E2M1_UNSCALE, e2m1_scaled, e4m3_from_bits,
                                         int4_columns, int4_parts, int4_word_dot, int4_zero_pair, native_decode,
                                         nvfp4_word_dot, x_operand)
+from ember.quant.kernels.int4_mma import INT4_MMA_CONFIGS, int4_mma_gemv, mma_applies
 from ember.quant.kernels.splitk import (choose_config, finish_splits, k_range,
                                         rows_and_output, split_buffers, split_output, store_split,
                                         sum_splits)
@@ -368,6 +369,9 @@ def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor |
         xk, pairs = x_operand(x2)
 
         def run(c: tuple) -> None:
+            if c[0] == "mma":
+                int4_mma_gemv(xk, y, w, s, z, group, c[1:], pdl_launch(x2))
+                return
             bn, bk, split, warps = c[:4]
             part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, bn) * m, True)
             _decoder_gemv_kernel[(triton.cdiv(n_out, bn), split, m)](
@@ -377,6 +381,8 @@ def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor |
                 num_warps=warps, **pdl_launch(x2))
             finish_splits(part, y, fixup)
         cands = decoder_tiles
+        if not nvfp4 and mma_applies(k_in, group, pairs):
+            cands = cands + [("mma", *c) for c in INT4_MMA_CONFIGS]
         key = ("decoder_gemv", nvfp4, m, n_out, k_in, group)
     elif m <= GEMV_MAX_ROWS:
         def run(c: tuple) -> None:

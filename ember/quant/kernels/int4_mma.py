@@ -1,0 +1,306 @@
+"""INT4 (AWQ/RTN) GEMV for 1-8 activation rows with the products on tensor cores: each
+warp runs `mma.sync.m16n8k16` (bf16 in, fp32 accumulate) on weights decoded straight into
+the MMA's register fragments, the way Marlin does, in place of the CUDA-core FMAs of the
+decoder GEMV (w4a16._decoder_gemv_kernel). At batch 1 that kernel was bound by its
+instruction count, not by memory: about 27 instructions per 8-weight word, of which the
+multiply-adds and their widening were half; here a word costs its decode (prmt, lop3 and
+a bf16x2 subtraction of the zero point per pair) plus half an MMA.
+
+Fragment mapping (per warp, 16 weight rows x 128 columns a step; PTX ISA, m16n8k16 .bf16):
+lane l = 4g + t holds A rows g and g + 8 at k slots {2t, 2t+1, 2t+8, 2t+9}, B column g at
+the same k slots, and D rows g, g + 8 at columns 2t, 2t+1. A GEMV may number k however it
+likes as long as A and B agree, so slot 2t / 2t+8 of the MMA on word u of lane t's run
+means weight columns 32t + 8u + 4h + {0,1} / {2,3} (h = which of the word's two MMAs):
+every lane reads 4 consecutive words of row g and of row g + 8 (16 bytes each, the
+checkpoint's own [N, K / 8] layout, no repacking) and 16 consecutive bf16 pairs of x. B's
+column g is activation row g (rows past M are zero), so D's column m is output row m.
+
+The lane mapping relies on Triton giving each [32 WARPS, 4] load and the [32 WARPS]
+tensors split from it the layout "warp e // 32, lane e % 32" for index e; tests on the GPU check
+the results against the torch reference. Under the interpreter (CPU tests) `_mma_pair`
+computes the same D with plain tensor arithmetic over the warp's 32 lanes, so the
+indexing is tested there too.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ember.quant.kernels.decode import int4_zero_pair, native_decode
+from ember.quant.kernels.splitk import finish_splits, k_range, split_buffers, store_split
+
+STEP = 128
+STEP_COLUMNS = tl.constexpr(STEP)   # columns one warp covers per step: 4 lanes x 4 words x 8 columns
+
+# One word pair (word u of rows g and g + 8 in lane t's run) -> two MMAs. Pairs of nibbles
+# (2i, 2i + 1) become bf16x2 128 + code (prmt picks byte i of the word and of word >> 4,
+# lop3 masks the nibbles and ors in 128's bits). Two ways to take the zero point off:
+# - SUB: minus the zero pair (bf16x2, exact code - zero) before the MMA. Outputs $0..$3 D
+#   (c0..c3); inputs $4 row g's word, $5 row g + 8's, $6 / $7 their zero pairs
+#   (int4_zero_pair), $8..$11 x pairs (columns 0-1, 2-3, 4-5, 6-7 of the word), $12..$15 C.
+# - ONES: the MMAs take 128 + code as it is, and two more with A all ones sum x over the
+#   same k (X, the same for every row); the caller subtracts (128 + zero) X per group in
+#   fp32. Products and sums are exact or fp32, so this is as accurate, and saves the 8
+#   subtractions of a word pair for 2 MMAs. Outputs $0..$3 D, $4 / $5 X for columns 2t /
+#   2t + 1; inputs $6 / $7 the words, $8..$11 x pairs, $12..$15 C, $16 / $17 X so far.
+_MMA = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+_PAIRS = "".join(f"""
+prmt.b32 p, {{w}}, s, 0x{4 + i}{4 + i}{i}{i};
+lop3.b32 {{r}}{i}, p, 0x000F000F, 0x43004300, 0xEA;{{sub{i}}}""" for i in range(4))
+
+
+def _pairs(word: str, reg: str, zero: str | None) -> str:
+    subs = {f"sub{i}": "" if zero is None else f"\nsub.rn.bf16x2 {reg}{i}, {reg}{i}, {zero};"
+            for i in range(4)}
+    return f"\nshr.u32 s, {word}, 4;" + _PAIRS.format(w=word, r=reg, **subs).replace("\\n", "\n")
+
+
+_INT4_MMA_SUB_ASM = tl.constexpr("{\n.reg .b32 s, p, g0, g1, g2, g3, h0, h1, h2, h3;"
+                                 + _pairs("$4", "g", "$6") + _pairs("$5", "h", "$7") + f"""
+{_MMA}{{$0, $1, $2, $3}}, {{g0, h0, g1, h1}}, {{$8, $9}}, {{$12, $13, $14, $15}};
+{_MMA}{{$0, $1, $2, $3}}, {{g2, h2, g3, h3}}, {{$10, $11}}, {{$0, $1, $2, $3}};
+}}""")
+_INT4_MMA_ONES_ASM = tl.constexpr("{\n.reg .b32 s, p, g0, g1, g2, g3, h0, h1, h2, h3, one;\n"
+                                  ".reg .f32 e2, e3;\nmov.b32 one, 0x3F803F80;"
+                                  + _pairs("$6", "g", None) + _pairs("$7", "h", None) + f"""
+{_MMA}{{$0, $1, $2, $3}}, {{g0, h0, g1, h1}}, {{$8, $9}}, {{$12, $13, $14, $15}};
+{_MMA}{{$0, $1, $2, $3}}, {{g2, h2, g3, h3}}, {{$10, $11}}, {{$0, $1, $2, $3}};
+{_MMA}{{$4, $5, e2, e3}}, {{one, one, one, one}}, {{$8, $9}}, {{$16, $17, $16, $17}};
+{_MMA}{{$4, $5, e2, e3}}, {{one, one, one, one}}, {{$10, $11}}, {{$4, $5, e2, e3}};
+}}""")
+
+
+@triton.jit
+def _bf16_half(v, HIGH: tl.constexpr):
+    """One bf16 half of int32 pairs -> fp32."""
+    if HIGH:
+        r = (v & -65536).to(tl.float32, bitcast=True)
+    else:
+        r = (v << 16).to(tl.float32, bitcast=True)
+    return r
+
+
+@triton.jit
+def _lane_products(q, z, x01, x23, x45, x67, WARPS: tl.constexpr):
+    """Interpreter form of one word's two MMAs for one weight row per lane: D [WARPS, 8 (row
+    g), 8 (column n)] = sum over the 4 lanes t of row g and the word's 8 nibbles j of
+    (code_j - z) * x_j (z: fp32 [32 WARPS]), x_j from lane (n, t) (B's column n), as the
+    MMAs add them up."""
+    d = tl.zeros((WARPS, 8, 8), dtype=tl.float32)
+    for j in tl.static_range(8):
+        if j // 2 == 0:
+            xp = x01
+        elif j // 2 == 1:
+            xp = x23
+        elif j // 2 == 2:
+            xp = x45
+        else:
+            xp = x67
+        v = ((q >> (4 * j)) & 0xF).to(tl.float32) - z                  # [32 WARPS]
+        xv = _bf16_half(xp, j % 2 == 1)
+        d += tl.sum(tl.reshape(v, (WARPS, 8, 1, 4)) * tl.reshape(xv, (WARPS, 1, 8, 4)), axis=3)
+    return d
+
+
+@triton.jit
+def _lane_columns(d, WARPS: tl.constexpr):
+    """D [WARPS, 8 (row g), 8 (column n)] -> what lane 4g + t holds: columns 2t, 2t + 1,
+    each [32 WARPS]."""
+    n = tl.arange(0, 8)[None, None, None, :]
+    t = tl.arange(0, 4)[None, None, :, None]
+    d4 = tl.reshape(d, (WARPS, 8, 1, 8))
+    even = tl.sum(tl.where(n == 2 * t, d4, 0.0), axis=3)
+    odd = tl.sum(tl.where(n == 2 * t + 1, d4, 0.0), axis=3)
+    return tl.reshape(even, (32 * WARPS,)), tl.reshape(odd, (32 * WARPS,))
+
+
+@triton.jit
+def _mma_pair(qg, qh, zzg, zzh, x01, x23, x45, x67, c0, c1, c2, c3, x0, x1, NATIVE: tl.constexpr,
+              SUB: tl.constexpr, WARPS: tl.constexpr):
+    """C += the two MMAs of one word pair, and with SUB False X += x's sums (the asm's
+    comment); all [32 WARPS]: int32 words, zero pairs (used with SUB) and x pairs, fp32 C
+    and X. Returns the new c0..c3, x0, x1."""
+    if NATIVE:
+        if SUB:
+            c0, c1, c2, c3 = tl.inline_asm_elementwise(
+                _INT4_MMA_SUB_ASM, "=f,=f,=f,=f,r,r,r,r,r,r,r,r,f,f,f,f",
+                [qg, qh, zzg, zzh, x01, x23, x45, x67, c0, c1, c2, c3],
+                dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+        else:
+            c0, c1, c2, c3, x0, x1 = tl.inline_asm_elementwise(
+                _INT4_MMA_ONES_ASM, "=f,=f,=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f,f,f",
+                [qg, qh, x01, x23, x45, x67, c0, c1, c2, c3, x0, x1],
+                dtype=(tl.float32,) * 6, is_pure=True, pack=1)
+    else:
+        if SUB:
+            zg = ((zzg & 0xFFFF) - 0x4300).to(tl.float32)
+            zh = ((zzh & 0xFFFF) - 0x4300).to(tl.float32)
+        else:
+            zg = tl.full(qg.shape, -128.0, tl.float32)      # the MMA sees 128 + code
+            zh = zg
+            e, o = _lane_columns(_lane_products(tl.zeros_like(qg), zg + 127.0, x01, x23, x45, x67,
+                                                WARPS), WARPS)       # code 0 - (-1): x's sums
+            x0 += e
+            x1 += o
+        e, o = _lane_columns(_lane_products(qg, zg, x01, x23, x45, x67, WARPS), WARPS)
+        c0 += e
+        c1 += o
+        e, o = _lane_columns(_lane_products(qh, zh, x01, x23, x45, x67, WARPS), WARPS)
+        c2 += e
+        c3 += o
+    return c0, c1, c2, c3, x0, x1
+
+
+@triton.jit
+def _warp_sum(v, WARPS: tl.constexpr):
+    """[32 WARPS] -> [32]: the warps' sums per lane."""
+    return tl.sum(tl.reshape(v, (WARPS, 32)), axis=0)
+
+
+@triton.jit
+def _split4(v):
+    """[E, 4] -> four [E] (the last axis, held by one thread: no data movement)."""
+    a, b = tl.split(tl.reshape(v, (v.shape[0], 2, 2)))
+    v0, v2 = tl.split(a)
+    v1, v3 = tl.split(b)
+    return v0, v1, v2, v3
+
+
+@triton.jit
+def _maybe_masked(ptr, mask, EVEN: tl.constexpr):
+    """A load masked (zeros) unless EVEN: unmasked loads need no zeroed registers."""
+    if EVEN:
+        v = tl.load(ptr)
+    else:
+        v = tl.load(ptr, mask=mask, other=0)
+    return v
+
+
+@triton.jit
+def _load_step(w_lo, w_hi, kk, valid, EVEN: tl.constexpr):
+    """The words of rows g and g + 8 for the step at kk (kk // 8 words on), [E, 4]."""
+    return _maybe_masked(w_lo + kk // 8, valid, EVEN), _maybe_masked(w_hi + kk // 8, valid, EVEN)
+
+
+@triton.jit
+def _int4_mma_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K,
+                          stride_xm, stride_wn, stride_sn, G: tl.constexpr, NATIVE: tl.constexpr,
+                          SPLIT_K: tl.constexpr, FIXUP: tl.constexpr, WARPS: tl.constexpr,
+                          PREFETCH: tl.constexpr, SUB: tl.constexpr, EVEN: tl.constexpr,
+                          PDL: tl.constexpr):
+    """y [M, N] = x [M, K] @ dequant(W)^T for M <= 8, W [N, K / 8] int32 words, s and z per
+    row and group (G a multiple of 128), x as int32 bf16 pairs [M, K / 2]. One program: 16
+    rows (program_id(0)); its WARPS warps take turns over 128-column steps of the split's K
+    range and are summed at the end. PREFETCH: registers double-buffer the words, the
+    first step requested before PDL's wait. SUB: how the zero point comes off (the asm's
+    comment). EVEN: every split's range is whole steps of all warps (no masks). Lanes of
+    B columns past M read x's last row (their D columns are never stored). Split
+    partials and counters as splitk.store_split."""
+    STEP: tl.constexpr = STEP_COLUMNS * WARPS
+    # One flat index e = 32 w + l per thread (a [32 WARPS] axis, not [WARPS, 32]: with two
+    # axes Triton's coalescing may spread a warp's lanes over both, breaking the mapping).
+    e = tl.arange(0, 32 * WARPS)
+    wi = e // 32
+    g = (e % 32) // 4
+    t = e % 4
+    row_lo = tl.minimum(tl.program_id(0) * 16 + g, N - 1)   # rows past N re-read the last
+    row_hi = tl.minimum(tl.program_id(0) * 16 + g + 8, N - 1)
+    four = tl.arange(0, 4)[None, :]
+    col = wi * STEP_COLUMNS + t * 32                                    # [E]
+    w_lo = w_ptr + (row_lo * stride_wn + col // 8)[:, None] + four      # [E, 4]
+    w_hi = w_ptr + (row_hi * stride_wn + col // 8)[:, None] + four
+    x_lanes = x_ptr + (tl.minimum(g, M - 1) * stride_xm + col // 2)[:, None] + four  # 4 pairs on
+    s_lo = row_lo * stride_sn
+    s_hi = row_hi * stride_sn
+    start, end = k_range(K, SPLIT_K, STEP)
+    a0 = tl.zeros((32 * WARPS,), dtype=tl.float32)
+    a1 = a0
+    a2 = a0
+    a3 = a0
+    if PREFETCH:
+        nxt_lo, nxt_hi = _load_step(w_lo, w_hi, start, (start + wi * STEP_COLUMNS < end)[:, None], EVEN)
+    else:
+        nxt_lo = tl.zeros((32 * WARPS, 4), dtype=tl.int32)
+        nxt_hi = nxt_lo
+    if PDL:
+        tl.extra.cuda.gdc_wait()      # x is written by the kernel before
+        tl.extra.cuda.gdc_launch_dependents()
+    for kk in range(start, end, STEP):
+        kk = tl.multiple_of(kk, STEP)   # 16-byte x loads
+        k0 = kk + wi * STEP_COLUMNS                                     # [E]
+        valid = k0 < end
+        v2 = valid[:, None]
+        if PREFETCH:
+            q_lo = nxt_lo
+            q_hi = nxt_hi
+            # EVEN: the last step re-reads itself rather than reading past the range
+            nxt = tl.minimum(kk + STEP, end - STEP) if EVEN else kk + STEP
+            nxt_lo, nxt_hi = _load_step(w_lo, w_hi, nxt, (k0 + STEP < end)[:, None], EVEN)
+        else:
+            q_lo, q_hi = _load_step(w_lo, w_hi, kk, v2, EVEN)
+        grp = k0 // G
+        sc_lo = _maybe_masked(s_ptr + s_lo + grp, valid, EVEN).to(tl.float32)      # [E]
+        sc_hi = _maybe_masked(s_ptr + s_hi + grp, valid, EVEN).to(tl.float32)
+        z_lo = _maybe_masked(z_ptr + s_lo + grp, valid, EVEN)
+        z_hi = _maybe_masked(z_ptr + s_hi + grp, valid, EVEN)
+        zz_lo = int4_zero_pair(z_lo)
+        zz_hi = int4_zero_pair(z_hi)
+        lo = _split4(q_lo)
+        hi = _split4(q_hi)
+        c0 = tl.zeros((32 * WARPS,), dtype=tl.float32)
+        c1 = c0
+        c2 = c0
+        c3 = c0
+        x0 = c0
+        x1 = c0
+        for u in tl.static_range(4):
+            xq = _split4(_maybe_masked(x_lanes + kk // 2 + 4 * u, v2, EVEN))
+            c0, c1, c2, c3, x0, x1 = _mma_pair(lo[u], hi[u], zz_lo, zz_hi, xq[0], xq[1], xq[2], xq[3],
+                                               c0, c1, c2, c3, x0, x1, NATIVE, SUB, WARPS)
+        if not SUB:       # D holds sum (128 + code) x: take (128 + zero) X off
+            off_lo = z_lo.to(tl.float32) + 128.0
+            off_hi = z_hi.to(tl.float32) + 128.0
+            c0 -= off_lo * x0
+            c1 -= off_lo * x1
+            c2 -= off_hi * x0
+            c3 -= off_hi * x1
+        a0 += sc_lo * c0
+        a1 += sc_lo * c1
+        a2 += sc_hi * c2
+        a3 += sc_hi * c3
+    # lane 4g + t: output rows 2t, 2t + 1 (D's columns) at weight rows g, g + 8
+    acc = tl.join(tl.join(_warp_sum(a0, WARPS), _warp_sum(a1, WARPS)),
+                  tl.join(_warp_sum(a2, WARPS), _warp_sum(a3, WARPS)))  # [32, 2 (column), 2 (row)]
+    lane3 = tl.arange(0, 32)[:, None, None]
+    m = 2 * (lane3 % 4) + tl.arange(0, 2)[None, :, None]
+    n = tl.program_id(0) * 16 + lane3 // 4 + 8 * tl.arange(0, 2)[None, None, :]
+    store_split(acc, y_ptr, part_ptr, cnt_ptr, m * N + n, (m < M) & (n < N), M * N,
+                tl.program_id(0), SPLIT_K, FIXUP)
+
+
+# (warps, SPLIT_K, PREFETCH, SUB); on CUDA the tuner times them beside the decoder GEMV's tiles.
+INT4_MMA_CONFIGS = ((4, 1, 0, 0), (4, 2, 0, 0), (8, 1, 0, 0), (4, 1, 1, 0), (4, 1, 0, 1), (2, 2, 0, 0),
+                    (8, 2, 0, 0), (4, 4, 0, 0))
+
+
+def mma_applies(k_in: int, group: int, pairs: bool) -> bool:
+    """Whether the MMA GEMV serves a layer: bf16 activations (read as int32 pairs), groups of
+    whole 128-column steps."""
+    return pairs and group % 128 == 0 and k_in % 128 == 0
+
+
+def int4_mma_gemv(xk: torch.Tensor, y: torch.Tensor, w: torch.Tensor, s: torch.Tensor,
+                  z: torch.Tensor, group: int, config: tuple, pdl: dict) -> None:
+    """y [M, N] (M <= 8) = x @ dequant(W)^T, xk: x as int32 bf16 pairs [M, K / 2] (decode.x_operand);
+    w [N, K / 8] int32; s, z [N, K / G]; config from INT4_MMA_CONFIGS; pdl: pdl_launch's."""
+    if xk.dtype != torch.int32:
+        raise ValueError("the MMA GEMV reads bf16 activations as int32 pairs (decode.x_operand)")
+    warps, split, prefetch, sub = config
+    m, n_out, k_in = xk.shape[0], w.shape[0], w.shape[1] * 8
+    part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, 16), True)
+    _int4_mma_gemv_kernel[(triton.cdiv(n_out, 16), split, 1)](
+        xk, y, part, cnt, w, s, z, m, n_out, k_in, xk.stride(0), w.stride(0), s.stride(0), G=group,
+        NATIVE=native_decode(), SPLIT_K=split, FIXUP=fixup, WARPS=warps, PREFETCH=bool(prefetch),
+        SUB=bool(sub), EVEN=k_in % (STEP * warps * split) == 0, num_warps=warps, **pdl)
+    finish_splits(part, y, fixup)
