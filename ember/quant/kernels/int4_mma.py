@@ -184,20 +184,57 @@ def _load_step(w_lo, w_hi, kk, valid, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _chunk(a0, a1, a2, a3, q_lo, q_hi, x_at, s_lo, s_hi, z_lo, z_hi, k0, valid, G: tl.constexpr,
+           NATIVE: tl.constexpr, SUB: tl.constexpr, EVEN: tl.constexpr, WARPS: tl.constexpr):
+    """Each warp's 128 columns from k0 [E] (inside one group): the words q_lo / q_hi [E, 4]
+    of rows g / g + 8, x's pairs from x_at [E, 4] on, scales and zeros at s_* / z_* + group.
+    Returns the accumulators a0..a3 (lane columns 2t, 2t + 1 of rows g, then g + 8) plus
+    this chunk's scaled sums."""
+    grp = k0 // G
+    sc_lo = _maybe_masked(s_lo + grp, valid, EVEN).to(tl.float32)      # [E]
+    sc_hi = _maybe_masked(s_hi + grp, valid, EVEN).to(tl.float32)
+    zp_lo = _maybe_masked(z_lo + grp, valid, EVEN)
+    zp_hi = _maybe_masked(z_hi + grp, valid, EVEN)
+    zz_lo = int4_zero_pair(zp_lo)
+    zz_hi = int4_zero_pair(zp_hi)
+    lo = _split4(q_lo)
+    hi = _split4(q_hi)
+    c0 = tl.zeros_like(sc_lo)
+    c1 = c0
+    c2 = c0
+    c3 = c0
+    x0 = c0
+    x1 = c0
+    for u in tl.static_range(4):
+        xq = _split4(_maybe_masked(x_at + 4 * u, valid[:, None], EVEN))
+        c0, c1, c2, c3, x0, x1 = _mma_pair(lo[u], hi[u], zz_lo, zz_hi, xq[0], xq[1], xq[2], xq[3],
+                                           c0, c1, c2, c3, x0, x1, NATIVE, SUB, WARPS)
+    if not SUB:       # D holds sum (128 + code) x: take (128 + zero) X off
+        off_lo = zp_lo.to(tl.float32) + 128.0
+        off_hi = zp_hi.to(tl.float32) + 128.0
+        c0 -= off_lo * x0
+        c1 -= off_lo * x1
+        c2 -= off_hi * x0
+        c3 -= off_hi * x1
+    return a0 + sc_lo * c0, a1 + sc_lo * c1, a2 + sc_hi * c2, a3 + sc_hi * c3
+
+
+@triton.jit
 def _int4_mma_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K,
                           stride_xm, stride_wn, stride_sn, G: tl.constexpr, NATIVE: tl.constexpr,
                           SPLIT_K: tl.constexpr, FIXUP: tl.constexpr, WARPS: tl.constexpr,
                           PREFETCH: tl.constexpr, SUB: tl.constexpr, EVEN: tl.constexpr,
-                          PDL: tl.constexpr):
+                          STAGES: tl.constexpr, UNROLL: tl.constexpr, PDL: tl.constexpr):
     """y [M, N] = x [M, K] @ dequant(W)^T for M <= 8, W [N, K / 8] int32 words, s and z per
     row and group (G a multiple of 128), x as int32 bf16 pairs [M, K / 2]. One program: 16
-    rows (program_id(0)); its WARPS warps take turns over 128-column steps of the split's K
-    range and are summed at the end. PREFETCH: registers double-buffer the words, the
-    first step requested before PDL's wait. SUB: how the zero point comes off (the asm's
+    rows (program_id(0)); its WARPS warps take turns over 128-column chunks of the split's K
+    range (UNROLL = 1 or 2 chunks each a loop step) and are summed at the end. PREFETCH: registers double-buffer the words, the
+    first step requested before PDL's wait. STAGES: the loop's software pipeline depth
+    (Triton's, through shared memory with cp.async above 1). SUB: how the zero point comes off (the asm's
     comment). EVEN: every split's range is whole steps of all warps (no masks). Lanes of
     B columns past M read x's last row (their D columns are never stored). Split
     partials and counters as splitk.store_split."""
-    STEP: tl.constexpr = STEP_COLUMNS * WARPS
+    STEP: tl.constexpr = STEP_COLUMNS * WARPS * UNROLL
     # One flat index e = 32 w + l per thread (a [32 WARPS] axis, not [WARPS, 32]: with two
     # axes Triton's coalescing may spread a warp's lanes over both, breaking the mapping).
     e = tl.arange(0, 32 * WARPS)
@@ -226,11 +263,10 @@ def _int4_mma_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, 
     if PDL:
         tl.extra.cuda.gdc_wait()      # x is written by the kernel before
         tl.extra.cuda.gdc_launch_dependents()
-    for kk in range(start, end, STEP):
+    for kk in tl.range(start, end, STEP, num_stages=STAGES):
         kk = tl.multiple_of(kk, STEP)   # 16-byte x loads
         k0 = kk + wi * STEP_COLUMNS                                     # [E]
         valid = k0 < end
-        v2 = valid[:, None]
         if PREFETCH:
             q_lo = nxt_lo
             q_hi = nxt_hi
@@ -238,37 +274,17 @@ def _int4_mma_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, 
             nxt = tl.minimum(kk + STEP, end - STEP) if EVEN else kk + STEP
             nxt_lo, nxt_hi = _load_step(w_lo, w_hi, nxt, (k0 + STEP < end)[:, None], EVEN)
         else:
-            q_lo, q_hi = _load_step(w_lo, w_hi, kk, v2, EVEN)
-        grp = k0 // G
-        sc_lo = _maybe_masked(s_ptr + s_lo + grp, valid, EVEN).to(tl.float32)      # [E]
-        sc_hi = _maybe_masked(s_ptr + s_hi + grp, valid, EVEN).to(tl.float32)
-        z_lo = _maybe_masked(z_ptr + s_lo + grp, valid, EVEN)
-        z_hi = _maybe_masked(z_ptr + s_hi + grp, valid, EVEN)
-        zz_lo = int4_zero_pair(z_lo)
-        zz_hi = int4_zero_pair(z_hi)
-        lo = _split4(q_lo)
-        hi = _split4(q_hi)
-        c0 = tl.zeros((32 * WARPS,), dtype=tl.float32)
-        c1 = c0
-        c2 = c0
-        c3 = c0
-        x0 = c0
-        x1 = c0
-        for u in tl.static_range(4):
-            xq = _split4(_maybe_masked(x_lanes + kk // 2 + 4 * u, v2, EVEN))
-            c0, c1, c2, c3, x0, x1 = _mma_pair(lo[u], hi[u], zz_lo, zz_hi, xq[0], xq[1], xq[2], xq[3],
-                                               c0, c1, c2, c3, x0, x1, NATIVE, SUB, WARPS)
-        if not SUB:       # D holds sum (128 + code) x: take (128 + zero) X off
-            off_lo = z_lo.to(tl.float32) + 128.0
-            off_hi = z_hi.to(tl.float32) + 128.0
-            c0 -= off_lo * x0
-            c1 -= off_lo * x1
-            c2 -= off_hi * x0
-            c3 -= off_hi * x1
-        a0 += sc_lo * c0
-        a1 += sc_lo * c1
-        a2 += sc_hi * c2
-        a3 += sc_hi * c3
+            q_lo, q_hi = _load_step(w_lo, w_hi, kk, valid[:, None], EVEN)
+        if UNROLL == 2:     # the second chunk's words requested before the first's MMAs
+            kb = kk + WARPS * STEP_COLUMNS
+            valid_b = k0 + WARPS * STEP_COLUMNS < end
+            qb_lo, qb_hi = _load_step(w_lo, w_hi, kb, valid_b[:, None], EVEN)
+        a0, a1, a2, a3 = _chunk(a0, a1, a2, a3, q_lo, q_hi, x_lanes + kk // 2, s_ptr + s_lo, s_ptr + s_hi,
+                                z_ptr + s_lo, z_ptr + s_hi, k0, valid, G, NATIVE, SUB, EVEN, WARPS)
+        if UNROLL == 2:
+            a0, a1, a2, a3 = _chunk(a0, a1, a2, a3, qb_lo, qb_hi, x_lanes + kb // 2, s_ptr + s_lo,
+                                    s_ptr + s_hi, z_ptr + s_lo, z_ptr + s_hi, k0 + WARPS * STEP_COLUMNS,
+                                    valid_b, G, NATIVE, SUB, EVEN, WARPS)
     # lane 4g + t: output rows 2t, 2t + 1 (D's columns) at weight rows g, g + 8
     acc = tl.join(tl.join(_warp_sum(a0, WARPS), _warp_sum(a1, WARPS)),
                   tl.join(_warp_sum(a2, WARPS), _warp_sum(a3, WARPS)))  # [32, 2 (column), 2 (row)]
@@ -279,9 +295,11 @@ def _int4_mma_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, 
                 tl.program_id(0), SPLIT_K, FIXUP)
 
 
-# (warps, SPLIT_K, PREFETCH, SUB); on CUDA the tuner times them beside the decoder GEMV's tiles.
-INT4_MMA_CONFIGS = ((4, 1, 0, 0), (4, 2, 0, 0), (8, 1, 0, 0), (4, 1, 1, 0), (4, 1, 0, 1), (2, 2, 0, 0),
-                    (8, 2, 0, 0), (4, 4, 0, 0))
+# (warps, SPLIT_K, PREFETCH, SUB, STAGES, UNROLL); on CUDA the tuner times them beside the
+# decoder GEMV's tiles.
+INT4_MMA_CONFIGS = ((4, 1, 0, 0, 1, 1), (4, 2, 0, 0, 1, 1), (8, 1, 0, 0, 1, 1), (4, 1, 1, 0, 1, 1),
+                    (4, 1, 0, 1, 1, 1), (2, 2, 0, 0, 1, 1), (8, 2, 0, 0, 1, 1), (4, 4, 0, 0, 1, 1),
+                    (4, 1, 0, 0, 3, 1), (2, 1, 0, 0, 3, 1), (4, 1, 0, 0, 1, 2), (2, 2, 0, 0, 1, 2))
 
 
 def mma_applies(k_in: int, group: int, pairs: bool) -> bool:
@@ -296,11 +314,14 @@ def int4_mma_gemv(xk: torch.Tensor, y: torch.Tensor, w: torch.Tensor, s: torch.T
     w [N, K / 8] int32; s, z [N, K / G]; config from INT4_MMA_CONFIGS; pdl: pdl_launch's."""
     if xk.dtype != torch.int32:
         raise ValueError("the MMA GEMV reads bf16 activations as int32 pairs (decode.x_operand)")
-    warps, split, prefetch, sub = config
+    warps, split, prefetch, sub, stages, unroll = config
+    if unroll not in (1, 2) or (prefetch and unroll > 1):
+        raise ValueError("UNROLL is 1 or 2, and PREFETCH (double-buffering one chunk) wants 1")
     m, n_out, k_in = xk.shape[0], w.shape[0], w.shape[1] * 8
     part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, 16), True)
     _int4_mma_gemv_kernel[(triton.cdiv(n_out, 16), split, 1)](
         xk, y, part, cnt, w, s, z, m, n_out, k_in, xk.stride(0), w.stride(0), s.stride(0), G=group,
         NATIVE=native_decode(), SPLIT_K=split, FIXUP=fixup, WARPS=warps, PREFETCH=bool(prefetch),
-        SUB=bool(sub), EVEN=k_in % (STEP * warps * split) == 0, num_warps=warps, **pdl)
+        SUB=bool(sub), EVEN=k_in % (STEP * warps * unroll * split) == 0, STAGES=stages, UNROLL=unroll,
+        num_warps=warps, **pdl)
     finish_splits(part, y, fixup)
