@@ -114,7 +114,7 @@ def test_int4_decoder_gemv_every_tile_config(m, config, dtype):
 
 def _int4_mma_configs() -> list[tuple]:
     from ember.quant.kernels.int4_mma import INT4_MMA_CONFIGS
-    configs = list(INT4_MMA_CONFIGS) if DEVICE == "cuda" else [(4, 2, 0, 0, 1, 1), (2, 1, 1, 1, 1, 1), (2, 2, 1, 0, 1, 1), (2, 1, 0, 0, 1, 2)]
+    configs = list(INT4_MMA_CONFIGS) if DEVICE == "cuda" else [(4, 2, 0, 0, 1, 1), (2, 1, 1, 1, 1, 1), (2, 2, 1, 0, 1, 1), (2, 1, 0, 0, 1, 4, 1)]
     return [("mma", *c) for c in configs]
 
 

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ember.quant.kernels.decode import int4_zero_pair, native_decode
+from ember.quant.kernels.prefetch import prefetch_l2
 from ember.quant.kernels.splitk import finish_splits, k_range, split_buffers, store_split
 
 STEP = 128
@@ -224,17 +225,22 @@ def _int4_mma_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, 
                           stride_xm, stride_wn, stride_sn, G: tl.constexpr, NATIVE: tl.constexpr,
                           SPLIT_K: tl.constexpr, FIXUP: tl.constexpr, WARPS: tl.constexpr,
                           PREFETCH: tl.constexpr, SUB: tl.constexpr, EVEN: tl.constexpr,
-                          STAGES: tl.constexpr, UNROLL: tl.constexpr, PDL: tl.constexpr):
+                          STAGES: tl.constexpr, UNROLL: tl.constexpr, AHEAD: tl.constexpr,
+                          PDL: tl.constexpr):
     """y [M, N] = x [M, K] @ dequant(W)^T for M <= 8, W [N, K / 8] int32 words, s and z per
     row and group (G a multiple of 128), x as int32 bf16 pairs [M, K / 2]. One program: 16
     rows (program_id(0)); its WARPS warps take turns over 128-column chunks of the split's K
-    range (UNROLL = 1 or 2 chunks each a loop step) and are summed at the end. PREFETCH: registers double-buffer the words, the
-    first step requested before PDL's wait. STAGES: the loop's software pipeline depth
-    (Triton's, through shared memory with cp.async above 1). SUB: how the zero point comes off (the asm's
-    comment). EVEN: every split's range is whole steps of all warps (no masks). Lanes of
+    range (UNROLL chunks each a loop step, their words all requested first) and are
+    summed at the end. PREFETCH (UNROLL 1): registers double-buffer the words, the first
+    step requested before PDL's wait. STAGES: the loop's software pipeline depth
+    (Triton's, through shared memory with cp.async above 1). AHEAD > 0: each step asks
+    the L2 for the words AHEAD steps on (kernels/prefetch.py). SUB: how the zero point
+    comes off (the asm's comment). EVEN: every split's range is whole steps of all warps (no masks). Lanes of
     B columns past M read x's last row (their D columns are never stored). Split
     partials and counters as splitk.store_split."""
-    STEP: tl.constexpr = STEP_COLUMNS * WARPS * UNROLL
+    CHUNK: tl.constexpr = STEP_COLUMNS * WARPS          # the warps' chunks side by side
+    STEP: tl.constexpr = CHUNK * UNROLL
+    AHEAD_UNROLL: tl.constexpr = UNROLL if AHEAD > 0 else 0
     # One flat index e = 32 w + l per thread (a [32 WARPS] axis, not [WARPS, 32]: with two
     # axes Triton's coalescing may spread a warp's lanes over both, breaking the mapping).
     e = tl.arange(0, 32 * WARPS)
@@ -245,8 +251,10 @@ def _int4_mma_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, 
     row_hi = tl.minimum(tl.program_id(0) * 16 + g + 8, N - 1)
     four = tl.arange(0, 4)[None, :]
     col = wi * STEP_COLUMNS + t * 32                                    # [E]
-    w_lo = w_ptr + (row_lo * stride_wn + col // 8)[:, None] + four      # [E, 4]
-    w_hi = w_ptr + (row_hi * stride_wn + col // 8)[:, None] + four
+    run_lo = w_ptr + row_lo * stride_wn + col // 8                      # [E]: the lane's run
+    run_hi = w_ptr + row_hi * stride_wn + col // 8
+    w_lo = run_lo[:, None] + four                                       # [E, 4]
+    w_hi = run_hi[:, None] + four
     x_lanes = x_ptr + (tl.minimum(g, M - 1) * stride_xm + col // 2)[:, None] + four  # 4 pairs on
     s_lo = row_lo * stride_sn
     s_hi = row_hi * stride_sn
@@ -266,25 +274,23 @@ def _int4_mma_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, 
     for kk in tl.range(start, end, STEP, num_stages=STAGES):
         kk = tl.multiple_of(kk, STEP)   # 16-byte x loads
         k0 = kk + wi * STEP_COLUMNS                                     # [E]
-        valid = k0 < end
         if PREFETCH:
-            q_lo = nxt_lo
-            q_hi = nxt_hi
+            words = ((nxt_lo, nxt_hi),)
             # EVEN: the last step re-reads itself rather than reading past the range
             nxt = tl.minimum(kk + STEP, end - STEP) if EVEN else kk + STEP
             nxt_lo, nxt_hi = _load_step(w_lo, w_hi, nxt, (k0 + STEP < end)[:, None], EVEN)
-        else:
-            q_lo, q_hi = _load_step(w_lo, w_hi, kk, valid[:, None], EVEN)
-        if UNROLL == 2:     # the second chunk's words requested before the first's MMAs
-            kb = kk + WARPS * STEP_COLUMNS
-            valid_b = k0 + WARPS * STEP_COLUMNS < end
-            qb_lo, qb_hi = _load_step(w_lo, w_hi, kb, valid_b[:, None], EVEN)
-        a0, a1, a2, a3 = _chunk(a0, a1, a2, a3, q_lo, q_hi, x_lanes + kk // 2, s_ptr + s_lo, s_ptr + s_hi,
-                                z_ptr + s_lo, z_ptr + s_hi, k0, valid, G, NATIVE, SUB, EVEN, WARPS)
-        if UNROLL == 2:
-            a0, a1, a2, a3 = _chunk(a0, a1, a2, a3, qb_lo, qb_hi, x_lanes + kb // 2, s_ptr + s_lo,
-                                    s_ptr + s_hi, z_ptr + s_lo, z_ptr + s_hi, k0 + WARPS * STEP_COLUMNS,
-                                    valid_b, G, NATIVE, SUB, EVEN, WARPS)
+        else:   # every chunk's words requested before the first chunk's MMAs
+            words = ()
+            for j in tl.static_range(UNROLL):
+                words = words + (_load_step(w_lo, w_hi, kk + j * CHUNK, (k0 + j * CHUNK < end)[:, None], EVEN),)
+        for j in tl.static_range(AHEAD_UNROLL):     # into L2, AHEAD steps on
+            ahead = kk + AHEAD * STEP + j * CHUNK
+            prefetch_l2(run_lo + ahead // 8, k0 + AHEAD * STEP + j * CHUNK < end, NATIVE)
+            prefetch_l2(run_hi + ahead // 8, k0 + AHEAD * STEP + j * CHUNK < end, NATIVE)
+        for j in tl.static_range(UNROLL):
+            a0, a1, a2, a3 = _chunk(a0, a1, a2, a3, words[j][0], words[j][1], x_lanes + (kk + j * CHUNK) // 2,
+                                    s_ptr + s_lo, s_ptr + s_hi, z_ptr + s_lo, z_ptr + s_hi, k0 + j * CHUNK,
+                                    k0 + j * CHUNK < end, G, NATIVE, SUB, EVEN, WARPS)
     # lane 4g + t: output rows 2t, 2t + 1 (D's columns) at weight rows g, g + 8
     acc = tl.join(tl.join(_warp_sum(a0, WARPS), _warp_sum(a1, WARPS)),
                   tl.join(_warp_sum(a2, WARPS), _warp_sum(a3, WARPS)))  # [32, 2 (column), 2 (row)]
@@ -295,8 +301,8 @@ def _int4_mma_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, 
                 tl.program_id(0), SPLIT_K, FIXUP)
 
 
-# (warps, SPLIT_K, PREFETCH, SUB, STAGES, UNROLL); on CUDA the tuner times them beside the
-# decoder GEMV's tiles.
+# (warps, SPLIT_K, PREFETCH, SUB, STAGES, UNROLL[, AHEAD]); on CUDA the tuner times them
+# beside the decoder GEMV's tiles.
 INT4_MMA_CONFIGS = ((4, 1, 0, 0, 1, 1), (4, 2, 0, 0, 1, 1), (8, 1, 0, 0, 1, 1), (4, 1, 1, 0, 1, 1),
                     (4, 1, 0, 1, 1, 1), (2, 2, 0, 0, 1, 1), (8, 2, 0, 0, 1, 1), (4, 4, 0, 0, 1, 1),
                     (4, 1, 0, 0, 3, 1), (2, 1, 0, 0, 3, 1), (4, 1, 0, 0, 1, 2), (2, 2, 0, 0, 1, 2))
@@ -314,14 +320,15 @@ def int4_mma_gemv(xk: torch.Tensor, y: torch.Tensor, w: torch.Tensor, s: torch.T
     w [N, K / 8] int32; s, z [N, K / G]; config from INT4_MMA_CONFIGS; pdl: pdl_launch's."""
     if xk.dtype != torch.int32:
         raise ValueError("the MMA GEMV reads bf16 activations as int32 pairs (decode.x_operand)")
-    warps, split, prefetch, sub, stages, unroll = config
-    if unroll not in (1, 2) or (prefetch and unroll > 1):
-        raise ValueError("UNROLL is 1 or 2, and PREFETCH (double-buffering one chunk) wants 1")
+    warps, split, prefetch, sub, stages, unroll = config[:6]
+    ahead = config[6] if len(config) > 6 else 0
+    if prefetch and unroll > 1:
+        raise ValueError("PREFETCH double-buffers one chunk a step: use it with UNROLL 1")
     m, n_out, k_in = xk.shape[0], w.shape[0], w.shape[1] * 8
     part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, 16), True)
     _int4_mma_gemv_kernel[(triton.cdiv(n_out, 16), split, 1)](
         xk, y, part, cnt, w, s, z, m, n_out, k_in, xk.stride(0), w.stride(0), s.stride(0), G=group,
         NATIVE=native_decode(), SPLIT_K=split, FIXUP=fixup, WARPS=warps, PREFETCH=bool(prefetch),
         SUB=bool(sub), EVEN=k_in % (STEP * warps * unroll * split) == 0, STAGES=stages, UNROLL=unroll,
-        num_warps=warps, **pdl)
+        AHEAD=ahead, num_warps=warps, **pdl)
     finish_splits(part, y, fixup)
