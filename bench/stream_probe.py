@@ -1,6 +1,6 @@
 """How fast can a GEMV-shaped kernel stream a weight matrix at all? (H200)
 
-    PYTHONPATH=$PWD python3 bench/stream_probe.py
+    PYTHONPATH=$PWD python3 bench/stream_probe.py [--int4]
 
 For the FP8 gate_up matrix of Llama-3.1-8B (28672 x 4096 bytes, 117 MB) and its bf16
 twin (235 MB), a probe kernel reads every int32 word once in the FP8 GEMV's tiling
@@ -10,6 +10,10 @@ that tiling could reach if decoding cost nothing. Timed as CUDA-graph replays
 (bench/gpu_timing.py), with the real FP8 GEMV and the bf16 Triton GEMV at the same shape
 for comparison. If the probe streams no faster than the FP8 GEMV, the GEMV is at its
 memory floor for that tiling; if it is faster, the decode is what costs.
+
+--int4: the same for the INT4 (AWQ) gate_up words (28672 x 2048 bytes, 59 MB) in INT4
+tilings, four distinct matrices chained in each graph (one alone would half fit in the
+H200's L2), beside the INT4 decoder GEMV and the tensor-core GEMV (kernels/int4_mma.py).
 """
 from __future__ import annotations
 
@@ -61,7 +65,43 @@ def graphed_us(fn, calls: int = 10) -> float:
     return min(graph_replay_ms(g, 10) for _ in range(5)) * 1e3 / calls
 
 
+INT4_TILES = ((32, 128, 2, 4), (32, 128, 1, 4), (16, 512, 1, 8), (16, 1024, 1, 8), (8, 1024, 1, 4),
+              (64, 128, 4, 4), (16, 128, 1, 2), (32, 256, 1, 8), (16, 2048, 1, 8))
+
+
+def int4_main() -> None:
+    from ember.quant.int4 import pack_int4, quantize_int4
+    from ember.quant.kernels.w4a16 import int4_linear_triton
+    torch.manual_seed(0)
+    n, k = 28672, 4096
+    mats = []
+    for _ in range(4):
+        q, s, z = quantize_int4(torch.randn(n, k, device="cuda") * 0.02, 128)
+        mats.append((pack_int4(q), s.to(torch.bfloat16), z))
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    nbytes = mats[0][0].numel() * 4
+    print(f"{torch.cuda.get_device_name()}, INT4 gate_up {n} x {k}: {nbytes / 1e6:.0f} MB a matrix, 4 chained")
+
+    def per_matrix_us(one) -> float:
+        return graphed_us(lambda: [one(m) for m in mats], calls=2) / 4
+
+    for tile in INT4_TILES:
+        bn, bk, split, warps = tile
+        out = torch.empty((split, n), dtype=torch.int32, device="cuda")
+        us = per_matrix_us(lambda m: _probe_kernel[(triton.cdiv(n, bn), split)](
+            m[0], out, n, m[0].shape[1], m[0].stride(0), BLOCK_N=bn, WORDS=bk // 4, SPLIT_K=split,
+            num_warps=warps))
+        print(f"probe tile {tile} (rows, bytes a row a step, splits, warps): {us:.1f} us, "
+              f"{nbytes / us / 1e6:.2f} TB/s", flush=True)
+    for config in ((32, 256, 2, 4, 1), (16, 1024, 1, 8, 1), ("mma", 2, 1, 0, 1, 1, 2), ("mma", 4, 1, 0, 0, 1, 1),
+                   ("mma", 8, 1, 0, 0, 1, 4)):
+        us = per_matrix_us(lambda m: int4_linear_triton(x, *m, config=config))
+        print(f"INT4 GEMV {config}: {us:.1f} us, {nbytes / us / 1e6:.2f} TB/s", flush=True)
+
+
 def main() -> None:
+    if "--int4" in sys.argv:
+        return int4_main()
     from ember.layers.triton_gemv import gemv
     from ember.quant.fp8 import quantize_fp8
     from ember.quant.kernels.fp8_gemv import CONFIGS, fp8_gemv_triton
