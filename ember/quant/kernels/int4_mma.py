@@ -185,17 +185,24 @@ def _load_step(w_lo, w_hi, kk, valid, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _chunk(a0, a1, a2, a3, q_lo, q_hi, x_at, s_lo, s_hi, z_lo, z_hi, k0, valid, G: tl.constexpr,
-           NATIVE: tl.constexpr, SUB: tl.constexpr, EVEN: tl.constexpr, WARPS: tl.constexpr):
-    """Each warp's 128 columns from k0 [E] (inside one group): the words q_lo / q_hi [E, 4]
-    of rows g / g + 8, x's pairs from x_at [E, 4] on, scales and zeros at s_* / z_* + group.
-    Returns the accumulators a0..a3 (lane columns 2t, 2t + 1 of rows g, then g + 8) plus
-    this chunk's scaled sums."""
+def _chunk_scales(s_lo, s_hi, z_lo, z_hi, k0, valid, G: tl.constexpr, EVEN: tl.constexpr):
+    """The scales and zero points of rows g / g + 8 at the group of column k0 [E]."""
     grp = k0 // G
-    sc_lo = _maybe_masked(s_lo + grp, valid, EVEN).to(tl.float32)      # [E]
-    sc_hi = _maybe_masked(s_hi + grp, valid, EVEN).to(tl.float32)
-    zp_lo = _maybe_masked(z_lo + grp, valid, EVEN)
-    zp_hi = _maybe_masked(z_hi + grp, valid, EVEN)
+    return (_maybe_masked(s_lo + grp, valid, EVEN), _maybe_masked(s_hi + grp, valid, EVEN),
+            _maybe_masked(z_lo + grp, valid, EVEN), _maybe_masked(z_hi + grp, valid, EVEN))
+
+
+@triton.jit
+def _chunk(a0, a1, a2, a3, q_lo, q_hi, x_at, scales, valid, NATIVE: tl.constexpr, SUB: tl.constexpr,
+           EVEN: tl.constexpr, WARPS: tl.constexpr):
+    """Each warp's 128 columns (inside one group): the words q_lo / q_hi [E, 4] of rows g /
+    g + 8, x's pairs from x_at [E, 4] on, `scales` from _chunk_scales. Returns the
+    accumulators a0..a3 (lane columns 2t, 2t + 1 of rows g, then g + 8) plus this chunk's
+    scaled sums."""
+    sc_lo = scales[0].to(tl.float32)      # [E]
+    sc_hi = scales[1].to(tl.float32)
+    zp_lo = scales[2]
+    zp_hi = scales[3]
     zz_lo = int4_zero_pair(zp_lo)
     zz_hi = int4_zero_pair(zp_hi)
     lo = _split4(q_lo)
@@ -231,8 +238,9 @@ def _int4_mma_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, 
     row and group (G a multiple of 128), x as int32 bf16 pairs [M, K / 2]. One program: 16
     rows (program_id(0)); its WARPS warps take turns over 128-column chunks of the split's K
     range (UNROLL chunks each a loop step, their words all requested first) and are
-    summed at the end. PREFETCH (UNROLL 1): registers double-buffer the words, the first
-    step requested before PDL's wait. STAGES: the loop's software pipeline depth
+    summed at the end. PREFETCH (UNROLL 1): registers double-buffer the words, scales and
+    zeros (their loads, too, wait a DRAM round trip), the first step's requested before
+    PDL's wait. STAGES: the loop's software pipeline depth
     (Triton's, through shared memory with cp.async above 1). AHEAD > 0: each step asks
     the L2 for the words AHEAD steps on (kernels/prefetch.py). SUB: how the zero point
     comes off (the asm's comment). EVEN: every split's range is whole steps of all warps (no masks). Lanes of
@@ -263,34 +271,41 @@ def _int4_mma_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, 
     a1 = a0
     a2 = a0
     a3 = a0
+    sz = (s_ptr + s_lo, s_ptr + s_hi, z_ptr + s_lo, z_ptr + s_hi)
     if PREFETCH:
         nxt_lo, nxt_hi = _load_step(w_lo, w_hi, start, (start + wi * STEP_COLUMNS < end)[:, None], EVEN)
+        nxt_sc = _chunk_scales(*sz, start + wi * STEP_COLUMNS, start + wi * STEP_COLUMNS < end, G, EVEN)
     else:
         nxt_lo = tl.zeros((32 * WARPS, 4), dtype=tl.int32)
         nxt_hi = nxt_lo
+        nxt_sc = (nxt_lo, nxt_lo, nxt_lo, nxt_lo)
     if PDL:
         tl.extra.cuda.gdc_wait()      # x is written by the kernel before
         tl.extra.cuda.gdc_launch_dependents()
     for kk in tl.range(start, end, STEP, num_stages=STAGES):
         kk = tl.multiple_of(kk, STEP)   # 16-byte x loads
         k0 = kk + wi * STEP_COLUMNS                                     # [E]
-        if PREFETCH:
+        if PREFETCH:    # this step's words and scales came with the step before; the next's go out now
             words = ((nxt_lo, nxt_hi),)
+            scales = (nxt_sc,)
             # EVEN: the last step re-reads itself rather than reading past the range
             nxt = tl.minimum(kk + STEP, end - STEP) if EVEN else kk + STEP
-            nxt_lo, nxt_hi = _load_step(w_lo, w_hi, nxt, (k0 + STEP < end)[:, None], EVEN)
-        else:   # every chunk's words requested before the first chunk's MMAs
+            nxt_k0 = nxt + wi * STEP_COLUMNS
+            nxt_lo, nxt_hi = _load_step(w_lo, w_hi, nxt, (nxt_k0 < end)[:, None], EVEN)
+            nxt_sc = _chunk_scales(*sz, nxt_k0, nxt_k0 < end, G, EVEN)
+        else:   # every chunk's words and scales requested before the first chunk's MMAs
             words = ()
+            scales = ()
             for j in tl.static_range(UNROLL):
                 words = words + (_load_step(w_lo, w_hi, kk + j * CHUNK, (k0 + j * CHUNK < end)[:, None], EVEN),)
+                scales = scales + (_chunk_scales(*sz, k0 + j * CHUNK, k0 + j * CHUNK < end, G, EVEN),)
         for j in tl.static_range(AHEAD_UNROLL):     # into L2, AHEAD steps on
             ahead = kk + AHEAD * STEP + j * CHUNK
             prefetch_l2(run_lo + ahead // 8, k0 + AHEAD * STEP + j * CHUNK < end, NATIVE)
             prefetch_l2(run_hi + ahead // 8, k0 + AHEAD * STEP + j * CHUNK < end, NATIVE)
         for j in tl.static_range(UNROLL):
             a0, a1, a2, a3 = _chunk(a0, a1, a2, a3, words[j][0], words[j][1], x_lanes + (kk + j * CHUNK) // 2,
-                                    s_ptr + s_lo, s_ptr + s_hi, z_ptr + s_lo, z_ptr + s_hi, k0 + j * CHUNK,
-                                    k0 + j * CHUNK < end, G, NATIVE, SUB, EVEN, WARPS)
+                                    scales[j], k0 + j * CHUNK < end, NATIVE, SUB, EVEN, WARPS)
     # lane 4g + t: output rows 2t, 2t + 1 (D's columns) at weight rows g, g + 8
     acc = tl.join(tl.join(_warp_sum(a0, WARPS), _warp_sum(a1, WARPS)),
                   tl.join(_warp_sum(a2, WARPS), _warp_sum(a3, WARPS)))  # [32, 2 (column), 2 (row)]
