@@ -286,8 +286,9 @@ def _linear(method: str, k: int, params: dict | None = None):
 
 
 @pytest.mark.parametrize("rows,dtype,want", [
-    (1, torch.bfloat16, False),     # one row: the decoder GEMV
-    (2, torch.bfloat16, True), (64, torch.bfloat16, True),
+    (1, torch.bfloat16, False),     # one row: the decoder / MMA GEMV (tuned)
+    (2, torch.bfloat16, False), (8, torch.bfloat16, False),   # the MMA GEMV (kernels/int4_mma.py)
+    (9, torch.bfloat16, True), (64, torch.bfloat16, True),
     (65, torch.bfloat16, False),    # the GEMM
     (8, torch.float32, False),      # the skinny kernels multiply in bf16
 ])

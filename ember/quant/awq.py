@@ -60,15 +60,21 @@ class Int4LinearMethod(QuantLinearMethod):
         return y if layer.bias is None else y + layer.bias
 
     def _skinny(self, layer: Linear, x: torch.Tensor) -> bool:
-        """bf16 inputs of 2..MAX_ROWS rows take the tensor-core kernel (kernels/skinny_dot.py);
-        one row is faster on the CUDA-core GEMV (w4a16.py), more on the GEMM (H200, Llama-8B
-        shapes: bench/skinny_gpu.py). params["small_batch_kernel"] = "gemv" keeps every size
-        on the w4a16.py kernels."""
+        """bf16 inputs of 2..MAX_ROWS rows take the tensor-core kernel (kernels/skinny_dot.py),
+        except up to GEMV_MAX_ROWS rows where the MMA GEMV applies (kernels/int4_mma.py, tuned
+        in w4a16.py with the decoder GEMV that one row also tries); more rows go to the GEMM
+        (H200, Llama-8B shapes: bench/skinny_gpu.py). params["small_batch_kernel"] = "gemv"
+        keeps every size on the w4a16.py kernels."""
+        from ember.quant.kernels.int4_mma import mma_applies
         from ember.quant.kernels.skinny_dot import MAX_ROWS, int4_fits
+        from ember.quant.kernels.w4a16 import GEMV_MAX_ROWS
         rows = x.numel() // x.shape[-1]
+        group = self.group_size(layer)
+        if rows <= GEMV_MAX_ROWS and mma_applies(layer.in_features, group, x.dtype == torch.bfloat16):
+            return False
         return (self.cfg.params.get("small_batch_kernel", "skinny") == "skinny"
                 and x.dtype == torch.bfloat16 and 2 <= rows <= MAX_ROWS
-                and int4_fits(layer.in_features, self.group_size(layer)))
+                and int4_fits(layer.in_features, group))
 
     def _dequant_gemm(self, x: torch.Tensor) -> bool:
         """More than MAX_ROWS rows (prefill, large batches): dequantize the weight once and

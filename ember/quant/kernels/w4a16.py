@@ -166,18 +166,6 @@ def _int4_tile(acc3, q, sc, z, x_row, col, NATIVE: tl.constexpr, X_PAIRS: tl.con
 
 
 @triton.jit
-def _tile_scales(s_ptr, z_ptr, s_rows, g, live, NVFP4: tl.constexpr):
-    """A decoder tile's scales as stored [BN, GROUPS] at group g of s_rows, and its INT4
-    zero points (NVFP4: zeros, not read); zeros where not `live`."""
-    s_raw = tl.load(s_ptr + s_rows + g, mask=live, other=0)
-    if NVFP4:
-        z = tl.zeros(s_rows.shape, dtype=tl.int32)
-    else:
-        z = tl.load(z_ptr + s_rows + g, mask=live, other=0)
-    return s_raw, z
-
-
-@triton.jit
 def _decoder_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, M, N, K,
                          stride_xm, stride_wn, stride_sn, G: tl.constexpr, NVFP4: tl.constexpr,
                          NATIVE: tl.constexpr, X_PAIRS: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -189,8 +177,8 @@ def _decoder_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, g
     group (BLOCK_K divides G), GW = G / 8 for tiles of whole groups (G divides BLOCK_K),
     which read each weight row in longer runs (a 128-wide tile is 64 bytes of a row).
     Scale and zero apply once per group of words. PREFETCH: registers double-buffer the
-    weight words and their scales (and zeros), the first tile's requested before PDL's
-    wait (the weights do not depend on the kernel before).
+    weight words, the first tile requested before PDL's wait (the weights do not depend on
+    the kernel before).
     Grid (N tiles, SPLIT_K, M); y [M, N], split partials and counters as
     splitk.store_split."""
     GROUPS: tl.constexpr = BLOCK_K // (8 * GW)
@@ -207,29 +195,25 @@ def _decoder_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, g
     acc3 = tl.zeros((BLOCK_N, GROUPS, GW), dtype=tl.float32)
     if PREFETCH:
         q_next = tl.load(w_rows + start // 8, mask=start < end, other=0)
-        s_next, z_next = _tile_scales(s_ptr, z_ptr, s_rows, start // G, start < end, NVFP4)
     else:
         q_next = tl.zeros((BLOCK_N, GROUPS, GW), dtype=tl.int32)
-        s_next, z_next = _tile_scales(s_ptr, z_ptr, s_rows, 0, False, NVFP4)
     if PDL:
         tl.extra.cuda.gdc_wait()      # x is written by the kernel before
         tl.extra.cuda.gdc_launch_dependents()
     for k0 in range(start, end, BLOCK_K):
-        if PREFETCH:    # the scales too: their loads wait a DRAM round trip like the words'
+        if PREFETCH:
             q = q_next
-            s_raw = s_next
-            z = z_next
-            live = k0 + BLOCK_K < end
-            q_next = tl.load(w_rows + (k0 + BLOCK_K) // 8, mask=live, other=0)
-            s_next, z_next = _tile_scales(s_ptr, z_ptr, s_rows, (k0 + BLOCK_K) // G, live, NVFP4)
+            q_next = tl.load(w_rows + (k0 + BLOCK_K) // 8, mask=k0 + BLOCK_K < end, other=0)
         else:
             q = tl.load(w_rows + k0 // 8)
-            s_raw, z = _tile_scales(s_ptr, z_ptr, s_rows, k0 // G, True, NVFP4)
+        g = k0 // G
         if NVFP4:
-            sc = e4m3_from_bits(s_raw.to(tl.int32))
+            sc = e4m3_from_bits(tl.load(s_ptr + s_rows + g).to(tl.int32))
             acc3 = _nvfp4_tile(acc3, q, sc, x_row, k0 + 8 * words, NATIVE, X_PAIRS)
         else:
-            acc3 = _int4_tile(acc3, q, s_raw.to(tl.float32), z, x_row, k0 + 8 * words, NATIVE, X_PAIRS)
+            sc = tl.load(s_ptr + s_rows + g).to(tl.float32)
+            z = tl.load(z_ptr + s_rows + g)
+            acc3 = _int4_tile(acc3, q, sc, z, x_row, k0 + 8 * words, NATIVE, X_PAIRS)
     acc = tl.sum(tl.sum(acc3, axis=2), axis=1)
     if NVFP4:
         acc *= tl.load(gs_ptr + n_safe)
@@ -398,7 +382,10 @@ def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor |
             finish_splits(part, y, fixup)
         cands = decoder_tiles
         if not nvfp4 and mma_applies(k_in, group, pairs):
-            cands = cands + [("mma", *c) for c in INT4_MMA_CONFIGS]
+            # The MMA GEMV costs about the same at 1 and 8 rows; the decoder GEMV's programs
+            # each read the weights again for their row, so above one row only the MMA's run.
+            mma = [("mma", *c) for c in INT4_MMA_CONFIGS]
+            cands = cands + mma if m == 1 else mma
         key = ("decoder_gemv", nvfp4, m, n_out, k_in, group)
     elif m <= GEMV_MAX_ROWS:
         def run(c: tuple) -> None:
