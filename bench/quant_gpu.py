@@ -45,6 +45,7 @@ VARIANTS = {
     "fp8-gemv": ("fp8", {"decode_kernel": "gemv"}),        # CUDA-core GEMV, no tensor cores
     "awq-gemv": ("awq", {"small_batch_kernel": "gemv", "large_batch_kernel": "gemm"}),  # CUDA-core kernels only
     "awq-fused-gemm": ("awq", {"large_batch_kernel": "gemm"}),   # > 64 rows: fused W4A16 GEMM
+    "awq-skinny": ("awq", {"small_batch_kernel": "skinny"}),    # 2-8 rows on the skinny kernel, not the MMA GEMV
     "awq+head": ("awq", {"lm_head": True}),        # --quantize-lm-head: the LM head in INT4 too
     "fp8+head": ("fp8", {"lm_head": True}),
     "nvfp4+head": ("nvfp4", {"lm_head": True}),

@@ -297,6 +297,9 @@ def test_awq_small_batch_dispatch(rows, dtype, want):
     assert lin.method._skinny(lin, torch.zeros(rows, 256, dtype=dtype)) is want
     gemv_only = _linear("awq", 256, {"small_batch_kernel": "gemv"})
     assert gemv_only.method._skinny(gemv_only, torch.zeros(rows, 256, dtype=dtype)) is False
+    skinny = _linear("awq", 256, {"small_batch_kernel": "skinny"})   # the default before the MMA GEMV
+    assert skinny.method._skinny(skinny, torch.zeros(rows, 256, dtype=dtype)) is (
+        dtype == torch.bfloat16 and 2 <= rows <= 64)
     # Above 64 rows: dequantize once + the dense GEMM, unless the fused GEMM is asked for.
     assert lin.method._dequant_gemm(torch.zeros(rows, 256, dtype=dtype)) is (rows > 64)
     fused = _linear("awq", 256, {"large_batch_kernel": "gemm"})

@@ -54,27 +54,34 @@ class Int4LinearMethod(QuantLinearMethod):
             y = F.linear(x, int4_dequant_triton(layer.qweight, layer.scales, layer.qzeros, x.dtype))
         elif x.is_cuda:
             from ember.quant.kernels.w4a16 import int4_linear_triton
-            y = int4_linear_triton(x, layer.qweight, layer.scales, layer.qzeros)
+            y = int4_linear_triton(x, layer.qweight, layer.scales, layer.qzeros,
+                                   tensor_cores=self._small_batch_kernel() != "gemv")
         else:
             y = F.linear(x, self.cpu_weight(layer, x.dtype))
         return y if layer.bias is None else y + layer.bias
 
+    def _small_batch_kernel(self) -> str:
+        """params["small_batch_kernel"]: "mma" (default): up to GEMV_MAX_ROWS bf16 rows the
+        MMA GEMV where it applies (kernels/int4_mma.py; one row tunes it against the decoder
+        GEMV), then the skinny kernel up to its MAX_ROWS; "skinny": the skinny kernel from 2
+        rows (the default before); "gemv": the CUDA-core w4a16.py kernels only."""
+        return self.cfg.params.get("small_batch_kernel", "mma")
+
     def _skinny(self, layer: Linear, x: torch.Tensor) -> bool:
-        """bf16 inputs of 2..MAX_ROWS rows take the tensor-core kernel (kernels/skinny_dot.py),
-        except up to GEMV_MAX_ROWS rows where the MMA GEMV applies (kernels/int4_mma.py, tuned
-        in w4a16.py with the decoder GEMV that one row also tries); more rows go to the GEMM
-        (H200, Llama-8B shapes: bench/skinny_gpu.py). params["small_batch_kernel"] = "gemv"
-        keeps every size on the w4a16.py kernels."""
+        """Whether x takes the tensor-core skinny kernel (kernels/skinny_dot.py): bf16, 2..MAX_ROWS
+        rows, as _small_batch_kernel says (H200, Llama-8B shapes: bench/skinny_gpu.py; at 2-8
+        rows the MMA GEMV measured 1.4-1.6x faster per layer than the skinny kernel)."""
         from ember.quant.kernels.int4_mma import mma_applies
         from ember.quant.kernels.skinny_dot import MAX_ROWS, int4_fits
         from ember.quant.kernels.w4a16 import GEMV_MAX_ROWS
+        kind = self._small_batch_kernel()
         rows = x.numel() // x.shape[-1]
         group = self.group_size(layer)
-        if rows <= GEMV_MAX_ROWS and mma_applies(layer.in_features, group, x.dtype == torch.bfloat16):
+        bf16 = x.dtype == torch.bfloat16
+        if kind == "gemv" or (kind == "mma" and rows <= GEMV_MAX_ROWS
+                              and mma_applies(layer.in_features, group, bf16)):
             return False
-        return (self.cfg.params.get("small_batch_kernel", "skinny") == "skinny"
-                and x.dtype == torch.bfloat16 and 2 <= rows <= MAX_ROWS
-                and int4_fits(layer.in_features, group))
+        return bf16 and 2 <= rows <= MAX_ROWS and int4_fits(layer.in_features, group)
 
     def _dequant_gemm(self, x: torch.Tensor) -> bool:
         """More than MAX_ROWS rows (prefill, large batches): dequantize the weight once and

@@ -344,8 +344,9 @@ GEMM_CONFIGS = ((64, 128, 4, 2), (32, 128, 4, 4), (64, 64, 4, 4), (128, 128, 8, 
 
 def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
             gs: torch.Tensor | None, n_out: int, k_in: int, group: int, nvfp4: bool,
-            config: tuple | None) -> torch.Tensor:
-    """w: [N, K // 8] int32 words; s (and z): per-group (or per-16-block) scales [N, K // G]."""
+            config: tuple | None, mma: bool = False) -> torch.Tensor:
+    """w: [N, K // 8] int32 words; s (and z): per-group (or per-16-block) scales [N, K // G].
+    mma: the tuner may pick the MMA GEMV (kernels/int4_mma.py) up to GEMV_MAX_ROWS rows."""
     x2, y = rows_and_output(x, k_in, n_out)
     m = x2.shape[0]
     if m == 0:
@@ -381,11 +382,11 @@ def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor |
                 num_warps=warps, **pdl_launch(x2))
             finish_splits(part, y, fixup)
         cands = decoder_tiles
-        if not nvfp4 and mma_applies(k_in, group, pairs):
+        if mma and not nvfp4 and mma_applies(k_in, group, pairs):
             # The MMA GEMV costs about the same at 1 and 8 rows; the decoder GEMV's programs
             # each read the weights again for their row, so above one row only the MMA's run.
-            mma = [("mma", *c) for c in INT4_MMA_CONFIGS]
-            cands = cands + mma if m == 1 else mma
+            mma_tiles = [("mma", *c) for c in INT4_MMA_CONFIGS]
+            cands = cands + mma_tiles if m == 1 else mma_tiles
         key = ("decoder_gemv", nvfp4, m, n_out, k_in, group)
     elif m <= GEMV_MAX_ROWS:
         def run(c: tuple) -> None:
@@ -417,12 +418,15 @@ def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor |
 
 
 def int4_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                       qzeros: torch.Tensor, config: tuple | None = None) -> torch.Tensor:
+                       qzeros: torch.Tensor, config: tuple | None = None,
+                       tensor_cores: bool = True) -> torch.Tensor:
     """x: [..., K]; qweight: [N, K // 8] int32; scales, qzeros: [N, K // G] -> [..., N].
-    `config`: a tile config from GEMV_CONFIGS / GEMM_CONFIGS (default: tuned or the first)."""
+    `config`: a tile config from GEMV_CONFIGS / GEMM_CONFIGS, INT4_GEMV_CONFIGS or ("mma",
+    *INT4_MMA_CONFIGS[i]) (default: tuned or the first). tensor_cores False keeps the tuner
+    to the CUDA-core kernels (A/B runs)."""
     n_out, k_in = qweight.shape[0], qweight.shape[1] * 8
     group = k_in // scales.shape[1]
-    return _launch(x, qweight, scales, qzeros, None, n_out, k_in, group, False, config)
+    return _launch(x, qweight, scales, qzeros, None, n_out, k_in, group, False, config, tensor_cores)
 
 
 def nvfp4_linear_triton(x: torch.Tensor, packed: torch.Tensor, block_scale: torch.Tensor,
