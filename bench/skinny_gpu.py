@@ -28,10 +28,9 @@ from ember.quant.kernels.skinny_dot import INT4_CONFIGS as INT4_SKINNY_CONFIGS
 from ember.quant.kernels.skinny_dot import fp8_skinny, int4_skinny
 from ember.quant.kernels.w4a16 import INT4_GEMV_CONFIGS, int4_dequant_triton, int4_linear_triton
 
-# (warps, SPLIT_K, PREFETCH, SUB, STAGES, UNROLL, AHEAD) of the tensor-core INT4 GEMV (kernels/int4_mma.py)
-MMA_SWEEP = ([("mma", w, s, 0, 0, 1, u, a) for w in (2, 4, 8) for s in (1, 2, 4) for u in (1, 2, 4) for a in (0, 2)]
-             + [("mma", w, 1, 0, 1, 1, u, 0) for w in (2, 4) for u in (2, 4)]
-             + [("mma", w, s, 0, 0, 3, 1, 0) for w in (2, 4) for s in (1, 2)])
+# (warps, SPLIT_K, UNROLL, SUB, AHEAD) of the tensor-core INT4 GEMV (kernels/int4_mma.py)
+MMA_SWEEP = ([("mma", w, s, u, 0, a) for w in (2, 4, 8) for s in (1, 2, 4) for u in (1, 2, 4) for a in (0, 2)]
+             + [("mma", w, 1, u, 1, 0) for w in (2, 4) for u in (1, 2, 4)])
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
 LAYERS = 4

@@ -93,8 +93,8 @@ def int4_main() -> None:
             num_warps=warps))
         print(f"probe tile {tile} (rows, bytes a row a step, splits, warps): {us:.1f} us, "
               f"{nbytes / us / 1e6:.2f} TB/s", flush=True)
-    for config in ((32, 256, 2, 4, 1), (16, 1024, 1, 8, 1), ("mma", 2, 1, 0, 1, 1, 2), ("mma", 4, 1, 0, 0, 1, 1),
-                   ("mma", 8, 1, 0, 0, 1, 4)):
+    for config in ((32, 256, 2, 4, 1), (16, 1024, 1, 8, 1), ("mma", 2, 1, 2, 1, 0), ("mma", 4, 1, 1, 0, 0),
+                   ("mma", 8, 1, 4, 0, 0)):
         us = per_matrix_us(lambda m: int4_linear_triton(x, *m, config=config))
         print(f"INT4 GEMV {config}: {us:.1f} us, {nbytes / us / 1e6:.2f} TB/s", flush=True)
 

@@ -114,7 +114,7 @@ def test_int4_decoder_gemv_every_tile_config(m, config, dtype):
 
 def _int4_mma_configs() -> list[tuple]:
     from ember.quant.kernels.int4_mma import INT4_MMA_CONFIGS
-    configs = list(INT4_MMA_CONFIGS) if DEVICE == "cuda" else [(4, 2, 0, 0, 1, 1), (2, 1, 1, 1, 1, 1), (2, 2, 1, 0, 1, 1), (2, 1, 0, 0, 1, 4, 1)]
+    configs = list(INT4_MMA_CONFIGS) if DEVICE == "cuda" else [(4, 2, 1, 0, 0), (2, 1, 2, 1, 0), (2, 2, 1, 0, 1), (2, 1, 4, 0, 1)]
     return [("mma", *c) for c in configs]
 
 
@@ -140,7 +140,7 @@ def test_int4_mma_gemv_is_a_candidate_only_where_it_applies():
     assert not mma_applies(4096, 128, False)       # fp32 / fp16 activations
     qw, s, z = _int4_weight(16, 256, 128, seed=0)
     with pytest.raises(ValueError, match="int32 pairs"):
-        int4_linear_triton(torch.randn(1, 256, device=DEVICE), qw, s, z, config=("mma", 4, 1, 0, 0, 1, 1))
+        int4_linear_triton(torch.randn(1, 256, device=DEVICE), qw, s, z, config=("mma", 4, 1, 1, 0, 0))
 
 
 @pytest.mark.parametrize("m", [1, 3])

@@ -1,10 +1,14 @@
 """INT4 (AWQ/RTN) GEMV for 1-8 activation rows with the products on tensor cores: each
 warp runs `mma.sync.m16n8k16` (bf16 in, fp32 accumulate) on weights decoded straight into
 the MMA's register fragments, the way Marlin does, in place of the CUDA-core FMAs of the
-decoder GEMV (w4a16._decoder_gemv_kernel). At batch 1 that kernel was bound by its
-instruction count, not by memory: about 27 instructions per 8-weight word, of which the
-multiply-adds and their widening were half; here a word costs its decode (prmt, lop3 and
-a bf16x2 subtraction of the zero point per pair) plus half an MMA.
+decoder GEMV (w4a16._decoder_gemv_kernel). A word costs its decode (prmt and lop3 per
+pair, and with SUB a bf16x2 subtraction of the zero point) plus one MMA: about 18
+instructions a word in the K loop (sm_90 SASS) against the decoder GEMV's 27. Measured on
+the H200 (Llama-8B shapes, docs/BENCHMARKS.md): at one row it is no faster than the
+decoder GEMV (both stream at ~1.5x a plain read of the words, so the instruction count
+was not what held that kernel back) and the tuner picks between them per shape; at 2-8
+rows it costs about what one row does, where the decoder GEMV reads the weights once per
+row, and it replaced the skinny kernel there (1.4-1.6x faster per layer).
 
 Fragment mapping (per warp, 16 weight rows x 128 columns a step; PTX ISA, m16n8k16 .bf16):
 lane l = 4g + t holds A rows g and g + 8 at k slots {2t, 2t+1, 2t+8, 2t+9}, B column g at
@@ -52,9 +56,10 @@ lop3.b32 {{r}}{i}, p, 0x000F000F, 0x43004300, 0xEA;{{sub{i}}}""" for i in range(
 
 
 def _pairs(word: str, reg: str, zero: str | None) -> str:
+    """PTX decoding `word` into bf16x2 registers reg0..reg3 (pairs 0-3), minus `zero` if given."""
     subs = {f"sub{i}": "" if zero is None else f"\nsub.rn.bf16x2 {reg}{i}, {reg}{i}, {zero};"
             for i in range(4)}
-    return f"\nshr.u32 s, {word}, 4;" + _PAIRS.format(w=word, r=reg, **subs).replace("\\n", "\n")
+    return f"\nshr.u32 s, {word}, 4;" + _PAIRS.format(w=word, r=reg, **subs)
 
 
 _INT4_MMA_SUB_ASM = tl.constexpr("{\n.reg .b32 s, p, g0, g1, g2, g3, h0, h1, h2, h3;"
@@ -231,21 +236,17 @@ def _chunk(a0, a1, a2, a3, q_lo, q_hi, x_at, scales, valid, NATIVE: tl.constexpr
 def _int4_mma_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K,
                           stride_xm, stride_wn, stride_sn, G: tl.constexpr, NATIVE: tl.constexpr,
                           SPLIT_K: tl.constexpr, FIXUP: tl.constexpr, WARPS: tl.constexpr,
-                          PREFETCH: tl.constexpr, SUB: tl.constexpr, EVEN: tl.constexpr,
-                          STAGES: tl.constexpr, UNROLL: tl.constexpr, AHEAD: tl.constexpr,
-                          PDL: tl.constexpr):
+                          UNROLL: tl.constexpr, SUB: tl.constexpr, AHEAD: tl.constexpr,
+                          EVEN: tl.constexpr, PDL: tl.constexpr):
     """y [M, N] = x [M, K] @ dequant(W)^T for M <= 8, W [N, K / 8] int32 words, s and z per
     row and group (G a multiple of 128), x as int32 bf16 pairs [M, K / 2]. One program: 16
-    rows (program_id(0)); its WARPS warps take turns over 128-column chunks of the split's K
-    range (UNROLL chunks each a loop step, their words all requested first) and are
-    summed at the end. PREFETCH (UNROLL 1): registers double-buffer the words, scales and
-    zeros (their loads, too, wait a DRAM round trip), the first step's requested before
-    PDL's wait. STAGES: the loop's software pipeline depth
-    (Triton's, through shared memory with cp.async above 1). AHEAD > 0: each step asks
-    the L2 for the words AHEAD steps on (kernels/prefetch.py). SUB: how the zero point
-    comes off (the asm's comment). EVEN: every split's range is whole steps of all warps (no masks). Lanes of
-    B columns past M read x's last row (their D columns are never stored). Split
-    partials and counters as splitk.store_split."""
+    rows (program_id(0)); its WARPS warps take turns over 128-column chunks of the split's
+    K range (UNROLL chunks a loop step, their words and scales all requested first) and
+    are summed at the end. SUB: how the zero point comes off (the asm's comment). AHEAD >
+    0: each step asks the L2 for the words AHEAD steps on (kernels/prefetch.py). EVEN:
+    every split's range is whole steps of all warps (no masks). Lanes of B columns past M
+    read x's last row (their D columns are never stored). Split partials and counters as
+    splitk.store_split."""
     CHUNK: tl.constexpr = STEP_COLUMNS * WARPS          # the warps' chunks side by side
     STEP: tl.constexpr = CHUNK * UNROLL
     AHEAD_UNROLL: tl.constexpr = UNROLL if AHEAD > 0 else 0
@@ -264,41 +265,24 @@ def _int4_mma_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, 
     w_lo = run_lo[:, None] + four                                       # [E, 4]
     w_hi = run_hi[:, None] + four
     x_lanes = x_ptr + (tl.minimum(g, M - 1) * stride_xm + col // 2)[:, None] + four  # 4 pairs on
-    s_lo = row_lo * stride_sn
-    s_hi = row_hi * stride_sn
+    sz = (s_ptr + row_lo * stride_sn, s_ptr + row_hi * stride_sn,
+          z_ptr + row_lo * stride_sn, z_ptr + row_hi * stride_sn)
     start, end = k_range(K, SPLIT_K, STEP)
     a0 = tl.zeros((32 * WARPS,), dtype=tl.float32)
     a1 = a0
     a2 = a0
     a3 = a0
-    sz = (s_ptr + s_lo, s_ptr + s_hi, z_ptr + s_lo, z_ptr + s_hi)
-    if PREFETCH:
-        nxt_lo, nxt_hi = _load_step(w_lo, w_hi, start, (start + wi * STEP_COLUMNS < end)[:, None], EVEN)
-        nxt_sc = _chunk_scales(*sz, start + wi * STEP_COLUMNS, start + wi * STEP_COLUMNS < end, G, EVEN)
-    else:
-        nxt_lo = tl.zeros((32 * WARPS, 4), dtype=tl.int32)
-        nxt_hi = nxt_lo
-        nxt_sc = (nxt_lo, nxt_lo, nxt_lo, nxt_lo)
     if PDL:
         tl.extra.cuda.gdc_wait()      # x is written by the kernel before
         tl.extra.cuda.gdc_launch_dependents()
-    for kk in tl.range(start, end, STEP, num_stages=STAGES):
+    for kk in range(start, end, STEP):
         kk = tl.multiple_of(kk, STEP)   # 16-byte x loads
         k0 = kk + wi * STEP_COLUMNS                                     # [E]
-        if PREFETCH:    # this step's words and scales came with the step before; the next's go out now
-            words = ((nxt_lo, nxt_hi),)
-            scales = (nxt_sc,)
-            # EVEN: the last step re-reads itself rather than reading past the range
-            nxt = tl.minimum(kk + STEP, end - STEP) if EVEN else kk + STEP
-            nxt_k0 = nxt + wi * STEP_COLUMNS
-            nxt_lo, nxt_hi = _load_step(w_lo, w_hi, nxt, (nxt_k0 < end)[:, None], EVEN)
-            nxt_sc = _chunk_scales(*sz, nxt_k0, nxt_k0 < end, G, EVEN)
-        else:   # every chunk's words and scales requested before the first chunk's MMAs
-            words = ()
-            scales = ()
-            for j in tl.static_range(UNROLL):
-                words = words + (_load_step(w_lo, w_hi, kk + j * CHUNK, (k0 + j * CHUNK < end)[:, None], EVEN),)
-                scales = scales + (_chunk_scales(*sz, k0 + j * CHUNK, k0 + j * CHUNK < end, G, EVEN),)
+        words = ()      # every chunk's words and scales requested before the first chunk's MMAs
+        scales = ()
+        for j in tl.static_range(UNROLL):
+            words = words + (_load_step(w_lo, w_hi, kk + j * CHUNK, (k0 + j * CHUNK < end)[:, None], EVEN),)
+            scales = scales + (_chunk_scales(*sz, k0 + j * CHUNK, k0 + j * CHUNK < end, G, EVEN),)
         for j in tl.static_range(AHEAD_UNROLL):     # into L2, AHEAD steps on
             ahead = kk + AHEAD * STEP + j * CHUNK
             prefetch_l2(run_lo + ahead // 8, k0 + AHEAD * STEP + j * CHUNK < end, NATIVE)
@@ -316,11 +300,12 @@ def _int4_mma_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, 
                 tl.program_id(0), SPLIT_K, FIXUP)
 
 
-# (warps, SPLIT_K, PREFETCH, SUB, STAGES, UNROLL[, AHEAD]); on CUDA the tuner times them
-# beside the decoder GEMV's tiles.
-INT4_MMA_CONFIGS = ((4, 1, 0, 0, 1, 1), (4, 2, 0, 0, 1, 1), (8, 1, 0, 0, 1, 1), (4, 1, 1, 0, 1, 1),
-                    (4, 1, 0, 1, 1, 1), (2, 2, 0, 0, 1, 1), (8, 2, 0, 0, 1, 1), (4, 4, 0, 0, 1, 1),
-                    (4, 1, 0, 0, 3, 1), (2, 1, 0, 0, 3, 1), (4, 1, 0, 0, 1, 2), (2, 2, 0, 0, 1, 2))
+# (warps, SPLIT_K, UNROLL, SUB, AHEAD): the winners of the H200 sweep at one row (every
+# shape's best three, bench/results/h200_2026-11-30p_mma_sweep4.txt); on CUDA the tuner
+# times them (at one row beside the decoder GEMV's tiles).
+INT4_MMA_CONFIGS = ((8, 1, 2, 0, 0), (8, 1, 4, 0, 0), (8, 1, 1, 0, 2), (8, 1, 2, 0, 2), (8, 1, 1, 0, 0),
+                    (2, 1, 2, 1, 0), (2, 1, 4, 1, 0), (4, 1, 2, 0, 0), (4, 1, 1, 0, 0), (4, 4, 1, 0, 0),
+                    (4, 4, 1, 0, 2), (2, 4, 2, 0, 2), (2, 4, 4, 0, 0), (4, 2, 4, 0, 0))
 
 
 def mma_applies(k_in: int, group: int, pairs: bool) -> bool:
@@ -335,15 +320,11 @@ def int4_mma_gemv(xk: torch.Tensor, y: torch.Tensor, w: torch.Tensor, s: torch.T
     w [N, K / 8] int32; s, z [N, K / G]; config from INT4_MMA_CONFIGS; pdl: pdl_launch's."""
     if xk.dtype != torch.int32:
         raise ValueError("the MMA GEMV reads bf16 activations as int32 pairs (decode.x_operand)")
-    warps, split, prefetch, sub, stages, unroll = config[:6]
-    ahead = config[6] if len(config) > 6 else 0
-    if prefetch and unroll > 1:
-        raise ValueError("PREFETCH double-buffers one chunk a step: use it with UNROLL 1")
+    warps, split, unroll, sub, ahead = config
     m, n_out, k_in = xk.shape[0], w.shape[0], w.shape[1] * 8
     part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, 16), True)
     _int4_mma_gemv_kernel[(triton.cdiv(n_out, 16), split, 1)](
         xk, y, part, cnt, w, s, z, m, n_out, k_in, xk.stride(0), w.stride(0), s.stride(0), G=group,
-        NATIVE=native_decode(), SPLIT_K=split, FIXUP=fixup, WARPS=warps, PREFETCH=bool(prefetch),
-        SUB=bool(sub), EVEN=k_in % (STEP * warps * unroll * split) == 0, STAGES=stages, UNROLL=unroll,
-        AHEAD=ahead, num_warps=warps, **pdl)
+        NATIVE=native_decode(), SPLIT_K=split, FIXUP=fixup, WARPS=warps, UNROLL=unroll, SUB=bool(sub),
+        AHEAD=ahead, EVEN=k_in % (STEP * warps * unroll * split) == 0, num_warps=warps, **pdl)
     finish_splits(part, y, fixup)
