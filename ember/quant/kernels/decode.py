@@ -177,7 +177,7 @@ def int4_zero_pair(z):
 
 
 @triton.jit
-def _bf16_pair(v):
+def bf16_pair(v):
     """int32 bf16 pairs -> fp32 (low, high)."""
     return (v << 16).to(tl.float32, bitcast=True), (v & -65536).to(tl.float32, bitcast=True)
 
@@ -194,10 +194,10 @@ def int4_word_dot(q, zz, x01, x23, x45, x67, NATIVE: tl.constexpr):
                                          is_pure=True, pack=1)
     else:
         z = ((zz & 0xFFFF) - 0x4300).to(tl.float32)
-        x0, x1 = _bf16_pair(x01)
-        x2, x3 = _bf16_pair(x23)
-        x4, x5 = _bf16_pair(x45)
-        x6, x7 = _bf16_pair(x67)
+        x0, x1 = bf16_pair(x01)
+        x2, x3 = bf16_pair(x23)
+        x4, x5 = bf16_pair(x45)
+        x6, x7 = bf16_pair(x67)
         t = (((q & 0xF).to(tl.float32) - z) * x0 + (((q >> 4) & 0xF).to(tl.float32) - z) * x1
              + (((q >> 8) & 0xF).to(tl.float32) - z) * x2 + (((q >> 12) & 0xF).to(tl.float32) - z) * x3)
         t += ((((q >> 16) & 0xF).to(tl.float32) - z) * x4 + (((q >> 20) & 0xF).to(tl.float32) - z) * x5
@@ -273,10 +273,10 @@ def nvfp4_word_dot(q, x01, x23, x45, x67, NATIVE: tl.constexpr):
                                          [q, x01, x23, x45, x67, lo0, lo4, hi0, hi4],
                                          dtype=tl.float32, is_pure=True, pack=1)
     else:
-        x0, x1 = _bf16_pair(x01)
-        x2, x3 = _bf16_pair(x23)
-        x4, x5 = _bf16_pair(x45)
-        x6, x7 = _bf16_pair(x67)
+        x0, x1 = bf16_pair(x01)
+        x2, x3 = bf16_pair(x23)
+        x4, x5 = bf16_pair(x45)
+        x6, x7 = bf16_pair(x67)
         t = (e2m1_scaled(q & 0xF) * x0 + e2m1_scaled((q >> 4) & 0xF) * x1
              + e2m1_scaled((q >> 8) & 0xF) * x2 + e2m1_scaled((q >> 12) & 0xF) * x3)
         t += (e2m1_scaled((q >> 16) & 0xF) * x4 + e2m1_scaled((q >> 20) & 0xF) * x5
@@ -339,8 +339,8 @@ def fp8_x_quad(ptr, mask, NATIVE: tl.constexpr):
         return tl.inline_asm_elementwise(_FP8_X_QUAD_ASM, "=r,=r,l", [v], dtype=(tl.int32, tl.int32),
                                          is_pure=True, pack=1)
     else:
-        x0, x1 = _bf16_pair((v & 0xFFFFFFFF).to(tl.int32))
-        x2, x3 = _bf16_pair((v >> 32).to(tl.int32))
+        x0, x1 = bf16_pair((v & 0xFFFFFFFF).to(tl.int32))
+        x2, x3 = bf16_pair((v >> 32).to(tl.int32))
         b0 = (x0 * FP8_X_SCALE).to(tl.int32, bitcast=True)
         b1 = (x1 * FP8_X_SCALE).to(tl.int32, bitcast=True)
         b2 = (x2 * FP8_X_SCALE).to(tl.int32, bitcast=True)
@@ -375,8 +375,8 @@ def fp8_word_dot2(qa, qb, xa02, xa13, xb02, xb13, NATIVE: tl.constexpr):
 @triton.jit
 def _fp8_word_dot_f32(q, x02, x13):
     """Interpreter path of fp8_word_dot2 for one word."""
-    x0, x2 = _bf16_pair(x02)
-    x1, x3 = _bf16_pair(x13)
+    x0, x2 = bf16_pair(x02)
+    x1, x3 = bf16_pair(x13)
     p = e4m3_parts(q, False, tl.float32)
     return p[0] * x0 + p[1] * x1 + p[2] * x2 + p[3] * x3
 
@@ -407,7 +407,7 @@ def x_pair(ptr, mask):
     values, low column first: bf16 widens to fp32 by a shift or a mask, where the cast
     is a conversion instruction (a quarter of the integer rate), once per weight in a GEMV
     whose threads each hold different columns."""
-    return _bf16_pair(tl.load(ptr, mask=mask, other=0))
+    return bf16_pair(tl.load(ptr, mask=mask, other=0))
 
 
 def x_operand(x2: torch.Tensor) -> tuple[torch.Tensor, bool]:

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ember.quant.kernels.decode import int4_zero_pair, native_decode
+from ember.quant.kernels.decode import bf16_pair, int4_zero_pair, native_decode
 from ember.quant.kernels.prefetch import prefetch_l2
 from ember.quant.kernels.splitk import finish_splits, k_range, split_buffers, store_split
 
@@ -78,16 +78,6 @@ _INT4_MMA_ONES_ASM = tl.constexpr("{\n.reg .b32 s, p, g0, g1, g2, g3, h0, h1, h2
 
 
 @triton.jit
-def _bf16_half(v, HIGH: tl.constexpr):
-    """One bf16 half of int32 pairs -> fp32."""
-    if HIGH:
-        r = (v & -65536).to(tl.float32, bitcast=True)
-    else:
-        r = (v << 16).to(tl.float32, bitcast=True)
-    return r
-
-
-@triton.jit
 def _lane_products(q, z, x01, x23, x45, x67, WARPS: tl.constexpr):
     """Interpreter form of one word's two MMAs for one weight row per lane: D [WARPS, 8 (row
     g), 8 (column n)] = sum over the 4 lanes t of row g and the word's 8 nibbles j of
@@ -104,7 +94,7 @@ def _lane_products(q, z, x01, x23, x45, x67, WARPS: tl.constexpr):
         else:
             xp = x67
         v = ((q >> (4 * j)) & 0xF).to(tl.float32) - z                  # [32 WARPS]
-        xv = _bf16_half(xp, j % 2 == 1)
+        xv = bf16_pair(xp)[j % 2]
         d += tl.sum(tl.reshape(v, (WARPS, 8, 1, 4)) * tl.reshape(xv, (WARPS, 1, 8, 4)), axis=3)
     return d
 
