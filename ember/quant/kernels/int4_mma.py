@@ -24,13 +24,14 @@ likes as long as A and B agree, so slot 2t / 2t+8 of the MMA on word u of lane t
 means weight columns 32t + 8u + 4h + {0,1} / {2,3} (h = which of the word's two MMAs):
 every lane reads 4 consecutive words of row g and of row g + 8 (16 bytes each, the
 checkpoint's own [N, K / 8] layout, no repacking) and 16 consecutive bf16 pairs of x. B's
-column g is activation row g (rows past M are zero), so D's column m is output row m.
+column g is activation row g (lanes past M read the last row; those D columns are never
+stored), so D's column m is output row m.
 
 The lane mapping relies on Triton giving each [32 WARPS, 4] load and the [32 WARPS]
 tensors split from it the layout "warp e // 32, lane e % 32" for index e; tests on the GPU check
-the results against the torch reference. Under the interpreter (CPU tests) `_mma_pair`
-computes the same D with plain tensor arithmetic over the warp's 32 lanes, so the
-indexing is tested there too.
+the results against the torch reference. Under the interpreter (CPU tests) `_mma`
+computes each MMA from the lanes' fragments with plain tensor arithmetic over the warp's
+32 lanes, so the indexing is tested there too.
 """
 from __future__ import annotations
 
@@ -94,28 +95,6 @@ _MMA_ASM = tl.constexpr("{\n" + _MMA + "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8,
 
 
 @triton.jit
-def _lane_products(q, z, x01, x23, x45, x67, WARPS: tl.constexpr):
-    """Interpreter form of one word's two MMAs for one weight row per lane: D [WARPS, 8 (row
-    g), 8 (column n)] = sum over the 4 lanes t of row g and the word's 8 nibbles j of
-    (code_j - z) * x_j (z: fp32 [32 WARPS]), x_j from lane (n, t) (B's column n), as the
-    MMAs add them up."""
-    d = tl.zeros((WARPS, 8, 8), dtype=tl.float32)
-    for j in tl.static_range(8):
-        if j // 2 == 0:
-            xp = x01
-        elif j // 2 == 1:
-            xp = x23
-        elif j // 2 == 2:
-            xp = x45
-        else:
-            xp = x67
-        v = ((q >> (4 * j)) & 0xF).to(tl.float32) - z                  # [32 WARPS]
-        xv = bf16_pair(xp)[j % 2]
-        d += tl.sum(tl.reshape(v, (WARPS, 8, 1, 4)) * tl.reshape(xv, (WARPS, 1, 8, 4)), axis=3)
-    return d
-
-
-@triton.jit
 def _lane_columns(d, WARPS: tl.constexpr):
     """D [WARPS, 8 (row g), 8 (column n)] -> what lane 4g + t holds: columns 2t, 2t + 1,
     each [32 WARPS]."""
@@ -125,6 +104,74 @@ def _lane_columns(d, WARPS: tl.constexpr):
     even = tl.sum(tl.where(n == 2 * t, d4, 0.0), axis=3)
     odd = tl.sum(tl.where(n == 2 * t + 1, d4, 0.0), axis=3)
     return tl.reshape(even, (32 * WARPS,)), tl.reshape(odd, (32 * WARPS,))
+
+
+@triton.jit
+def _bf16_bits_pair(lo, hi):
+    """Two fp32 values exact in bf16 -> their bf16 bits as one int32 (lo in the low half)."""
+    lo16 = lo.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    hi16 = hi.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return lo16 | (hi16 << 16)
+
+
+@triton.jit
+def _zero_of(zz):
+    """The zero point (fp32) of an int4_zero_pair."""
+    return ((zz & 0xFFFF) - 0x4300).to(tl.float32)
+
+
+@triton.jit
+def _pairs_minus(q, z):
+    """Interpreter form of a word's decode: pairs of nibbles (2i, 2i + 1) minus z (fp32 [E];
+    the results are small integers or 128 + code, exact in bf16) as bf16x2 int32."""
+    p0 = _bf16_bits_pair((q & 0xF).to(tl.float32) - z, ((q >> 4) & 0xF).to(tl.float32) - z)
+    p1 = _bf16_bits_pair(((q >> 8) & 0xF).to(tl.float32) - z, ((q >> 12) & 0xF).to(tl.float32) - z)
+    p2 = _bf16_bits_pair(((q >> 16) & 0xF).to(tl.float32) - z, ((q >> 20) & 0xF).to(tl.float32) - z)
+    p3 = _bf16_bits_pair(((q >> 24) & 0xF).to(tl.float32) - z, ((q >> 28) & 0xF).to(tl.float32) - z)
+    return p0, p1, p2, p3
+
+
+@triton.jit
+def _decode_pairs(q, zz, NATIVE: tl.constexpr):
+    """A word's pairs of nibbles (2i, 2i + 1) minus the zero pair, as bf16x2 int32 (exact
+    code - zero): the MMA's A registers. Four [E] tensors."""
+    if NATIVE:
+        p0, p1, p2, p3 = tl.inline_asm_elementwise(_INT4_DECODE_ASM, "=r,=r,=r,=r,r,r", [q, zz],
+                                                   dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+    else:
+        p0, p1, p2, p3 = _pairs_minus(q, _zero_of(zz))
+    return p0, p1, p2, p3
+
+
+@triton.jit
+def _row_products(ra, rb, b0, b1, WARPS: tl.constexpr):
+    """Interpreter form of one MMA's D for one A row per lane: A's registers ra (k slots 2t,
+    2t + 1) and rb (2t + 8, 2t + 9) against B's b0 / b1 from lane (n, t) -> [WARPS, 8, 8]."""
+    d = tl.zeros((WARPS, 8, 8), dtype=tl.float32)
+    for i in tl.static_range(2):
+        for r in tl.static_range(2):
+            a = bf16_pair(ra if r == 0 else rb)[i]
+            b = bf16_pair(b0 if r == 0 else b1)[i]
+            d += tl.sum(tl.reshape(a, (WARPS, 8, 1, 4)) * tl.reshape(b, (WARPS, 1, 8, 4)), axis=3)
+    return d
+
+
+@triton.jit
+def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, NATIVE: tl.constexpr, WARPS: tl.constexpr):
+    """D = A B + C for one m16n8k16 MMA, each lane's fragments as [E] tensors (A, B bf16x2
+    int32; C, D fp32). The interpreter adds the lanes' products up as the hardware does."""
+    if NATIVE:
+        c0, c1, c2, c3 = tl.inline_asm_elementwise(
+            _MMA_ASM, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
+            dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+    else:
+        e, o = _lane_columns(_row_products(a0, a2, b0, b1, WARPS), WARPS)
+        c0 += e
+        c1 += o
+        e, o = _lane_columns(_row_products(a1, a3, b0, b1, WARPS), WARPS)
+        c2 += e
+        c3 += o
+    return c0, c1, c2, c3
 
 
 @triton.jit
@@ -144,23 +191,20 @@ def _mma_pair(qg, qh, zzg, zzh, x01, x23, x45, x67, c0, c1, c2, c3, x0, x1, NATI
                 _INT4_MMA_ONES_ASM, "=f,=f,=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f,f,f",
                 [qg, qh, x01, x23, x45, x67, c0, c1, c2, c3, x0, x1],
                 dtype=(tl.float32,) * 6, is_pure=True, pack=1)
-    else:
+    else:   # the same MMAs, emulated (_mma)
         if SUB:
-            zg = ((zzg & 0xFFFF) - 0x4300).to(tl.float32)
-            zh = ((zzh & 0xFFFF) - 0x4300).to(tl.float32)
-        else:
-            zg = tl.full(qg.shape, -128.0, tl.float32)      # the MMA sees 128 + code
+            zg = _zero_of(zzg)
+            zh = _zero_of(zzh)
+        else:   # A is 128 + code; X from an all-ones A against the same B
+            zg = tl.full(qg.shape, -128.0, tl.float32)
             zh = zg
-            e, o = _lane_columns(_lane_products(tl.zeros_like(qg), zg + 127.0, x01, x23, x45, x67,
-                                                WARPS), WARPS)       # code 0 - (-1): x's sums
-            x0 += e
-            x1 += o
-        e, o = _lane_columns(_lane_products(qg, zg, x01, x23, x45, x67, WARPS), WARPS)
-        c0 += e
-        c1 += o
-        e, o = _lane_columns(_lane_products(qh, zh, x01, x23, x45, x67, WARPS), WARPS)
-        c2 += e
-        c3 += o
+            one = tl.full(qg.shape, 0x3F803F80, tl.int32)
+            x0, x1, _, _ = _mma(one, one, one, one, x01, x23, x0, x1, x0, x1, NATIVE, WARPS)
+            x0, x1, _, _ = _mma(one, one, one, one, x45, x67, x0, x1, x0, x1, NATIVE, WARPS)
+        g0, g1, g2, g3 = _pairs_minus(qg, zg)
+        h0, h1, h2, h3 = _pairs_minus(qh, zh)
+        c0, c1, c2, c3 = _mma(g0, h0, g1, h1, x01, x23, c0, c1, c2, c3, NATIVE, WARPS)
+        c0, c1, c2, c3 = _mma(g2, h2, g3, h3, x45, x67, c0, c1, c2, c3, NATIVE, WARPS)
     return c0, c1, c2, c3, x0, x1
 
 
@@ -236,61 +280,6 @@ def _chunk(a0, a1, a2, a3, q_lo, q_hi, x_at, scales, valid, NATIVE: tl.constexpr
         c2 -= off_hi * x0
         c3 -= off_hi * x1
     return a0 + sc_lo * c0, a1 + sc_lo * c1, a2 + sc_hi * c2, a3 + sc_hi * c3
-
-
-@triton.jit
-def _bf16_bits_pair(lo, hi):
-    """Two fp32 values exact in bf16 -> their bf16 bits as one int32 (lo in the low half)."""
-    lo16 = lo.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    hi16 = hi.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    return lo16 | (hi16 << 16)
-
-
-@triton.jit
-def _decode_pairs(q, zz, NATIVE: tl.constexpr):
-    """A word's pairs of nibbles (2i, 2i + 1) minus the zero pair, as bf16x2 int32 (exact
-    code - zero): the MMA's A registers. Four [E] tensors."""
-    if NATIVE:
-        p0, p1, p2, p3 = tl.inline_asm_elementwise(_INT4_DECODE_ASM, "=r,=r,=r,=r,r,r", [q, zz],
-                                                   dtype=(tl.int32,) * 4, is_pure=True, pack=1)
-    else:
-        z = ((zz & 0xFFFF) - 0x4300).to(tl.float32)
-        p0 = _bf16_bits_pair((q & 0xF).to(tl.float32) - z, ((q >> 4) & 0xF).to(tl.float32) - z)
-        p1 = _bf16_bits_pair(((q >> 8) & 0xF).to(tl.float32) - z, ((q >> 12) & 0xF).to(tl.float32) - z)
-        p2 = _bf16_bits_pair(((q >> 16) & 0xF).to(tl.float32) - z, ((q >> 20) & 0xF).to(tl.float32) - z)
-        p3 = _bf16_bits_pair(((q >> 24) & 0xF).to(tl.float32) - z, ((q >> 28) & 0xF).to(tl.float32) - z)
-    return p0, p1, p2, p3
-
-
-@triton.jit
-def _row_products(ra, rb, b0, b1, WARPS: tl.constexpr):
-    """Interpreter form of one MMA's D for one A row per lane: A's registers ra (k slots 2t,
-    2t + 1) and rb (2t + 8, 2t + 9) against B's b0 / b1 from lane (n, t) -> [WARPS, 8, 8]."""
-    d = tl.zeros((WARPS, 8, 8), dtype=tl.float32)
-    for i in tl.static_range(2):
-        for r in tl.static_range(2):
-            a = bf16_pair(ra if r == 0 else rb)[i]
-            b = bf16_pair(b0 if r == 0 else b1)[i]
-            d += tl.sum(tl.reshape(a, (WARPS, 8, 1, 4)) * tl.reshape(b, (WARPS, 1, 8, 4)), axis=3)
-    return d
-
-
-@triton.jit
-def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, NATIVE: tl.constexpr, WARPS: tl.constexpr):
-    """D = A B + C for one m16n8k16 MMA, each lane's fragments as [E] tensors (A, B bf16x2
-    int32; C, D fp32). The interpreter adds the lanes' products up as the hardware does."""
-    if NATIVE:
-        c0, c1, c2, c3 = tl.inline_asm_elementwise(
-            _MMA_ASM, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
-            dtype=(tl.float32,) * 4, is_pure=True, pack=1)
-    else:
-        e, o = _lane_columns(_row_products(a0, a2, b0, b1, WARPS), WARPS)
-        c0 += e
-        c1 += o
-        e, o = _lane_columns(_row_products(a1, a3, b0, b1, WARPS), WARPS)
-        c2 += e
-        c3 += o
-    return c0, c1, c2, c3
 
 
 @triton.jit
