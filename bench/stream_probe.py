@@ -14,6 +14,11 @@ memory floor for that tiling; if it is faster, the decode is what costs.
 --int4: the same for the INT4 (AWQ) gate_up words (28672 x 2048 bytes, 59 MB) in INT4
 tilings, four distinct matrices chained in each graph (one alone would half fit in the
 H200's L2), beside the INT4 decoder GEMV and the tensor-core GEMV (kernels/int4_mma.py).
+
+--ncu: one INT4 gate_up matrix, each of the probe, the decoder GEMV, the tensor-core GEMV
+and the bf16 Triton GEMV (its bf16 twin) launched twice, nothing timed: a driver for Nsight
+Compute (`ncu -k regex:"probe|gemv" --set full python3 bench/stream_probe.py --ncu`), whose
+stall reasons say what holds each kernel below the probe's bandwidth.
 """
 from __future__ import annotations
 
@@ -99,7 +104,32 @@ def int4_main() -> None:
         print(f"INT4 GEMV {config}: {us:.1f} us, {nbytes / us / 1e6:.2f} TB/s", flush=True)
 
 
+def ncu_main() -> None:
+    from ember.layers.triton_gemv import gemv
+    from ember.quant.int4 import pack_int4, quantize_int4
+    from ember.quant.kernels.w4a16 import int4_linear_triton
+    torch.manual_seed(0)
+    n, k = 28672, 4096
+    wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    q, s, z = quantize_int4(wb.float(), 128)
+    w, s = pack_int4(q), s.to(torch.bfloat16)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    bn, bk, split, warps = INT4_TILES[0]
+    out = torch.empty((split, n), dtype=torch.int32, device="cuda")
+    for _ in range(2):
+        _probe_kernel[(triton.cdiv(n, bn), split)](w, out, n, w.shape[1], w.stride(0), BLOCK_N=bn,
+                                                   WORDS=bk // 4, SPLIT_K=split, num_warps=warps)
+        for config in ((32, 256, 2, 4, 1), ("mma", 2, 1, 2, 1, 0), ("mma", 4, 1, 1, 0, 0)):
+            int4_linear_triton(x, w, s, z, config=config)
+        gemv(x, wb)
+    torch.cuda.synchronize()
+    print("ran: probe", INT4_TILES[0], "decoder GEMV (32, 256, 2, 4, 1), MMA GEMV (2, 1, 2, 1, 0) and "
+          "(4, 1, 1, 0, 0), bf16 GEMV; twice each")
+
+
 def main() -> None:
+    if "--ncu" in sys.argv:
+        return ncu_main()
     if "--int4" in sys.argv:
         return int4_main()
     from ember.layers.triton_gemv import gemv
