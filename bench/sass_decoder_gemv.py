@@ -6,7 +6,7 @@ in the word tile's layout (instead of one [GROUPS, GW, 4] load split in register
 whether the layout conversion through shared memory leaves the loop.
 
   PYTHONPATH=$PWD python bench/sass_decoder_gemv.py [--x-direct] [--tile 32 256 4 4 0]
-  PYTHONPATH=$PWD python bench/sass_decoder_gemv.py --mma 4 1 1 0 0 [--mma ...] [--mma-blocks 8]
+  PYTHONPATH=$PWD python bench/sass_decoder_gemv.py --mma 4 1 1 0 0 [--mma ...]
 
 --mma WARPS SPLIT_K UNROLL SUB AHEAD: the tensor-core INT4 GEMV (kernels/int4_mma.py)
 instead, whole steps (EVEN), group 128.
@@ -78,13 +78,13 @@ def loop_report(text: str) -> str:
     return f"{len(body)} instructions in the loop; BAR.SYNC {ops.get('BAR.SYNC.DEFER_BLOCKING', 0)}; {top}"
 
 
-def mma_sass(config: list[int], blocks: int = 1) -> str:
-    """The MMA GEMV's SASS for one (warps, split, unroll, sub, ahead) and 8-row blocks of x."""
+def mma_sass(config: list[int]) -> str:
+    """The MMA GEMV's SASS for one (warps, split, unroll, sub, ahead)."""
     from ember.quant.kernels import int4_mma
     warps, split, unroll, sub, ahead = config
     sig = {n: t for n, t in SIG.items() if n != "gs_ptr"}
     const = {"G": 128, "NATIVE": True, "SPLIT_K": split, "FIXUP": split > 1, "WARPS": warps,
-             "UNROLL": unroll, "SUB": bool(sub), "AHEAD": ahead, "EVEN": True, "BLOCKS": blocks, "PDL": False}
+             "UNROLL": unroll, "SUB": bool(sub), "AHEAD": ahead, "EVEN": True, "PDL": False}
     return compile_sass(int4_mma._int4_mma_gemv_kernel, sig, const, [n for n in DIVISIBLE if n != "gs_ptr"], warps)
 
 
@@ -95,12 +95,10 @@ def main() -> None:
                     metavar=("BLOCK_N", "BLOCK_K", "SPLIT_K", "WARPS", "PREFETCH"))
     ap.add_argument("--mma", type=int, nargs=5, action="append", default=[],
                     metavar=("WARPS", "SPLIT_K", "UNROLL", "SUB", "AHEAD"))
-    ap.add_argument("--mma-blocks", type=int, default=1, help="with --mma: 8-row blocks of x (BLOCKS)")
     args = ap.parse_args()
     if args.mma:
         for config in args.mma:
-            print(f"INT4 MMA GEMV {config}, BLOCKS {args.mma_blocks}: "
-                  f"{loop_report(mma_sass(config, args.mma_blocks))}", flush=True)
+            print(f"INT4 MMA GEMV {config}: {loop_report(mma_sass(config))}", flush=True)
         return
     if args.x_direct:
         w4a16._x_word_pairs = _x_pairs_direct

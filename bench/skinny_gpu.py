@@ -31,8 +31,6 @@ from ember.quant.kernels.w4a16 import INT4_GEMV_CONFIGS, int4_dequant_triton, in
 # (warps, SPLIT_K, UNROLL, SUB, AHEAD) of the tensor-core INT4 GEMV (kernels/int4_mma.py)
 MMA_SWEEP = ([("mma", w, s, u, 0, a) for w in (2, 4, 8) for s in (1, 2, 4) for u in (1, 2, 4) for a in (0, 2)]
              + [("mma", w, 1, u, 1, 0) for w in (2, 4) for u in (1, 2, 4)])
-# above 8 rows (BLOCKS > 1: the zero point always subtracted, SUB = 1)
-MMA_BLOCKS_SWEEP = [("mma", w, s, u, 1, a) for w in (1, 2, 4, 8) for s in (1, 2, 4) for u in (1, 2) for a in (0, 2)]
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
 LAYERS = 4
@@ -117,7 +115,7 @@ def main() -> None:
     ap.add_argument("--ahead", type=int, nargs="*", default=[],
                     help="with --configs, each FP8 GEMV tile also with these L2 prefetch distances (AHEAD)")
     ap.add_argument("--mma-configs", action="store_true",
-                    help="also time every tensor-core INT4 GEMV config at each of --rows up to 64")
+                    help="also time every tensor-core INT4 GEMV config at each of --rows up to 8")
     ap.add_argument("--skinny-configs", action="store_true",
                     help="also time every skinny tile config (INT4 and FP8) at each of --rows in 2..64")
     ap.add_argument("--skinny-formats", nargs="*", default=["int4", "fp8"],
@@ -155,12 +153,11 @@ def main() -> None:
                     print(f"# {fmt}-skinny {name} M={m} us per config: "
                           + per_config(fn, fmt, cfgs, x, layers, name), flush=True)
     if args.mma_configs:
-        for m in [m for m in args.rows if m <= 64]:
+        for m in [m for m in args.rows if m <= 8]:
             x = {name: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for name, (k, n) in SHAPES.items()}
             for name in SHAPES:
                 print(f"# int4-mma {name} M={m} us per config: "
-                      + per_config(int4_linear_triton, "int4", MMA_SWEEP if m <= 8 else MMA_BLOCKS_SWEEP,
-                                   x, layers, name), flush=True)
+                      + per_config(int4_linear_triton, "int4", MMA_SWEEP, x, layers, name), flush=True)
     if args.configs:
         x = {name: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for name, (k, n) in SHAPES.items()}
         def ahead(cfgs):

@@ -10,12 +10,9 @@ was not what held that kernel back) and the tuner picks between them per shape; 
 rows it costs about what one row does, where the decoder GEMV reads the weights once per
 row, and it replaced the skinny kernel there (1.4-1.6x faster per layer).
 
-BLOCKS > 1 (9-64 rows, 8-row blocks of x): each word is decoded once (a decode asm) and
-its MMAs run against every block (an MMA asm), so the decode is shared by up to 64 rows.
-Tested against the reference under the interpreter and compiled for sm_90 (268 loop
-instructions and 64 MMAs per 8 words a lane at 64 rows), but not yet run on a GPU: only
-an explicit config reaches it (`int4_linear_triton(..., config=("mma", ...))`), not the
-tuner or the AWQ dispatch, which keep the skinny kernel above 8 rows.
+A form for 9-64 rows (8-row blocks of x, each word decoded once for all of them) measured
+no faster than the skinny kernel at 16 rows and 2.5x slower at 64 (docs/BENCHMARKS.md,
+seventeenth session) and was removed.
 
 Fragment mapping (per warp, 16 weight rows x 128 columns a step; PTX ISA, m16n8k16 .bf16):
 lane l = 4g + t holds A rows g and g + 8 at k slots {2t, 2t+1, 2t+8, 2t+9}, B column g at
@@ -44,7 +41,7 @@ from ember.quant.kernels.prefetch import prefetch_l2
 from ember.quant.kernels.splitk import finish_splits, k_range, split_buffers, store_split
 
 STEP = 128
-MAX_ROWS = 64        # 8 blocks of 8 rows (BLOCKS > 1 is not in the tuner's dispatch: not yet timed on a GPU)
+MAX_ROWS = 8         # B's 8 columns
 STEP_COLUMNS = tl.constexpr(STEP)   # columns one warp covers per step: 4 lanes x 4 words x 8 columns
 
 # One word pair (word u of rows g and g + 8 in lane t's run) -> two MMAs. Pairs of nibbles
@@ -86,14 +83,6 @@ _INT4_MMA_ONES_ASM = tl.constexpr("{\n.reg .b32 s, p, g0, g1, g2, g3, h0, h1, h2
 }}""")
 
 
-# The block form (BLOCKS > 1, 9-64 rows) decodes a word once and runs its MMAs against
-# every 8-row block of x, so decode and MMA are separate asm: a word's four pairs minus the
-# zero pair (outputs $0..$3; inputs $4 word, $5 zero pair), and one MMA (outputs $0..$3 D;
-# inputs $4..$7 A, $8 / $9 B, $10..$13 C).
-_INT4_DECODE_ASM = tl.constexpr("{\n.reg .b32 s, p;" + _pairs("$4", "$", "$5") + "\n}")
-_MMA_ASM = tl.constexpr("{\n" + _MMA + "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};\n}")
-
-
 @triton.jit
 def _lane_columns(d, WARPS: tl.constexpr):
     """D [WARPS, 8 (row g), 8 (column n)] -> what lane 4g + t holds: columns 2t, 2t + 1,
@@ -132,18 +121,6 @@ def _pairs_minus(q, z):
 
 
 @triton.jit
-def _decode_pairs(q, zz, NATIVE: tl.constexpr):
-    """A word's pairs of nibbles (2i, 2i + 1) minus the zero pair, as bf16x2 int32 (exact
-    code - zero): the MMA's A registers. Four [E] tensors."""
-    if NATIVE:
-        p0, p1, p2, p3 = tl.inline_asm_elementwise(_INT4_DECODE_ASM, "=r,=r,=r,=r,r,r", [q, zz],
-                                                   dtype=(tl.int32,) * 4, is_pure=True, pack=1)
-    else:
-        p0, p1, p2, p3 = _pairs_minus(q, _zero_of(zz))
-    return p0, p1, p2, p3
-
-
-@triton.jit
 def _row_products(ra, rb, b0, b1, WARPS: tl.constexpr):
     """Interpreter form of one MMA's D for one A row per lane: A's registers ra (k slots 2t,
     2t + 1) and rb (2t + 8, 2t + 9) against B's b0 / b1 from lane (n, t) -> [WARPS, 8, 8]."""
@@ -157,20 +134,16 @@ def _row_products(ra, rb, b0, b1, WARPS: tl.constexpr):
 
 
 @triton.jit
-def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, NATIVE: tl.constexpr, WARPS: tl.constexpr):
-    """D = A B + C for one m16n8k16 MMA, each lane's fragments as [E] tensors (A, B bf16x2
-    int32; C, D fp32). The interpreter adds the lanes' products up as the hardware does."""
-    if NATIVE:
-        c0, c1, c2, c3 = tl.inline_asm_elementwise(
-            _MMA_ASM, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
-            dtype=(tl.float32,) * 4, is_pure=True, pack=1)
-    else:
-        e, o = _lane_columns(_row_products(a0, a2, b0, b1, WARPS), WARPS)
-        c0 += e
-        c1 += o
-        e, o = _lane_columns(_row_products(a1, a3, b0, b1, WARPS), WARPS)
-        c2 += e
-        c3 += o
+def _mma_emulated(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, WARPS: tl.constexpr):
+    """D = A B + C for one m16n8k16 MMA under the interpreter, each lane's fragments as [E]
+    tensors (A, B bf16x2 int32; C, D fp32), the lanes' products added up as the hardware
+    does."""
+    e, o = _lane_columns(_row_products(a0, a2, b0, b1, WARPS), WARPS)
+    c0 += e
+    c1 += o
+    e, o = _lane_columns(_row_products(a1, a3, b0, b1, WARPS), WARPS)
+    c2 += e
+    c3 += o
     return c0, c1, c2, c3
 
 
@@ -191,7 +164,7 @@ def _mma_pair(qg, qh, zzg, zzh, x01, x23, x45, x67, c0, c1, c2, c3, x0, x1, NATI
                 _INT4_MMA_ONES_ASM, "=f,=f,=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f,f,f",
                 [qg, qh, x01, x23, x45, x67, c0, c1, c2, c3, x0, x1],
                 dtype=(tl.float32,) * 6, is_pure=True, pack=1)
-    else:   # the same MMAs, emulated (_mma)
+    else:   # the same MMAs, emulated
         if SUB:
             zg = _zero_of(zzg)
             zh = _zero_of(zzh)
@@ -199,12 +172,12 @@ def _mma_pair(qg, qh, zzg, zzh, x01, x23, x45, x67, c0, c1, c2, c3, x0, x1, NATI
             zg = tl.full(qg.shape, -128.0, tl.float32)
             zh = zg
             one = tl.full(qg.shape, 0x3F803F80, tl.int32)
-            x0, x1, _, _ = _mma(one, one, one, one, x01, x23, x0, x1, x0, x1, NATIVE, WARPS)
-            x0, x1, _, _ = _mma(one, one, one, one, x45, x67, x0, x1, x0, x1, NATIVE, WARPS)
+            x0, x1, _, _ = _mma_emulated(one, one, one, one, x01, x23, x0, x1, x0, x1, WARPS)
+            x0, x1, _, _ = _mma_emulated(one, one, one, one, x45, x67, x0, x1, x0, x1, WARPS)
         g0, g1, g2, g3 = _pairs_minus(qg, zg)
         h0, h1, h2, h3 = _pairs_minus(qh, zh)
-        c0, c1, c2, c3 = _mma(g0, h0, g1, h1, x01, x23, c0, c1, c2, c3, NATIVE, WARPS)
-        c0, c1, c2, c3 = _mma(g2, h2, g3, h3, x45, x67, c0, c1, c2, c3, NATIVE, WARPS)
+        c0, c1, c2, c3 = _mma_emulated(g0, h0, g1, h1, x01, x23, c0, c1, c2, c3, WARPS)
+        c0, c1, c2, c3 = _mma_emulated(g2, h2, g3, h3, x45, x67, c0, c1, c2, c3, WARPS)
     return c0, c1, c2, c3, x0, x1
 
 
@@ -283,46 +256,14 @@ def _chunk(a0, a1, a2, a3, q_lo, q_hi, x_at, scales, valid, NATIVE: tl.constexpr
 
 
 @triton.jit
-def _chunk_blocks(accs, q_lo, q_hi, x_ats, scales, valid, NATIVE: tl.constexpr, EVEN: tl.constexpr,
-                  WARPS: tl.constexpr, BLOCKS: tl.constexpr):
-    """_chunk for BLOCKS 8-row blocks of x (x_ats: one [E, 4] pointer tensor a block; accs:
-    a tuple of (a0, a1, a2, a3) a block): each word decoded once (zero point subtracted),
-    its MMAs run against every block. Returns the new accs."""
-    sc_lo = scales[0].to(tl.float32)
-    sc_hi = scales[1].to(tl.float32)
-    zz_lo = int4_zero_pair(scales[2])
-    zz_hi = int4_zero_pair(scales[3])
-    lo = _split4(q_lo)
-    hi = _split4(q_hi)
-    dec = ()
-    for u in tl.static_range(4):
-        dec = dec + ((_decode_pairs(lo[u], zz_lo, NATIVE), _decode_pairs(hi[u], zz_hi, NATIVE)),)
-    new = ()
-    for c in tl.static_range(BLOCKS):
-        c0 = tl.zeros_like(sc_lo)
-        c1 = c0
-        c2 = c0
-        c3 = c0
-        for u in tl.static_range(4):
-            xq = _split4(_maybe_masked(x_ats[c] + 4 * u, valid[:, None], EVEN))
-            g = dec[u][0]
-            h = dec[u][1]
-            c0, c1, c2, c3 = _mma(g[0], h[0], g[1], h[1], xq[0], xq[1], c0, c1, c2, c3, NATIVE, WARPS)
-            c0, c1, c2, c3 = _mma(g[2], h[2], g[3], h[3], xq[2], xq[3], c0, c1, c2, c3, NATIVE, WARPS)
-        a = accs[c]
-        new = new + ((a[0] + sc_lo * c0, a[1] + sc_lo * c1, a[2] + sc_hi * c2, a[3] + sc_hi * c3),)
-    return new
-
-
-@triton.jit
-def _store_rows(a0, a1, a2, a3, y_ptr, part_ptr, cnt_ptr, M, N, first_row, tile,
+def _store_rows(a0, a1, a2, a3, y_ptr, part_ptr, cnt_ptr, M, N, tile,
                 SPLIT_K: tl.constexpr, FIXUP: tl.constexpr, WARPS: tl.constexpr):
-    """Store one 8-row block of outputs: lane 4g + t holds rows first_row + 2t, + 2t + 1
-    (D's columns) at weight rows g, g + 8 of this program's 16."""
+    """Store the outputs: lane 4g + t holds rows 2t, 2t + 1 (D's columns) at weight rows g,
+    g + 8 of this program's 16."""
     acc = tl.join(tl.join(_warp_sum(a0, WARPS), _warp_sum(a1, WARPS)),
                   tl.join(_warp_sum(a2, WARPS), _warp_sum(a3, WARPS)))  # [32, 2 (column), 2 (row)]
     lane3 = tl.arange(0, 32)[:, None, None]
-    m = first_row + 2 * (lane3 % 4) + tl.arange(0, 2)[None, :, None]
+    m = 2 * (lane3 % 4) + tl.arange(0, 2)[None, :, None]
     n = tl.program_id(0) * 16 + lane3 // 4 + 8 * tl.arange(0, 2)[None, None, :]
     store_split(acc, y_ptr, part_ptr, cnt_ptr, m * N + n, (m < M) & (n < N), M * N, tile, SPLIT_K, FIXUP)
 
@@ -332,18 +273,16 @@ def _int4_mma_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, 
                           stride_xm, stride_wn, stride_sn, G: tl.constexpr, NATIVE: tl.constexpr,
                           SPLIT_K: tl.constexpr, FIXUP: tl.constexpr, WARPS: tl.constexpr,
                           UNROLL: tl.constexpr, SUB: tl.constexpr, AHEAD: tl.constexpr,
-                          EVEN: tl.constexpr, BLOCKS: tl.constexpr, PDL: tl.constexpr):
-    """y [M, N] = x [M, K] @ dequant(W)^T for M <= 8 BLOCKS, W [N, K / 8] int32 words, s and z per
+                          EVEN: tl.constexpr, PDL: tl.constexpr):
+    """y [M, N] = x [M, K] @ dequant(W)^T for M <= 8, W [N, K / 8] int32 words, s and z per
     row and group (G a multiple of 128), x as int32 bf16 pairs [M, K / 2]. One program: 16
     rows (program_id(0)); its WARPS warps take turns over 128-column chunks of the split's
     K range (UNROLL chunks a loop step, their words and scales all requested first) and
     are summed at the end. SUB: how the zero point comes off (the asm's comment). AHEAD >
     0: each step asks the L2 for the words AHEAD steps on (kernels/prefetch.py). EVEN:
     every split's range is whole steps of all warps (no masks). Lanes of B columns past M
-    read x's last row (their D columns are never stored). BLOCKS > 1 (9-64 rows): each
-    word decoded once for the MMAs of every 8-row block of x (zero point by subtraction;
-    SUB is not read). Split partials and counters as splitk.store_split, one output tile
-    per program and block."""
+    read x's last row (their D columns are never stored). Split partials and counters as
+    splitk.store_split, one output tile per program."""
     CHUNK: tl.constexpr = STEP_COLUMNS * WARPS          # the warps' chunks side by side
     STEP: tl.constexpr = CHUNK * UNROLL
     AHEAD_UNROLL: tl.constexpr = UNROLL if AHEAD > 0 else 0
@@ -369,11 +308,6 @@ def _int4_mma_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, 
     a1 = a0
     a2 = a0
     a3 = a0
-    x_blocks = ()      # BLOCKS > 1: B's column g of block c is row 8c + g
-    accs = ()
-    for c in tl.static_range(BLOCKS):
-        x_blocks = x_blocks + (x_ptr + (tl.minimum(8 * c + g, M - 1) * stride_xm + col // 2)[:, None] + four,)
-        accs = accs + ((a0, a0, a0, a0),)
     if PDL:
         tl.extra.cuda.gdc_wait()      # x is written by the kernel before
         tl.extra.cuda.gdc_launch_dependents()
@@ -390,21 +324,9 @@ def _int4_mma_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, 
             prefetch_l2(run_lo + ahead // 8, k0 + AHEAD * STEP + j * CHUNK < end, NATIVE)
             prefetch_l2(run_hi + ahead // 8, k0 + AHEAD * STEP + j * CHUNK < end, NATIVE)
         for j in tl.static_range(UNROLL):
-            if BLOCKS == 1:
-                a0, a1, a2, a3 = _chunk(a0, a1, a2, a3, words[j][0], words[j][1], x_lanes + (kk + j * CHUNK) // 2,
-                                        scales[j], k0 + j * CHUNK < end, NATIVE, SUB, EVEN, WARPS)
-            else:
-                x_ats = ()
-                for c in tl.static_range(BLOCKS):
-                    x_ats = x_ats + (x_blocks[c] + (kk + j * CHUNK) // 2,)
-                accs = _chunk_blocks(accs, words[j][0], words[j][1], x_ats, scales[j], k0 + j * CHUNK < end,
-                                     NATIVE, EVEN, WARPS, BLOCKS)
-    if BLOCKS == 1:
-        _store_rows(a0, a1, a2, a3, y_ptr, part_ptr, cnt_ptr, M, N, 0, tl.program_id(0), SPLIT_K, FIXUP, WARPS)
-    else:
-        for c in tl.static_range(BLOCKS):
-            _store_rows(accs[c][0], accs[c][1], accs[c][2], accs[c][3], y_ptr, part_ptr, cnt_ptr, M, N, 8 * c,
-                        tl.program_id(0) * BLOCKS + c, SPLIT_K, FIXUP, WARPS)
+            a0, a1, a2, a3 = _chunk(a0, a1, a2, a3, words[j][0], words[j][1], x_lanes + (kk + j * CHUNK) // 2,
+                                    scales[j], k0 + j * CHUNK < end, NATIVE, SUB, EVEN, WARPS)
+    _store_rows(a0, a1, a2, a3, y_ptr, part_ptr, cnt_ptr, M, N, tl.program_id(0), SPLIT_K, FIXUP, WARPS)
 
 
 # (warps, SPLIT_K, UNROLL, SUB, AHEAD): the winners of the H200 sweep at one row (every
@@ -429,12 +351,11 @@ def int4_mma_gemv(xk: torch.Tensor, y: torch.Tensor, w: torch.Tensor, s: torch.T
         raise ValueError("the MMA GEMV reads bf16 activations as int32 pairs (decode.x_operand)")
     warps, split, unroll, sub, ahead = config
     m, n_out, k_in = xk.shape[0], w.shape[0], w.shape[1] * 8
-    blocks = triton.cdiv(m, 8)
-    if blocks > MAX_ROWS // 8:
+    if m > MAX_ROWS:
         raise ValueError(f"the MMA GEMV serves at most {MAX_ROWS} rows, got {m}")
-    part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, 16) * blocks, True)
+    part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, 16), True)
     _int4_mma_gemv_kernel[(triton.cdiv(n_out, 16), split, 1)](
         xk, y, part, cnt, w, s, z, m, n_out, k_in, xk.stride(0), w.stride(0), s.stride(0), G=group,
         NATIVE=native_decode(), SPLIT_K=split, FIXUP=fixup, WARPS=warps, UNROLL=unroll, SUB=bool(sub),
-        AHEAD=ahead, EVEN=k_in % (STEP * warps * unroll * split) == 0, BLOCKS=blocks, num_warps=warps, **pdl)
+        AHEAD=ahead, EVEN=k_in % (STEP * warps * unroll * split) == 0, num_warps=warps, **pdl)
     finish_splits(part, y, fixup)

@@ -366,10 +366,12 @@ def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor |
 
     decoder_tiles = [c for c in INT4_GEMV_CONFIGS if decoder_tile(c[1])]
     # A 3-tuple config asks for the plain GEMV (tests); at GEMV sizes a longer one is a decoder tile.
-    explicit_mma = config is not None and config[0] == "mma"      # also 9-64 rows (int4_mma.py)
+    explicit_mma = config is not None and config[0] == "mma"
     if explicit_mma and nvfp4:
         raise ValueError("the MMA GEMV decodes INT4 only")
-    if explicit_mma or (m <= GEMV_MAX_ROWS and decoder_tiles and (config is None or len(config) >= 4)):
+    if explicit_mma and m > GEMV_MAX_ROWS:
+        raise ValueError(f"the MMA GEMV serves at most {GEMV_MAX_ROWS} rows, got {m}")
+    if m <= GEMV_MAX_ROWS and decoder_tiles and (config is None or len(config) >= 4):
         xk, pairs = x_operand(x2)
 
         def run(c: tuple) -> None:
