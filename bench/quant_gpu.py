@@ -49,6 +49,7 @@ VARIANTS = {
     "awq+head": ("awq", {"lm_head": True}),        # --quantize-lm-head: the LM head in INT4 too
     "fp8+head": ("fp8", {"lm_head": True}),
     "nvfp4+head": ("nvfp4", {"lm_head": True}),
+    "nvfp4-gemv": ("nvfp4", {"small_batch_kernel": "gemv"}),    # 1-8 rows on CUDA cores, not the MMA GEMV
 }
 
 

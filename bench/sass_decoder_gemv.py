@@ -6,10 +6,10 @@ in the word tile's layout (instead of one [GROUPS, GW, 4] load split in register
 whether the layout conversion through shared memory leaves the loop.
 
   PYTHONPATH=$PWD python bench/sass_decoder_gemv.py [--x-direct] [--tile 32 256 4 4 0]
-  PYTHONPATH=$PWD python bench/sass_decoder_gemv.py --mma 4 1 1 0 0 [--mma ...]
+  PYTHONPATH=$PWD python bench/sass_decoder_gemv.py --mma 4 1 1 0 0 [--mma ...] [--nvfp4]
 
---mma WARPS SPLIT_K UNROLL SUB AHEAD: the tensor-core INT4 GEMV (kernels/int4_mma.py)
-instead, whole steps (EVEN), group 128.
+--mma WARPS SPLIT_K UNROLL SUB AHEAD: the tensor-core GEMV (kernels/int4_mma.py) instead,
+whole steps (EVEN), INT4 group 128 (with --nvfp4: NVFP4 words and block scales).
 """
 from __future__ import annotations
 
@@ -78,14 +78,14 @@ def loop_report(text: str) -> str:
     return f"{len(body)} instructions in the loop; BAR.SYNC {ops.get('BAR.SYNC.DEFER_BLOCKING', 0)}; {top}"
 
 
-def mma_sass(config: list[int]) -> str:
-    """The MMA GEMV's SASS for one (warps, split, unroll, sub, ahead)."""
+def mma_sass(config: list[int], nvfp4: bool = False) -> str:
+    """The MMA GEMV's SASS for one (warps, split, unroll, sub, ahead), INT4 or NVFP4."""
     from ember.quant.kernels import int4_mma
     warps, split, unroll, sub, ahead = config
-    sig = {n: t for n, t in SIG.items() if n != "gs_ptr"}
-    const = {"G": 128, "NATIVE": True, "SPLIT_K": split, "FIXUP": split > 1, "WARPS": warps,
-             "UNROLL": unroll, "SUB": bool(sub), "AHEAD": ahead, "EVEN": True, "PDL": False}
-    return compile_sass(int4_mma._int4_mma_gemv_kernel, sig, const, [n for n in DIVISIBLE if n != "gs_ptr"], warps)
+    sig = dict(SIG, s_ptr="*u8") if nvfp4 else SIG
+    const = {"G": 16 if nvfp4 else 128, "NVFP4": nvfp4, "NATIVE": True, "SPLIT_K": split, "FIXUP": split > 1,
+             "WARPS": warps, "UNROLL": unroll, "SUB": bool(sub), "AHEAD": ahead, "EVEN": True, "PDL": False}
+    return compile_sass(int4_mma._int4_mma_gemv_kernel, sig, const, DIVISIBLE, warps)
 
 
 def main() -> None:
@@ -95,10 +95,12 @@ def main() -> None:
                     metavar=("BLOCK_N", "BLOCK_K", "SPLIT_K", "WARPS", "PREFETCH"))
     ap.add_argument("--mma", type=int, nargs=5, action="append", default=[],
                     metavar=("WARPS", "SPLIT_K", "UNROLL", "SUB", "AHEAD"))
+    ap.add_argument("--nvfp4", action="store_true", help="with --mma: the NVFP4 form")
     args = ap.parse_args()
     if args.mma:
         for config in args.mma:
-            print(f"INT4 MMA GEMV {config}: {loop_report(mma_sass(config))}", flush=True)
+            print(f"{'NVFP4' if args.nvfp4 else 'INT4'} MMA GEMV {config}: "
+                  f"{loop_report(mma_sass(config, args.nvfp4))}", flush=True)
         return
     if args.x_direct:
         w4a16._x_word_pairs = _x_pairs_direct

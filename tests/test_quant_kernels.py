@@ -133,11 +133,34 @@ def test_int4_mma_gemv_every_config(m, config, k, group):
     torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("config", _int4_mma_configs())
+@pytest.mark.parametrize("k", [1024, 384])
+def test_nvfp4_mma_gemv_every_config(m, config, k):
+    # NVFP4 on the tensor-core GEMV: E2M1 codes looked up into bf16, times their block's
+    # E4M3 scale in bf16 (exact) before the MMA, the per-row global scale after. Every code
+    # and -0 present, subnormal block scales among the normal ones, N = 72 no multiple of 16,
+    # K = 384 leaves warps and splits without a step (masked).
+    n = 72
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(m + 30)) * 0.05
+    packed, bs, gs = quantize_nvfp4(w)
+    packed[::5, 3] = (packed[::5, 3] & 0xF0) | 8          # -0, which quantization never gives
+    assert len(torch.unique(torch.stack([packed & 0xF, packed >> 4], -1))) == 16
+    bs[::7, ::3] = torch.tensor(0.001953125 * 5).to(torch.float8_e4m3fn)      # subnormal scales
+    gs_rows = torch.linspace(0.5, 2.0, n) * gs
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + 31)).to(DEVICE, torch.bfloat16)
+    args = (packed.to(DEVICE), bs.to(DEVICE), gs_rows.to(DEVICE))
+    want = nvfp4_linear_ref(x.float(), *args)
+    got = nvfp4_linear_triton(x, *args, config=config).float()       # bf16 out
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
 def test_int4_mma_gemv_is_a_candidate_only_where_it_applies():
     from ember.quant.kernels.int4_mma import mma_applies
     assert mma_applies(4096, 128, True) and mma_applies(14336, 128, True)
     assert not mma_applies(576, 96, True)          # SmolLM2's group 96
     assert not mma_applies(4096, 128, False)       # fp32 / fp16 activations
+    assert mma_applies(4096, 16, True, nvfp4=True) and not mma_applies(4080, 16, True, nvfp4=True)
     qw, s, z = _int4_weight(16, 256, 128, seed=0)
     with pytest.raises(ValueError, match="int32 pairs"):
         int4_linear_triton(torch.randn(1, 256, device=DEVICE), qw, s, z, config=("mma", 4, 1, 1, 0, 0))
@@ -286,6 +309,13 @@ def _linear(method: str, k: int, params: dict | None = None):
     from ember.layers.linear import Linear
     from ember.quant.base import QuantConfig, linear_method_for
     return Linear(k, 64, method=linear_method_for(QuantConfig(method, params=params or {})))
+
+
+def test_nvfp4_small_batch_kernel_param():
+    assert _linear("nvfp4", 256).method._small_batch_kernel() == "mma"
+    assert _linear("nvfp4", 256, {"small_batch_kernel": "gemv"}).method._small_batch_kernel() == "gemv"
+    with pytest.raises(ValueError, match="small_batch_kernel"):
+        _linear("nvfp4", 256, {"small_batch_kernel": "skinny"}).method._small_batch_kernel()
 
 
 @pytest.mark.parametrize("rows,dtype,want", [

@@ -57,7 +57,17 @@ class NVFP4LinearMethod(QuantLinearMethod):
             x = fake_quantize_nvfp4_rows(x)
         if x.is_cuda:
             from ember.quant.kernels.w4a16 import nvfp4_linear_triton
-            y = nvfp4_linear_triton(x, layer.weight_packed, layer.weight_scale, layer.weight_scale_2)
+            y = nvfp4_linear_triton(x, layer.weight_packed, layer.weight_scale, layer.weight_scale_2,
+                                    tensor_cores=self._small_batch_kernel() == "mma")
         else:
             y = F.linear(x, self.cpu_weight(layer, x.dtype))
         return y if layer.bias is None else y + layer.bias
+
+    def _small_batch_kernel(self) -> str:
+        """params["small_batch_kernel"]: "mma" (default): 1-8 bf16 rows may run on the
+        tensor-core GEMV (kernels/int4_mma.py; at one row the tuner times it against the
+        decoder GEMV); "gemv": the CUDA-core kernels only (A/B runs)."""
+        kind = self.cfg.params.get("small_batch_kernel", "mma")
+        if kind not in ("mma", "gemv"):
+            raise ValueError(f"NVFP4 small_batch_kernel must be 'mma' or 'gemv', got {kind!r}")
+        return kind

@@ -214,7 +214,7 @@ def int4_word_dot(q, zz, x01, x23, x45, x67, NATIVE: tl.constexpr):
 # bits 15 and 31. The values are exact; the products accumulate in bf16x2 as in
 # _INT4_WORD_DOT_ASM. Outputs $0 (fp32 bits); inputs $1 word, $2..$5 x pairs, $6..$9 the
 # table (low bytes 0-3, 4-7, high bytes 0-3, 4-7).
-_NVFP4_PAIR = """
+NVFP4_PAIR_PTX = """
 prmt.b32 v, {L}, {H}, {pair};
 prmt.b32 sg, t4, t, {sign};
 lop3.b32 v, v, sg, 0x80008000, 0x78;"""
@@ -230,10 +230,10 @@ shl.b32 t4, t, 4;
 prmt.b32 L0, $6, $7, s0;
 prmt.b32 H0, $8, $9, s0;
 prmt.b32 L1, $6, $7, s1;
-prmt.b32 H1, $8, $9, s1;""" + _NVFP4_PAIR.format(L="L0", H="H0", pair="0x5140", sign="0x4000") + """
-mul.rn.bf16x2 a, v, $2;""" + _NVFP4_PAIR.format(L="L0", H="H0", pair="0x7362", sign="0x5010") + """
-fma.rn.bf16x2 a, v, $3, a;""" + _NVFP4_PAIR.format(L="L1", H="H1", pair="0x5140", sign="0x6020") + """
-fma.rn.bf16x2 a, v, $4, a;""" + _NVFP4_PAIR.format(L="L1", H="H1", pair="0x7362", sign="0x7030") + """
+prmt.b32 H1, $8, $9, s1;""" + NVFP4_PAIR_PTX.format(L="L0", H="H0", pair="0x5140", sign="0x4000") + """
+mul.rn.bf16x2 a, v, $2;""" + NVFP4_PAIR_PTX.format(L="L0", H="H0", pair="0x7362", sign="0x5010") + """
+fma.rn.bf16x2 a, v, $3, a;""" + NVFP4_PAIR_PTX.format(L="L1", H="H1", pair="0x5140", sign="0x6020") + """
+fma.rn.bf16x2 a, v, $4, a;""" + NVFP4_PAIR_PTX.format(L="L1", H="H1", pair="0x7362", sign="0x7030") + """
 fma.rn.bf16x2 a, v, $5, a;
 shl.b32 t, a, 16;
 and.b32 v, a, 0xFFFF0000;

@@ -36,7 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ember.quant.kernels.decode import bf16_pair, int4_zero_pair, native_decode
+from ember.quant.kernels.decode import (E2M1_HI_0, E2M1_HI_4, E2M1_LO_0, E2M1_LO_4, E2M1_UNSCALE, NVFP4_PAIR_PTX,
+                                        bf16_pair, e2m1_scaled, e4m3_from_bits, int4_zero_pair, native_decode)
 from ember.quant.kernels.prefetch import prefetch_l2
 from ember.quant.kernels.splitk import finish_splits, k_range, split_buffers, store_split
 
@@ -70,6 +71,36 @@ def _pairs(word: str, reg: str, zero: str | None) -> str:
 
 _INT4_MMA_SUB_ASM = tl.constexpr("{\n.reg .b32 s, p, g0, g1, g2, g3, h0, h1, h2, h3;"
                                  + _pairs("$4", "g", "$6") + _pairs("$5", "h", "$7") + f"""
+{_MMA}{{$0, $1, $2, $3}}, {{g0, h0, g1, h1}}, {{$8, $9}}, {{$12, $13, $14, $15}};
+{_MMA}{{$0, $1, $2, $3}}, {{g2, h2, g3, h3}}, {{$10, $11}}, {{$0, $1, $2, $3}};
+}}""")
+
+def _nvfp4_pairs(word: str, reg: str, scale: str) -> str:
+    """PTX decoding the NVFP4 `word` into bf16x2 registers reg0..reg3 (pairs of codes 2i,
+    2i + 1 as decode.NVFP4_PAIR_PTX looks them up, tables in $16..$19), each times `scale`
+    (a bf16x2 pair of the block scale: E2M1 x E4M3 is exact in bf16)."""
+    head = f"""
+and.b32 s0, {word}, 0x7777;
+shr.u32 s1, {word}, 16;
+and.b32 s1, s1, 0x7777;
+and.b32 t, {word}, 0x88888888;
+shl.b32 t4, t, 4;
+prmt.b32 L0, $16, $17, s0;
+prmt.b32 H0, $18, $19, s0;
+prmt.b32 L1, $16, $17, s1;
+prmt.b32 H1, $18, $19, s1;"""
+    pairs = (("L0", "H0", "0x5140", "0x4000"), ("L0", "H0", "0x7362", "0x5010"),
+             ("L1", "H1", "0x5140", "0x6020"), ("L1", "H1", "0x7362", "0x7030"))
+    return head + "".join(NVFP4_PAIR_PTX.format(L=lo, H=hi, pair=pair, sign=sign)
+                          + f"\nmul.rn.bf16x2 {reg}{i}, v, {scale};" for i, (lo, hi, pair, sign) in enumerate(pairs))
+
+
+# NVFP4 (NVFP4 = True): the words' E2M1 codes decoded and multiplied by their 16-column
+# block's E4M3 scale in bf16 (exact), then the same two MMAs; the per-row global scale
+# applies once at the end. Outputs $0..$3 D; inputs $4 / $5 the words of rows g / g + 8,
+# $6 / $7 their block-scale pairs, $8..$11 x pairs, $12..$15 C, $16..$19 the E2M1 tables.
+_NVFP4_MMA_ASM = tl.constexpr("{\n.reg .b32 s0, s1, t, t4, L0, H0, L1, H1, v, sg, g0, g1, g2, g3, h0, h1, h2, h3;"
+                              + _nvfp4_pairs("$4", "g", "$6") + _nvfp4_pairs("$5", "h", "$7") + f"""
 {_MMA}{{$0, $1, $2, $3}}, {{g0, h0, g1, h1}}, {{$8, $9}}, {{$12, $13, $14, $15}};
 {_MMA}{{$0, $1, $2, $3}}, {{g2, h2, g3, h3}}, {{$10, $11}}, {{$0, $1, $2, $3}};
 }}""")
@@ -182,6 +213,38 @@ def _mma_pair(qg, qh, zzg, zzh, x01, x23, x45, x67, c0, c1, c2, c3, x0, x1, NATI
 
 
 @triton.jit
+def _nvfp4_pairs_emulated(q, sp):
+    """Interpreter form of _nvfp4_pairs: a word's code pairs (2i, 2i + 1) times the block
+    scale (sp: a bf16x2 pair), as bf16x2 int32 (exact)."""
+    sc = bf16_pair(sp)[0] * E2M1_UNSCALE
+    p0 = _bf16_bits_pair(e2m1_scaled(q & 0xF) * sc, e2m1_scaled((q >> 4) & 0xF) * sc)
+    p1 = _bf16_bits_pair(e2m1_scaled((q >> 8) & 0xF) * sc, e2m1_scaled((q >> 12) & 0xF) * sc)
+    p2 = _bf16_bits_pair(e2m1_scaled((q >> 16) & 0xF) * sc, e2m1_scaled((q >> 20) & 0xF) * sc)
+    p3 = _bf16_bits_pair(e2m1_scaled((q >> 24) & 0xF) * sc, e2m1_scaled((q >> 28) & 0xF) * sc)
+    return p0, p1, p2, p3
+
+
+@triton.jit
+def _nvfp4_mma_pair(qg, qh, spg, sph, x01, x23, x45, x67, c0, c1, c2, c3, NATIVE: tl.constexpr,
+                    WARPS: tl.constexpr):
+    """C += the two MMAs of one NVFP4 word pair (words qg / qh of rows g / g + 8, their
+    block-scale pairs spg / sph, x pairs), all [32 WARPS]. Returns the new c0..c3."""
+    if NATIVE:
+        c0, c1, c2, c3 = tl.inline_asm_elementwise(
+            _NVFP4_MMA_ASM, "=f,=f,=f,=f,r,r,r,r,r,r,r,r,f,f,f,f,r,r,r,r",
+            [qg, qh, spg, sph, x01, x23, x45, x67, c0, c1, c2, c3,
+             tl.full(qg.shape, E2M1_LO_0, tl.int32), tl.full(qg.shape, E2M1_LO_4, tl.int32),
+             tl.full(qg.shape, E2M1_HI_0, tl.int32), tl.full(qg.shape, E2M1_HI_4, tl.int32)],
+            dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+    else:
+        g0, g1, g2, g3 = _nvfp4_pairs_emulated(qg, spg)
+        h0, h1, h2, h3 = _nvfp4_pairs_emulated(qh, sph)
+        c0, c1, c2, c3 = _mma_emulated(g0, h0, g1, h1, x01, x23, c0, c1, c2, c3, WARPS)
+        c0, c1, c2, c3 = _mma_emulated(g2, h2, g3, h3, x45, x67, c0, c1, c2, c3, WARPS)
+    return c0, c1, c2, c3
+
+
+@triton.jit
 def _warp_sum(v, WARPS: tl.constexpr):
     """[32 WARPS] -> [32]: the warps' sums per lane."""
     return tl.sum(tl.reshape(v, (WARPS, 32)), axis=0)
@@ -218,6 +281,36 @@ def _chunk_scales(s_lo, s_hi, z_lo, z_hi, k0, valid, G: tl.constexpr, EVEN: tl.c
     grp = k0 // G
     return (_maybe_masked(s_lo + grp, valid, EVEN), _maybe_masked(s_hi + grp, valid, EVEN),
             _maybe_masked(z_lo + grp, valid, EVEN), _maybe_masked(z_hi + grp, valid, EVEN))
+
+
+@triton.jit
+def _block_scale_pair(ptr, valid, EVEN: tl.constexpr):
+    """An E4M3 block scale byte -> bf16x2 (the scale in both halves) as int32."""
+    sc = e4m3_from_bits(_maybe_masked(ptr, valid, EVEN).to(tl.int32))
+    return _bf16_bits_pair(sc, sc)
+
+
+@triton.jit
+def _nvfp4_chunk_scales(s_lo, s_hi, col, valid, EVEN: tl.constexpr):
+    """NVFP4: the block-scale pairs of the lane's run (col [E], its first column: words 0-1
+    are one 16-column block, words 2-3 the next) for rows g and g + 8."""
+    b = col // 16
+    return (_block_scale_pair(s_lo + b, valid, EVEN), _block_scale_pair(s_lo + b + 1, valid, EVEN),
+            _block_scale_pair(s_hi + b, valid, EVEN), _block_scale_pair(s_hi + b + 1, valid, EVEN))
+
+
+@triton.jit
+def _nvfp4_chunk(a0, a1, a2, a3, q_lo, q_hi, x_at, scales, valid, NATIVE: tl.constexpr, EVEN: tl.constexpr,
+                 WARPS: tl.constexpr):
+    """_chunk for NVFP4 words (scales from _nvfp4_chunk_scales): the block scales ride in A,
+    so the MMAs accumulate straight into a0..a3."""
+    lo = _split4(q_lo)
+    hi = _split4(q_hi)
+    for u in tl.static_range(4):
+        xq = _split4(_maybe_masked(x_at + 4 * u, valid[:, None], EVEN))
+        a0, a1, a2, a3 = _nvfp4_mma_pair(lo[u], hi[u], scales[u // 2], scales[2 + u // 2], xq[0], xq[1], xq[2],
+                                         xq[3], a0, a1, a2, a3, NATIVE, WARPS)
+    return a0, a1, a2, a3
 
 
 @triton.jit
@@ -269,13 +362,16 @@ def _store_rows(a0, a1, a2, a3, y_ptr, part_ptr, cnt_ptr, M, N, tile,
 
 
 @triton.jit
-def _int4_mma_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K,
-                          stride_xm, stride_wn, stride_sn, G: tl.constexpr, NATIVE: tl.constexpr,
+def _int4_mma_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, M, N, K,
+                          stride_xm, stride_wn, stride_sn, G: tl.constexpr, NVFP4: tl.constexpr,
+                          NATIVE: tl.constexpr,
                           SPLIT_K: tl.constexpr, FIXUP: tl.constexpr, WARPS: tl.constexpr,
                           UNROLL: tl.constexpr, SUB: tl.constexpr, AHEAD: tl.constexpr,
                           EVEN: tl.constexpr, PDL: tl.constexpr):
     """y [M, N] = x [M, K] @ dequant(W)^T for M <= 8, W [N, K / 8] int32 words, s and z per
-    row and group (G a multiple of 128), x as int32 bf16 pairs [M, K / 2]. One program: 16
+    row and group (G a multiple of 128), x as int32 bf16 pairs [M, K / 2]; NVFP4: E2M1
+    words, s the E4M3 block scales per 16 columns, gs the per-row global scale (z unused,
+    SUB not read). One program: 16
     rows (program_id(0)); its WARPS warps take turns over 128-column chunks of the split's
     K range (UNROLL chunks a loop step, their words and scales all requested first) and
     are summed at the end. SUB: how the zero point comes off (the asm's comment). AHEAD >
@@ -318,14 +414,30 @@ def _int4_mma_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, 
         scales = ()
         for j in tl.static_range(UNROLL):
             words = words + (_load_step(w_lo, w_hi, kk + j * CHUNK, (k0 + j * CHUNK < end)[:, None], EVEN),)
-            scales = scales + (_chunk_scales(*sz, k0 + j * CHUNK, k0 + j * CHUNK < end, G, EVEN),)
+            if NVFP4:
+                scales = scales + (_nvfp4_chunk_scales(sz[0], sz[1], k0 + j * CHUNK + 32 * t, k0 + j * CHUNK < end,
+                                                       EVEN),)
+            else:
+                scales = scales + (_chunk_scales(*sz, k0 + j * CHUNK, k0 + j * CHUNK < end, G, EVEN),)
         for j in tl.static_range(AHEAD_UNROLL):     # into L2, AHEAD steps on
             ahead = kk + AHEAD * STEP + j * CHUNK
             prefetch_l2(run_lo + ahead // 8, k0 + AHEAD * STEP + j * CHUNK < end, NATIVE)
             prefetch_l2(run_hi + ahead // 8, k0 + AHEAD * STEP + j * CHUNK < end, NATIVE)
         for j in tl.static_range(UNROLL):
-            a0, a1, a2, a3 = _chunk(a0, a1, a2, a3, words[j][0], words[j][1], x_lanes + (kk + j * CHUNK) // 2,
-                                    scales[j], k0 + j * CHUNK < end, NATIVE, SUB, EVEN, WARPS)
+            if NVFP4:
+                a0, a1, a2, a3 = _nvfp4_chunk(a0, a1, a2, a3, words[j][0], words[j][1],
+                                              x_lanes + (kk + j * CHUNK) // 2, scales[j], k0 + j * CHUNK < end,
+                                              NATIVE, EVEN, WARPS)
+            else:
+                a0, a1, a2, a3 = _chunk(a0, a1, a2, a3, words[j][0], words[j][1], x_lanes + (kk + j * CHUNK) // 2,
+                                        scales[j], k0 + j * CHUNK < end, NATIVE, SUB, EVEN, WARPS)
+    if NVFP4:
+        gs_lo = tl.load(gs_ptr + row_lo)
+        gs_hi = tl.load(gs_ptr + row_hi)
+        a0 *= gs_lo
+        a1 *= gs_lo
+        a2 *= gs_hi
+        a3 *= gs_hi
     _store_rows(a0, a1, a2, a3, y_ptr, part_ptr, cnt_ptr, M, N, tl.program_id(0), SPLIT_K, FIXUP, WARPS)
 
 
@@ -337,16 +449,18 @@ INT4_MMA_CONFIGS = ((8, 1, 2, 0, 0), (8, 1, 4, 0, 0), (8, 1, 1, 0, 2), (8, 1, 2,
                     (4, 4, 1, 0, 2), (2, 4, 2, 0, 2), (2, 4, 4, 0, 0), (4, 2, 4, 0, 0))
 
 
-def mma_applies(k_in: int, group: int, pairs: bool) -> bool:
-    """Whether the MMA GEMV serves a layer: bf16 activations (read as int32 pairs), groups of
-    whole 128-column steps."""
-    return pairs and group % 128 == 0 and k_in % 128 == 0
+def mma_applies(k_in: int, group: int, pairs: bool, nvfp4: bool = False) -> bool:
+    """Whether the MMA GEMV serves a layer: bf16 activations (read as int32 pairs), K whole
+    128-column steps, INT4 groups of whole steps (NVFP4's 16-column blocks always fit)."""
+    return pairs and k_in % 128 == 0 and (nvfp4 or group % 128 == 0)
 
 
 def int4_mma_gemv(xk: torch.Tensor, y: torch.Tensor, w: torch.Tensor, s: torch.Tensor,
-                  z: torch.Tensor, group: int, config: tuple, pdl: dict) -> None:
+                  z: torch.Tensor | None, group: int, config: tuple, pdl: dict,
+                  gs: torch.Tensor | None = None) -> None:
     """y [M, N] (M <= MAX_ROWS) = x @ dequant(W)^T, xk: x as int32 bf16 pairs [M, K / 2] (decode.x_operand);
-    w [N, K / 8] int32; s, z [N, K / G]; config from INT4_MMA_CONFIGS; pdl: pdl_launch's."""
+    w [N, K / 8] int32; INT4: s, z [N, K / G]; NVFP4 (gs given): s the E4M3 block scales as
+    uint8 [N, K / 16], gs [N] fp32; config from INT4_MMA_CONFIGS; pdl: pdl_launch's."""
     if xk.dtype != torch.int32:
         raise ValueError("the MMA GEMV reads bf16 activations as int32 pairs (decode.x_operand)")
     warps, split, unroll, sub, ahead = config
@@ -355,7 +469,7 @@ def int4_mma_gemv(xk: torch.Tensor, y: torch.Tensor, w: torch.Tensor, s: torch.T
         raise ValueError(f"the MMA GEMV serves at most {MAX_ROWS} rows, got {m}")
     part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, 16), True)
     _int4_mma_gemv_kernel[(triton.cdiv(n_out, 16), split, 1)](
-        xk, y, part, cnt, w, s, z, m, n_out, k_in, xk.stride(0), w.stride(0), s.stride(0), G=group,
-        NATIVE=native_decode(), SPLIT_K=split, FIXUP=fixup, WARPS=warps, UNROLL=unroll, SUB=bool(sub),
+        xk, y, part, cnt, w, s, s if z is None else z, s if gs is None else gs, m, n_out, k_in, xk.stride(0),
+        w.stride(0), s.stride(0), G=group, NVFP4=gs is not None, NATIVE=native_decode(), SPLIT_K=split, FIXUP=fixup, WARPS=warps, UNROLL=unroll, SUB=bool(sub),
         AHEAD=ahead, EVEN=k_in % (STEP * warps * unroll * split) == 0, num_warps=warps, **pdl)
     finish_splits(part, y, fixup)

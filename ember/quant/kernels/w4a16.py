@@ -367,8 +367,6 @@ def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor |
     decoder_tiles = [c for c in INT4_GEMV_CONFIGS if decoder_tile(c[1])]
     # A 3-tuple config asks for the plain GEMV (tests); at GEMV sizes a longer one is a decoder tile.
     explicit_mma = config is not None and config[0] == "mma"
-    if explicit_mma and nvfp4:
-        raise ValueError("the MMA GEMV decodes INT4 only")
     if explicit_mma and m > GEMV_MAX_ROWS:
         raise ValueError(f"the MMA GEMV serves at most {GEMV_MAX_ROWS} rows, got {m}")
     if m <= GEMV_MAX_ROWS and decoder_tiles and (config is None or len(config) >= 4):
@@ -376,7 +374,7 @@ def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor |
 
         def run(c: tuple) -> None:
             if c[0] == "mma":
-                int4_mma_gemv(xk, y, w, s, z, group, c[1:], pdl_launch(x2))
+                int4_mma_gemv(xk, y, w, s, z, group, c[1:], pdl_launch(x2), gs)
                 return
             bn, bk, split, warps = c[:4]
             part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, bn) * m, True)
@@ -387,7 +385,7 @@ def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor |
                 num_warps=warps, **pdl_launch(x2))
             finish_splits(part, y, fixup)
         cands = decoder_tiles
-        if mma and not nvfp4 and mma_applies(k_in, group, pairs):
+        if mma and mma_applies(k_in, group, pairs, nvfp4):
             # The MMA GEMV costs about the same at 1 and 8 rows; the decoder GEMV's programs
             # each read the weights again for their row, so above one row only the MMA's run.
             mma_tiles = [("mma", *c) for c in INT4_MMA_CONFIGS]
@@ -435,10 +433,11 @@ def int4_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
 
 
 def nvfp4_linear_triton(x: torch.Tensor, packed: torch.Tensor, block_scale: torch.Tensor,
-                        global_scale: torch.Tensor, config: tuple | None = None) -> torch.Tensor:
+                        global_scale: torch.Tensor, config: tuple | None = None,
+                        tensor_cores: bool = True) -> torch.Tensor:
     """x: [..., K]; packed: [N, K // 2] uint8; block_scale: [N, K // 16] e4m3;
     global_scale: [N] fp32 -> [..., N]. K must be a multiple of 16 (the format's block)."""
     n_out, k_in = packed.shape[0], packed.shape[1] * 2
     words = packed.contiguous().view(torch.int32)   # [N, K // 8], little-endian byte pairs
     return _launch(x, words, block_scale.view(torch.uint8), None, global_scale.float(), n_out,
-                   k_in, 16, True, config)
+                   k_in, 16, True, config, tensor_cores)
