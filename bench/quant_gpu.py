@@ -174,7 +174,8 @@ def bench_e2e(model: str, methods: list[str], prompt_len: int, decode_len: int, 
             assert all(len(o.outputs[0].token_ids) == n_out for o in outs)
             return time.perf_counter() - t
 
-        seconds(1, 8)  # warm-up
+        seconds(1, 8)  # warm-up (compiles, and tunes the kernels at one row)
+        seconds(batch, 8)  # and at 2..batch rows, so that no tuning falls inside a timed run
         decode_s = seconds(1, decode_len)
         # One request's prefill and first token (the median of three): what the batch-1
         # figure spends besides decode steps.

@@ -390,7 +390,7 @@ def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor |
             # each read the weights again for their row, so above one row only the MMA's run.
             mma_tiles = [("mma", *c) for c in INT4_MMA_CONFIGS]
             cands = cands + mma_tiles if m == 1 else mma_tiles
-        key = ("decoder_gemv", nvfp4, m, n_out, k_in, group)
+        key = ("decoder_gemv", nvfp4, m, n_out, k_in, group, "mma" if mma else "cuda cores")   # own candidates
     elif m <= GEMV_MAX_ROWS:
         def run(c: tuple) -> None:
             bn, bk, split = c
