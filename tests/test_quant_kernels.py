@@ -296,6 +296,55 @@ def test_fp8_skinny_matches_reference(m, config):
     torch.testing.assert_close(got[:, 0].double(), exact, rtol=tol, atol=tol * exact.abs().max().item())
 
 
+def _nvfp4_weight_every_code(n: int, k: int, seed: int):
+    """An NVFP4 weight [n, k] with every E2M1 code and -0, subnormal block scales among the
+    normal ones and per-row global scales (packed, block scales, global scales, on DEVICE)."""
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
+    packed, bs, gs = quantize_nvfp4(w)
+    packed[::5, 3] = (packed[::5, 3] & 0xF0) | 8          # -0, which quantization never gives
+    assert len(torch.unique(torch.stack([packed & 0xF, packed >> 4], -1))) == 16
+    bs[::7, ::3] = torch.tensor(0.001953125 * 5).to(torch.float8_e4m3fn)      # subnormal scales
+    return packed.to(DEVICE), bs.to(DEVICE), (torch.linspace(0.5, 2.0, n) * gs).to(DEVICE)
+
+
+def _nvfp4_skinny_configs() -> list[tuple]:
+    from ember.quant.kernels.skinny_dot import NVFP4_CONFIGS
+    if DEVICE == "cuda":
+        return list(NVFP4_CONFIGS)
+    kinds = {tuple(c[4:]): c for c in NVFP4_CONFIGS}    # one of each kind (PREFETCH, XW)
+    return list(kinds.values())
+
+
+# 9 and 20 rows (16- and 32-row tiles), 64 (the most); N = 72 no multiple of BLOCK_N; K = 384
+# with split tiles that end inside the range.
+@pytest.mark.parametrize("m", [9, 20, 64])
+@pytest.mark.parametrize("config", _nvfp4_skinny_configs())
+def test_nvfp4_skinny_matches_reference(m, config):
+    from ember.quant.kernels.skinny_dot import nvfp4_skinny
+    args = _nvfp4_weight_every_code(72, 384, seed=m + 40)
+    x = _skinny_x(m, 384, seed=m + 41)
+    want = nvfp4_linear_ref(x.float(), *args)
+    got = nvfp4_skinny(x, *args, config=config).float()
+    tol = _skinny_tol()
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+def test_nvfp4_dequant_kernel_matches_reference():
+    # The large-batch path's NVFP4 dequantization: 256-column tiles (K = 512) and one block a
+    # tile (K = 400); fp32 exact, bf16 one rounding (the interpreter's cast truncates).
+    from ember.quant.kernels.w4a16 import nvfp4_dequant_triton
+    from ember.quant.nvfp4_format import dequantize_nvfp4
+    for k in (512, 400):
+        packed, bs, gs = _nvfp4_weight_every_code(40, k, seed=k)
+        want = dequantize_nvfp4(packed.cpu(), bs.cpu(), gs.cpu())
+        torch.testing.assert_close(nvfp4_dequant_triton(packed, bs, gs, torch.float32).cpu(), want, rtol=0, atol=0)
+        bf = nvfp4_dequant_triton(packed, bs, gs, torch.bfloat16).cpu()
+        if DEVICE == "cuda":
+            assert torch.equal(bf, want.to(torch.bfloat16))
+        else:
+            torch.testing.assert_close(bf.float(), want.to(torch.bfloat16).float(), rtol=2 ** -7, atol=0)
+
+
 def test_skinny_kernels_refuse_too_many_rows():
     from ember.quant.kernels.skinny_dot import MAX_ROWS, int4_skinny
     qw, s, z = _int4_weight(16, 256, 128, seed=3)
@@ -309,6 +358,19 @@ def _linear(method: str, k: int, params: dict | None = None):
     from ember.layers.linear import Linear
     from ember.quant.base import QuantConfig, linear_method_for
     return Linear(k, 64, method=linear_method_for(QuantConfig(method, params=params or {})))
+
+
+@pytest.mark.parametrize("rows,dtype,want", [
+    (1, torch.bfloat16, "mma"), (8, torch.bfloat16, "mma"),       # tuned GEMVs, the MMA GEMV among them
+    (9, torch.bfloat16, "skinny"), (64, torch.bfloat16, "skinny"),
+    (65, torch.bfloat16, "dequant"),                              # dequantize once + the dense GEMM
+    (20, torch.float32, "mma"),                                   # fp32 rows: the fused kernels
+])
+def test_nvfp4_dispatch(rows, dtype, want):
+    lin = _linear("nvfp4", 256)
+    assert lin.method._kernel(lin, torch.zeros(rows, 256, dtype=dtype)) == want
+    gemv = _linear("nvfp4", 256, {"small_batch_kernel": "gemv", "large_batch_kernel": "gemm"})
+    assert gemv.method._kernel(gemv, torch.zeros(rows, 256, dtype=dtype)) == "gemv"
 
 
 def test_nvfp4_small_batch_kernel_param():
@@ -427,7 +489,9 @@ def _run_ptx(asm: str, inputs: dict[int, int]) -> tuple[dict[str, int], list[int
         if op == "add.f32" or None in x:   # the accumulator's widening to fp32
             regs[a[0]] = None
             continue
-        if op == "and.b32":
+        if op == "mov.b32":
+            r = x[0]
+        elif op == "and.b32":
             r = x[0] & x[1]
         elif op == "shr.u32":
             r = x[0] >> x[1]
@@ -451,12 +515,16 @@ def _run_ptx(asm: str, inputs: dict[int, int]) -> tuple[dict[str, int], list[int
     return regs, pairs
 
 
-def test_nvfp4_word_dot_asm_decodes_every_code_exactly():
-    # The compiled NVFP4 decoder (decode._NVFP4_WORD_DOT_ASM) runs only on a GPU; here its
-    # integer part runs on an emulator: the bf16 pair fed to each multiply must be the E2M1
-    # values of that word's codes 2i, 2i + 1, bit for bit, for every code in every position.
+@pytest.mark.parametrize("form", ["word_dot", "mma", "parts"])
+def test_nvfp4_asm_decodes_every_code_exactly(form):
+    # The compiled NVFP4 decoders run only on a GPU; here their integer part runs on an
+    # emulator, bit for bit, for every code in every position: the bf16 pairs fed to the
+    # multiplies of the GEMV's word dot (decode._NVFP4_WORD_DOT_ASM) and of the MMA GEMV's
+    # block-scale product (int4_mma._nvfp4_pairs) must be the E2M1 values of codes 2i,
+    # 2i + 1; the fp32 parts of the skinny / dequantizing tiles (decode._NVFP4_F32_ASM,
+    # whose bf16 twin differs only in its last moves) their values.
     import struct
-    from ember.quant.kernels import decode
+    from ember.quant.kernels import decode, int4_mma
     table = [int(v) & 0xFFFFFFFF for v in (decode.E2M1_LO_0, decode.E2M1_LO_4, decode.E2M1_HI_0, decode.E2M1_HI_4)]
     mags = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 
@@ -467,10 +535,18 @@ def test_nvfp4_word_dot_asm_decodes_every_code_exactly():
     words = [int(w) & 0xFFFFFFFF for w in torch.randint(-2 ** 31, 2 ** 31 - 1, (300,), generator=gen)]
     words += [sum(c << 4 * j for j in range(8)) for c in range(16)]          # each code everywhere
     for q in words:
-        _, pairs = _run_ptx(decode._NVFP4_WORD_DOT_ASM.value, {1: q, 2: 0, 3: 0, 4: 0, 5: 0,
-                                                               6: table[0], 7: table[1], 8: table[2], 9: table[3]})
         codes = [(q >> 4 * j) & 0xF for j in range(8)]
         want = [bf16_bits(-mags[c & 7] if c & 8 else mags[c & 7]) for c in codes]
+        if form == "word_dot":
+            _, pairs = _run_ptx(decode._NVFP4_WORD_DOT_ASM.value, {1: q, 2: 0, 3: 0, 4: 0, 5: 0,
+                                                                   6: table[0], 7: table[1], 8: table[2], 9: table[3]})
+        elif form == "mma":
+            _, pairs = _run_ptx(int4_mma._nvfp4_pairs("$4", "g", "$6"),
+                                {4: q, 6: 0, 16: table[0], 17: table[1], 18: table[2], 19: table[3]})
+        else:
+            regs, _ = _run_ptx(decode._NVFP4_F32_ASM.value, {8: q})
+            assert all(regs[f"${j}"] & 0xFFFF == 0 for j in range(8))
+            pairs = [(regs[f"${2 * i}"] >> 16) | regs[f"${2 * i + 1}"] for i in range(4)]
         got = [h for p in pairs for h in (p & 0xFFFF, p >> 16)]
         assert got == want, hex(q)
 

@@ -55,10 +55,17 @@ class NVFP4LinearMethod(QuantLinearMethod):
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.params.get("activations", "none") == "nvfp4":
             x = fake_quantize_nvfp4_rows(x)
-        if x.is_cuda:
+        args = (layer.weight_packed, layer.weight_scale, layer.weight_scale_2)
+        kernel = self._kernel(layer, x) if x.is_cuda else None
+        if kernel == "skinny":
+            from ember.quant.kernels.skinny_dot import nvfp4_skinny
+            y = nvfp4_skinny(x, *args)
+        elif kernel == "dequant":
+            from ember.quant.kernels.w4a16 import nvfp4_dequant_triton
+            y = F.linear(x, nvfp4_dequant_triton(*args, x.dtype))
+        elif kernel is not None:
             from ember.quant.kernels.w4a16 import nvfp4_linear_triton
-            y = nvfp4_linear_triton(x, layer.weight_packed, layer.weight_scale, layer.weight_scale_2,
-                                    tensor_cores=self._small_batch_kernel() == "mma")
+            y = nvfp4_linear_triton(x, *args, tensor_cores=kernel == "mma")
         else:
             y = F.linear(x, self.cpu_weight(layer, x.dtype))
         return y if layer.bias is None else y + layer.bias
@@ -66,8 +73,24 @@ class NVFP4LinearMethod(QuantLinearMethod):
     def _small_batch_kernel(self) -> str:
         """params["small_batch_kernel"]: "mma" (default): 1-8 bf16 rows may run on the
         tensor-core GEMV (kernels/int4_mma.py; at one row the tuner times it against the
-        decoder GEMV); "gemv": the CUDA-core kernels only (A/B runs)."""
+        decoder GEMV), 9-64 on the skinny kernel (kernels/skinny_dot.py); "gemv": the
+        CUDA-core kernels only (A/B runs)."""
         kind = self.cfg.params.get("small_batch_kernel", "mma")
         if kind not in ("mma", "gemv"):
             raise ValueError(f"NVFP4 small_batch_kernel must be 'mma' or 'gemv', got {kind!r}")
         return kind
+
+    def _kernel(self, layer: Linear, x: torch.Tensor) -> str:
+        """Which GPU kernel serves x: "mma" / "gemv" (w4a16.nvfp4_linear_triton, with or
+        without the MMA GEMV among the tuner's candidates), "skinny" (9-64 bf16 rows) or
+        "dequant" (above 64 rows: dequantize once, then the dense GEMM; params
+        large_batch_kernel "gemm" keeps the fused W4A16 GEMM instead)."""
+        from ember.quant.kernels.skinny_dot import MAX_ROWS, nvfp4_fits
+        from ember.quant.kernels.w4a16 import GEMV_MAX_ROWS
+        rows = x.numel() // x.shape[-1]
+        small = self._small_batch_kernel()
+        if rows > MAX_ROWS:
+            return "gemv" if self.cfg.params.get("large_batch_kernel", "dequant") == "gemm" else "dequant"
+        if rows > GEMV_MAX_ROWS and small == "mma" and x.dtype == torch.bfloat16 and nvfp4_fits(layer.in_features):
+            return "skinny"
+        return small

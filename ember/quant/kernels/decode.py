@@ -259,6 +259,54 @@ def e2m1_scaled(code):
     return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
+# One NVFP4 word -> its 8 E2M1 values as parts (tiles that dequantize before an MMA): the
+# same table lookups and sign xor as _NVFP4_WORD_DOT_ASM, tables as immediates, each pair
+# split into its halves (bf16) or widened (fp32). Outputs $0..$7 = codes 0..7; input $8.
+_NVFP4_PARTS_HEAD = """
+{
+.reg .b32 s0, s1, t, t4, L0, H0, L1, H1, v, sg, a0, a4, b0, b4;
+mov.b32 a0, 0xC0800000;
+mov.b32 a4, 0xC0804000;
+mov.b32 b0, 0x3F3F3F00;
+mov.b32 b4, 0x40404040;
+and.b32 s0, $8, 0x7777;
+shr.u32 s1, $8, 16;
+and.b32 s1, s1, 0x7777;
+and.b32 t, $8, 0x88888888;
+shl.b32 t4, t, 4;
+prmt.b32 L0, a0, a4, s0;
+prmt.b32 H0, b0, b4, s0;
+prmt.b32 L1, a0, a4, s1;
+prmt.b32 H1, b0, b4, s1;"""
+_NVFP4_PAIRS = (("L0", "H0", "0x5140", "0x4000"), ("L0", "H0", "0x7362", "0x5010"),
+                ("L1", "H1", "0x5140", "0x6020"), ("L1", "H1", "0x7362", "0x7030"))
+_NVFP4_BF16_ASM = tl.constexpr(_NVFP4_PARTS_HEAD + "".join(
+    NVFP4_PAIR_PTX.format(L=lo, H=hi, pair=pair, sign=sign) + f"\nmov.b32 {{${2 * i}, ${2 * i + 1}}}, v;"
+    for i, (lo, hi, pair, sign) in enumerate(_NVFP4_PAIRS)) + "\n}")
+_NVFP4_F32_ASM = tl.constexpr(_NVFP4_PARTS_HEAD + "".join(
+    NVFP4_PAIR_PTX.format(L=lo, H=hi, pair=pair, sign=sign)
+    + f"\nshl.b32 ${2 * i}, v, 16;\nand.b32 ${2 * i + 1}, v, 0xFFFF0000;"
+    for i, (lo, hi, pair, sign) in enumerate(_NVFP4_PAIRS)) + "\n}")
+
+
+@triton.jit
+def nvfp4_parts(q, NATIVE: tl.constexpr, DTYPE: tl.constexpr):
+    """q [..] int32 NVFP4 words -> 8 tensors, part j = the E2M1 value of code j (exact), in
+    DTYPE (bf16 or fp32); column order as int4_parts (int4_columns)."""
+    if NATIVE:
+        p = _asm_parts(q, _NVFP4_BF16_ASM, _NVFP4_F32_ASM, 8, DTYPE)
+    else:
+        p = ((e2m1_scaled(q & 0xF) * E2M1_UNSCALE).to(DTYPE),
+             (e2m1_scaled((q >> 4) & 0xF) * E2M1_UNSCALE).to(DTYPE),
+             (e2m1_scaled((q >> 8) & 0xF) * E2M1_UNSCALE).to(DTYPE),
+             (e2m1_scaled((q >> 12) & 0xF) * E2M1_UNSCALE).to(DTYPE),
+             (e2m1_scaled((q >> 16) & 0xF) * E2M1_UNSCALE).to(DTYPE),
+             (e2m1_scaled((q >> 20) & 0xF) * E2M1_UNSCALE).to(DTYPE),
+             (e2m1_scaled((q >> 24) & 0xF) * E2M1_UNSCALE).to(DTYPE),
+             (e2m1_scaled((q >> 28) & 0xF) * E2M1_UNSCALE).to(DTYPE))
+    return p
+
+
 @triton.jit
 def nvfp4_word_dot(q, x01, x23, x45, x67, NATIVE: tl.constexpr):
     """sum_j value(c_j) x_j over each word's 8 E2M1 codes, fp32 (shapes broadcast as in

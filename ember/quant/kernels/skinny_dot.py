@@ -14,6 +14,9 @@ decoded parts are interleaved back into column order for one dot per tile.
   not grow with the rows, where the epilogue does (Llama-8B layer at 64 rows on the H200:
   191.5 -> 146.0 us). The autotuner picks between them per shape and row count.
 - FP8 (E4M3, weight-only): the decoder's 2^-120 factor is folded into the per-row scale.
+- NVFP4 (weight-only): the E2M1 codes decoded to bf16 by table lookups (decode.nvfp4_parts),
+  times their 16-column block's E4M3 scale in bf16 (exact), then the dot; the per-row
+  global scale applies to the result.
 - XW tiles compute y = x @ dequant(W)^T instead (the decoded tile the MMA's shared-memory
   operand; see the tile lists).
 
@@ -29,8 +32,8 @@ import triton
 import triton.language as tl
 
 from ember.layers.pdl import pdl_launch
-from ember.quant.kernels.decode import (E4M3_FACTOR_HALF, INT4_OFFSET, e4m3_parts, int4_columns,
-                                        int4_parts, native_decode)
+from ember.quant.kernels.decode import (E4M3_FACTOR_HALF, INT4_OFFSET, e4m3_from_bits, e4m3_parts,
+                                        int4_columns, int4_parts, native_decode, nvfp4_parts)
 from ember.quant.kernels.splitk import (choose_config, finish_splits, k_range, rows_and_output,
                                         split_buffers, store_split)
 
@@ -44,14 +47,16 @@ FIXUP_SKINNY = os.environ.get("EMBER_SKINNY_FIXUP", "0") == "1"
 
 
 @triton.jit
-def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_xm,
-                   stride_wn, stride_sn, G: tl.constexpr, FP8: tl.constexpr, NATIVE: tl.constexpr,
+def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, M, N, K, stride_xm,
+                   stride_wn, stride_sn, G: tl.constexpr, FP8: tl.constexpr, NVFP4: tl.constexpr,
+                   NATIVE: tl.constexpr,
                    DOT: tl.constexpr, SPLIT_K: tl.constexpr, FIXUP: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    PDL: tl.constexpr, FOLD: tl.constexpr, PREFETCH: tl.constexpr,
                    XW: tl.constexpr):
     """Grid (N tiles, SPLIT_K, M tiles). w: [N, K / PER] int32 words (PER = 8 INT4 codes or
-    4 E4M3 bytes). INT4: s, z [N, K / G] (G a multiple of BLOCK_K); FP8: s [N]. XW: acc is
+    4 E4M3 bytes). INT4: s, z [N, K / G] (G a multiple of BLOCK_K); FP8: s [N]; NVFP4: s
+    the E4M3 block scales [N, K / 16] as bytes, gs [N] the global scales. XW: acc is
     [BLOCK_M, BLOCK_N] (x @ w^T) instead of [BLOCK_N, BLOCK_M].
     y [M, N], split partials and counters as splitk.store_split."""
     PER: tl.constexpr = 4 if FP8 else 8
@@ -80,7 +85,7 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K
     # rows on the H200: 145.4 -> 128.7 us, h200_2026-11-30l_stages).
     s_rows = s_ptr + n_safe * stride_sn
     z_rows = z_ptr + n_safe * stride_sn
-    if FP8:
+    if FP8 or NVFP4:
         sc_next = tl.zeros((BLOCK_N,), dtype=s_ptr.dtype.element_ty)
         zp_next = tl.zeros((BLOCK_N,), dtype=z_ptr.dtype.element_ty)
     else:
@@ -105,6 +110,13 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K
             p = e4m3_parts(q, NATIVE, DOT)
             # Interleave the parts back into column order: [BN, BLOCK_K], column PER*w + j.
             w = tl.interleave(tl.interleave(p[0], p[2]), tl.interleave(p[1], p[3]))
+            acc = _tile_dot(w, x, acc, XW)
+        elif NVFP4:
+            p = nvfp4_parts(q, NATIVE, DOT)
+            sb = tl.load(s_rows[:, None] + (k0 // 16 + wi // 2)[None, :])    # [BN, WORDS]: a block is 2 words
+            sc = e4m3_from_bits(sb.to(tl.int32)).to(DOT)
+            w = int4_columns((p[0] * sc, p[1] * sc, p[2] * sc, p[3] * sc, p[4] * sc, p[5] * sc, p[6] * sc,
+                              p[7] * sc))
             acc = _tile_dot(w, x, acc, XW)
         else:
             p = int4_parts(q, NATIVE, DOT)
@@ -133,6 +145,8 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, M, N, K
         n2, r2 = n[:, None], rm[None, :]
     if FP8:
         acc = acc * (tl.load(s_ptr + tl.minimum(n2, N - 1)) * E4M3_FACTOR_HALF) * E4M3_FACTOR_HALF
+    if NVFP4:
+        acc = acc * tl.load(gs_ptr + tl.minimum(n2, N - 1))
     store_split(acc, y_ptr, part_ptr, cnt_ptr, r2 * N + n2, (n2 < N) & (r2 < M), M * N,
                 tl.program_id(0) + tl.num_programs(0) * tl.program_id(2), SPLIT_K, FIXUP)
 
@@ -170,9 +184,15 @@ INT4_CONFIGS = INT4_CONFIGS + ((128, 128, 1, 8, 1, 0, 1), (128, 128, 8, 8, 1, 0,
 FP8_CONFIGS = FP8_CONFIGS + ((64, 128, 2, 4, 0, 0, 1), (64, 128, 4, 4, 0, 0, 1), (64, 256, 4, 4, 0, 0, 1),
                              (32, 256, 4, 4, 0, 0, 1))
 
+# NVFP4: the INT4 FOLD tiles (the tile dequantized to bf16 before the MMA; the block scales
+# need no epilogue). Not yet tuned on a GPU.
+NVFP4_CONFIGS = tuple(c for c in INT4_CONFIGS if len(c) > 4 and c[4])
+
 
 def _launch(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
-            n_out: int, k_in: int, group: int, fp8: bool, config: tuple | None) -> torch.Tensor:
+            n_out: int, k_in: int, group: int, fp8: bool, config: tuple | None,
+            gs: torch.Tensor | None = None) -> torch.Tensor:
+    """gs given: NVFP4 (s the block-scale bytes, group 16)."""
     x2, y = rows_and_output(x, k_in, n_out, MAX_ROWS)
     m = x2.shape[0]
     if m == 0:
@@ -188,18 +208,25 @@ def _launch(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, z: torch.Tens
         xw = bool(c[6]) if len(c) > 6 else False
         part, cnt, fixup = split_buffers(y, split, triton.cdiv(n_out, bn) * triton.cdiv(m, bm), FIXUP_SKINNY)
         _skinny_kernel[(triton.cdiv(n_out, bn), split, triton.cdiv(m, bm))](
-            x2, y, part, cnt, words, s, z if z is not None else s, m, n_out, k_in, x2.stride(0),
-            words.stride(0), s.stride(0) if s.dim() > 1 else 0, G=group, FP8=fp8, NATIVE=native,
+            x2, y, part, cnt, words, s, z if z is not None else s, gs if gs is not None else s, m, n_out, k_in,
+            x2.stride(0), words.stride(0), s.stride(0) if s.dim() > 1 else 0, G=group, FP8=fp8,
+            NVFP4=gs is not None, NATIVE=native,
             DOT=dot, SPLIT_K=split, FIXUP=fixup, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
             num_warps=warps, FOLD=fold, PREFETCH=prefetch, XW=xw, **pdl_launch(x2))
         finish_splits(part, y, fixup)
 
-    cands = [c for c in (FP8_CONFIGS if fp8 else INT4_CONFIGS)
-             if k_in % c[1] == 0 and (fp8 or group % c[1] == 0)]
+    nvfp4 = gs is not None
+    cands = [c for c in (FP8_CONFIGS if fp8 else NVFP4_CONFIGS if nvfp4 else INT4_CONFIGS)
+             if k_in % c[1] == 0 and (fp8 or nvfp4 or group % c[1] == 0)]
     if not cands:
         raise ValueError(f"no skinny tile fits K = {k_in}, group {group}")
-    run(config or choose_config(("skinny", fp8, bm, n_out, k_in, group), cands, run, x))
+    run(config or choose_config(("skinny", "fp8" if fp8 else "nvfp4" if nvfp4 else "int4", bm, n_out, k_in,
+                                 group), cands, run, x))
     return y.reshape(*x.shape[:-1], n_out)
+
+
+def nvfp4_fits(k_in: int) -> bool:
+    return any(k_in % c[1] == 0 for c in NVFP4_CONFIGS)
 
 
 def int4_fits(k_in: int, group: int) -> bool:
@@ -218,6 +245,16 @@ def int4_skinny(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qz
     n_out, k_in = qweight.shape[0], qweight.shape[1] * 8
     group = k_in // scales.shape[1]
     return _launch(x, qweight, scales, qzeros, n_out, k_in, group, False, config)
+
+
+def nvfp4_skinny(x: torch.Tensor, packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor,
+                 config: tuple | None = None) -> torch.Tensor:
+    """x: [..., K] (at most MAX_ROWS rows); packed: [N, K // 2] uint8; block_scale:
+    [N, K // 16] e4m3; global_scale: [N] fp32 -> [..., N] in x's dtype (bf16 products on the GPU)."""
+    n_out, k_in = packed.shape[0], packed.shape[1] * 2
+    words = packed.contiguous().view(torch.int32)     # [N, K // 8], little-endian byte pairs
+    return _launch(x, words, block_scale.view(torch.uint8), None, n_out, k_in, 16, False, config,
+                   global_scale.float())
 
 
 def fp8_skinny(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,

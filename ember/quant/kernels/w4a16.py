@@ -30,7 +30,7 @@ import triton.language as tl
 from ember.layers.pdl import pdl_launch
 from ember.quant.kernels.decode import (INT4_OFFSET, E2M1_UNSCALE, e2m1_scaled, e4m3_from_bits,
                                         int4_columns, int4_parts, int4_word_dot, int4_zero_pair, native_decode,
-                                        nvfp4_word_dot, x_operand)
+                                        nvfp4_parts, nvfp4_word_dot, x_operand)
 from ember.quant.kernels.int4_mma import INT4_MMA_CONFIGS, int4_mma_gemv, mma_applies
 from ember.quant.kernels.splitk import (choose_config, finish_splits, k_range,
                                         rows_and_output, split_buffers, split_output, store_split,
@@ -267,15 +267,17 @@ def _w4_gemm_kernel(x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, M, N, K, stride
 
 
 @triton.jit
-def _int4_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn,
-                         G: tl.constexpr, NATIVE: tl.constexpr, DT: tl.constexpr,
+def _int4_dequant_kernel(w_ptr, s_ptr, z_ptr, gs_ptr, out_ptr, N, K, stride_wn, stride_sn,
+                         G: tl.constexpr, NVFP4: tl.constexpr, NATIVE: tl.constexpr, DT: tl.constexpr,
                          BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GW: tl.constexpr):
     """Grid (N tiles, K / (8 GROUPS GW) tiles): out [N, K] = (code - zero) * scale. Each
     program reads [BLOCK_N, GROUPS, GW] words (GW words of each of GROUPS groups, or
     GROUPS = 1 inside one group), decodes them by register moves (decode.int4_parts),
     subtracts z + 128 exactly and multiplies by the scale in DT (one rounding: the
     product of a small integer and a DT scale is exact before it) and writes rows of
-    8 GROUPS GW contiguous columns."""
+    8 GROUPS GW contiguous columns. NVFP4 (G = 16, GW = 2): E2M1 values (decode.nvfp4_parts)
+    times the E4M3 block scale in DT (exact), times the row's global scale (gs) in fp32,
+    one rounding."""
     BK: tl.constexpr = 8 * GROUPS * GW
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
@@ -285,14 +287,20 @@ def _int4_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_s
     q = tl.load(w_ptr + n_safe[:, None, None] * stride_wn + words[None, :, :])
     g = (tl.program_id(1) * BK) // G + gi
     sz = n_safe[:, None] * stride_sn + g[None, :]                       # [BN, GROUPS]
-    sc = tl.load(s_ptr + sz).to(tl.float32).to(DT)[:, :, None]
-    zz = (tl.load(z_ptr + sz).to(tl.float32) + INT4_OFFSET).to(DT)[:, :, None]
-    p = int4_parts(q, NATIVE, DT)
-    w = int4_columns(((p[0] - zz) * sc, (p[1] - zz) * sc, (p[2] - zz) * sc, (p[3] - zz) * sc,
-                      (p[4] - zz) * sc, (p[5] - zz) * sc, (p[6] - zz) * sc, (p[7] - zz) * sc))
+    if NVFP4:
+        sc = e4m3_from_bits(tl.load(s_ptr + sz).to(tl.int32)).to(DT)[:, :, None]
+        p = nvfp4_parts(q, NATIVE, DT)
+        w = int4_columns((p[0] * sc, p[1] * sc, p[2] * sc, p[3] * sc, p[4] * sc, p[5] * sc, p[6] * sc, p[7] * sc))
+        w = tl.reshape(w, (BLOCK_N, BK)).to(tl.float32) * tl.load(gs_ptr + n_safe)[:, None]
+    else:
+        sc = tl.load(s_ptr + sz).to(tl.float32).to(DT)[:, :, None]
+        zz = (tl.load(z_ptr + sz).to(tl.float32) + INT4_OFFSET).to(DT)[:, :, None]
+        p = int4_parts(q, NATIVE, DT)
+        w = int4_columns(((p[0] - zz) * sc, (p[1] - zz) * sc, (p[2] - zz) * sc, (p[3] - zz) * sc,
+                          (p[4] - zz) * sc, (p[5] - zz) * sc, (p[6] - zz) * sc, (p[7] - zz) * sc))
+        w = tl.reshape(w, (BLOCK_N, BK))
     col = tl.program_id(1) * BK + tl.arange(0, BK)
-    tl.store(out_ptr + n[:, None] * K + col[None, :],
-             tl.reshape(w, (BLOCK_N, BK)).to(out_ptr.dtype.element_ty), mask=n_mask[:, None])
+    tl.store(out_ptr + n[:, None] * K + col[None, :], w.to(out_ptr.dtype.element_ty), mask=n_mask[:, None])
 
 
 def int4_dequant_triton(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
@@ -315,8 +323,26 @@ def int4_dequant_triton(qweight: torch.Tensor, scales: torch.Tensor, qzeros: tor
     dt = tl.bfloat16 if native and dtype == torch.bfloat16 else tl.float32
     bn = 16
     _int4_dequant_kernel[(triton.cdiv(n_out, bn), k_in // (8 * groups * gw))](
-        qweight, scales, qzeros, out, n_out, k_in, qweight.stride(0), scales.stride(0),
-        G=group, NATIVE=native, DT=dt, BLOCK_N=bn, GROUPS=groups, GW=gw, num_warps=4)
+        qweight, scales, qzeros, scales, out, n_out, k_in, qweight.stride(0), scales.stride(0),
+        G=group, NVFP4=False, NATIVE=native, DT=dt, BLOCK_N=bn, GROUPS=groups, GW=gw, num_warps=4)
+    return out
+
+
+def nvfp4_dequant_triton(packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """packed [N, K // 2] uint8, block_scale [N, K // 16] e4m3, global_scale [N] fp32 ->
+    W [N, K] in dtype (the large-batch path, as int4_dequant_triton)."""
+    n_out, k_in = packed.shape[0], packed.shape[1] * 2
+    words = packed.contiguous().view(torch.int32)
+    out = torch.empty((n_out, k_in), dtype=dtype, device=packed.device)
+    groups = 16 if k_in % 256 == 0 else 1        # 256-column tiles where they fit, else one block
+    native = native_decode()
+    dt = tl.bfloat16 if native and dtype == torch.bfloat16 else tl.float32
+    bn = 16
+    _int4_dequant_kernel[(triton.cdiv(n_out, bn), k_in // (16 * groups))](
+        words, block_scale.view(torch.uint8), block_scale, global_scale.float(), out, n_out, k_in, words.stride(0),
+        block_scale.stride(0), G=16, NVFP4=True, NATIVE=native, DT=dt, BLOCK_N=bn, GROUPS=groups, GW=2,
+        num_warps=4)
     return out
 
 
