@@ -20,6 +20,7 @@ the same parts come from plain integer arithmetic.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import triton
@@ -214,27 +215,37 @@ def int4_word_dot(q, zz, x01, x23, x45, x67, NATIVE: tl.constexpr):
 # bits 15 and 31. The values are exact; the products accumulate in bf16x2 as in
 # _INT4_WORD_DOT_ASM. Outputs $0 (fp32 bits); inputs $1 word, $2..$5 x pairs, $6..$9 the
 # table (low bytes 0-3, 4-7, high bytes 0-3, 4-7).
-NVFP4_PAIR_PTX = """
+_NVFP4_PAIR = """
 prmt.b32 v, {L}, {H}, {pair};
 prmt.b32 sg, t4, t, {sign};
 lop3.b32 v, v, sg, 0x80008000, 0x78;"""
+_NVFP4_PAIRS = (("L0", "H0", "0x5140", "0x4000"), ("L0", "H0", "0x7362", "0x5010"),
+                ("L1", "H1", "0x5140", "0x6020"), ("L1", "H1", "0x7362", "0x7030"))
+NVFP4_REGS = ".reg .b32 s0, s1, t, t4, L0, H0, L1, H1, v, sg;"   # the temporaries nvfp4_ptx uses
 
-_NVFP4_WORD_DOT_ASM = tl.constexpr("""
-{
-.reg .b32 s0, s1, t, t4, L0, H0, L1, H1, v, sg, a;
-and.b32 s0, $1, 0x7777;
-shr.u32 s1, $1, 16;
+
+def nvfp4_ptx(word: str, tables: tuple[str, str, str, str], after: Callable[[int], str]) -> str:
+    """PTX decoding the NVFP4 `word` (a register) into its four bf16x2 code pairs (2i,
+    2i + 1), each left in `v` for the instructions `after(i)` returns. `tables`: the
+    registers holding E2M1_LO_0, E2M1_LO_4, E2M1_HI_0, E2M1_HI_4. Temporaries: NVFP4_REGS."""
+    lo0, lo4, hi0, hi4 = tables
+    head = f"""
+and.b32 s0, {word}, 0x7777;
+shr.u32 s1, {word}, 16;
 and.b32 s1, s1, 0x7777;
-and.b32 t, $1, 0x88888888;
+and.b32 t, {word}, 0x88888888;
 shl.b32 t4, t, 4;
-prmt.b32 L0, $6, $7, s0;
-prmt.b32 H0, $8, $9, s0;
-prmt.b32 L1, $6, $7, s1;
-prmt.b32 H1, $8, $9, s1;""" + NVFP4_PAIR_PTX.format(L="L0", H="H0", pair="0x5140", sign="0x4000") + """
-mul.rn.bf16x2 a, v, $2;""" + NVFP4_PAIR_PTX.format(L="L0", H="H0", pair="0x7362", sign="0x5010") + """
-fma.rn.bf16x2 a, v, $3, a;""" + NVFP4_PAIR_PTX.format(L="L1", H="H1", pair="0x5140", sign="0x6020") + """
-fma.rn.bf16x2 a, v, $4, a;""" + NVFP4_PAIR_PTX.format(L="L1", H="H1", pair="0x7362", sign="0x7030") + """
-fma.rn.bf16x2 a, v, $5, a;
+prmt.b32 L0, {lo0}, {lo4}, s0;
+prmt.b32 H0, {hi0}, {hi4}, s0;
+prmt.b32 L1, {lo0}, {lo4}, s1;
+prmt.b32 H1, {hi0}, {hi4}, s1;"""
+    return head + "".join(_NVFP4_PAIR.format(L=lo, H=hi, pair=pair, sign=sign) + "\n" + after(i)
+                          for i, (lo, hi, pair, sign) in enumerate(_NVFP4_PAIRS))
+
+
+_NVFP4_WORD_DOT_ASM = tl.constexpr("{\n" + NVFP4_REGS + "\n.reg .b32 a;" + nvfp4_ptx(
+    "$1", ("$6", "$7", "$8", "$9"),
+    lambda i: "mul.rn.bf16x2 a, v, $2;" if i == 0 else f"fma.rn.bf16x2 a, v, ${2 + i}, a;") + """
 shl.b32 t, a, 16;
 and.b32 v, a, 0xFFFF0000;
 add.f32 $0, t, v;
@@ -262,31 +273,17 @@ def e2m1_scaled(code):
 # One NVFP4 word -> its 8 E2M1 values as parts (tiles that dequantize before an MMA): the
 # same table lookups and sign xor as _NVFP4_WORD_DOT_ASM, tables as immediates, each pair
 # split into its halves (bf16) or widened (fp32). Outputs $0..$7 = codes 0..7; input $8.
-_NVFP4_PARTS_HEAD = """
-{
-.reg .b32 s0, s1, t, t4, L0, H0, L1, H1, v, sg, a0, a4, b0, b4;
+_NVFP4_TABLES = """
+.reg .b32 a0, a4, b0, b4;
 mov.b32 a0, 0xC0800000;
 mov.b32 a4, 0xC0804000;
 mov.b32 b0, 0x3F3F3F00;
-mov.b32 b4, 0x40404040;
-and.b32 s0, $8, 0x7777;
-shr.u32 s1, $8, 16;
-and.b32 s1, s1, 0x7777;
-and.b32 t, $8, 0x88888888;
-shl.b32 t4, t, 4;
-prmt.b32 L0, a0, a4, s0;
-prmt.b32 H0, b0, b4, s0;
-prmt.b32 L1, a0, a4, s1;
-prmt.b32 H1, b0, b4, s1;"""
-_NVFP4_PAIRS = (("L0", "H0", "0x5140", "0x4000"), ("L0", "H0", "0x7362", "0x5010"),
-                ("L1", "H1", "0x5140", "0x6020"), ("L1", "H1", "0x7362", "0x7030"))
-_NVFP4_BF16_ASM = tl.constexpr(_NVFP4_PARTS_HEAD + "".join(
-    NVFP4_PAIR_PTX.format(L=lo, H=hi, pair=pair, sign=sign) + f"\nmov.b32 {{${2 * i}, ${2 * i + 1}}}, v;"
-    for i, (lo, hi, pair, sign) in enumerate(_NVFP4_PAIRS)) + "\n}")
-_NVFP4_F32_ASM = tl.constexpr(_NVFP4_PARTS_HEAD + "".join(
-    NVFP4_PAIR_PTX.format(L=lo, H=hi, pair=pair, sign=sign)
-    + f"\nshl.b32 ${2 * i}, v, 16;\nand.b32 ${2 * i + 1}, v, 0xFFFF0000;"
-    for i, (lo, hi, pair, sign) in enumerate(_NVFP4_PAIRS)) + "\n}")
+mov.b32 b4, 0x40404040;"""
+_NVFP4_BF16_ASM = tl.constexpr("{\n" + NVFP4_REGS + _NVFP4_TABLES + nvfp4_ptx(
+    "$8", ("a0", "a4", "b0", "b4"), lambda i: f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, v;") + "\n}")
+_NVFP4_F32_ASM = tl.constexpr("{\n" + NVFP4_REGS + _NVFP4_TABLES + nvfp4_ptx(
+    "$8", ("a0", "a4", "b0", "b4"), lambda i: f"shl.b32 ${2 * i}, v, 16;\nand.b32 ${2 * i + 1}, v, 0xFFFF0000;")
+    + "\n}")
 
 
 @triton.jit

@@ -11,7 +11,7 @@ rows it costs about what one row does, where the decoder GEMV reads the weights 
 row, and it replaced the skinny kernel there (1.4-1.6x faster per layer).
 
 NVFP4 (NVFP4 = True) runs the same loop: the E2M1 codes are looked up into bf16 by prmt
-(decode.NVFP4_PAIR_PTX), multiplied by their 16-column block's E4M3 scale in bf16 (exact:
+(decode.nvfp4_ptx), multiplied by their 16-column block's E4M3 scale in bf16 (exact:
 2 significant bits times 4) so the block scales ride inside A and the MMAs accumulate
 straight into the output, and the per-row global scale applies once at the end. About 40
 instructions a word (the lookups and signs), against the NVFP4 decoder GEMV's 44, yet
@@ -43,8 +43,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ember.quant.kernels.decode import (E2M1_HI_0, E2M1_HI_4, E2M1_LO_0, E2M1_LO_4, E2M1_UNSCALE, NVFP4_PAIR_PTX,
-                                        bf16_pair, e2m1_scaled, e4m3_from_bits, int4_zero_pair, native_decode)
+from ember.quant.kernels.decode import (E2M1_HI_0, E2M1_HI_4, E2M1_LO_0, E2M1_LO_4, E2M1_UNSCALE, NVFP4_REGS,
+                                        bf16_pair, e2m1_scaled, e4m3_from_bits, int4_zero_pair, native_decode,
+                                        nvfp4_ptx)
 from ember.quant.kernels.prefetch import prefetch_l2
 from ember.quant.kernels.splitk import finish_splits, k_range, split_buffers, store_split
 
@@ -83,30 +84,17 @@ _INT4_MMA_SUB_ASM = tl.constexpr("{\n.reg .b32 s, p, g0, g1, g2, g3, h0, h1, h2,
 }}""")
 
 def _nvfp4_pairs(word: str, reg: str, scale: str) -> str:
-    """PTX decoding the NVFP4 `word` into bf16x2 registers reg0..reg3 (pairs of codes 2i,
-    2i + 1 as decode.NVFP4_PAIR_PTX looks them up, tables in $16..$19), each times `scale`
-    (a bf16x2 pair of the block scale: E2M1 x E4M3 is exact in bf16)."""
-    head = f"""
-and.b32 s0, {word}, 0x7777;
-shr.u32 s1, {word}, 16;
-and.b32 s1, s1, 0x7777;
-and.b32 t, {word}, 0x88888888;
-shl.b32 t4, t, 4;
-prmt.b32 L0, $16, $17, s0;
-prmt.b32 H0, $18, $19, s0;
-prmt.b32 L1, $16, $17, s1;
-prmt.b32 H1, $18, $19, s1;"""
-    pairs = (("L0", "H0", "0x5140", "0x4000"), ("L0", "H0", "0x7362", "0x5010"),
-             ("L1", "H1", "0x5140", "0x6020"), ("L1", "H1", "0x7362", "0x7030"))
-    return head + "".join(NVFP4_PAIR_PTX.format(L=lo, H=hi, pair=pair, sign=sign)
-                          + f"\nmul.rn.bf16x2 {reg}{i}, v, {scale};" for i, (lo, hi, pair, sign) in enumerate(pairs))
+    """PTX decoding the NVFP4 `word` into bf16x2 registers reg0..reg3 (code pairs 2i, 2i + 1,
+    decode.nvfp4_ptx, tables in $16..$19), each times `scale` (a bf16x2 pair of the block
+    scale: E2M1 x E4M3 is exact in bf16)."""
+    return nvfp4_ptx(word, ("$16", "$17", "$18", "$19"), lambda i: f"mul.rn.bf16x2 {reg}{i}, v, {scale};")
 
 
 # NVFP4 (NVFP4 = True): the words' E2M1 codes decoded and multiplied by their 16-column
 # block's E4M3 scale in bf16 (exact), then the same two MMAs; the per-row global scale
 # applies once at the end. Outputs $0..$3 D; inputs $4 / $5 the words of rows g / g + 8,
 # $6 / $7 their block-scale pairs, $8..$11 x pairs, $12..$15 C, $16..$19 the E2M1 tables.
-_NVFP4_MMA_ASM = tl.constexpr("{\n.reg .b32 s0, s1, t, t4, L0, H0, L1, H1, v, sg, g0, g1, g2, g3, h0, h1, h2, h3;"
+_NVFP4_MMA_ASM = tl.constexpr("{\n" + NVFP4_REGS + "\n.reg .b32 g0, g1, g2, g3, h0, h1, h2, h3;"
                               + _nvfp4_pairs("$4", "g", "$6") + _nvfp4_pairs("$5", "h", "$7") + f"""
 {_MMA}{{$0, $1, $2, $3}}, {{g0, h0, g1, h1}}, {{$8, $9}}, {{$12, $13, $14, $15}};
 {_MMA}{{$0, $1, $2, $3}}, {{g2, h2, g3, h3}}, {{$10, $11}}, {{$0, $1, $2, $3}};
