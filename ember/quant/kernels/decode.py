@@ -305,6 +305,15 @@ def nvfp4_parts(q, NATIVE: tl.constexpr, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def nvfp4_columns(q, sc, NATIVE: tl.constexpr, DTYPE: tl.constexpr):
+    """q [..., WORDS] NVFP4 words, sc [..., WORDS] (or broadcastable) each word's block scale
+    in DTYPE -> the dequantized values [..., 8 WORDS] in column order, code times scale
+    (exact in bf16: 2 significant bits times E4M3's 4)."""
+    p = nvfp4_parts(q, NATIVE, DTYPE)
+    return int4_columns((p[0] * sc, p[1] * sc, p[2] * sc, p[3] * sc, p[4] * sc, p[5] * sc, p[6] * sc, p[7] * sc))
+
+
+@triton.jit
 def nvfp4_word_dot(q, x01, x23, x45, x67, NATIVE: tl.constexpr):
     """sum_j value(c_j) x_j over each word's 8 E2M1 codes, fp32 (shapes broadcast as in
     int4_word_dot). Compiled: the prmt table lookup in packed bf16 math (see the asm); the

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ember.layers.pdl import pdl_launch
 from ember.quant.kernels.decode import (E4M3_FACTOR_HALF, INT4_OFFSET, e4m3_from_bits, e4m3_parts,
-                                        int4_columns, int4_parts, native_decode, nvfp4_parts)
+                                        int4_columns, int4_parts, native_decode, nvfp4_columns)
 from ember.quant.kernels.splitk import (choose_config, finish_splits, k_range, rows_and_output,
                                         split_buffers, store_split)
 
@@ -112,11 +112,8 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, gs_ptr,
             w = tl.interleave(tl.interleave(p[0], p[2]), tl.interleave(p[1], p[3]))
             acc = _tile_dot(w, x, acc, XW)
         elif NVFP4:
-            p = nvfp4_parts(q, NATIVE, DOT)
             sb = tl.load(s_rows[:, None] + (k0 // 16 + wi // 2)[None, :])    # [BN, WORDS]: a block is 2 words
-            sc = e4m3_from_bits(sb.to(tl.int32)).to(DOT)
-            w = int4_columns((p[0] * sc, p[1] * sc, p[2] * sc, p[3] * sc, p[4] * sc, p[5] * sc, p[6] * sc,
-                              p[7] * sc))
+            w = nvfp4_columns(q, e4m3_from_bits(sb.to(tl.int32)).to(DOT), NATIVE, DOT)
             acc = _tile_dot(w, x, acc, XW)
         else:
             p = int4_parts(q, NATIVE, DOT)

@@ -30,7 +30,7 @@ import triton.language as tl
 from ember.layers.pdl import pdl_launch
 from ember.quant.kernels.decode import (INT4_OFFSET, E2M1_UNSCALE, e2m1_scaled, e4m3_from_bits,
                                         int4_columns, int4_parts, int4_word_dot, int4_zero_pair, native_decode,
-                                        nvfp4_parts, nvfp4_word_dot, x_operand)
+                                        nvfp4_columns, nvfp4_word_dot, x_operand)
 from ember.quant.kernels.int4_mma import INT4_MMA_CONFIGS, int4_mma_gemv, mma_applies
 from ember.quant.kernels.splitk import (choose_config, finish_splits, k_range,
                                         rows_and_output, split_buffers, split_output, store_split,
@@ -288,9 +288,7 @@ def _int4_dequant_kernel(w_ptr, s_ptr, z_ptr, gs_ptr, out_ptr, N, K, stride_wn, 
     g = (tl.program_id(1) * BK) // G + gi
     sz = n_safe[:, None] * stride_sn + g[None, :]                       # [BN, GROUPS]
     if NVFP4:
-        sc = e4m3_from_bits(tl.load(s_ptr + sz).to(tl.int32)).to(DT)[:, :, None]
-        p = nvfp4_parts(q, NATIVE, DT)
-        w = int4_columns((p[0] * sc, p[1] * sc, p[2] * sc, p[3] * sc, p[4] * sc, p[5] * sc, p[6] * sc, p[7] * sc))
+        w = nvfp4_columns(q, e4m3_from_bits(tl.load(s_ptr + sz).to(tl.int32)).to(DT)[:, :, None], NATIVE, DT)
         w = tl.reshape(w, (BLOCK_N, BK)).to(tl.float32) * tl.load(gs_ptr + n_safe)[:, None]
     else:
         sc = tl.load(s_ptr + sz).to(tl.float32).to(DT)[:, :, None]
