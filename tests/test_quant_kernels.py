@@ -361,16 +361,19 @@ def _linear(method: str, k: int, params: dict | None = None):
 
 
 @pytest.mark.parametrize("rows,dtype,want", [
-    (1, torch.bfloat16, "mma"), (8, torch.bfloat16, "mma"),       # tuned GEMVs, the MMA GEMV among them
+    (1, torch.bfloat16, "w4a16"), (8, torch.bfloat16, "w4a16"),   # tuned GEMVs, the MMA GEMV among them
     (9, torch.bfloat16, "skinny"), (64, torch.bfloat16, "skinny"),
     (65, torch.bfloat16, "dequant"),                              # dequantize once + the dense GEMM
-    (20, torch.float32, "mma"),                                   # fp32 rows: the fused kernels
+    (20, torch.float32, "w4a16"),                                 # fp32 rows: the fused kernels
 ])
 def test_nvfp4_dispatch(rows, dtype, want):
     lin = _linear("nvfp4", 256)
     assert lin.method._kernel(lin, torch.zeros(rows, 256, dtype=dtype)) == want
-    gemv = _linear("nvfp4", 256, {"small_batch_kernel": "gemv", "large_batch_kernel": "gemm"})
-    assert gemv.method._kernel(gemv, torch.zeros(rows, 256, dtype=dtype)) == "gemv"
+    cuda_cores = _linear("nvfp4", 256, {"small_batch_kernel": "gemv", "large_batch_kernel": "gemm"})
+    assert cuda_cores.method._kernel(cuda_cores, torch.zeros(rows, 256, dtype=dtype)) == "w4a16"
+    with pytest.raises(ValueError, match="large_batch_kernel"):
+        bad = _linear("nvfp4", 256, {"large_batch_kernel": "cublas"})
+        bad.method._kernel(bad, torch.zeros(rows, 256, dtype=dtype))
 
 
 def test_nvfp4_small_batch_kernel_param():

@@ -63,9 +63,9 @@ class NVFP4LinearMethod(QuantLinearMethod):
         elif kernel == "dequant":
             from ember.quant.kernels.w4a16 import nvfp4_dequant_triton
             y = F.linear(x, nvfp4_dequant_triton(*args, x.dtype))
-        elif kernel is not None:
+        elif kernel == "w4a16":
             from ember.quant.kernels.w4a16 import nvfp4_linear_triton
-            y = nvfp4_linear_triton(x, *args, tensor_cores=kernel == "mma")
+            y = nvfp4_linear_triton(x, *args, tensor_cores=self._small_batch_kernel() == "mma")
         else:
             y = F.linear(x, self.cpu_weight(layer, x.dtype))
         return y if layer.bias is None else y + layer.bias
@@ -81,16 +81,20 @@ class NVFP4LinearMethod(QuantLinearMethod):
         return kind
 
     def _kernel(self, layer: Linear, x: torch.Tensor) -> str:
-        """Which GPU kernel serves x: "mma" / "gemv" (w4a16.nvfp4_linear_triton, with or
-        without the MMA GEMV among the tuner's candidates), "skinny" (9-64 bf16 rows) or
+        """Which GPU kernel serves x: "skinny" (9-64 bf16 rows, kernels/skinny_dot.py),
         "dequant" (above 64 rows: dequantize once, then the dense GEMM; params
-        large_batch_kernel "gemm" keeps the fused W4A16 GEMM instead)."""
+        large_batch_kernel "gemm" keeps the fused kernel instead) or "w4a16" (the GEMVs up
+        to 8 rows, tuned, the MMA GEMV among them unless small_batch_kernel is "gemv"; the
+        fused W4A16 GEMM for other rows)."""
         from ember.quant.kernels.skinny_dot import MAX_ROWS, nvfp4_fits
         from ember.quant.kernels.w4a16 import GEMV_MAX_ROWS
         rows = x.numel() // x.shape[-1]
-        small = self._small_batch_kernel()
+        large = self.cfg.params.get("large_batch_kernel", "dequant")
+        if large not in ("dequant", "gemm"):
+            raise ValueError(f"NVFP4 large_batch_kernel must be 'dequant' or 'gemm', got {large!r}")
         if rows > MAX_ROWS:
-            return "gemv" if self.cfg.params.get("large_batch_kernel", "dequant") == "gemm" else "dequant"
-        if rows > GEMV_MAX_ROWS and small == "mma" and x.dtype == torch.bfloat16 and nvfp4_fits(layer.in_features):
+            return "dequant" if large == "dequant" else "w4a16"
+        if (rows > GEMV_MAX_ROWS and self._small_batch_kernel() == "mma" and x.dtype == torch.bfloat16
+                and nvfp4_fits(layer.in_features)):
             return "skinny"
-        return small
+        return "w4a16"

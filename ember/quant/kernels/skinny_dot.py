@@ -14,7 +14,7 @@ decoded parts are interleaved back into column order for one dot per tile.
   not grow with the rows, where the epilogue does (Llama-8B layer at 64 rows on the H200:
   191.5 -> 146.0 us). The autotuner picks between them per shape and row count.
 - FP8 (E4M3, weight-only): the decoder's 2^-120 factor is folded into the per-row scale.
-- NVFP4 (weight-only): the E2M1 codes decoded to bf16 by table lookups (decode.nvfp4_parts),
+- NVFP4 (weight-only): the E2M1 codes decoded to bf16 by table lookups (decode.nvfp4_columns),
   times their 16-column block's E4M3 scale in bf16 (exact), then the dot; the per-row
   global scale applies to the result.
 - XW tiles compute y = x @ dequant(W)^T instead (the decoded tile the MMA's shared-memory

@@ -267,7 +267,7 @@ def _w4_gemm_kernel(x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, M, N, K, stride
 
 
 @triton.jit
-def _int4_dequant_kernel(w_ptr, s_ptr, z_ptr, gs_ptr, out_ptr, N, K, stride_wn, stride_sn,
+def _w4_dequant_kernel(w_ptr, s_ptr, z_ptr, gs_ptr, out_ptr, N, K, stride_wn, stride_sn,
                          G: tl.constexpr, NVFP4: tl.constexpr, NATIVE: tl.constexpr, DT: tl.constexpr,
                          BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GW: tl.constexpr):
     """Grid (N tiles, K / (8 GROUPS GW) tiles): out [N, K] = (code - zero) * scale. Each
@@ -320,7 +320,7 @@ def int4_dequant_triton(qweight: torch.Tensor, scales: torch.Tensor, qzeros: tor
     # bf16 arithmetic for bf16 outputs (exact up to the one rounding), fp32 otherwise.
     dt = tl.bfloat16 if native and dtype == torch.bfloat16 else tl.float32
     bn = 16
-    _int4_dequant_kernel[(triton.cdiv(n_out, bn), k_in // (8 * groups * gw))](
+    _w4_dequant_kernel[(triton.cdiv(n_out, bn), k_in // (8 * groups * gw))](
         qweight, scales, qzeros, scales, out, n_out, k_in, qweight.stride(0), scales.stride(0),
         G=group, NVFP4=False, NATIVE=native, DT=dt, BLOCK_N=bn, GROUPS=groups, GW=gw, num_warps=4)
     return out
@@ -337,7 +337,7 @@ def nvfp4_dequant_triton(packed: torch.Tensor, block_scale: torch.Tensor, global
     native = native_decode()
     dt = tl.bfloat16 if native and dtype == torch.bfloat16 else tl.float32
     bn = 16
-    _int4_dequant_kernel[(triton.cdiv(n_out, bn), k_in // (16 * groups))](
+    _w4_dequant_kernel[(triton.cdiv(n_out, bn), k_in // (16 * groups))](
         words, block_scale.view(torch.uint8), block_scale, global_scale.float(), out, n_out, k_in, words.stride(0),
         block_scale.stride(0), G=16, NVFP4=True, NATIVE=native, DT=dt, BLOCK_N=bn, GROUPS=groups, GW=2,
         num_warps=4)
