@@ -4,7 +4,11 @@ Llama-3.1-8B shape (qkv, o, gate_up, down), for M rows, the CUDA-core kernels
 tensor-core skinny kernels (skinny_dot.py), beside bf16 cuBLAS. Four distinct layers' weights are chained in
 one CUDA graph (their weights exceed L2, as in a decode step), timed per layer.
 
-  PYTHONPATH=$PWD python bench/skinny_gpu.py [--rows 1 16 64] [--configs] [--mma-configs]
+  PYTHONPATH=$PWD python bench/skinny_gpu.py [--rows 1 16 64] [--configs] [--mma-configs] [--nvfp4]
+
+--nvfp4 adds NVFP4's kernels (the tuned GEMVs / fused GEMM, the skinny kernel, the
+dequantization + bf16 GEMM) to the table, and to --skinny-configs (format "nvfp4") and
+--mma-configs.
 """
 from __future__ import annotations
 
@@ -25,8 +29,12 @@ from ember.quant.kernels.fp8_gemv import CONFIGS as FP8_GEMV_CONFIGS
 from ember.quant.kernels.fp8_gemv import fp8_gemv_triton
 from ember.quant.kernels.skinny_dot import FP8_CONFIGS as FP8_SKINNY_CONFIGS
 from ember.quant.kernels.skinny_dot import INT4_CONFIGS as INT4_SKINNY_CONFIGS
-from ember.quant.kernels.skinny_dot import fp8_skinny, int4_skinny
-from ember.quant.kernels.w4a16 import INT4_GEMV_CONFIGS, int4_dequant_triton, int4_linear_triton
+from ember.quant.kernels.skinny_dot import NVFP4_CONFIGS as NVFP4_SKINNY_CONFIGS
+from ember.quant.kernels.skinny_dot import fp8_skinny, int4_skinny, nvfp4_skinny
+from ember.quant.kernels.w4a16 import (INT4_GEMV_CONFIGS, int4_dequant_triton, int4_linear_triton,
+                                       nvfp4_dequant_triton, nvfp4_linear_triton)
+from ember.quant.kernels import nvfp4_linear_ref
+from ember.quant.nvfp4_format import quantize_nvfp4
 
 # (warps, SPLIT_K, UNROLL, SUB, AHEAD) of the tensor-core INT4 GEMV (kernels/int4_mma.py)
 MMA_SWEEP = ([("mma", w, s, u, 0, a) for w in (2, 4, 8) for s in (1, 2, 4) for u in (1, 2, 4) for a in (0, 2)]
@@ -43,8 +51,10 @@ def layer_weights(seed: int) -> dict:
         w = torch.randn(n, k, device="cuda", generator=g) * 0.02
         q, s, z = quantize_int4(w, 128)
         f8, s8 = quantize_fp8(w, per_row=True)
+        p4, b4, g4 = quantize_nvfp4(w)
         out[name] = {"bf16": w.to(torch.bfloat16), "int4": (pack_int4(q), s.to(torch.bfloat16), z),
-                     "fp8": (f8, s8.reshape(-1).contiguous())}
+                     "fp8": (f8, s8.reshape(-1).contiguous()),
+                     "nvfp4": (p4, b4, g4.reshape(-1)[:1].expand(n).contiguous().float())}
         del w
     return out
 
@@ -61,6 +71,11 @@ KERNELS = {
     "int4-dequant+bf16": lambda x, w: F.linear(x, int4_dequant_triton(*w["int4"], x.dtype)),
     "fp8-gemv/w8a8": lambda x, w: fp8_gemv_triton(x, *w["fp8"]) if x.shape[0] <= 8 else fp8_w8a8(x, *w["fp8"]),
     "fp8-skinny": lambda x, w: fp8_skinny(x, *w["fp8"]),
+}
+NVFP4_KERNELS = {     # with --nvfp4
+    "nvfp4-gemv/gemm": lambda x, w: nvfp4_linear_triton(x, *w["nvfp4"]),
+    "nvfp4-skinny": lambda x, w: nvfp4_skinny(x, *w["nvfp4"]),
+    "nvfp4-dequant+bf16": lambda x, w: F.linear(x, nvfp4_dequant_triton(*w["nvfp4"], x.dtype)),
 }
 
 
@@ -79,16 +94,19 @@ def time_layers(fn, xs: dict, layers: list, shapes=tuple(SHAPES)) -> float:
     return graph_replay_ms(g, 20) * 1e3 / len(layers)
 
 
-def check(layers: list, m: int) -> None:
+def check(layers: list, m: int, kernels: dict) -> None:
     w = layers[0]["gate_up"]
     x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
-    for name, ref in (("int4-gemv/gemm", int4_linear_ref(x.float(), w["int4"][0], w["int4"][1].float(), w["int4"][2])),
-                      ("fp8-gemv/w8a8", fp8_linear_ref(x.float(), *w["fp8"])),
-                      ("int4-skinny", int4_linear_ref(x.float(), w["int4"][0], w["int4"][1].float(), w["int4"][2])),
-                      ("fp8-skinny", fp8_linear_ref(x.float(), *w["fp8"]))):
+    int4_ref = int4_linear_ref(x.float(), w["int4"][0], w["int4"][1].float(), w["int4"][2])
+    refs = {"int4-gemv/gemm": int4_ref, "int4-skinny": int4_ref, "fp8-gemv/w8a8": fp8_linear_ref(x.float(), *w["fp8"]),
+            "fp8-skinny": fp8_linear_ref(x.float(), *w["fp8"])}
+    if "nvfp4-skinny" in kernels:
+        nvfp4_ref = nvfp4_linear_ref(x.float(), *w["nvfp4"])
+        refs.update({"nvfp4-gemv/gemm": nvfp4_ref, "nvfp4-skinny": nvfp4_ref, "nvfp4-dequant+bf16": nvfp4_ref})
+    for name, ref in refs.items():
         if (name == "fp8-gemv/w8a8" and m > 8) or not applies(name, m):
             continue   # W8A8 quantizes x too: not the weight-only reference
-        y = KERNELS[name](x, w).float()
+        y = kernels[name](x, w).float()
         err = ((y - ref).norm() / ref.norm()).item()
         print(json.dumps({"check": name, "m": m, "rel_err": err}), flush=True)
         assert err < 2e-2, (name, m, err)
@@ -119,34 +137,37 @@ def main() -> None:
     ap.add_argument("--skinny-configs", action="store_true",
                     help="also time every skinny tile config (INT4 and FP8) at each of --rows in 2..64")
     ap.add_argument("--skinny-formats", nargs="*", default=["int4", "fp8"],
-                    help="with --skinny-configs, which formats' skinny tiles to time")
+                    help="with --skinny-configs, which formats' skinny tiles to time (int4, fp8, nvfp4)")
+    ap.add_argument("--nvfp4", action="store_true", help="NVFP4's kernels too")
     args = ap.parse_args()
+    kernels = dict(KERNELS, **(NVFP4_KERNELS if args.nvfp4 else {}))
     print("#", json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}), flush=True)
     layers = [layer_weights(i) for i in range(LAYERS)]
     rows = []
     for m in args.rows:
-        check(layers, m)
+        check(layers, m, kernels)
         xs = {name: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for name, (k, n) in SHAPES.items()}
-        for kname, fn in KERNELS.items():
+        for kname, fn in kernels.items():
             if not applies(kname, m):
                 continue
             us = time_layers(fn, xs, layers)
             rows.append({"m": m, "kernel": kname, "us_per_layer": round(us, 1)})
             print(json.dumps(rows[-1]), flush=True)
-    print("\n| M | " + " | ".join(KERNELS) + " |")
-    print("| --- | " + " | ".join("---" for _ in KERNELS) + " |")
+    print("\n| M | " + " | ".join(kernels) + " |")
+    print("| --- | " + " | ".join("---" for _ in kernels) + " |")
     for m in args.rows:
         base = next(r["us_per_layer"] for r in rows if r["m"] == m and r["kernel"] == "bf16")
         got = {r["kernel"]: r["us_per_layer"] for r in rows if r["m"] == m}
-        cells = [f"{got[k]:.1f} us ({base / got[k]:.2f}x)" if k in got else "-" for k in KERNELS]
+        cells = [f"{got[k]:.1f} us ({base / got[k]:.2f}x)" if k in got else "-" for k in kernels]
         print(f"| {m} | " + " | ".join(cells) + " |")
     from quant_gpu import tuned_tiles
     print("# tiles the kernels' tuner chose:", tuned_tiles(), flush=True)
     if args.skinny_configs:
         for m in [m for m in args.rows if 2 <= m <= 64]:
             x = {name: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for name, (k, n) in SHAPES.items()}
-            for fmt, cfgs, fn in (("int4", INT4_SKINNY_CONFIGS, int4_skinny), ("fp8", FP8_SKINNY_CONFIGS, fp8_skinny)):
+            for fmt, cfgs, fn in (("int4", INT4_SKINNY_CONFIGS, int4_skinny), ("fp8", FP8_SKINNY_CONFIGS, fp8_skinny),
+                                  ("nvfp4", NVFP4_SKINNY_CONFIGS, nvfp4_skinny)):
                 if fmt not in args.skinny_formats:
                     continue
                 for name in SHAPES:
@@ -155,9 +176,12 @@ def main() -> None:
     if args.mma_configs:
         for m in [m for m in args.rows if m <= 8]:
             x = {name: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for name, (k, n) in SHAPES.items()}
-            for name in SHAPES:
-                print(f"# int4-mma {name} M={m} us per config: "
-                      + per_config(int4_linear_triton, "int4", MMA_SWEEP, x, layers, name), flush=True)
+            for fmt, fn in (("int4", int4_linear_triton), ("nvfp4", nvfp4_linear_triton)):
+                if fmt == "nvfp4" and not args.nvfp4:
+                    continue
+                for name in SHAPES:
+                    print(f"# {fmt}-mma {name} M={m} us per config: "
+                          + per_config(fn, fmt, MMA_SWEEP, x, layers, name), flush=True)
     if args.configs:
         x = {name: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for name, (k, n) in SHAPES.items()}
         def ahead(cfgs):
