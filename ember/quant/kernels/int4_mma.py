@@ -43,9 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ember.quant.kernels.decode import (E2M1_HI_0, E2M1_HI_4, E2M1_LO_0, E2M1_LO_4, E2M1_UNSCALE, NVFP4_REGS,
-                                        bf16_pair, e2m1_scaled, e4m3_from_bits, int4_zero_pair, native_decode,
-                                        nvfp4_ptx)
+from ember.quant.kernels.decode import (E2M1_HI_0, E2M1_HI_4, E2M1_LO_0, E2M1_LO_4, NVFP4_REGS, bf16_pair,
+                                        e4m3_from_bits, int4_zero_pair, native_decode, nvfp4_parts, nvfp4_ptx)
 from ember.quant.kernels.prefetch import prefetch_l2
 from ember.quant.kernels.splitk import finish_splits, k_range, split_buffers, store_split
 
@@ -211,12 +210,10 @@ def _mma_pair(qg, qh, zzg, zzh, x01, x23, x45, x67, c0, c1, c2, c3, x0, x1, NATI
 def _nvfp4_pairs_emulated(q, sp):
     """Interpreter form of _nvfp4_pairs: a word's code pairs (2i, 2i + 1) times the block
     scale (sp: a bf16x2 pair), as bf16x2 int32 (exact)."""
-    sc = bf16_pair(sp)[0] * E2M1_UNSCALE
-    p0 = _bf16_bits_pair(e2m1_scaled(q & 0xF) * sc, e2m1_scaled((q >> 4) & 0xF) * sc)
-    p1 = _bf16_bits_pair(e2m1_scaled((q >> 8) & 0xF) * sc, e2m1_scaled((q >> 12) & 0xF) * sc)
-    p2 = _bf16_bits_pair(e2m1_scaled((q >> 16) & 0xF) * sc, e2m1_scaled((q >> 20) & 0xF) * sc)
-    p3 = _bf16_bits_pair(e2m1_scaled((q >> 24) & 0xF) * sc, e2m1_scaled((q >> 28) & 0xF) * sc)
-    return p0, p1, p2, p3
+    sc = bf16_pair(sp)[0]
+    p = nvfp4_parts(q, False, tl.float32)
+    return (_bf16_bits_pair(p[0] * sc, p[1] * sc), _bf16_bits_pair(p[2] * sc, p[3] * sc),
+            _bf16_bits_pair(p[4] * sc, p[5] * sc), _bf16_bits_pair(p[6] * sc, p[7] * sc))
 
 
 @triton.jit
@@ -366,8 +363,7 @@ def _int4_mma_gemv_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, 
     """y [M, N] = x [M, K] @ dequant(W)^T for M <= 8, W [N, K / 8] int32 words, s and z per
     row and group (G a multiple of 128), x as int32 bf16 pairs [M, K / 2]; NVFP4: E2M1
     words, s the E4M3 block scales per 16 columns, gs the per-row global scale (z unused,
-    SUB not read). One program: 16
-    rows (program_id(0)); its WARPS warps take turns over 128-column chunks of the split's
+    SUB not read). One program: 16 rows (program_id(0)); its WARPS warps take turns over 128-column chunks of the split's
     K range (UNROLL chunks a loop step, their words and scales all requested first) and
     are summed at the end. SUB: how the zero point comes off (the asm's comment). AHEAD >
     0: each step asks the L2 for the words AHEAD steps on (kernels/prefetch.py). EVEN:
