@@ -141,15 +141,8 @@ def test_nvfp4_mma_gemv_every_config(m, config, k):
     # E4M3 scale in bf16 (exact) before the MMA, the per-row global scale after. Every code
     # and -0 present, subnormal block scales among the normal ones, N = 72 no multiple of 16,
     # K = 384 leaves warps and splits without a step (masked).
-    n = 72
-    w = torch.randn(n, k, generator=torch.Generator().manual_seed(m + 30)) * 0.05
-    packed, bs, gs = quantize_nvfp4(w)
-    packed[::5, 3] = (packed[::5, 3] & 0xF0) | 8          # -0, which quantization never gives
-    assert len(torch.unique(torch.stack([packed & 0xF, packed >> 4], -1))) == 16
-    bs[::7, ::3] = torch.tensor(0.001953125 * 5).to(torch.float8_e4m3fn)      # subnormal scales
-    gs_rows = torch.linspace(0.5, 2.0, n) * gs
+    args = _nvfp4_weight_every_code(72, k, seed=m + 30)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + 31)).to(DEVICE, torch.bfloat16)
-    args = (packed.to(DEVICE), bs.to(DEVICE), gs_rows.to(DEVICE))
     want = nvfp4_linear_ref(x.float(), *args)
     got = nvfp4_linear_triton(x, *args, config=config).float()       # bf16 out
     torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
@@ -311,7 +304,7 @@ def _nvfp4_skinny_configs() -> list[tuple]:
     from ember.quant.kernels.skinny_dot import NVFP4_CONFIGS
     if DEVICE == "cuda":
         return list(NVFP4_CONFIGS)
-    kinds = {tuple(c[4:]): c for c in NVFP4_CONFIGS}    # one of each kind (PREFETCH, XW)
+    kinds = {tuple(c[4:]): c for c in NVFP4_CONFIGS}    # one of each kind (with and without PREFETCH)
     return list(kinds.values())
 
 
