@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -53,6 +54,35 @@ VARIANTS = {
 }
 
 
+# The floor under the INT4 GEMVs: AWQ with every one-row INT4 linear replaced by a kernel
+# that reads the same bytes and decodes nothing (bench/stream_probe.py's int4_floor_gemv;
+# its output is zeros, so the tokens mean nothing): what batch 1 would reach if the INT4
+# GEMVs cost no more than streaming their weights, with every other kernel as it is.
+FLOOR_VARIANTS = {"awq-floor": "awq", "awq-floor+head": "awq+head"}
+
+
+@contextlib.contextmanager
+def floor_gemvs(method: str):
+    """Within: a FLOOR_VARIANTS method's one-row INT4 linears run the floor kernel."""
+    if method not in FLOOR_VARIANTS:
+        yield
+        return
+    from stream_probe import int4_floor_gemv
+    from ember.quant.awq import Int4LinearMethod
+    apply = Int4LinearMethod.apply
+
+    def floor_apply(self, layer, x):
+        if x.is_cuda and x.dtype == torch.bfloat16 and x.numel() == x.shape[-1]:
+            return int4_floor_gemv(x.reshape(1, -1), layer.qweight, layer.scales, layer.qzeros).reshape(
+                *x.shape[:-1], -1)
+        return apply(self, layer, x)
+    Int4LinearMethod.apply = floor_apply
+    try:
+        yield
+    finally:
+        Int4LinearMethod.apply = apply
+
+
 def quant_config(method: str):
     """A method name or one of VARIANTS."""
     from ember.quant.base import QuantConfig
@@ -70,6 +100,7 @@ def use_variant(method: str) -> str | None:
     if method == "bf16":
         quant.resolve_quant_config = resolve_quant_config
         return None
+    method = FLOOR_VARIANTS.get(method, method)
     name, params = VARIANTS.get(method, (method, {}))
 
     def resolve(q, hf, *rest):
@@ -153,44 +184,45 @@ def bench_e2e(model: str, methods: list[str], prompt_len: int, decode_len: int, 
         if time.perf_counter() - start > budget_s:
             print(f"# time budget spent: skipping {method}", flush=True)
             continue
-        t0 = time.perf_counter()
-        llm = LLM(model, load_format="dummy", dtype="bfloat16" if torch.cuda.is_available() else "float32", max_num_seqs=batch,
-                  max_model_len=max_model_len, quantization=use_variant(method),
-                  prefix_cache="none")
-        load_s = time.perf_counter() - t0
-        vocab = llm.engine.model_config.vocab_size
-        g = torch.Generator().manual_seed(0)
+        with floor_gemvs(method):
+            t0 = time.perf_counter()
+            llm = LLM(model, load_format="dummy", dtype="bfloat16" if torch.cuda.is_available() else "float32", max_num_seqs=batch,
+                      max_model_len=max_model_len, quantization=use_variant(method),
+                      prefix_cache="none")
+            load_s = time.perf_counter() - t0
+            vocab = llm.engine.model_config.vocab_size
+            g = torch.Generator().manual_seed(0)
 
-        def seconds(n_req: int, n_out: int) -> float:
-            prompts = [{"prompt_token_ids": torch.randint(0, vocab, (prompt_len,), generator=g).tolist()}
-                       for _ in range(n_req)]
-            sp = SamplingParams(temperature=0, ignore_eos=True, max_tokens=n_out)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            outs = llm.generate(prompts, sp, use_tqdm=False)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            assert all(len(o.outputs[0].token_ids) == n_out for o in outs)
-            return time.perf_counter() - t
+            def seconds(n_req: int, n_out: int) -> float:
+                prompts = [{"prompt_token_ids": torch.randint(0, vocab, (prompt_len,), generator=g).tolist()}
+                           for _ in range(n_req)]
+                sp = SamplingParams(temperature=0, ignore_eos=True, max_tokens=n_out)
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                outs = llm.generate(prompts, sp, use_tqdm=False)
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                assert all(len(o.outputs[0].token_ids) == n_out for o in outs)
+                return time.perf_counter() - t
 
-        seconds(1, 8)  # warm-up (compiles, and tunes the kernels at one row)
-        seconds(batch, 8)  # and at 2..batch rows, so that no tuning falls inside a timed run
-        decode_s = seconds(1, decode_len)
-        # One request's prefill and first token (the median of three): what the batch-1
-        # figure spends besides decode steps.
-        first_s = sorted(seconds(1, 1) for _ in range(3))[1]
-        tput = batch * tput_len / seconds(batch, tput_len)
-        wbytes = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
-        row = {"method": method, "load_s": round(load_s, 1), "weight_GB": round(wbytes / 1e9, 2),
-               "decode_bs1_tok_s": round(decode_len / decode_s, 1),
-               "first_token_ms": round(first_s * 1e3, 1),
-               "decode_steps_bs1_tok_s": round((decode_len - 1) / (decode_s - first_s), 1),
-               f"throughput_bs{batch}_tok_s": round(tput, 1)}
-        results.append(row)
-        print(json.dumps(row), flush=True)
-        print("# tiles the kernels' tuner chose so far:", tuned_tiles(), flush=True)
-        del llm
+            seconds(1, 8)  # warm-up (compiles, and tunes the kernels at one row)
+            seconds(batch, 8)  # and at 2..batch rows, so that no tuning falls inside a timed run
+            decode_s = seconds(1, decode_len)
+            # One request's prefill and first token (the median of three): what the batch-1
+            # figure spends besides decode steps.
+            first_s = sorted(seconds(1, 1) for _ in range(3))[1]
+            tput = batch * tput_len / seconds(batch, tput_len)
+            wbytes = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
+            row = {"method": method, "load_s": round(load_s, 1), "weight_GB": round(wbytes / 1e9, 2),
+                   "decode_bs1_tok_s": round(decode_len / decode_s, 1),
+                   "first_token_ms": round(first_s * 1e3, 1),
+                   "decode_steps_bs1_tok_s": round((decode_len - 1) / (decode_s - first_s), 1),
+                   f"throughput_bs{batch}_tok_s": round(tput, 1)}
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            print("# tiles the kernels' tuner chose so far:", tuned_tiles(), flush=True)
+            del llm
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -15,6 +15,9 @@ memory floor for that tiling; if it is faster, the decode is what costs.
 tilings, four distinct matrices chained in each graph (one alone would half fit in the
 H200's L2), beside the INT4 decoder GEMV and the tensor-core GEMV (kernels/int4_mma.py).
 
+and the floor kernel (int4_floor_gemv: the same words, scales, zero points and x read,
+nothing decoded) in its tilings.
+
 --ncu: one INT4 gate_up matrix, each of the probe, the decoder GEMV, the tensor-core GEMV
 and the bf16 Triton GEMV (its bf16 twin) launched twice, nothing timed: a driver for Nsight
 Compute (`ncu -k regex:"probe|gemv" --set full python3 bench/stream_probe.py --ncu`), whose
@@ -54,6 +57,72 @@ def _probe_kernel(w_ptr, out_ptr, N, KW, stride_wn, BLOCK_N: tl.constexpr, WORDS
         acc ^= q
         q = nq
     tl.store(out_ptr + tl.program_id(1) * N + n, tl.xor_sum(acc, axis=1))
+
+
+@triton.jit
+def _floor_gemv_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, N, K, stride_wn, stride_sn, never,
+                       G: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, SPLIT_K: tl.constexpr,
+                       GROUPS: tl.constexpr, PDL: tl.constexpr):
+    """An INT4 'GEMV' that reads what the real one reads (x, the packed words [N, K / 8],
+    the scales and zero points [N, K / G]) and decodes nothing: each program xors its
+    words and writes y = 0 for its rows (1 if the xor happens to equal `never`, a runtime
+    value, so that no load can be dropped by the compiler). Launched as the GEMVs are (PDL:
+    the first words requested before waiting on the kernel before). The floor under any
+    INT4 GEMV of this tiling: bench/quant_gpu.py's 'awq-floor' variants."""
+    n = tl.minimum(tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
+    kw = K // 8
+    per = (kw // WORDS + SPLIT_K - 1) // SPLIT_K * WORDS
+    start = tl.program_id(1) * per
+    end = tl.minimum(start + per, kw)
+    wi = tl.arange(0, WORDS)
+    rows = w_ptr + n[:, None] * stride_wn + wi[None, :]
+    acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.int32)
+    q = tl.load(rows + start, mask=start < end, other=0)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    gi = start * 8 // G + tl.arange(0, GROUPS)
+    g_mask = (gi < end * 8 // G)[None, :]
+    sz = tl.load(s_ptr + n[:, None] * stride_sn + gi[None, :], mask=g_mask, other=0).to(tl.int16, bitcast=True)
+    sz = sz.to(tl.int32) ^ tl.load(z_ptr + n[:, None] * stride_sn + gi[None, :], mask=g_mask, other=0).to(tl.int32)
+    kx = start * 8 + tl.arange(0, WORDS * 8)
+    xs = tl.zeros((WORDS * 8,), dtype=tl.int32)
+    for k0 in range(start, end, WORDS):
+        nq = tl.load(rows + k0 + WORDS, mask=k0 + WORDS < end, other=0)
+        xs ^= tl.load(x_ptr + kx, mask=kx < end * 8, other=0.0).to(tl.int16, bitcast=True).to(tl.int32)
+        kx += WORDS * 8
+        acc ^= q
+        q = nq
+    total = tl.xor_sum(acc, axis=1) ^ tl.xor_sum(sz, axis=1) ^ tl.xor_sum(xs, axis=0)
+    tl.store(y_ptr + n, tl.where(total == never, 1.0, 0.0).to(y_ptr.dtype.element_ty))
+
+
+# (BLOCK_N rows, WORDS a row a step, SPLIT_K, warps) for the floor kernel: probe tilings.
+FLOOR_TILES = ((32, 32, 1, 4), (32, 32, 2, 4), (16, 128, 1, 8), (16, 64, 2, 4), (8, 256, 1, 4), (32, 64, 4, 4),
+               (64, 32, 4, 4), (16, 32, 8, 2))
+
+
+def int4_floor_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor) -> torch.Tensor:
+    """x: [1, K] (one row, bf16); qweight [N, K / 8] int32; scales [N, K / G] bf16; qzeros
+    [N, K / G] uint8 -> y [1, N], zeros: the floor kernel with the fastest of FLOOR_TILES
+    for this shape (tuned as the engine's kernels are, outside graph capture)."""
+    from ember.layers.pdl import pdl_launch
+    from ember.quant.kernels.splitk import choose_config
+    n, k = qweight.shape[0], qweight.shape[1] * 8
+    group = k // scales.shape[1]
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+
+    def run(c: tuple) -> None:
+        bn, words, split, warps = c
+        _floor_gemv_kernel[(triton.cdiv(n, bn), split)](
+            x, y, qweight, scales, qzeros, n, k, qweight.stride(0), scales.stride(0), -12345, G=group,
+            BLOCK_N=bn, WORDS=words, SPLIT_K=split,
+            GROUPS=triton.next_power_of_2(triton.cdiv(k // 8 // words, split) * words * 8 // group), num_warps=warps,
+            **pdl_launch(x))
+
+    cands = [c for c in FLOOR_TILES if (k // 8) % c[1] == 0 and (c[1] * 8) % group == 0]
+    run(choose_config(("floor", n, k, group), cands, run, x))
+    return y
 
 
 def probe_us(w: torch.Tensor, tile: tuple[int, int, int, int]) -> float:
@@ -98,6 +167,15 @@ def int4_main() -> None:
             num_warps=warps))
         print(f"probe tile {tile} (rows, bytes a row a step, splits, warps): {us:.1f} us, "
               f"{nbytes / us / 1e6:.2f} TB/s", flush=True)
+    for tile in FLOOR_TILES:
+        bn, words, split, warps = tile
+        y = torch.empty((1, n), dtype=torch.bfloat16, device="cuda")
+        us = per_matrix_us(lambda m: _floor_gemv_kernel[(triton.cdiv(n, bn), split)](
+            x, y, m[0], m[1], m[2], n, k, m[0].stride(0), m[1].stride(0), -12345, G=128, BLOCK_N=bn, WORDS=words,
+            SPLIT_K=split, GROUPS=triton.next_power_of_2(triton.cdiv(k // 8 // words, split) * words * 8 // 128),
+            PDL=False, num_warps=warps))
+        print(f"floor GEMV tile {tile} (rows, words a row a step, splits, warps; words + scales + zeros + x): "
+              f"{us:.1f} us, {nbytes / us / 1e6:.2f} TB/s of words", flush=True)
     for config in ((32, 256, 2, 4, 1), (16, 1024, 1, 8, 1), ("mma", 2, 1, 2, 1, 0), ("mma", 4, 1, 1, 0, 0),
                    ("mma", 8, 1, 4, 0, 0)):
         us = per_matrix_us(lambda m: int4_linear_triton(x, *m, config=config))

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ember.layers.pdl import pdl_launch
 from ember.quant.kernels.decode import (E4M3_FACTOR_HALF, INT4_OFFSET, e4m3_from_bits, e4m3_parts,
-                                        int4_columns, int4_parts, native_decode, nvfp4_columns)
+                                        int4_columns, int4_parts, native_decode, nvfp4_columns, nvfp4_parts)
 from ember.quant.kernels.splitk import (choose_config, finish_splits, k_range, rows_and_output,
                                         split_buffers, store_split)
 
@@ -44,6 +44,7 @@ MAX_ROWS = 64   # above this, the GEMM kernels (w4a16.py) / torch._scaled_mm
 # batch-64 captured forward 4.78 -> 5.33 ms, h200_2026-11-30o_fixup_ab). EMBER_SKINNY_FIXUP=1
 # turns it on for such A/Bs.
 FIXUP_SKINNY = os.environ.get("EMBER_SKINNY_FIXUP", "0") == "1"
+SCALE_AFTER = os.environ.get("EMBER_NVFP4_SCALE_AFTER", "0") == "1"   # temporary A/B
 
 
 @triton.jit
@@ -53,7 +54,7 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, gs_ptr,
                    DOT: tl.constexpr, SPLIT_K: tl.constexpr, FIXUP: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    PDL: tl.constexpr, FOLD: tl.constexpr, PREFETCH: tl.constexpr,
-                   XW: tl.constexpr):
+                   XW: tl.constexpr, SCALE_AFTER: tl.constexpr):
     """Grid (N tiles, SPLIT_K, M tiles). w: [N, K / PER] int32 words (PER = 8 INT4 codes or
     4 E4M3 bytes). INT4: s, z [N, K / G] (G a multiple of BLOCK_K); FP8: s [N]; NVFP4: s
     the E4M3 block scales [N, K / 16] as bytes, gs [N] the global scales. XW: acc is
@@ -112,8 +113,14 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, gs_ptr,
             w = tl.interleave(tl.interleave(p[0], p[2]), tl.interleave(p[1], p[3]))
             acc = _tile_dot(w, x, acc, XW)
         elif NVFP4:
-            sb = tl.load(s_rows[:, None] + (k0 // 16 + wi // 2)[None, :])    # [BN, WORDS]: a block is 2 words
-            w = nvfp4_columns(q, e4m3_from_bits(sb.to(tl.int32)).to(DOT), NATIVE, DOT)
+            if SCALE_AFTER:
+                sb = tl.load(s_rows[:, None] + (k0 // 16 + tl.arange(0, BLOCK_K // 16))[None, :])
+                sc = e4m3_from_bits(sb.to(tl.int32)).to(DOT)                     # [BN, BLOCK_K / 16]
+                sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (BLOCK_N, BLOCK_K // 16, 16)), (BLOCK_N, BLOCK_K))
+                w = int4_columns(nvfp4_parts(q, NATIVE, DOT)) * sc
+            else:
+                sb = tl.load(s_rows[:, None] + (k0 // 16 + wi // 2)[None, :])    # [BN, WORDS]: a block is 2 words
+                w = nvfp4_columns(q, e4m3_from_bits(sb.to(tl.int32)).to(DOT), NATIVE, DOT)
             acc = _tile_dot(w, x, acc, XW)
         else:
             p = int4_parts(q, NATIVE, DOT)
@@ -210,7 +217,7 @@ def _launch(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, z: torch.Tens
             x2.stride(0), words.stride(0), s.stride(0) if s.dim() > 1 else 0, G=group, FP8=fp8,
             NVFP4=gs is not None, NATIVE=native,
             DOT=dot, SPLIT_K=split, FIXUP=fixup, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            num_warps=warps, FOLD=fold, PREFETCH=prefetch, XW=xw, **pdl_launch(x2))
+            num_warps=warps, FOLD=fold, PREFETCH=prefetch, XW=xw, SCALE_AFTER=SCALE_AFTER, **pdl_launch(x2))
         finish_splits(part, y, fixup)
 
     nvfp4 = gs is not None
