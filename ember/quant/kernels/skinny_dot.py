@@ -14,9 +14,9 @@ decoded parts are interleaved back into column order for one dot per tile.
   not grow with the rows, where the epilogue does (Llama-8B layer at 64 rows on the H200:
   191.5 -> 146.0 us). The autotuner picks between them per shape and row count.
 - FP8 (E4M3, weight-only): the decoder's 2^-120 factor is folded into the per-row scale.
-- NVFP4 (weight-only): the E2M1 codes decoded to bf16 by table lookups (decode.nvfp4_columns),
-  times their 16-column block's E4M3 scale in bf16 (exact), then the dot; the per-row
-  global scale applies to the result.
+- NVFP4 (weight-only): the E2M1 codes decoded to bf16 by table lookups (decode.nvfp4_parts),
+  interleaved into column order, times their 16-column block's E4M3 scale in bf16 (exact),
+  then the dot; the per-row global scale applies to the result.
 - XW tiles compute y = x @ dequant(W)^T instead (the decoded tile the MMA's shared-memory
   operand; see the tile lists).
 
@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ember.layers.pdl import pdl_launch
 from ember.quant.kernels.decode import (E4M3_FACTOR_HALF, INT4_OFFSET, e4m3_from_bits, e4m3_parts,
-                                        int4_columns, int4_parts, native_decode, nvfp4_columns, nvfp4_parts)
+                                        int4_columns, int4_parts, native_decode, nvfp4_parts)
 from ember.quant.kernels.splitk import (choose_config, finish_splits, k_range, rows_and_output,
                                         split_buffers, store_split)
 
@@ -44,7 +44,6 @@ MAX_ROWS = 64   # above this, the GEMM kernels (w4a16.py) / torch._scaled_mm
 # batch-64 captured forward 4.78 -> 5.33 ms, h200_2026-11-30o_fixup_ab). EMBER_SKINNY_FIXUP=1
 # turns it on for such A/Bs.
 FIXUP_SKINNY = os.environ.get("EMBER_SKINNY_FIXUP", "0") == "1"
-SCALE_AFTER = os.environ.get("EMBER_NVFP4_SCALE_AFTER", "0") == "1"   # temporary A/B
 
 
 @triton.jit
@@ -54,7 +53,7 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, gs_ptr,
                    DOT: tl.constexpr, SPLIT_K: tl.constexpr, FIXUP: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    PDL: tl.constexpr, FOLD: tl.constexpr, PREFETCH: tl.constexpr,
-                   XW: tl.constexpr, SCALE_AFTER: tl.constexpr):
+                   XW: tl.constexpr):
     """Grid (N tiles, SPLIT_K, M tiles). w: [N, K / PER] int32 words (PER = 8 INT4 codes or
     4 E4M3 bytes). INT4: s, z [N, K / G] (G a multiple of BLOCK_K); FP8: s [N]; NVFP4: s
     the E4M3 block scales [N, K / 16] as bytes, gs [N] the global scales. XW: acc is
@@ -113,14 +112,15 @@ def _skinny_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, w_ptr, s_ptr, z_ptr, gs_ptr,
             w = tl.interleave(tl.interleave(p[0], p[2]), tl.interleave(p[1], p[3]))
             acc = _tile_dot(w, x, acc, XW)
         elif NVFP4:
-            if SCALE_AFTER:
-                sb = tl.load(s_rows[:, None] + (k0 // 16 + tl.arange(0, BLOCK_K // 16))[None, :])
-                sc = e4m3_from_bits(sb.to(tl.int32)).to(DOT)                     # [BN, BLOCK_K / 16]
-                sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (BLOCK_N, BLOCK_K // 16, 16)), (BLOCK_N, BLOCK_K))
-                w = int4_columns(nvfp4_parts(q, NATIVE, DOT)) * sc
-            else:
-                sb = tl.load(s_rows[:, None] + (k0 // 16 + wi // 2)[None, :])    # [BN, WORDS]: a block is 2 words
-                w = nvfp4_columns(q, e4m3_from_bits(sb.to(tl.int32)).to(DOT), NATIVE, DOT)
+            # The block scale multiplies the tile after its parts are interleaved into column
+            # order (each scale broadcast over its 16 columns): multiplied into each part
+            # before, the decoded tile reached shared memory in 16-bit stores (617 against
+            # 499 sm_90 instructions a step; H200, Llama-8B layer at 64 rows 311.0 -> 145.0 us,
+            # bench/results/h200_2026-11-30r_nvfp4_skinny_sweep_after*.txt).
+            sb = tl.load(s_rows[:, None] + (k0 // 16 + tl.arange(0, BLOCK_K // 16))[None, :])
+            sc = e4m3_from_bits(sb.to(tl.int32)).to(DOT)                         # [BN, BLOCK_K / 16]
+            sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (BLOCK_N, BLOCK_K // 16, 16)), (BLOCK_N, BLOCK_K))
+            w = int4_columns(nvfp4_parts(q, NATIVE, DOT)) * sc
             acc = _tile_dot(w, x, acc, XW)
         else:
             p = int4_parts(q, NATIVE, DOT)
@@ -189,9 +189,11 @@ FP8_CONFIGS = FP8_CONFIGS + ((64, 128, 2, 4, 0, 0, 1), (64, 128, 4, 4, 0, 0, 1),
                              (32, 256, 4, 4, 0, 0, 1))
 
 # NVFP4: the INT4 FOLD tiles (the tile dequantized to bf16 before the MMA; the block scales
-# need no epilogue), not the XW ones: with 64 rows Triton 3.6 failed to compile them
-# (TritonGPUOptimizeDotOperands, H200, bench/results/h200_2026-11-30q_nvfp4_skinny_tests.txt).
-NVFP4_CONFIGS = tuple(c for c in INT4_CONFIGS if len(c) > 4 and c[4] and not (len(c) > 6 and c[6]))
+# need no epilogue), XW ones included. (With the block scale multiplied into each part,
+# Triton 3.6 failed to compile the XW tiles at 64 rows, TritonGPUOptimizeDotOperands,
+# bench/results/h200_2026-11-30q_nvfp4_skinny_tests.txt; with the scale after the
+# interleave they compile, 411-425 sm_90 instructions a step against 469-508 for the others.)
+NVFP4_CONFIGS = tuple(c for c in INT4_CONFIGS if len(c) > 4 and c[4])
 
 
 def _launch(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
@@ -217,7 +219,7 @@ def _launch(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, z: torch.Tens
             x2.stride(0), words.stride(0), s.stride(0) if s.dim() > 1 else 0, G=group, FP8=fp8,
             NVFP4=gs is not None, NATIVE=native,
             DOT=dot, SPLIT_K=split, FIXUP=fixup, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            num_warps=warps, FOLD=fold, PREFETCH=prefetch, XW=xw, SCALE_AFTER=SCALE_AFTER, **pdl_launch(x2))
+            num_warps=warps, FOLD=fold, PREFETCH=prefetch, XW=xw, **pdl_launch(x2))
         finish_splits(part, y, fixup)
 
     nvfp4 = gs is not None
