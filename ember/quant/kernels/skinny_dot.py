@@ -194,9 +194,6 @@ FP8_CONFIGS = FP8_CONFIGS + ((64, 128, 2, 4, 0, 0, 1), (64, 128, 4, 4, 0, 0, 1),
 # bench/results/h200_2026-11-30q_nvfp4_skinny_tests.txt; with the scale after the
 # interleave they compile, 411-425 sm_90 instructions a step against 469-508 for the others.)
 NVFP4_CONFIGS = tuple(c for c in INT4_CONFIGS if len(c) > 4 and c[4])
-# BLOCK_K 256 (no group bounds an NVFP4 tile): under trial.
-NVFP4_CONFIGS = NVFP4_CONFIGS + ((64, 256, 4, 4, 1), (64, 256, 2, 4, 1), (128, 256, 1, 8, 1), (128, 256, 1, 8, 1, 1),
-                                 (64, 256, 4, 4, 1, 0, 1), (128, 256, 1, 8, 1, 0, 1), (64, 256, 8, 4, 1, 1))
 
 
 def _launch(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
