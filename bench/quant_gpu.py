@@ -5,7 +5,9 @@
       Timed as CUDA-graph replays of 20 back-to-back calls (launch overhead excluded, as
       under ember's decode graphs). Activation quantization is included for fp8 / int8.
   (b) end to end: LLM(config.json, load_format="dummy", quantization=q, dtype=bfloat16):
-      batch-1 decode tok/s and batch-64 output throughput.
+      batch-1 decode tok/s and batch-64 output throughput. Methods: bf16, the formats, their
+      VARIANTS, and FLOOR_VARIANTS ('awq-floor', 'awq-floor+head': the INT4 GEMVs replaced
+      by a kernel that reads their bytes and decodes nothing, a timing experiment).
 
   PYTHONPATH=$PWD python bench/quant_gpu.py --out bench/results/quant_h200.json
   CPU dry run of the script's logic (tiny shapes, Triton interpreter, torch paths):
