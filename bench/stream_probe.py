@@ -42,12 +42,19 @@ TILES = ((8, 1024, 1, 2), (16, 512, 1, 4), (64, 256, 4, 4), (64, 256, 4, 8), (32
 
 
 @triton.jit
-def _probe_kernel(w_ptr, out_ptr, N, KW, stride_wn, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
-                  SPLIT_K: tl.constexpr):
+def _probe_range(N, KW, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """This program's BLOCK_N rows (past N: the last row again) and its split's [start, end)
+    of the KW words a row, in whole WORDS steps."""
     n = tl.minimum(tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
     per = (KW // WORDS + SPLIT_K - 1) // SPLIT_K * WORDS
     start = tl.program_id(1) * per
-    end = tl.minimum(start + per, KW)
+    return n, start, tl.minimum(start + per, KW)
+
+
+@triton.jit
+def _probe_kernel(w_ptr, out_ptr, N, KW, stride_wn, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
+                  SPLIT_K: tl.constexpr):
+    n, start, end = _probe_range(N, KW, BLOCK_N, WORDS, SPLIT_K)
     wi = tl.arange(0, WORDS)
     rows = w_ptr + n[:, None] * stride_wn + wi[None, :]
     acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.int32)
@@ -69,11 +76,7 @@ def _floor_gemv_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, N, K, stride_wn, strid
     value, so that no load can be dropped by the compiler). Launched as the GEMVs are (PDL:
     the first words requested before waiting on the kernel before). The floor under any
     INT4 GEMV of this tiling: bench/quant_gpu.py's 'awq-floor' variants."""
-    n = tl.minimum(tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
-    kw = K // 8
-    per = (kw // WORDS + SPLIT_K - 1) // SPLIT_K * WORDS
-    start = tl.program_id(1) * per
-    end = tl.minimum(start + per, kw)
+    n, start, end = _probe_range(N, K // 8, BLOCK_N, WORDS, SPLIT_K)
     wi = tl.arange(0, WORDS)
     rows = w_ptr + n[:, None] * stride_wn + wi[None, :]
     acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.int32)
