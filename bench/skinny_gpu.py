@@ -30,6 +30,7 @@ from ember.quant.kernels.fp8_gemv import fp8_gemv_triton
 from ember.quant.kernels.skinny_dot import FP8_CONFIGS as FP8_SKINNY_CONFIGS
 from ember.quant.kernels.skinny_dot import INT4_CONFIGS as INT4_SKINNY_CONFIGS
 from ember.quant.kernels.skinny_dot import NVFP4_CONFIGS as NVFP4_SKINNY_CONFIGS
+from ember.quant.kernels import skinny_dot
 from ember.quant.kernels.skinny_dot import fp8_skinny, int4_skinny, nvfp4_skinny
 from ember.quant.kernels.w4a16 import (INT4_GEMV_CONFIGS, int4_dequant_triton, int4_linear_triton,
                                        nvfp4_dequant_triton, nvfp4_linear_triton)
@@ -80,8 +81,8 @@ NVFP4_KERNELS = {     # with --nvfp4
 
 
 def applies(kernel: str, m: int) -> bool:
-    """The skinny kernels serve at most 64 rows."""
-    return "skinny" not in kernel or m <= 64
+    """The skinny kernels serve at most skinny_dot.MAX_ROWS rows (--skinny-max-rows)."""
+    return "skinny" not in kernel or m <= skinny_dot.MAX_ROWS
 
 
 def time_layers(fn, xs: dict, layers: list, shapes=tuple(SHAPES)) -> float:
@@ -104,7 +105,7 @@ def check(layers: list, m: int, kernels: dict) -> None:
         nvfp4_ref = nvfp4_linear_ref(x.float(), *w["nvfp4"])
         refs.update({"nvfp4-gemv/gemm": nvfp4_ref, "nvfp4-skinny": nvfp4_ref, "nvfp4-dequant+bf16": nvfp4_ref})
     for name, ref in refs.items():
-        if (name == "fp8-gemv/w8a8" and m > 8) or not applies(name, m):
+        if name not in kernels or (name == "fp8-gemv/w8a8" and m > 8) or not applies(name, m):
             continue   # W8A8 quantizes x too: not the weight-only reference
         y = kernels[name](x, w).float()
         err = ((y - ref).norm() / ref.norm()).item()
@@ -139,8 +140,15 @@ def main() -> None:
     ap.add_argument("--skinny-formats", nargs="*", default=["int4", "fp8"],
                     help="with --skinny-configs, which formats' skinny tiles to time (int4, fp8, nvfp4)")
     ap.add_argument("--nvfp4", action="store_true", help="NVFP4's kernels too")
+    ap.add_argument("--skinny-max-rows", type=int, default=None,
+                    help="let the skinny kernels take up to this many rows (64-row tiles side by side)")
+    ap.add_argument("--kernels", nargs="*", default=None, help="only these kernels of the table (bf16 always)")
     args = ap.parse_args()
+    if args.skinny_max_rows:
+        skinny_dot.MAX_ROWS = args.skinny_max_rows
     kernels = dict(KERNELS, **(NVFP4_KERNELS if args.nvfp4 else {}))
+    if args.kernels is not None:
+        kernels = {k: v for k, v in kernels.items() if k == "bf16" or k in args.kernels}
     print("#", json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}), flush=True)
     layers = [layer_weights(i) for i in range(LAYERS)]
