@@ -8,7 +8,9 @@ one CUDA graph (their weights exceed L2, as in a decode step), timed per layer.
 
 --nvfp4 adds NVFP4's kernels (the tuned GEMVs / fused GEMM, the skinny kernel, the
 dequantization + bf16 GEMM) to the table, and to --skinny-configs (format "nvfp4") and
---mma-configs.
+--mma-configs. --skinny-max-rows N lets the skinny kernels take up to N rows (their 64-row
+tiles side by side; the engine dequantizes above 64) for A/Bs at 65-256 rows; --kernels
+keeps the table to the named kernels (and bf16).
 """
 from __future__ import annotations
 
